@@ -1,0 +1,1 @@
+"""Patient inputs as the model and the rules see them: a lab frame and note texts."""

@@ -1,0 +1,1 @@
+"""Talking to a FHIR R4 server and turning its resources into typed records."""

@@ -1,0 +1,1 @@
+"""Predictors: the knowledge-rule baseline now, the ONNX model later."""
