@@ -1,0 +1,161 @@
+"""Observations -> the lab frame: one row per numeric reading, in the graph's canonical unit.
+
+Every Observation not used is recorded as a Skip with a reason; none is dropped silently.
+Blood pressure panels are expanded into their systolic/diastolic components.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from fhir.resources.R4B.observation import Observation
+from pydantic import ValidationError
+
+from clinragen_fhir.encoding.schema import LAB_COLUMNS, PatientContext, Skip
+from clinragen_fhir.fhir.resources import (
+    LOINC,
+    category_codes,
+    codes,
+    first_error,
+    to_utc,
+    version_of,
+)
+from clinragen_fhir.knowledge import KnowledgeError, KnowledgeGraph
+
+USABLE_STATUS = {"final", "amended", "corrected", "preliminary"}
+USABLE_CATEGORY = ("laboratory", "vital-signs")
+MAX_READINGS = 20_000  # newest kept beyond this: bounded memory for absurd series
+
+
+def _quantity(q: Any) -> tuple[float, str] | str:
+    """(value, unit) of a Quantity, or the reason it is unusable."""
+    if q is None or q.value is None:
+        return "no value"
+    value = float(q.value)
+    if not math.isfinite(value):
+        return "value is not a finite number"
+    unit = q.code or q.unit or ""
+    return value, unit
+
+
+def _reference_range(obs: Observation) -> tuple[float | None, float | None, str]:
+    for rr in obs.referenceRange or []:
+        low = float(rr.low.value) if rr.low is not None and rr.low.value is not None else None
+        high = float(rr.high.value) if rr.high is not None and rr.high.value is not None else None
+        bound = rr.low or rr.high
+        unit = (bound.code or bound.unit or "") if bound is not None else ""
+        if low is not None or high is not None:
+            return low, high, unit
+    return None, None, ""
+
+
+def _interpretation(obs: Observation) -> str:
+    for concept in obs.interpretation or []:
+        for coding in concept.coding or []:
+            if coding.code:
+                return str(coding.code)
+    return ""
+
+
+def build_lab_frame(
+    observations: Iterable[dict[str, Any]],
+    kg: KnowledgeGraph,
+    patient: PatientContext | None = None,
+    now: datetime | None = None,
+) -> tuple[pd.DataFrame, list[Skip]]:
+    """Parse, validate, convert units, attach reference ranges; return rows and skips."""
+    now = now or datetime.now(UTC)
+    future_limit = pd.Timestamp(now + timedelta(days=1))
+    sex = patient.sex if patient else None
+    age = patient.age_years() if patient else None
+    rows: list[dict[str, Any]] = []
+    skips: list[Skip] = []
+    seen: set[str] = set()
+    for raw in observations:
+        ref = f"Observation/{raw.get('id', '?')}" if isinstance(raw, dict) else "Observation/?"
+        if ref in seen:
+            skips.append(Skip(ref, "duplicate of a resource already read"))
+            continue
+        seen.add(ref)
+        try:
+            obs = Observation.model_validate(raw)
+        except ValidationError as exc:
+            skips.append(Skip(ref, f"malformed Observation: {first_error(exc)}"))
+            continue
+        if obs.status not in USABLE_STATUS:
+            skips.append(Skip(ref, f"status {obs.status}"))
+            continue
+        cats = category_codes(obs.category)
+        category = next((c for c in USABLE_CATEGORY if c in cats), None)
+        if category is None:
+            skips.append(Skip(ref, "not a laboratory or vital-signs Observation"))
+            continue
+        time = to_utc(obs.effectiveDateTime or obs.effectiveInstant
+                      or (obs.effectivePeriod.start if obs.effectivePeriod else None)
+                      or obs.issued)
+        if time is None:
+            skips.append(Skip(ref, "no usable date"))
+            continue
+        if time > future_limit:
+            skips.append(Skip(ref, "dated in the future"))
+            continue
+        # One Observation gives one reading, or one per component (blood pressure).
+        parts: list[tuple[Any, Any, str]] = []
+        if obs.component:
+            parts = [(c.code, c.valueQuantity, c.code.text or "") for c in obs.component]
+        elif obs.valueQuantity is not None:
+            parts = [(obs.code, obs.valueQuantity, obs.code.text or "")]
+        else:
+            kind = next((k for k in ("valueString", "valueCodeableConcept", "valueBoolean")
+                         if getattr(obs, k, None) is not None), None)
+            skips.append(Skip(ref, f"non-numeric value ({kind})" if kind else "no value"))
+            continue
+        low, high, rr_unit = _reference_range(obs)
+        interpretation = _interpretation(obs)
+        used = 0
+        reasons: list[str] = []
+        for concept, quantity, text in parts:
+            loincs = codes(concept, LOINC)
+            if not loincs:
+                reasons.append("no LOINC code")
+                continue
+            loinc = loincs[0]
+            q = _quantity(quantity)
+            if isinstance(q, str):
+                reasons.append(f"{loinc}: {q}")
+                continue
+            raw_value, raw_unit = q
+            try:
+                value = kg.to_canonical(loinc, raw_value, raw_unit)
+                lab = kg.lab(loinc)
+                unit = lab.canonical_unit if lab else raw_unit
+                ref_low = kg.to_canonical(loinc, low, rr_unit or raw_unit) if low is not None \
+                    else None
+                ref_high = kg.to_canonical(loinc, high, rr_unit or raw_unit) if high is not None \
+                    else None
+            except KnowledgeError as exc:
+                reasons.append(f"{loinc}: {exc}")
+                continue
+            if ref_low is None and ref_high is None:
+                ref_low, ref_high = kg.reference_range(loinc, sex, age)
+            rows.append({
+                "observation_id": ref, "version_id": version_of(obs), "loinc": loinc,
+                "display": text or (concept.coding[0].display if concept.coding else "") or "",
+                "category": category, "value": value, "unit": unit,
+                "raw_value": raw_value, "raw_unit": raw_unit, "time": time,
+                "ref_low": math.nan if ref_low is None else ref_low,
+                "ref_high": math.nan if ref_high is None else ref_high,
+                "interpretation": interpretation,
+            })
+            used += 1
+        if not used:
+            skips.append(Skip(ref, "; ".join(reasons) or "no usable reading"))
+    frame = pd.DataFrame(rows, columns=list(LAB_COLUMNS))
+    if not frame.empty:
+        frame = frame.sort_values(["time", "loinc"], kind="stable").tail(MAX_READINGS)
+        frame = frame.reset_index(drop=True)
+    return frame, skips

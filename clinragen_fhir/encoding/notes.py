@@ -1,0 +1,128 @@
+"""DocumentReferences -> note texts: base64 text/plain as is, text/html stripped to text.
+
+Sizes are bounded before decoding so a huge attachment cannot exhaust a worker's memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import re
+from collections.abc import Iterable
+from html.parser import HTMLParser
+from typing import Any
+
+from fhir.resources.R4B.documentreference import DocumentReference
+from pydantic import ValidationError
+
+from clinragen_fhir.encoding.schema import Note, Skip
+from clinragen_fhir.fhir.resources import LOINC, codes, first_error, to_utc, version_of
+
+MAX_ATTACHMENT_BYTES = 8 * 1024 * 1024  # decoded size beyond which a note is skipped
+MAX_NOTE_CHARS = 100_000  # longer notes are cut (the model reads far less than this)
+TEXT_TYPES = ("text/plain", "text/html", "application/xhtml+xml")
+
+
+class _TextExtractor(HTMLParser):
+    """Collects text, dropping script/style, with line breaks at block elements."""
+
+    _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    parser = _TextExtractor()
+    parser.feed(markup)
+    parser.close()
+    text = html.unescape("".join(parser.parts))
+    return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
+
+
+def _charset(content_type: str) -> str:
+    match = re.search(r"charset=([\w.-]+)", content_type, re.I)
+    return match.group(1) if match else "utf-8"
+
+
+def _decode(data_b64: str, content_type: str) -> str:
+    raw = base64.b64decode(data_b64, validate=False)
+    try:
+        text = raw.decode(_charset(content_type), errors="replace")
+    except LookupError:  # unknown charset name
+        text = raw.decode("utf-8", errors="replace")
+    return html_to_text(text) if "html" in content_type else text
+
+
+def decode_notes(documents: Iterable[dict[str, Any]]) -> tuple[list[Note], list[Skip]]:
+    """Decode each DocumentReference's first text attachment; record why others are unused."""
+    notes: list[Note] = []
+    skips: list[Skip] = []
+    seen: set[str] = set()
+    for raw in documents:
+        ref = f"DocumentReference/{raw.get('id', '?')}" if isinstance(raw, dict) \
+            else "DocumentReference/?"
+        if ref in seen:
+            skips.append(Skip(ref, "duplicate of a resource already read"))
+            continue
+        seen.add(ref)
+        try:
+            doc = DocumentReference.model_validate(raw)
+        except ValidationError as exc:
+            skips.append(Skip(ref, f"malformed DocumentReference: {first_error(exc)}"))
+            continue
+        if doc.status == "entered-in-error" or doc.docStatus == "entered-in-error":
+            skips.append(Skip(ref, "entered in error"))
+            continue
+        reason = "no text attachment"
+        text: str | None = None
+        for content in doc.content or []:
+            att = content.attachment
+            ctype = (att.contentType or "text/plain").lower()
+            if not ctype.startswith(TEXT_TYPES):
+                reason = f"attachment type {ctype} is not text"
+                continue
+            if att.data is None:
+                reason = "attachment given by URL only (not fetched)"
+                continue
+            data = att.data if isinstance(att.data, str) else base64.b64encode(att.data).decode()
+            if len(data) * 3 // 4 > MAX_ATTACHMENT_BYTES:
+                reason = f"attachment larger than {MAX_ATTACHMENT_BYTES // (1024 * 1024)} MiB"
+                continue
+            try:
+                text = _decode(data, ctype)
+            except (binascii.Error, ValueError):
+                reason = "attachment is not valid base64"
+                continue
+            break
+        if text is None:
+            skips.append(Skip(ref, reason))
+            continue
+        if not text.strip():
+            skips.append(Skip(ref, "empty note"))
+            continue
+        when = to_utc(doc.date or (doc.context.period.start
+                                   if doc.context and doc.context.period else None))
+        type_codes = codes(doc.type, LOINC)
+        notes.append(Note(document_id=ref, version_id=version_of(doc),
+                          time=when.to_pydatetime() if when is not None else None,
+                          text=text[:MAX_NOTE_CHARS], type_code=type_codes[0] if type_codes else ""))
+    notes.sort(key=lambda n: (n.time is None, n.time))
+    return notes, skips

@@ -1,0 +1,208 @@
+"""A thin synchronous FHIR R4 REST client over httpx (in the spirit of fhirpy).
+
+It knows only what the worker needs: search with paging, read, transaction, capabilities.
+Bounded retries for transient failures; every error is a FhirError naming method and path.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError, FhirUnavailable
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+JsonDict = dict[str, Any]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
+    """Refuse plain http to a non-loopback host unless explicitly allowed (PHI in transit)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FhirConfigError(f"FHIR base URL must be http(s)://host/...: {base_url!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not allow_insecure_http:
+        raise FhirConfigError(
+            f"refusing plain http to non-loopback host {parts.hostname}: use https, "
+            "or set allow_insecure_http = true for this endpoint"
+        )
+    return base_url.rstrip("/")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _outcome_text(response: httpx.Response) -> str:
+    """The OperationOutcome diagnostics, else a short slice of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        issues = body.get("issue") or []
+        texts = [str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))
+                 for i in issues if isinstance(i, dict)]
+        return "; ".join(texts)[:500]
+    return str(body)[:300]
+
+
+class FhirClient:
+    """One FHIR endpoint. Thread-compatible, not shared across processes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: httpx.Auth | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        page_size: int = 200,
+        max_pages: int = 10_000,
+        allow_insecure_http: bool = False,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = check_base_url(base_url, allow_insecure_http)
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self._http = httpx.Client(
+            base_url=self.base_url + "/",
+            auth=auth,
+            headers={"Accept": FHIR_JSON, **(headers or {})},
+            timeout=timeout,
+            verify=verify,
+            cert=cert,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------
+    def _send(self, method: str, url: str, *, params: Mapping[str, Any] | None = None,
+              json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """One request with bounded retries on transient failures (honours Retry-After)."""
+        path = urlsplit(url).path or url
+        attempt = 0
+        while True:
+            try:
+                hdrs = dict(headers or {})
+                if json is not None:
+                    hdrs.setdefault("Content-Type", FHIR_JSON)
+                response = self._http.request(method, url, params=params, json=json, headers=hdrs)
+            except httpx.TimeoutException as exc:
+                error: FhirError = FhirUnavailable(f"{method} {path}: timed out ({exc})")
+            except httpx.TransportError as exc:
+                error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")
+            else:
+                if response.status_code < 400:
+                    return response
+                error = FhirHTTPError(response.status_code, method, path, _outcome_text(response),
+                                      parse_retry_after(response.headers.get("Retry-After")))
+            if not error.retryable or attempt >= self.retries:
+                raise error
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
+            if error.retry_after is not None:
+                delay = min(self.max_backoff, max(delay, error.retry_after))
+            log.warning("fhir retry", extra={"fields": {
+                "method": method, "path": path, "attempt": attempt + 1, "delay_s": round(delay, 2),
+                "error": type(error).__name__,
+                "status": getattr(error, "status", None)}})
+            time.sleep(delay)
+            attempt += 1
+
+    def _json(self, response: httpx.Response) -> JsonDict:
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise FhirError(f"{response.request.method} {response.request.url.path}: "
+                            f"answer is not JSON") from exc
+        if not isinstance(body, dict):
+            raise FhirError(f"{response.request.url.path}: answer is not a JSON object")
+        return body
+
+    # -- interactions ----------------------------------------------------------------------
+    def capabilities(self) -> JsonDict:
+        return self._json(self._send("GET", "metadata"))
+
+    def read(self, resource_type: str, resource_id: str) -> JsonDict:
+        return self._json(self._send("GET", f"{resource_type}/{resource_id}"))
+
+    def search_pages(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
+        """Each searchset Bundle page, following `next` links (same server only)."""
+        query = {"_count": self.page_size, **params}
+        bundle = self._json(self._send("GET", resource_type, params=query))
+        pages = 1
+        while True:
+            yield bundle
+            next_url = next((link.get("url") for link in bundle.get("link", [])
+                             if link.get("relation") == "next"), None)
+            if not next_url:
+                return
+            if pages >= self.max_pages:
+                raise FhirError(f"search {resource_type}: more than {self.max_pages} pages")
+            self._same_origin(next_url)
+            bundle = self._json(self._send("GET", next_url))
+            pages += 1
+
+    def search(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
+        """Every matching resource (entries with search.mode 'include' too), across pages."""
+        for page in self.search_pages(resource_type, params):
+            for entry in page.get("entry", []) or []:
+                resource = entry.get("resource")
+                if isinstance(resource, dict):
+                    yield resource
+
+    def transaction(self, bundle: JsonDict) -> JsonDict:
+        """POST a transaction (or batch) Bundle to the base; all-or-nothing on the server."""
+        return self._json(self._send("POST", "", json=bundle))
+
+    def _same_origin(self, url: str) -> None:
+        """Paging links must stay on our server: credentials are never sent elsewhere."""
+        ours, theirs = urlsplit(self.base_url), urlsplit(url)
+        if theirs.scheme and (theirs.scheme, theirs.netloc) != (ours.scheme, ours.netloc):
+            raise FhirError(f"server sent a paging link to another origin: {theirs.netloc}")

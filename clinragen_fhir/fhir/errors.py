@@ -1,0 +1,34 @@
+"""FHIR client errors: one base class, and whether a retry can help."""
+
+from __future__ import annotations
+
+
+class FhirError(Exception):
+    """Anything that went wrong talking to the FHIR server."""
+
+    retryable: bool = False
+    retry_after: float | None = None
+
+
+class FhirUnavailable(FhirError):
+    """No answer: connection refused or reset, or a timeout. Worth retrying."""
+
+    retryable = True
+
+
+class FhirHTTPError(FhirError):
+    """The server answered with an error status; the OperationOutcome text is kept."""
+
+    def __init__(self, status: int, method: str, path: str, detail: str,
+                 retry_after: float | None = None) -> None:
+        self.status = status
+        self.method = method
+        self.path = path  # resource path without the query (the query can carry patient ids)
+        self.detail = detail
+        self.retry_after = retry_after
+        self.retryable = status in (408, 429, 500, 502, 503, 504)
+        super().__init__(f"{method} {path}: HTTP {status}: {detail}")
+
+
+class FhirConfigError(FhirError):
+    """The endpoint configuration is unsafe or incomplete (e.g. plain http to a remote host)."""

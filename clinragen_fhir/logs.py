@@ -1,0 +1,52 @@
+"""Structured JSON logs that never carry a patient id or a secret in the clear."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+_KEY_ENV = "CLINRAGEN_LOG_ID_KEY"
+
+
+def hash_id(identifier: str) -> str:
+    """A short keyed hash of an id, stable within a site so log lines can be joined.
+
+    With CLINRAGEN_LOG_ID_KEY set, ids cannot be recovered by hashing a list of candidates.
+    """
+    key = os.environ.get(_KEY_ENV, "clinragen-fhir").encode()
+    return hmac.new(key, identifier.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; fields passed in `extra={"fields": {...}}` are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        return json.dumps(out, default=str)
+
+
+def configure(level: str = "INFO", json_lines: bool = True) -> None:
+    """Install the JSON formatter on the root logger (idempotent)."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(message)s"))
+    root.handlers = [handler]
+    # httpx logs full URLs (with patient ids in the query) at INFO: keep it quiet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -1,0 +1,155 @@
+"""One patient end to end: FHIR -> resources -> encoding -> predictor -> report -> FHIR.
+
+Plain functions with no Celery in them, so the CLI, the worker and the tests share one path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import pandas as pd
+from fhir.resources.R4B.patient import Patient
+from pydantic import ValidationError
+
+from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.encoding.labs import build_lab_frame
+from clinragen_fhir.encoding.notes import decode_notes
+from clinragen_fhir.encoding.schema import Note, PatientContext, Skip
+from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.resources import first_error, to_utc
+from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.logs import hash_id
+from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.report.build import InputRef, build_transaction
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(self, labs: pd.DataFrame, notes: list[Note],
+                patient: PatientContext) -> Prediction: ...
+
+
+@dataclass
+class PatientInputs:
+    """What was read for one patient, what is usable, and what was skipped and why."""
+
+    patient: PatientContext
+    labs: pd.DataFrame
+    notes: list[Note]
+    skips: list[Skip]
+    used: list[InputRef] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """The result of one diagnose run, as the task returns it (JSON-serialisable)."""
+
+    patient_hash: str
+    status: str  # "written" | "exists" | "skipped"
+    reason: str = ""
+    report_id: str = ""
+    identifier: str = ""
+    method: str = ""
+    diagnoses: list[str] = field(default_factory=list)
+    n_labs: int = 0
+    n_notes: int = 0
+    n_skipped_inputs: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def patient_context(resource: dict[str, Any], now: datetime) -> PatientContext:
+    """Sex and birth date for reference ranges; a malformed Patient still gets an id."""
+    pid = str(resource.get("id", ""))
+    try:
+        patient = Patient.model_validate(resource)
+    except ValidationError as exc:
+        log.warning("patient unparsed", extra={"fields": {"patient": hash_id(pid),
+                                                           "reason": first_error(exc)}})
+        return PatientContext(patient_id=pid, index_time=now)
+    birth = to_utc(patient.birthDate)
+    return PatientContext(patient_id=pid, sex=patient.gender,
+                          birth_date=birth.to_pydatetime() if birth is not None else None,
+                          index_time=now)
+
+
+def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
+                  settings: ReportSettings, now: datetime | None = None) -> PatientInputs:
+    """Read the patient, their labs/vitals and notes (every page), and encode them."""
+    now = now or datetime.now(UTC)
+    since = (now - timedelta(days=settings.lookback_days)).date().isoformat()
+    patient = patient_context(client.read("Patient", patient_id), now)
+    observations = list(client.search("Observation", {
+        "patient": patient_id, "category": "laboratory,vital-signs", "date": f"ge{since}"}))
+    documents = list(client.search("DocumentReference", {"patient": patient_id}))
+    labs, lab_skips = build_lab_frame(observations, kg, patient, now)
+    notes, note_skips = decode_notes(documents)
+    used = [InputRef(r, v) for r, v in
+            labs[["observation_id", "version_id"]].drop_duplicates().itertuples(index=False)]
+    used += [InputRef(n.document_id, n.version_id) for n in notes]
+    return PatientInputs(patient, labs, notes, lab_skips + note_skips, used)
+
+
+def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
+    """The id of an existing report with this identifier, if any."""
+    for resource in client.search("DiagnosticReport", {
+            "subject": f"Patient/{patient_id}", "identifier": f"{system}|{key}"}):
+        return str(resource.get("id"))
+    return None
+
+
+def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predictor,
+                     patient_id: str, settings: ReportSettings,
+                     now: datetime | None = None) -> Outcome:
+    """Diagnose one patient and write the report unless this exact one exists already."""
+    now = now or datetime.now(UTC)
+    phash = hash_id(patient_id)
+    inputs = gather_inputs(client, kg, patient_id, settings, now)
+    base = Outcome(phash, "skipped", n_labs=len(inputs.labs), n_notes=len(inputs.notes),
+                   n_skipped_inputs=len(inputs.skips))
+    if inputs.labs.empty and not inputs.notes:
+        base.reason = "no usable labs or notes"
+        log.info("patient skipped", extra={"fields": {"patient": phash, "reason": base.reason,
+                                                       "skipped_inputs": len(inputs.skips)}})
+        return base
+    prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
+    latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
+                          *(n.time for n in inputs.notes)] if t is not None]
+    effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
+    bundle, key = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
+                                    now=now, effective=effective)
+    base.identifier, base.method = key, prediction.method
+    base.diagnoses = [d.snomed for d in prediction.diagnoses]
+    existing = find_report(client, patient_id, settings.identifier_system, key)
+    if existing:
+        base.status, base.report_id = "exists", existing
+        log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
+        return base
+    response = client.transaction(bundle)
+    report_id = _created_id(response, "DiagnosticReport")
+    base.status, base.report_id = "written", report_id
+    log.info("report written", extra={"fields": {
+        "patient": phash, "report": report_id, "method": prediction.method,
+        "diagnoses": base.diagnoses, "labs": base.n_labs, "notes": base.n_notes,
+        "skipped_inputs": base.n_skipped_inputs}})
+    return base
+
+
+def _created_id(response: dict[str, Any], resource_type: str) -> str:
+    """The id from a transaction-response entry's location (`Type/id/_history/n`)."""
+    for entry in response.get("entry", []) or []:
+        location = str((entry.get("response") or {}).get("location", ""))
+        parts = location.split("/")
+        if resource_type in parts:
+            i = parts.index(resource_type)
+            if i + 1 < len(parts):
+                return parts[i + 1]
+    raise FhirError(f"transaction response names no {resource_type}")

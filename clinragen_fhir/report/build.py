@@ -1,0 +1,146 @@
+"""A Prediction -> one transaction Bundle: DiagnosticReport + Provenance (+ the software Device).
+
+Idempotent by construction: the report's identifier is a hash of the patient, every input
+resource's version and the method/knowledge versions, and it is written by conditional create
+(`ifNoneExist`), so the same inputs never give a second report. The Provenance has an id derived
+from the same hash and is written by PUT, so it is never duplicated either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from clinragen_fhir import __version__
+from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.encoding.schema import Skip
+from clinragen_fhir.fhir.resources import SNOMED
+from clinragen_fhir.predict.types import Prediction
+
+SOFTWARE = "ClinRaGen-FHIR"
+EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
+DEVICE_ID_SYSTEM = "urn:clinragen-fhir:software"
+CATEGORY_SYSTEM = "https://clinragen-fhir.org/CodeSystem/report-category"
+DISCLAIMER = ("Preliminary, machine-generated decision support: not a diagnosis. "
+              "A clinician must review the cited values before acting.")
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """An input resource and the version that was read."""
+
+    reference: str  # "Observation/<id>"
+    version_id: str
+
+    def versioned(self) -> str:
+        return f"{self.reference}/_history/{self.version_id}" if self.version_id \
+            else self.reference
+
+
+def report_key(patient_id: str, inputs: Sequence[InputRef], prediction: Prediction) -> str:
+    """Deterministic identity of a report: same patient, inputs and method -> same key."""
+    h = hashlib.sha256()
+    h.update(f"Patient/{patient_id}\n".encode())
+    for ref in sorted(inputs, key=lambda r: r.reference):
+        h.update(f"{ref.reference}|{ref.version_id}\n".encode())
+    h.update(f"{prediction.method}|{prediction.method_version}|"
+             f"{prediction.knowledge_version}".encode())
+    return h.hexdigest()
+
+
+def _narrative(prediction: Prediction) -> str:
+    items = "".join(f"<li>{html.escape(d.term)} (SNOMED CT {d.snomed}; "
+                    f"support {d.probability:.2f})</li>" for d in prediction.diagnoses)
+    conclusion = f"<ul>{items}</ul>" if items else "<p>No disorder supported.</p>"
+    return (f'<div xmlns="http://www.w3.org/1999/xhtml"><p><b>{html.escape(DISCLAIMER)}</b></p>'
+            f"{conclusion}<p>{html.escape(prediction.rationale)}</p>"
+            f"<p>Method: {html.escape(prediction.method)} {html.escape(prediction.method_version)};"
+            f" knowledge {html.escape(prediction.knowledge_version)}</p></div>")
+
+
+def build_transaction(
+    patient_id: str,
+    prediction: Prediction,
+    used: Sequence[InputRef],
+    skipped: Sequence[Skip],
+    settings: ReportSettings,
+    now: datetime | None = None,
+    effective: datetime | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The transaction Bundle to POST, and the report identifier value it carries."""
+    now = now or datetime.now(UTC)
+    key = report_key(patient_id, used, prediction)
+    identifier = {"system": settings.identifier_system, "value": key}
+    software = f"{prediction.method}@{prediction.method_version}"
+    device_urn, report_urn = f"urn:uuid:{_uuid(key, 'device')}", f"urn:uuid:{_uuid(key, 'dr')}"
+    device = {
+        "resourceType": "Device",
+        "identifier": [{"system": DEVICE_ID_SYSTEM, "value": software}],
+        "deviceName": [{"name": f"{SOFTWARE} {__version__} ({software})", "type": "model-name"}],
+        "version": [{"value": __version__}, {"value": prediction.method_version}],
+        "status": "active",
+    }
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [identifier],
+        "status": "preliminary",
+        "category": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "decision-support",
+                                  "display": "Machine-generated decision support"}]}],
+        "code": {"coding": [{"system": settings.code_system, "code": settings.code,
+                             "display": settings.code_display}],
+                 "text": "ClinRaGen diagnosis with rationale"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": (effective or now).isoformat(),
+        "issued": now.isoformat(),
+        "result": [{"reference": ref.reference} for ref in used
+                   if ref.reference.startswith("Observation/")],
+        "conclusion": prediction.rationale,
+        "conclusionCode": [{"coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
+                           for d in prediction.diagnoses],
+        "text": {"status": "generated", "div": _narrative(prediction)},
+        "extension": [
+            {"url": f"{EXT_BASE}/method", "valueString": software},
+            {"url": f"{EXT_BASE}/knowledge-version", "valueString": prediction.knowledge_version},
+        ],
+    }
+    entities: list[dict[str, Any]] = [
+        {"role": "source", "what": {"reference": ref.versioned()}} for ref in used]
+    entities += [{"role": "source", "what": {"reference": s.reference},
+                  "extension": [{"url": f"{EXT_BASE}/skip-reason", "valueString": s.reason}]}
+                 for s in skipped]
+    provenance = {
+        "resourceType": "Provenance",
+        "id": f"clinragen-{key[:48]}",
+        "target": [{"reference": report_urn}],
+        "recorded": now.isoformat(),
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE"}]},
+        "agent": [{"type": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+            "code": "assembler"}]}, "who": {"reference": device_urn, "display": software}}],
+        "entity": entities,
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": device_urn, "resource": device,
+             "request": {"method": "POST", "url": "Device",
+                         "ifNoneExist": f"identifier={DEVICE_ID_SYSTEM}|{software}"}},
+            {"fullUrl": report_urn, "resource": report,
+             "request": {"method": "POST", "url": "DiagnosticReport",
+                         "ifNoneExist": f"identifier={identifier['system']}|{key}"}},
+            {"resource": provenance,
+             "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"}},
+        ],
+    }
+    return bundle, key
+
+
+def _uuid(key: str, salt: str) -> str:
+    d = hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
+    return f"{d[:8]}-{d[8:12]}-{d[12:16]}-{d[16:20]}-{d[20:32]}"
