@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError, FhirUnavailable
+from clinragen_fhir.logs import hash_id
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
             "or set allow_insecure_http = true for this endpoint"
         )
     return base_url.rstrip("/")
+
+
+def redact_path(path: str) -> str:
+    """A request path safe for logs: ids after a resource type are replaced by their hash."""
+    parts = path.split("/")
+    return "/".join(
+        f"#{hash_id(p)[:10]}" if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")
+        else p for i, p in enumerate(parts))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -126,7 +135,7 @@ class FhirClient:
     def _send(self, method: str, url: str, *, params: Mapping[str, Any] | None = None,
               json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
         """One request with bounded retries on transient failures (honours Retry-After)."""
-        path = urlsplit(url).path or url
+        path = redact_path(urlsplit(url).path or url)
         attempt = 0
         while True:
             try:
@@ -156,13 +165,13 @@ class FhirClient:
             attempt += 1
 
     def _json(self, response: httpx.Response) -> JsonDict:
+        where = f"{response.request.method} {redact_path(response.request.url.path)}"
         try:
             body = response.json()
         except ValueError as exc:
-            raise FhirError(f"{response.request.method} {response.request.url.path}: "
-                            f"answer is not JSON") from exc
+            raise FhirError(f"{where}: answer is not JSON") from exc
         if not isinstance(body, dict):
-            raise FhirError(f"{response.request.url.path}: answer is not a JSON object")
+            raise FhirError(f"{where}: answer is not a JSON object")
         return body
 
     # -- interactions ----------------------------------------------------------------------

@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/synthea-exafluence-qicore
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install services stop demo test test-unit test-integration lint typecheck clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime + dev tools (no torch). Re-run when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+services: install
+	deploy/redis/start
+	deploy/hapi/start
+
+stop:
+	-deploy/worker/stop
+	-deploy/hapi/stop
+	-deploy/redis/stop
+
+demo: services
+	DATA=$(DATA) deploy/demo
+
+lint: install
+	$(BIN)/ruff check clinragen_fhir model training tests bench
+
+typecheck: install
+	$(BIN)/mypy clinragen_fhir
+
+test-unit: install
+	$(BIN)/pytest -q -m "not integration" tests
+
+test-integration: services
+	$(BIN)/pytest -q -m integration tests
+
+test: lint typecheck services
+	$(BIN)/pytest -q tests
+
+clean: stop
+	rm -rf .run $(VENV)

@@ -1,0 +1,273 @@
+"""`clinragen-fhir`: load data, run the worker, diagnose, list reports, check the config."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import click
+from tqdm import tqdm
+
+from clinragen_fhir import logs
+from clinragen_fhir.config import Settings
+from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.resources import SNOMED
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    logs.configure(settings.log_level)
+    return settings
+
+
+@click.group()
+@click.version_option(package_name="clinragen-fhir")
+def main() -> None:
+    """ClinRaGen-FHIR: knowledge-grounded diagnoses with rationales, written back to FHIR."""
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--workers", default=2, show_default=True, help="Bundles sent in parallel.")
+@click.option("--types", default="", help="Only these resource types (comma-separated).")
+def load(paths: tuple[Path, ...], workers: int, types: str) -> None:
+    """Load transaction Bundles (.json, .json.gz) and Bulk Data NDJSON folders, idempotently."""
+    from clinragen_fhir.fhir.loader import load as load_paths
+
+    settings = _settings()
+    keep = {t.strip() for t in types.split(",") if t.strip()} or None
+    started = time.monotonic()
+    with settings.fhir.client() as client:
+        client.retries = max(client.retries, 3)
+        report = load_paths(client, paths, workers=workers, keep_types=keep)
+    elapsed = time.monotonic() - started
+    click.echo(f"\nloaded {report.files} files in {elapsed:.0f} s")
+    for rtype, n in sorted(report.counts.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {rtype:<28} {n:>8}")
+    for name, error in report.errors:
+        click.echo(f"ERROR {name}: {error}", err=True)
+    if report.errors:
+        raise SystemExit(1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    from clinragen_fhir.worker.app import app
+
+    settings = _settings()
+    app.worker_main(["worker", "--loglevel", settings.log_level, "-Q", "clinragen",
+                     "--concurrency", str(settings.worker.concurrency), *ctx.args])
+
+
+def _run_local(patient_id: str) -> dict[str, Any]:
+    from clinragen_fhir.worker.tasks import _runtime
+    from clinragen_fhir.pipeline import diagnose_patient
+
+    settings, kg, predictor = _runtime()
+    with settings.fhir.client() as client:
+        return diagnose_patient(client, kg, predictor, patient_id, settings.report).as_dict()
+
+
+@main.command()
+@click.argument("patient_id")
+@click.option("--wait", is_flag=True, help="Wait for the worker's result and print it.")
+@click.option("--local", is_flag=True, help="Run in this process instead of the queue.")
+@click.option("--timeout", default=600, show_default=True, help="Seconds to wait.")
+def diagnose(patient_id: str, wait: bool, local: bool, timeout: int) -> None:
+    """Diagnose one patient (queued for the worker unless --local)."""
+    _settings()
+    if local:
+        click.echo(json.dumps(_run_local(patient_id), indent=2))
+        return
+    from clinragen_fhir.worker.tasks import diagnose as task
+
+    result = task.delay(patient_id)
+    click.echo(f"queued task {result.id}")
+    if wait:
+        try:
+            click.echo(json.dumps(result.get(timeout=timeout), indent=2))
+        except Exception as exc:  # the task's own error, re-raised by Celery
+            click.echo(f"FAILED: {type(exc).__name__}: {exc}", err=True)
+            raise SystemExit(1) from exc
+
+
+def _patient_ids(settings: Settings, query: str) -> list[str]:
+    resource, _, qs = query.partition("?")
+    if resource != "Patient":
+        raise click.UsageError("--query must start with 'Patient?' (or be 'Patient')")
+    params = dict(parse_qsl(qs))
+    params.setdefault("_elements", "id")
+    with settings.fhir.client() as client:
+        return [str(p["id"]) for p in client.search("Patient", params)]
+
+
+@main.command("diagnose-all")
+@click.option("--query", default="Patient", show_default=True,
+              help="Which patients, as a FHIR search, e.g. 'Patient?address-state=CA'.")
+@click.option("--wait", is_flag=True, help="Wait for every result and print a summary.")
+@click.option("--local", is_flag=True, help="Run in this process instead of the queue.")
+@click.option("--timeout", default=3600, show_default=True, help="Seconds to wait in all.")
+@click.option("--json-out", type=click.Path(path_type=Path), help="Write outcomes as JSON.")
+def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
+                 json_out: Path | None) -> None:
+    """Diagnose every patient a search returns; with --wait, print a summary table."""
+    settings = _settings()
+    started = time.monotonic()
+    ids = _patient_ids(settings, query)
+    click.echo(f"{len(ids)} patients match {query}")
+    outcomes: list[dict[str, Any]] = []
+    if local:
+        for pid in tqdm(ids, unit="patient"):
+            try:
+                outcomes.append(_run_local(pid))
+            except FhirError as exc:
+                outcomes.append({"status": "failed", "reason": str(exc)})
+    else:
+        from clinragen_fhir.worker.tasks import diagnose as task
+
+        pending = [task.delay(pid) for pid in tqdm(ids, unit="queued")]
+        if not wait:
+            click.echo(f"queued {len(pending)} tasks")
+            return
+        deadline = time.monotonic() + timeout
+        for result in tqdm(pending, unit="patient"):
+            try:
+                outcomes.append(result.get(timeout=max(1.0, deadline - time.monotonic())))
+            except Exception as exc:  # the task's error as Celery re-raises it
+                outcomes.append({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+    elapsed = time.monotonic() - started
+    _print_summary(outcomes, elapsed)
+    if json_out:
+        json_out.write_text(json.dumps({"wall_s": elapsed, "outcomes": outcomes}, indent=2))
+    if any(o.get("status") == "failed" for o in outcomes):
+        raise SystemExit(1)
+
+
+def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
+    status = Counter(str(o.get("status")) for o in outcomes)
+    reasons = Counter(str(o.get("reason")) for o in outcomes if o.get("status") in
+                      ("skipped", "failed"))
+    codes = Counter(c for o in outcomes for c in o.get("diagnoses", []))
+    rows = [("patients", len(outcomes)), ("reports written", status["written"]),
+            ("reports already present", status["exists"]), ("skipped", status["skipped"]),
+            ("failed", status["failed"]), ("wall time (s)", f"{elapsed:.1f}")]
+    click.echo("\n| summary | value |\n|---|---|")
+    for name, value in rows:
+        click.echo(f"| {name} | {value} |")
+    for reason, n in reasons.most_common():
+        click.echo(f"| skipped/failed: {reason} | {n} |")
+    if codes:
+        click.echo("\n| SNOMED CT concluded | patients |\n|---|---|")
+        for code, n in codes.most_common(15):
+            click.echo(f"| {code} | {n} |")
+
+
+@main.command()
+@click.argument("patient_id")
+@click.option("--full", is_flag=True, help="Print the newest report's JSON in full.")
+def reports(patient_id: str, full: bool) -> None:
+    """List the reports this software wrote for a patient."""
+    settings = _settings()
+    system = settings.report.identifier_system
+    with settings.fhir.client() as client:
+        found = list(client.search("DiagnosticReport", {
+            "subject": f"Patient/{patient_id}", "identifier": f"{system}|",
+            "_sort": "-_lastUpdated"}))
+    found = [r for r in found if any(i.get("system") == system for i in r.get("identifier", []))]
+    if not found:
+        click.echo("no reports")
+        return
+    for r in found:
+        codes = ", ".join(c.get("display", c.get("code", "")) for cc in r.get("conclusionCode", [])
+                          for c in cc.get("coding", []) if c.get("system") == SNOMED)
+        click.echo(f"DiagnosticReport/{r['id']}  {r.get('issued', '')[:19]}  {r.get('status')}  "
+                   f"[{codes or 'no disorder supported'}]")
+    if full:
+        click.echo(json.dumps(found[0], indent=2))
+
+
+REQUIRED_SEARCH = {
+    "Observation": ["patient", "category", "code", "date"],
+    "DocumentReference": ["patient"],
+    "DiagnosticReport": ["subject", "identifier"],
+    "Patient": ["_lastUpdated"],
+}
+
+
+def capability_gaps(cap: dict[str, Any]) -> list[str]:
+    """What the server's CapabilityStatement lacks of what the worker needs."""
+    gaps: list[str] = []
+    rest = next((r for r in cap.get("rest", []) if r.get("mode") == "server"), None)
+    if rest is None:
+        return ["no server REST capability"]
+    if not any(i.get("code") == "transaction" for i in rest.get("interaction", [])):
+        gaps.append("system interaction 'transaction'")
+    resources = {r.get("type"): r for r in rest.get("resource", [])}
+    for rtype, params in REQUIRED_SEARCH.items():
+        res = resources.get(rtype)
+        if res is None:
+            gaps.append(f"resource {rtype}")
+            continue
+        names = {p.get("name") for p in res.get("searchParam", [])}
+        gaps += [f"{rtype} search parameter '{p}'" for p in params
+                 if p not in names and not p.startswith("_")]
+    dr = resources.get("DiagnosticReport", {})
+    if not dr.get("conditionalCreate"):
+        gaps.append("DiagnosticReport conditional create")
+    return gaps
+
+
+@main.command("check-config")
+def check_config() -> None:
+    """Connect to the FHIR endpoint and the broker; say plainly what is missing."""
+    settings = _settings()
+    ok = True
+    click.echo(f"FHIR endpoint {settings.fhir.base_url} (auth: {settings.fhir.auth}, "
+               f"TLS verify: {settings.fhir.verify_tls})")
+    try:
+        with settings.fhir.client() as client:
+            cap = client.capabilities()
+        software = cap.get("software", {})
+        click.echo(f"  reachable: {software.get('name', '?')} {software.get('version', '')}, "
+                   f"FHIR {cap.get('fhirVersion')}")
+        if not str(cap.get("fhirVersion", "")).startswith("4.0"):
+            click.echo("  MISSING: FHIR R4 (4.0.x)")
+            ok = False
+        for gap in capability_gaps(cap):
+            click.echo(f"  MISSING: {gap}")
+            ok = False
+    except FhirError as exc:
+        click.echo(f"  UNREACHABLE: {exc}")
+        ok = False
+    from kombu import Connection
+
+    click.echo(f"broker {Connection(settings.broker_url).as_uri(mask='****')}")
+    try:
+        with Connection(settings.broker_url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+        click.echo("  reachable")
+    except Exception as exc:  # kombu raises transport-specific errors
+        click.echo(f"  UNREACHABLE: {type(exc).__name__}")
+        ok = False
+    click.echo("OK" if ok else "problems found")
+    if not ok:
+        raise SystemExit(1)
+
+
+try:  # the knowledge commands (its own module, so the CLI stays small)
+    from clinragen_fhir.knowledge.cli import knowledge
+
+    main.add_command(knowledge)
+except ImportError:  # pragma: no cover - only while the knowledge package is incomplete
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The Celery app, configured for at-least-once delivery with idempotent tasks.
+
+acks_late + reject_on_worker_lost: a task is acknowledged only after it finished, so a worker
+killed mid-task gives the task back to the queue; the report's conditional create makes the
+second run harmless. Redis redelivers unacknowledged tasks after `visibility_timeout`, which
+must exceed the hard time limit of any task.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from clinragen_fhir.config import Settings
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = Celery("clinragen_fhir", broker=settings.broker_url, backend=settings.result_backend,
+                 include=["clinragen_fhir.worker.tasks"])
+    w = settings.worker
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_soft_time_limit=w.soft_time_limit_s,
+        task_time_limit=w.time_limit_s,
+        broker_transport_options={"visibility_timeout": w.visibility_timeout_s},
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue="clinragen",
+    )
+    return app
+
+
+app = make_app()
