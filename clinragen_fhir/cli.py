@@ -84,7 +84,11 @@ def diagnose(patient_id: str, wait: bool, local: bool, timeout: int) -> None:
     """Diagnose one patient (queued for the worker unless --local)."""
     _settings()
     if local:
-        click.echo(json.dumps(_run_local(patient_id), indent=2))
+        try:
+            click.echo(json.dumps(_run_local(patient_id), indent=2))
+        except FhirError as exc:
+            click.echo(f"FAILED: {type(exc).__name__}: {exc}", err=True)
+            raise SystemExit(1) from exc
         return
     from clinragen_fhir.worker.tasks import diagnose as task
 
@@ -191,6 +195,18 @@ def reports(patient_id: str, full: bool) -> None:
                    f"[{codes or 'no disorder supported'}]")
     if full:
         click.echo(json.dumps(found[0], indent=2))
+
+
+@main.command()
+@click.argument("reference")
+def show(reference: str) -> None:
+    """Print one resource (e.g. DiagnosticReport/123) as JSON."""
+    rtype, _, rid = reference.partition("/")
+    if not rid:
+        raise click.UsageError("REFERENCE must be Type/id")
+    settings = _settings()
+    with settings.fhir.client() as client:
+        click.echo(json.dumps(client.read(rtype, rid), indent=2))
 
 
 REQUIRED_SEARCH = {
