@@ -67,8 +67,8 @@ def worker(ctx: click.Context) -> None:
 
 
 def _run_local(patient_id: str) -> dict[str, Any]:
-    from clinragen_fhir.worker.tasks import _runtime
     from clinragen_fhir.pipeline import diagnose_patient
+    from clinragen_fhir.worker.tasks import _runtime
 
     settings, kg, predictor = _runtime()
     with settings.fhir.client() as client:
@@ -262,7 +262,7 @@ def check_config() -> None:
     except FhirError as exc:
         click.echo(f"  UNREACHABLE: {exc}")
         ok = False
-    from kombu import Connection
+    from kombu.connection import Connection
 
     click.echo(f"broker {Connection(settings.broker_url).as_uri(mask='****')}")
     try:

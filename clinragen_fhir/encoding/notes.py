@@ -11,7 +11,7 @@ import html
 import re
 from collections.abc import Iterable
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, ClassVar
 
 from fhir.resources.R4B.documentreference import DocumentReference
 from pydantic import ValidationError
@@ -27,7 +27,8 @@ TEXT_TYPES = ("text/plain", "text/html", "application/xhtml+xml")
 class _TextExtractor(HTMLParser):
     """Collects text, dropping script/style, with line breaks at block elements."""
 
-    _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section"}
+    _BLOCK: ClassVar[set[str]] = {"p", "div", "br", "li", "tr", "section",
+                                  "h1", "h2", "h3", "h4", "h5", "h6"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -123,6 +124,7 @@ def decode_notes(documents: Iterable[dict[str, Any]]) -> tuple[list[Note], list[
         type_codes = codes(doc.type, LOINC)
         notes.append(Note(document_id=ref, version_id=version_of(doc),
                           time=when.to_pydatetime() if when is not None else None,
-                          text=text[:MAX_NOTE_CHARS], type_code=type_codes[0] if type_codes else ""))
+                          text=text[:MAX_NOTE_CHARS],
+                          type_code=type_codes[0] if type_codes else ""))
     notes.sort(key=lambda n: (n.time is None, n.time))
     return notes, skips

@@ -41,7 +41,7 @@ def to_utc(value: Any) -> pd.Timestamp | None:
             ts = pd.Timestamp(text)
         except ValueError:
             return None
-    if ts is pd.NaT:
+    if pd.isna(ts):
         return None
     return ts.tz_localize(UTC) if ts.tzinfo is None else ts.tz_convert(UTC)
 

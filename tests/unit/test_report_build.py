@@ -33,7 +33,7 @@ def test_transaction_is_conditional_and_carries_provenance() -> None:
     skips = [Skip("Observation/bad", "no value")]
     bundle, key = build_transaction("p1", prediction(), USED, skips, ReportSettings(), now=NOW)
     assert bundle["type"] == "transaction"
-    device, report, prov = (e["resource"] for e in bundle["entry"])
+    _device, report, prov = (e["resource"] for e in bundle["entry"])
     requests = [e["request"] for e in bundle["entry"]]
     assert requests[1] == {"method": "POST", "url": "DiagnosticReport",
                            "ifNoneExist": f"identifier=urn:clinragen-fhir:report|{key}"}
