@@ -8,8 +8,9 @@ names an environment variable or a file that holds them.
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field, SecretStr
@@ -20,17 +21,36 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from clinragen_fhir.fhir.auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError
+
+
+def _secret(env_name: str | None, file: Path | None) -> SecretStr | None:
+    """A secret from the named environment variable, else from a file; None if neither."""
+    if env_name and os.environ.get(env_name):
+        return SecretStr(os.environ[env_name])
+    if file:
+        return SecretStr(file.read_text().strip())
+    return None
 
 
 class FhirEndpoint(BaseModel):
     """One FHIR server and how to reach it."""
 
     base_url: str = "http://127.0.0.1:8080/fhir"
-    auth: Literal["none", "bearer"] = "none"
-    token_env: str | None = None  # name of the env var holding the bearer token
+    auth: Literal["none", "bearer", "client-credentials", "smart-backend"] = "none"
+    token_env: str | None = None  # bearer: name of the env var holding the token
     token_file: Path | None = None  # or a file holding it
+    token_url: str | None = None  # client-credentials and smart-backend
+    client_id: str | None = None
+    client_secret_env: str | None = None  # client-credentials
+    client_secret_file: Path | None = None
+    private_key_file: Path | None = None  # smart-backend: PEM private key (RSA or EC P-384)
+    private_key_env: str | None = None
+    jwt_alg: Literal["RS384", "ES384"] = "RS384"
+    jwt_kid: str | None = None
+    scope: str | None = "system/*.rs system/DiagnosticReport.c system/Provenance.cu"
     verify_tls: bool = True
     ca_file: Path | None = None
     client_cert: Path | None = None  # mutual TLS: certificate (PEM)
@@ -42,26 +62,51 @@ class FhirEndpoint(BaseModel):
 
     def token(self) -> SecretStr | None:
         """The bearer token, read at use time from env or file (never from the TOML)."""
-        if self.token_env and os.environ.get(self.token_env):
-            return SecretStr(os.environ[self.token_env])
-        if self.token_file:
-            return SecretStr(self.token_file.read_text().strip())
+        return _secret(self.token_env, self.token_file)
+
+    def _need(self, value: Any, what: str) -> Any:
+        if not value:
+            raise FhirConfigError(f"auth = {self.auth!r} needs {what}")
+        return value
+
+    def http_auth(self) -> httpx.Auth | None:
+        """The httpx.Auth flow for this endpoint's auth mode (mutual TLS is set on the client)."""
+        verify = self.verify()
+        if self.auth == "bearer":
+            return BearerAuth(self._need(self.token(), "token_env or token_file"))
+        if self.auth == "client-credentials":
+            return ClientCredentialsAuth(
+                self._need(self.token_url, "token_url"), self._need(self.client_id, "client_id"),
+                self._need(_secret(self.client_secret_env, self.client_secret_file),
+                           "client_secret_env or client_secret_file"),
+                scope=self.scope, verify=verify, timeout=self.timeout_s)
+        if self.auth == "smart-backend":
+            return SmartBackendAuth(
+                self._need(self.token_url, "token_url"), self._need(self.client_id, "client_id"),
+                self._need(_secret(self.private_key_env, self.private_key_file),
+                           "private_key_file or private_key_env"),
+                algorithm=self.jwt_alg, kid=self.jwt_kid, scope=self.scope, verify=verify,
+                timeout=self.timeout_s)
         return None
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """TLS settings: system CAs (or ca_file), client certificate for mutual TLS."""
+        if not self.verify_tls and not self.client_cert:
+            return False
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if not self.verify_tls:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.client_cert:
+            ctx.load_cert_chain(str(self.client_cert),
+                                str(self.client_key) if self.client_key else None)
+        return ctx
+
     def client(self, transport: httpx.BaseTransport | None = None) -> FhirClient:
-        headers: dict[str, str] = {}
-        if self.auth == "bearer":
-            token = self.token()
-            if token is None:
-                raise FhirConfigError("auth = 'bearer' but neither token_env nor token_file "
-                                      "gives a token")
-            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
-        verify: bool | str = str(self.ca_file) if self.ca_file else self.verify_tls
-        cert = ((str(self.client_cert), str(self.client_key))
-                if self.client_cert and self.client_key else None)
-        return FhirClient(self.base_url, headers=headers, timeout=self.timeout_s, verify=verify,
-                          cert=cert, retries=self.retries, page_size=self.page_size,
-                          allow_insecure_http=self.allow_insecure_http, transport=transport)
+        return FhirClient(self.base_url, auth=self.http_auth(), timeout=self.timeout_s,
+                          verify=self.verify(), retries=self.retries,
+                          page_size=self.page_size, allow_insecure_http=self.allow_insecure_http,
+                          transport=transport)
 
 
 class ReportSettings(BaseModel):

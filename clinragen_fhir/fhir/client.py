@@ -10,6 +10,7 @@ import email.utils
 import ipaddress
 import logging
 import random
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -95,8 +96,7 @@ class FhirClient:
         auth: httpx.Auth | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 30.0,
-        verify: bool | str = True,
-        cert: str | tuple[str, str] | None = None,
+        verify: bool | ssl.SSLContext = True,
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -117,7 +117,6 @@ class FhirClient:
             headers={"Accept": FHIR_JSON, **(headers or {})},
             timeout=timeout,
             verify=verify,
-            cert=cert,
             transport=transport,
             follow_redirects=False,
         )

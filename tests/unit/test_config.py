@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from clinragen_fhir.config import Settings
@@ -37,8 +38,10 @@ def test_bearer_token_comes_from_env_and_is_required(monkeypatch: pytest.MonkeyP
         s.fhir.client()
     monkeypatch.setenv("SITE_TOKEN", "s3cret")
     client = s.fhir.client()
-    assert client._http.headers["Authorization"] == "Bearer s3cret"
-    assert "s3cret" not in repr(s)
+    request = httpx.Request("GET", "https://fhir.example/r4/metadata")
+    flow = client._http.auth.sync_auth_flow(request)  # type: ignore[union-attr]
+    assert next(flow).headers["Authorization"] == "Bearer s3cret"
+    assert "s3cret" not in repr(s) and "s3cret" not in repr(client._http.auth)
     client.close()
     token_file = tmp_path / "tok"
     token_file.write_text("from-file\n")

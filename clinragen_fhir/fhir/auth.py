@@ -1,0 +1,148 @@
+"""Endpoint authentication as httpx.Auth flows: static bearer, OAuth2 client credentials,
+and SMART Backend Services (a signed JWT client assertion, RS384 or ES384).
+
+Tokens are cached until shortly before they expire and fetched again on expiry or on a 401.
+Secrets are held as SecretStr and never appear in reprs, errors or logs.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Generator
+from typing import Any, Literal
+
+import httpx
+import jwt
+from pydantic import SecretStr
+
+from clinragen_fhir.fhir.errors import FhirError
+
+EXPIRY_SKEW_S = 30.0  # refresh this long before the server says the token expires
+
+
+class TokenError(FhirError):
+    """The token endpoint refused us or answered nonsense (never retried blindly)."""
+
+
+class BearerAuth(httpx.Auth):
+    """A static bearer token."""
+
+    def __init__(self, token: SecretStr) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
+        yield request
+
+
+class _CachedTokenAuth(httpx.Auth):
+    """Fetches an access token from a token endpoint and caches it until expiry."""
+
+    requires_response_body = False
+
+    def __init__(self, token_url: str, scope: str | None, verify: bool | ssl.SSLContext = True,
+                 timeout: float = 30.0) -> None:
+        self.token_url = token_url
+        self.scope = scope
+        self._verify = verify
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._token: SecretStr | None = None
+        self._expires_at = 0.0
+        self.fetches = 0  # how many tokens were fetched (for tests and metrics)
+
+    def _form(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _basic_auth(self) -> tuple[str, str] | None:
+        return None
+
+    def _fetch(self) -> None:
+        form = {"grant_type": "client_credentials", **self._form()}
+        if self.scope:
+            form["scope"] = self.scope
+        try:
+            response = httpx.post(self.token_url, data=form, auth=self._basic_auth(),
+                                  headers={"Accept": "application/json"},
+                                  verify=self._verify, timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise TokenError(f"token endpoint unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise TokenError(f"token endpoint answered HTTP {response.status_code}: "
+                             f"{_oauth_error(response)}")
+        try:
+            body: dict[str, Any] = response.json()
+            token = str(body["access_token"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TokenError("token endpoint answer has no access_token") from exc
+        self._token = SecretStr(token)
+        self._expires_at = time.monotonic() + float(body.get("expires_in", 300)) - EXPIRY_SKEW_S
+        self.fetches += 1
+
+    def token(self, force: bool = False) -> SecretStr:
+        with self._lock:
+            if force or self._token is None or time.monotonic() >= self._expires_at:
+                self._fetch()
+            assert self._token is not None
+            return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token().get_secret_value()}"
+        response = yield request
+        if response.status_code == 401:  # revoked or expired early: one fresh token, once
+            request.headers["Authorization"] = f"Bearer {self.token(force=True).get_secret_value()}"
+            yield request
+
+
+def _oauth_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("error_description") or body.get("error"))[:200]
+    except ValueError:
+        return response.text[:200]
+
+
+class ClientCredentialsAuth(_CachedTokenAuth):
+    """OAuth2 client credentials grant with client_secret_basic."""
+
+    def __init__(self, token_url: str, client_id: str, client_secret: SecretStr,
+                 scope: str | None = None, **kw: Any) -> None:
+        super().__init__(token_url, scope, **kw)
+        self.client_id = client_id
+        self._secret = client_secret
+
+    def _form(self) -> dict[str, str]:
+        return {}
+
+    def _basic_auth(self) -> tuple[str, str]:
+        return (self.client_id, self._secret.get_secret_value())
+
+
+class SmartBackendAuth(_CachedTokenAuth):
+    """SMART Backend Services: client_credentials with a private_key_jwt client assertion."""
+
+    def __init__(self, token_url: str, client_id: str, private_key_pem: SecretStr,
+                 algorithm: Literal["RS384", "ES384"] = "RS384", kid: str | None = None,
+                 scope: str | None = "system/*.rs", **kw: Any) -> None:
+        super().__init__(token_url, scope, **kw)
+        self.client_id = client_id
+        self.algorithm = algorithm
+        self.kid = kid
+        self._key = private_key_pem
+
+    def assertion(self) -> str:
+        """A fresh, short-lived JWT (5 min, unique jti) signed with our key."""
+        now = int(time.time())
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+                  "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())}
+        headers = {"kid": self.kid} if self.kid else None
+        return jwt.encode(claims, self._key.get_secret_value(), algorithm=self.algorithm,
+                          headers=headers)
+
+    def _form(self) -> dict[str, str]:
+        return {"client_assertion_type":
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": self.assertion()}
