@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     fhir: FhirEndpoint = Field(default_factory=FhirEndpoint)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
+    state_url: str = "redis://127.0.0.1:6379/4"  # webhook de-duplication, polling cursors
     model_dir: Path | None = None  # a trained ONNX model directory; None = rule baseline
     knowledge_path: Path | None = None  # None = the graph shipped with the package
     report: ReportSettings = Field(default_factory=ReportSettings)
