@@ -197,6 +197,44 @@ def reports(patient_id: str, full: bool) -> None:
         click.echo(json.dumps(found[0], indent=2))
 
 
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: tasks that could not succeed, with reasons."""
+
+
+@dlq.command("list")
+def dlq_list() -> None:
+    """List dead letters (id, when, task, retries, error)."""
+    from clinragen_fhir.worker.state import WorkerState
+
+    letters = WorkerState(_settings().state_url).dead_letters()
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.failed_at))
+        click.echo(f"{d.id}  {when}Z  {d.task}  retries={d.retries}  {d.error}")
+    click.echo(f"{len(letters)} dead letters")
+
+
+@dlq.command("requeue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Re-queue every dead letter.")
+def dlq_requeue(ids: tuple[str, ...], everything: bool) -> None:
+    """Put dead letters back on the queue (they are removed from the dead-letter queue)."""
+    from clinragen_fhir.worker.app import app
+    from clinragen_fhir.worker.state import WorkerState
+
+    state = WorkerState(_settings().state_url)
+    chosen = [d.id for d in state.dead_letters()] if everything else list(ids)
+    if not chosen:
+        raise click.UsageError("name dead-letter ids or pass --all")
+    for letter_id in chosen:
+        letter = state.take(letter_id)
+        if letter is None:
+            click.echo(f"{letter_id}: not found", err=True)
+            continue
+        app.send_task(letter.task, args=letter.args)
+        click.echo(f"{letter_id}: re-queued")
+
+
 @main.command()
 @click.argument("reference")
 def show(reference: str) -> None:

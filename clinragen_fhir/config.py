@@ -129,6 +129,7 @@ class WorkerSettings(BaseModel):
     time_limit_s: int = 360
     visibility_timeout_s: int = 3600
     concurrency: int = 2
+    poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often
 
 
 class Settings(BaseSettings):

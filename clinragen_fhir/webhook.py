@@ -41,16 +41,6 @@ class SeenStore(Protocol):
     def add(self, key: str, ttl_s: int) -> bool: ...
 
 
-class RedisSeen:
-    def __init__(self, url: str) -> None:
-        import redis
-
-        self._redis = redis.Redis.from_url(url)
-
-    def add(self, key: str, ttl_s: int) -> bool:
-        return bool(self._redis.set(f"clinragen:webhook:{key}", b"1", nx=True, ex=ttl_s))
-
-
 @dataclass
 class WebhookConfig:
     secret: bytes  # shared secret: header value, or HMAC key
@@ -181,6 +171,7 @@ def make_app(config: WebhookConfig, seen: SeenStore,
 def create_app() -> Starlette:
     """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`)."""
     from clinragen_fhir.config import Settings
+    from clinragen_fhir.worker.state import WorkerState
     from clinragen_fhir.worker.tasks import diagnose
 
     settings = Settings()
@@ -188,4 +179,4 @@ def create_app() -> Starlette:
     def enqueue(patient_id: str, countdown: int) -> None:
         diagnose.apply_async((patient_id,), countdown=countdown)
 
-    return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue)
+    return make_app(WebhookConfig.from_env(), WorkerState(settings.state_url), enqueue)

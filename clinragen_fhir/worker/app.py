@@ -34,6 +34,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue="clinragen",
     )
+    if w.poll_interval_s > 0:  # for servers without Subscriptions: run `celery beat` too
+        app.conf.beat_schedule = {"poll-fhir-changes": {
+            "task": "clinragen.poll", "schedule": float(w.poll_interval_s)}}
     return app
 
 

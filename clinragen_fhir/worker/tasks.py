@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -17,6 +19,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker.app import app
+from clinragen_fhir.worker.state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,22 @@ def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     return settings, kg, RuleBaseline(kg)
 
 
-@app.task(bind=True, name="clinragen.diagnose")
+class DeadLetteringTask(Task):  # type: ignore[misc]
+    """A task whose final failure (retries spent, or a permanent error) is dead-lettered."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        settings = _runtime()[0]
+        try:
+            letter = WorkerState(settings.state_url).dead_letter(
+                self.name, list(args), f"{type(exc).__name__}: {exc}", self.request.retries)
+            log.error("task dead-lettered", extra={"fields": {
+                "task": self.name, "dead_letter": letter.id, "error": type(exc).__name__}})
+        except Exception:  # the state store is down too: the failure is still in the logs
+            log.exception("could not dead-letter task", extra={"fields": {"task": self.name}})
+
+
+@app.task(bind=True, base=DeadLetteringTask, name="clinragen.diagnose")
 def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
     """Diagnose one patient and write its report; retry transient FHIR failures."""
     settings, kg, predictor = _runtime()
@@ -55,3 +73,48 @@ def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
         log.error("diagnose timed out", extra={"fields": {"patient": phash}})
         raise
     return outcome.as_dict()
+
+
+POLLED: tuple[tuple[str, dict[str, str]], ...] = (("Observation", {"category": "laboratory,vital-signs"}), ("DocumentReference", {}))
+
+
+@app.task(name="clinragen.poll")
+def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30) -> dict[str, Any]:
+    """Enqueue `diagnose` for patients whose labs or notes changed since the stored cursor.
+
+    The cursor is the newest `meta.lastUpdated` seen, with the ids seen at exactly that instant
+    (searched with `ge`, so a resource committed in the same millisecond is not missed).
+    """
+    settings = _runtime()[0]
+    state = WorkerState(settings.state_url)
+    stored = state.cursor(settings.fhir.base_url)
+    cursor: dict[str, Any] = json.loads(stored) if stored else {
+        "since": (datetime.now(UTC) - timedelta(days=initial_lookback_days))
+        .strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "boundary": []}
+    newest, boundary = cursor["since"], set(cursor["boundary"])
+    patients: set[str] = set()
+    with settings.fhir.client() as client:
+        for rtype, params in POLLED:
+            for r in client.search(rtype, {**params, "_lastUpdated": f"ge{cursor['since']}",
+                                           "_sort": "_lastUpdated"}):
+                key = f"{rtype}/{r.get('id')}/{(r.get('meta') or {}).get('versionId')}"
+                updated = str((r.get("meta") or {}).get("lastUpdated", ""))
+                if key in cursor["boundary"]:
+                    continue
+                ref = str((r.get("subject") or {}).get("reference", ""))
+                if ref.startswith("Patient/"):
+                    patients.add(ref.split("/")[1])
+                if updated > newest:
+                    newest, boundary = updated, {key}
+                elif updated == newest:
+                    boundary.add(key)
+    queued = 0
+    for pid in sorted(patients):
+        if state.add(f"patient:{pid}", debounce_s):
+            diagnose.apply_async((pid,), countdown=debounce_s)
+            queued += 1
+    state.set_cursor(settings.fhir.base_url,
+                     json.dumps({"since": newest, "boundary": sorted(boundary)}))
+    log.info("poll", extra={"fields": {"changed_patients": len(patients), "queued": queued}})
+    return {"changed_patients": len(patients), "queued": queued, "cursor": newest}
