@@ -75,7 +75,8 @@ def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
     return outcome.as_dict()
 
 
-POLLED: tuple[tuple[str, dict[str, str]], ...] = (("Observation", {"category": "laboratory,vital-signs"}), ("DocumentReference", {}))
+POLLED: tuple[tuple[str, dict[str, str]], ...] = (
+    ("Observation", {"category": "laboratory,vital-signs"}), ("DocumentReference", {}))
 
 
 @app.task(name="clinragen.poll")
