@@ -197,6 +197,48 @@ def reports(patient_id: str, full: bool) -> None:
         click.echo(json.dumps(found[0], indent=2))
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8090, show_default=True)
+def webhook(host: str, port: int) -> None:
+    """Run the Subscription rest-hook receiver (needs CLINRAGEN_WEBHOOK_SECRET)."""
+    import uvicorn
+
+    _settings()
+    uvicorn.run("clinragen_fhir.webhook:create_app", factory=True, host=host, port=port,
+                log_config=None, access_log=False)
+
+
+@main.command()
+@click.option("--endpoint", required=True, help="Our receiver's URL, e.g. http://host:8090/notify")
+@click.option("--criteria", multiple=True,
+              default=("Observation?category=laboratory", "Observation?category=vital-signs",
+                       "DocumentReference?status=current"), show_default=True)
+def subscribe(endpoint: str, criteria: tuple[str, ...]) -> None:
+    """Register R4 rest-hook Subscriptions on the FHIR server (idempotent: PUT by a fixed id).
+
+    The shared secret travels as a channel header, read from CLINRAGEN_WEBHOOK_SECRET.
+    """
+    import hashlib
+    import os
+
+    secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "")
+    if len(secret) < 16:
+        raise click.UsageError("set CLINRAGEN_WEBHOOK_SECRET (>= 16 characters)")
+    settings = _settings()
+    with settings.fhir.client() as client:
+        for crit in criteria:
+            sid = "clinragen-" + hashlib.sha256(f"{endpoint}|{crit}".encode()).hexdigest()[:24]
+            sub = {"resourceType": "Subscription", "id": sid, "status": "requested",
+                   "reason": "ClinRaGen-FHIR: diagnose when labs or notes change",
+                   "criteria": crit,
+                   "channel": {"type": "rest-hook", "endpoint": endpoint,
+                               "payload": "application/fhir+json",
+                               "header": [f"X-Clinragen-Secret: {secret}"]}}
+            client.update(sub)
+            click.echo(f"Subscription/{sid}: {crit} -> {endpoint}")
+
+
 @main.group()
 def dlq() -> None:
     """The dead-letter queue: tasks that could not succeed, with reasons."""

@@ -205,6 +205,14 @@ class FhirClient:
                 if isinstance(resource, dict):
                     yield resource
 
+    def update(self, resource: JsonDict) -> JsonDict:
+        """PUT a resource by its id (create-or-update; idempotent)."""
+        path = f"{resource['resourceType']}/{resource['id']}"
+        return self._json(self._send("PUT", path, json=resource))
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        self._send("DELETE", f"{resource_type}/{resource_id}")
+
     def transaction(self, bundle: JsonDict) -> JsonDict:
         """POST a transaction (or batch) Bundle to the base; all-or-nothing on the server."""
         return self._json(self._send("POST", "", json=bundle))

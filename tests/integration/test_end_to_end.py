@@ -25,8 +25,8 @@ def delete_reports(fhir: FhirClient, pid: str) -> None:
     """Remove earlier runs' reports (and their Provenance) so this run writes afresh."""
     for report in our_reports(fhir, pid):
         for prov in fhir.search("Provenance", {"target": f"DiagnosticReport/{report['id']}"}):
-            fhir._send("DELETE", f"Provenance/{prov['id']}")
-        fhir._send("DELETE", f"DiagnosticReport/{report['id']}")
+            fhir.delete("Provenance", prov["id"])
+        fhir.delete("DiagnosticReport", report["id"])
 
 
 def run_all(pids: list[str]) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def test_new_input_version_gives_a_new_report(
     before = run_all([pid])[0]
     obs = next(iter(fhir.search("Observation", {"patient": pid, "category": "laboratory"})))
     obs.setdefault("note", []).append({"text": "re-verified"})
-    fhir._send("PUT", f"Observation/{obs['id']}", json=obs)
+    fhir.update(obs)
     after = run_all([pid])[0]
     assert after["status"] == "written" and after["identifier"] != before["identifier"]
     assert len(our_reports(fhir, pid)) == 2
