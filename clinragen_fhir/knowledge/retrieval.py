@@ -1,0 +1,461 @@
+"""Per-patient retrieval: abnormal findings (with the readings that triggered them), the disorders
+they support or oppose, negation-aware note mentions, and the paths between them.
+
+The rule definitions are read from the graph by SPARQL once per graph version and cached; the
+evaluation itself is plain numpy over the patient's lab frame.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.knowledge.graph import CRG, LOINC, PREFIXES, SCT, local
+
+if TYPE_CHECKING:
+    from clinragen_fhir.knowledge.graph import KnowledgeGraph
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class TriggerRow:
+    """One lab reading that made a finding fire."""
+
+    observation_id: str
+    version_id: str
+    loinc: str
+    display: str
+    value: float
+    unit: str
+    time: str  # ISO 8601 (UTC)
+
+
+@dataclass
+class FindingHit:
+    """A finding detected in this patient's labs."""
+
+    id: str  # URI
+    label: str
+    loinc: str  # observable(s) that triggered it, comma-separated when several
+    direction: str
+    threshold: float
+    upper_threshold: float | None
+    unit: str
+    min_count: int
+    persistence_days: float
+    rows: tuple[TriggerRow, ...]
+    strength: float = 0.0  # strongest association it takes part in (ranking)
+
+
+@dataclass(frozen=True)
+class SupportRef:
+    """One fact behind a disorder's score."""
+
+    fact: str  # URI of the crg:Association (or the note rule)
+    evidence: str  # finding URI, or "DocumentReference/<id>#start-end" for a note mention
+    strength: float
+    source: str  # source label, e.g. "ADA 2024"
+    source_uri: str
+
+
+@dataclass
+class DisorderSupport:
+    """A disorder with the facts for and against it; score in [0, 1]."""
+
+    snomed: str
+    uri: str
+    term: str
+    score: float
+    supporting: list[SupportRef] = field(default_factory=list)
+    opposing: list[SupportRef] = field(default_factory=list)
+    conclusion_threshold: float = 1.0
+
+
+@dataclass(frozen=True)
+class NoteMention:
+    """A concept found in a note."""
+
+    concept: str  # URI
+    code: str  # SNOMED id
+    kind: str  # "disorder" | "symptom"
+    term: str  # the text matched
+    negated: bool
+    document_id: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class PathStep:
+    """An edge of the explanation graph: finding/mention -> disorder."""
+
+    source: str
+    relation: str  # "supports" | "opposes" | "mentions" | "negates"
+    target: str
+    fact: str
+    strength: float
+
+
+@dataclass
+class Retrieval:
+    """What the knowledge says about one patient."""
+
+    knowledge_version: str
+    findings: list[FindingHit]
+    disorders: list[DisorderSupport]
+    note_mentions: list[NoteMention]
+    paths: list[PathStep]
+    labels: dict[str, str] = field(default_factory=dict)
+    unknown_codes: list[str] = field(default_factory=list)  # LOINC codes the graph lacks
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """(subject label, relation, object label) triples for the model to embed."""
+        out: list[tuple[str, str, str]] = []
+        for f in self.findings:
+            for r in f.rows[-3:]:
+                out.append((f.label, "observed as", f"{r.display or r.loinc} {_fmt(r.value)} "
+                            f"{r.unit} on {r.time[:10]}"))
+        for p in self.paths:
+            out.append((self.labels.get(p.source, p.source), p.relation,
+                        self.labels.get(p.target, p.target)))
+        return out
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# rule index, read from the graph once per version
+
+
+@dataclass(frozen=True)
+class FindingDef:
+    uri: str
+    label: str
+    observables: tuple[str, ...]
+    direction: str
+    threshold: float
+    upper: float | None
+    sex: str | None
+    min_count: int
+    min_span_days: float
+    window_days: float
+
+
+@dataclass(frozen=True)
+class AssocDef:
+    uri: str
+    finding: str
+    disorder: str
+    polarity: str
+    strength: float
+    source: str
+    source_label: str
+
+
+@dataclass
+class RuleIndex:
+    findings: list[FindingDef]
+    assocs_by_finding: dict[str, list[AssocDef]]
+    default_threshold: float
+    disorder_threshold: dict[str, float]
+    note_strength: float
+    note_source: str
+    note_source_label: str
+    term_pattern: re.Pattern[str] | None
+    term_to_concept: dict[str, tuple[str, str]]  # lower term -> (uri, kind)
+    labels: dict[str, str]
+
+
+_FINDINGS_Q = """
+SELECT ?f ?label ?dir ?thr ?upper ?sex ?minc ?span ?win
+       (GROUP_CONCAT(DISTINCT STR(?obs); separator=" ") AS ?observables) WHERE {
+  ?f a crg:Finding ; skos:prefLabel ?label ; crg:direction ?dir ; crg:threshold ?thr ;
+     crg:observable ?obs .
+  OPTIONAL { ?f crg:upperThreshold ?upper } OPTIONAL { ?f crg:sex ?sex }
+  OPTIONAL { ?f crg:minCount ?minc } OPTIONAL { ?f crg:minSpanDays ?span }
+  OPTIONAL { ?f crg:windowDays ?win }
+} GROUP BY ?f ?label ?dir ?thr ?upper ?sex ?minc ?span ?win"""
+_ASSOC_Q = """
+SELECT ?a ?f ?d ?pol ?str ?src ?srcl WHERE {
+  ?a a crg:Association ; crg:finding ?f ; crg:disorder ?d ; crg:polarity ?pol ;
+     crg:strength ?str ; crg:source ?src .
+  OPTIONAL { ?src rdfs:label ?srcl }
+}"""
+_CONFIG_Q = """
+SELECT ?thr ?ns ?src ?srcl WHERE {
+  ?c a crg:RuleConfig ; crg:conclusionThreshold ?thr ; crg:noteMentionStrength ?ns ;
+     crg:noteSource ?src . OPTIONAL { ?src rdfs:label ?srcl }
+}"""
+_TERMS_Q = """
+SELECT ?c ?kind ?term WHERE {
+  { ?c a crg:Disorder . BIND("disorder" AS ?kind) } UNION { ?c a crg:Symptom . BIND("symptom" AS ?kind) }
+  { ?c skos:prefLabel ?term } UNION { ?c skos:altLabel ?term }
+}"""
+_DTHR_Q = "SELECT ?d ?t WHERE { ?d a crg:Disorder ; crg:conclusionThreshold ?t . }"
+
+_GROUPING_MIN_LEN = 4  # terms shorter than this are matched case-sensitively (abbreviations)
+_index_cache: dict[str, RuleIndex] = {}
+_index_lock = threading.Lock()
+
+
+def _f(value: object, default: float = 0.0) -> float:
+    return float(value.toPython()) if value is not None else default  # type: ignore[attr-defined]
+
+
+def rule_index(kg: KnowledgeGraph) -> RuleIndex:
+    """The finding rules, facts and note terms of this graph version (cached per version)."""
+    with _index_lock:
+        if kg.version in _index_cache:
+            return _index_cache[kg.version]
+    g = kg.graph
+    findings: list[FindingDef] = []
+    labels: dict[str, str] = {}
+    for row in g.query(_FINDINGS_Q, initNs=PREFIXES):
+        f, label, direction, thr, upper, sex, minc, span, win, obs = row  # type: ignore[misc]
+        codes = tuple(sorted(local(o, LOINC) for o in str(obs).split()))
+        findings.append(FindingDef(
+            str(f), str(label), codes, str(direction), _f(thr),
+            _f(upper) if upper is not None else None, str(sex) if sex is not None else None,
+            int(_f(minc, 1)), _f(span), _f(win)))
+        labels[str(f)] = str(label)
+    findings.sort(key=lambda fd: fd.uri)
+    assocs: dict[str, list[AssocDef]] = {}
+    for row in g.query(_ASSOC_Q, initNs=PREFIXES):
+        a, f, d, pol, strength, src, srcl = row  # type: ignore[misc]
+        assocs.setdefault(str(f), []).append(AssocDef(
+            str(a), str(f), str(d), str(pol), _f(strength), str(src),
+            str(srcl) if srcl is not None else str(src)))
+    for lst in assocs.values():
+        lst.sort(key=lambda x: x.uri)
+    default_thr, note_strength, note_src, note_srcl = 0.5, 0.0, "", "clinical note"
+    for row in g.query(_CONFIG_Q, initNs=PREFIXES):
+        thr, ns, src, srcl = row  # type: ignore[misc]
+        default_thr, note_strength = _f(thr), _f(ns)
+        note_src, note_srcl = str(src), str(srcl or src)
+    dthr = {str(d): _f(t) for d, t in g.query(_DTHR_Q, initNs=PREFIXES)}  # type: ignore[misc]
+    term_to_concept: dict[str, tuple[str, str]] = {}
+    for row in g.query(_TERMS_Q, initNs=PREFIXES):
+        c, kind, term = row  # type: ignore[misc]
+        t = str(term).strip()
+        if len(t) < 2:
+            continue
+        key = t if len(t) < _GROUPING_MIN_LEN or t.isupper() else t.lower()
+        # the more specific concept wins a shared term (stable: smallest id)
+        if key not in term_to_concept or str(c) < term_to_concept[key][0]:
+            term_to_concept[key] = (str(c), str(kind))
+        if str(c) not in labels or kind and term == g.value(c, PREFIXES["skos"].prefLabel):
+            labels[str(c)] = str(g.value(c, PREFIXES["skos"].prefLabel) or t)
+    pattern = None
+    if term_to_concept:
+        alts = sorted(term_to_concept, key=len, reverse=True)
+        parts = [(re.escape(t) if t == t.lower() else f"(?-i:{re.escape(t)})") for t in alts]
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(parts) + r")(?![\w-])", re.IGNORECASE)
+    for dis in kg.disorders().values():
+        labels[dis.uri] = dis.term
+    index = RuleIndex(findings, assocs, default_thr, dthr, note_strength, note_src, note_srcl,
+                      pattern, term_to_concept, labels)
+    with _index_lock:
+        _index_cache[kg.version] = index
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# notes
+
+_NEG_PRE = re.compile(
+    r"\b(no|not|denies|denied|deny|denying|without|negative for|free of|absence of|"
+    r"ruled out|rules out|rule out|never had|no evidence of|no history of|no signs? of|"
+    r"resolved)\b[^.;:\n]*$", re.IGNORECASE)
+_NEG_POST = re.compile(r"^[^.;:\n]{0,30}?\b(was ruled out|ruled out|is unlikely|unlikely|"
+                       r"absent|was excluded|excluded|resolved)\b", re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(r"[.;:\n]|\bbut\b|\bhowever\b|\balthough\b|\bexcept\b", re.IGNORECASE)
+_NEG_WINDOW_WORDS = 6
+
+
+def _negated(text: str, start: int, end: int) -> bool:
+    """NegEx-style: a negation trigger before the term (same clause, <= 6 words) or after it."""
+    head = text[max(0, start - 120):start]
+    breaks = list(_CLAUSE_BREAK.finditer(head))
+    if breaks:
+        head = head[breaks[-1].end():]
+    words = head.split()
+    window = " ".join(words[-_NEG_WINDOW_WORDS:])
+    if _NEG_PRE.search(window):
+        return True
+    tail = text[end:end + 60]
+    return bool(_NEG_POST.match(tail))
+
+
+def find_mentions(kg: KnowledgeGraph, notes: Sequence[Note]) -> list[NoteMention]:
+    """Disorder and symptom terms in the notes, each with its span and negation."""
+    index = rule_index(kg)
+    out: list[NoteMention] = []
+    if index.term_pattern is None:
+        return out
+    for note in notes:
+        for m in index.term_pattern.finditer(note.text):
+            text = m.group(1)
+            hit = index.term_to_concept.get(text) or index.term_to_concept.get(text.lower())
+            if hit is None:
+                continue
+            uri, kind = hit
+            out.append(NoteMention(uri, local(uri, SCT), kind, text,
+                                   _negated(note.text, m.start(1), m.end(1)),
+                                   note.document_id, m.start(1), m.end(1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# labs
+
+
+def _qualifies(fd: FindingDef, values: np.ndarray) -> np.ndarray:
+    if fd.direction == "high":
+        return values >= fd.threshold
+    if fd.direction == "above":
+        return values > fd.threshold
+    if fd.direction == "low":
+        return values < fd.threshold
+    if fd.direction == "range":
+        upper = fd.upper if fd.upper is not None else math.inf
+        return (values >= fd.threshold) & (values < upper)
+    return np.zeros(len(values), dtype=bool)
+
+
+def _rows(frame: pd.DataFrame, idx: Sequence[int]) -> tuple[TriggerRow, ...]:
+    out = []
+    for i in idx:
+        r = frame.iloc[i]
+        t = r["time"]
+        out.append(TriggerRow(str(r["observation_id"]), str(r["version_id"]), str(r["loinc"]),
+                              str(r["display"]), float(r["value"]), str(r["unit"]),
+                              t.isoformat() if hasattr(t, "isoformat") else str(t)))
+    return tuple(out)
+
+
+def _evaluate(fd: FindingDef, frame: pd.DataFrame, sub: np.ndarray) -> list[int] | None:
+    """Positions (into frame) of the readings that make the finding fire, or None."""
+    if len(sub) == 0:
+        return None
+    values = frame["value"].to_numpy(dtype=float)[sub]
+    times = frame["time"].to_numpy()[sub].astype("datetime64[s]").astype(np.int64) / 86400.0
+    if fd.direction in ("rise", "fold-rise"):
+        order = np.argsort(times, kind="stable")
+        v, t, pos = values[order], times[order], sub[order]
+        for j in range(1, len(v)):
+            earlier = np.nonzero((t[:j] >= t[j] - fd.window_days) & (t[:j] < t[j]))[0]
+            if len(earlier) == 0:
+                continue
+            base = earlier[np.argmin(v[earlier])]
+            rise = v[j] - v[base] if fd.direction == "rise" else (
+                v[j] / v[base] if v[base] > 0 else 0.0)
+            if rise >= fd.threshold:
+                return [int(pos[base]), int(pos[j])]
+        return None
+    ok = _qualifies(fd, values)
+    if int(ok.sum()) < max(fd.min_count, 1):
+        return None
+    qt = times[ok]
+    if fd.min_span_days and float(qt.max() - qt.min()) < fd.min_span_days:
+        return None
+    hits = sub[ok]
+    return [int(i) for i in hits[np.argsort(times[ok], kind="stable")]]
+
+
+def _combine(strengths: Sequence[float]) -> float:
+    """Noisy-OR: independent pieces of evidence add up without exceeding 1."""
+    p = 1.0
+    for s in strengths:
+        p *= 1.0 - min(max(s, 0.0), 1.0)
+    return 1.0 - p
+
+
+MAX_TRIGGER_ROWS = 6  # first and the latest readings kept per finding: bounded output
+
+
+def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
+             patient: PatientContext) -> Retrieval:
+    """The knowledge relevant to this patient, ranked, every item with its ids."""
+    index = rule_index(kg)
+    frame = labs.reset_index(drop=True) if labs is not None else pd.DataFrame()
+    findings: list[FindingHit] = []
+    unknown: list[str] = []
+    if not frame.empty:
+        codes = frame["loinc"].astype(str).to_numpy()
+        unknown = sorted({c for c in codes if kg.lab(c) is None})
+        finite = np.isfinite(frame["value"].to_numpy(dtype=float))
+        positions = {c: np.nonzero((codes == c) & finite)[0] for c in set(codes)}
+        for fd in index.findings:
+            if fd.sex is not None and fd.sex != patient.sex:
+                continue
+            sub = [positions[c] for c in fd.observables if c in positions]
+            if not sub:
+                continue
+            hit = _evaluate(fd, frame, np.concatenate(sub))
+            if hit is None:
+                continue
+            keep = hit if len(hit) <= MAX_TRIGGER_ROWS else [hit[0], *hit[-(MAX_TRIGGER_ROWS - 1):]]
+            rows = _rows(frame, keep)
+            lab = kg.lab(rows[0].loinc)
+            findings.append(FindingHit(
+                fd.uri, fd.label, ",".join(sorted({r.loinc for r in rows})), fd.direction,
+                fd.threshold, fd.upper, lab.canonical_unit if lab else rows[0].unit,
+                fd.min_count, fd.min_span_days, rows,
+                max((a.strength for a in index.assocs_by_finding.get(fd.uri, [])), default=0.0)))
+    mentions = find_mentions(kg, notes)
+
+    support: dict[str, DisorderSupport] = {}
+    paths: list[PathStep] = []
+
+    def entry(uri: str) -> DisorderSupport:
+        if uri not in support:
+            code = local(uri, SCT)
+            dis = kg.disorder(code)
+            support[uri] = DisorderSupport(
+                code, uri, dis.term if dis else index.labels.get(uri, code), 0.0,
+                conclusion_threshold=index.disorder_threshold.get(uri, index.default_threshold))
+        return support[uri]
+
+    for hit in findings:
+        for a in index.assocs_by_finding.get(hit.id, []):
+            ref = SupportRef(a.uri, hit.id, a.strength, a.source_label, a.source)
+            (entry(a.disorder).supporting if a.polarity == "supports"
+             else entry(a.disorder).opposing).append(ref)
+            paths.append(PathStep(hit.id, a.polarity, a.disorder, a.uri, a.strength))
+    seen_mention: set[tuple[str, bool]] = set()
+    for m in mentions:
+        if m.kind != "disorder" or (m.concept, m.negated) in seen_mention:
+            continue
+        seen_mention.add((m.concept, m.negated))  # one note fact per disorder and polarity
+        ref = SupportRef(index.note_source, f"{m.document_id}#{m.start}-{m.end}",
+                         index.note_strength, index.note_source_label, index.note_source)
+        d = entry(m.concept)
+        (d.opposing if m.negated else d.supporting).append(ref)
+        paths.append(PathStep(f"{m.document_id}#{m.start}-{m.end}",
+                              "negates" if m.negated else "mentions", m.concept,
+                              index.note_source, index.note_strength))
+    for d in support.values():
+        d.score = round(_combine([s.strength for s in d.supporting])
+                        * (1.0 - _combine([s.strength for s in d.opposing])), 4)
+    disorders = sorted(support.values(), key=lambda d: (-d.score, d.snomed))
+    findings.sort(key=lambda f: (-f.strength, f.id))
+    labels = dict(index.labels)
+    for m in mentions:
+        labels[f"{m.document_id}#{m.start}-{m.end}"] = f"note {m.document_id} \"{m.term}\""
+    return Retrieval(kg.version, findings, disorders, mentions, paths, labels, unknown)
+
+
+__all__ = ["CRG", "DisorderSupport", "FindingHit", "NoteMention", "PathStep", "Retrieval",
+           "SupportRef", "TriggerRow", "find_mentions", "retrieve", "rule_index"]
