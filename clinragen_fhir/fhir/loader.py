@@ -45,7 +45,11 @@ def _open_json(path: Path) -> Any:
 
 
 def as_idempotent(bundle: dict[str, Any], keep_types: set[str] | None = None) -> dict[str, Any]:
-    """The same transaction with POSTs of resources that have ids turned into PUT by id."""
+    """The same transaction with plain POSTs of resources that have ids turned into PUT by id.
+
+    Conditional creates (`ifNoneExist`) stay as they are: they are idempotent already, and they
+    match what another loader may have put there under a server-assigned id.
+    """
     entries = []
     for entry in bundle.get("entry", []) or []:
         resource = entry.get("resource") or {}
@@ -53,7 +57,7 @@ def as_idempotent(bundle: dict[str, Any], keep_types: set[str] | None = None) ->
         if keep_types is not None and rtype not in keep_types:
             continue
         request = dict(entry.get("request") or {})
-        if rid and request.get("method", "POST") == "POST":
+        if rid and request.get("method", "POST") == "POST" and not request.get("ifNoneExist"):
             request = {"method": "PUT", "url": f"{rtype}/{rid}"}
         entries.append({**entry, "request": request})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

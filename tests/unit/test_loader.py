@@ -38,6 +38,13 @@ def test_real_bundle_becomes_puts_by_id(patient_bundles: list[Path]) -> None:
     assert {e["resource"]["resourceType"] for e in only["entry"]} == {"Patient", "Observation"}
 
 
+def test_conditional_creates_are_kept(data_dir: Path) -> None:
+    support = next(data_dir.glob("california/practitionerInformation*.json.gz"))
+    out = as_idempotent(read_bundle(support))
+    first = out["entry"][0]["request"]
+    assert first["method"] == "POST" and first["ifNoneExist"].startswith("identifier=")
+
+
 def test_support_bundles_go_first(data_dir: Path) -> None:
     files = bundle_files([data_dir / "california"])
     assert files[0].name.startswith(("hospitalInformation", "practitionerInformation"))
