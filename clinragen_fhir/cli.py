@@ -59,9 +59,19 @@ def load(paths: tuple[Path, ...], workers: int, types: str) -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Run a Celery worker (extra arguments go to `celery worker`)."""
+    settings = _settings()
+    if settings.worker.metrics_port:
+        # Before prometheus_client is first imported, so every child writes shared files.
+        import os
+        import tempfile
+
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                              tempfile.mkdtemp(prefix="clinragen-metrics-"))
+        from clinragen_fhir import metrics
+
+        metrics.serve(settings.worker.metrics_port, settings.broker_url, "clinragen")
     from clinragen_fhir.worker.app import app
 
-    settings = _settings()
     app.worker_main(["worker", "--loglevel", settings.log_level, "-Q", "clinragen",
                      "--concurrency", str(settings.worker.concurrency), *ctx.args])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,11 +103,12 @@ class FhirEndpoint(BaseModel):
                                 str(self.client_key) if self.client_key else None)
         return ctx
 
-    def client(self, transport: httpx.BaseTransport | None = None) -> FhirClient:
+    def client(self, transport: httpx.BaseTransport | None = None,
+               observer: Callable[[str, int | None], None] | None = None) -> FhirClient:
         return FhirClient(self.base_url, auth=self.http_auth(), timeout=self.timeout_s,
                           verify=self.verify(), retries=self.retries,
                           page_size=self.page_size, allow_insecure_http=self.allow_insecure_http,
-                          transport=transport)
+                          transport=transport, observer=observer)
 
 
 class ReportSettings(BaseModel):
@@ -129,6 +131,7 @@ class WorkerSettings(BaseModel):
     time_limit_s: int = 360
     visibility_timeout_s: int = 3600
     concurrency: int = 2
+    metrics_port: int = 0  # > 0: Prometheus /metrics on 127.0.0.1:<port> from the worker
     poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often
 
 

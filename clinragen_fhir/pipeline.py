@@ -6,6 +6,7 @@ Plain functions with no Celery in them, so the CLI, the worker and the tests sha
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -61,6 +62,7 @@ class Outcome:
     n_labs: int = 0
     n_notes: int = 0
     n_skipped_inputs: int = 0
+    model_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,7 +122,9 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         log.info("patient skipped", extra={"fields": {"patient": phash, "reason": base.reason,
                                                        "skipped_inputs": len(inputs.skips)}})
         return base
+    started = time.perf_counter()
     prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
+    base.model_seconds = time.perf_counter() - started
     latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
                           *(n.time for n in inputs.notes)] if t is not None]
     effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now

@@ -12,7 +12,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,6 +104,7 @@ class FhirClient:
         max_pages: int = 10_000,
         allow_insecure_http: bool = False,
         transport: httpx.BaseTransport | None = None,
+        observer: Callable[[str, int | None], None] | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url, allow_insecure_http)
         self.retries = retries
@@ -111,6 +112,7 @@ class FhirClient:
         self.max_backoff = max_backoff
         self.page_size = page_size
         self.max_pages = max_pages
+        self.observer = observer  # called with (method, status or None) for every exchange
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             auth=auth,
@@ -144,9 +146,12 @@ class FhirClient:
                 response = self._http.request(method, url, params=params, json=json, headers=hdrs)
             except httpx.TimeoutException as exc:
                 error: FhirError = FhirUnavailable(f"{method} {path}: timed out ({exc})")
+                self._observe(method, None)
             except httpx.TransportError as exc:
                 error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")
+                self._observe(method, None)
             else:
+                self._observe(method, response.status_code)
                 if response.status_code < 400:
                     return response
                 error = FhirHTTPError(response.status_code, method, path, _outcome_text(response),
@@ -162,6 +167,10 @@ class FhirClient:
                 "status": getattr(error, "status", None)}})
             time.sleep(delay)
             attempt += 1
+
+    def _observe(self, method: str, status: int | None) -> None:
+        if self.observer is not None:
+            self.observer(method, status)
 
     def _json(self, response: httpx.Response) -> JsonDict:
         where = f"{response.request.method} {redact_path(response.request.url.path)}"

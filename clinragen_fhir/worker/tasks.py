@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown
 
-from clinragen_fhir import logs
+from clinragen_fhir import logs, metrics
 from clinragen_fhir.config import Settings
 from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
@@ -53,9 +56,13 @@ def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
     """Diagnose one patient and write its report; retry transient FHIR failures."""
     settings, kg, predictor = _runtime()
     phash = logs.hash_id(patient_id)
+    started = time.perf_counter()
+    outcome_label = "failed"
     try:
-        with settings.fhir.client() as client:
+        with settings.fhir.client(observer=metrics.observe_fhir) as client:
             outcome = diagnose_patient(client, kg, predictor, patient_id, settings.report)
+        outcome_label = outcome.status
+        metrics.MODEL_SECONDS.labels(outcome.method or "none").observe(outcome.model_seconds)
     except FhirError as exc:
         w = settings.worker
         if exc.retryable and self.request.retries < w.max_retries:
@@ -66,13 +73,27 @@ def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
             log.warning("diagnose retry", extra={"fields": {
                 "patient": phash, "retry": self.request.retries + 1, "delay_s": round(delay, 1),
                 "error": type(exc).__name__}})
+            outcome_label = "retry"
             raise self.retry(exc=exc, countdown=delay) from exc
         log.error("diagnose failed", extra={"fields": {"patient": phash, "error": str(exc)}})
         raise
     except SoftTimeLimitExceeded:
+        outcome_label = "timeout"
         log.error("diagnose timed out", extra={"fields": {"patient": phash}})
         raise
+    finally:
+        metrics.TASKS.labels(outcome_label).inc()
+        metrics.TASK_SECONDS.observe(time.perf_counter() - started)
     return outcome.as_dict()
+
+
+@worker_process_shutdown.connect
+def _mark_dead(pid: int | None = None, **_: Any) -> None:
+    """Multiprocess metrics: drop a dead child's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
 
 
 POLLED: tuple[tuple[str, dict[str, str]], ...] = (
