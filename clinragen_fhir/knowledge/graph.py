@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rdflib import Graph, Literal, Namespace, URIRef
-from rdflib.namespace import RDF, RDFS, SKOS
+from rdflib.namespace import RDFS, SKOS
 
 from clinragen_fhir.knowledge import units
 from clinragen_fhir.knowledge.errors import UnitConversionError, UnknownCodeError
@@ -111,6 +111,7 @@ class KnowledgeGraph:
         self._labs: dict[str, LabConcept] = {}
         self._disorders: dict[str, DisorderConcept] = {}
         self._icd_to_snomed: dict[str, str] = {}
+        self._icd_who: dict[str, str] = {}
         self._index()
 
     # -- indexing ---------------------------------------------------------------------------
@@ -143,8 +144,10 @@ class KnowledgeGraph:
             if not snomed:
                 continue
             icds = [local(i, ICD) for i in g.objects(d, CRG.icd10cm)]
-            # the first listed is the preferred map: Turtle order is lost, so keep it sorted
-            # and let `snomed_for_icd10` resolve ties by the shallowest disorder
+            # Turtle order is lost, so codes are sorted and `snomed_for_icd10` resolves a code
+            # shared by several disorders to the shallowest (most general) of them
+            for who in g.objects(d, CRG.icd10who):
+                self._icd_who.setdefault(local(who, ICD).upper(), snomed)
             self._disorders[snomed] = DisorderConcept(
                 snomed, str(term),
                 tuple(sorted(str(s) for s in g.objects(d, SKOS.altLabel))),
@@ -188,6 +191,8 @@ class KnowledgeGraph:
         while key:
             if key in self._icd_to_snomed:
                 return self._icd_to_snomed[key]
+            if key in self._icd_who:
+                return self._icd_who[key]
             key = key[:-1].rstrip(".")
         return None
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from rdflib.namespace import SKOS
 
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.knowledge.graph import CRG, LOINC, PREFIXES, SCT, local
@@ -200,7 +201,8 @@ SELECT ?thr ?ns ?src ?srcl WHERE {
 }"""
 _TERMS_Q = """
 SELECT ?c ?kind ?term WHERE {
-  { ?c a crg:Disorder . BIND("disorder" AS ?kind) } UNION { ?c a crg:Symptom . BIND("symptom" AS ?kind) }
+  { ?c a crg:Disorder . BIND("disorder" AS ?kind) }
+  UNION { ?c a crg:Symptom . BIND("symptom" AS ?kind) }
   { ?c skos:prefLabel ?term } UNION { ?c skos:altLabel ?term }
 }"""
 _DTHR_Q = "SELECT ?d ?t WHERE { ?d a crg:Disorder ; crg:conclusionThreshold ?t . }"
@@ -255,8 +257,8 @@ def rule_index(kg: KnowledgeGraph) -> RuleIndex:
         # the more specific concept wins a shared term (stable: smallest id)
         if key not in term_to_concept or str(c) < term_to_concept[key][0]:
             term_to_concept[key] = (str(c), str(kind))
-        if str(c) not in labels or kind and term == g.value(c, PREFIXES["skos"].prefLabel):
-            labels[str(c)] = str(g.value(c, PREFIXES["skos"].prefLabel) or t)
+        if str(c) not in labels:
+            labels[str(c)] = str(g.value(c, SKOS.prefLabel) or t)
     pattern = None
     if term_to_concept:
         alts = sorted(term_to_concept, key=len, reverse=True)
@@ -345,12 +347,19 @@ def _rows(frame: pd.DataFrame, idx: Sequence[int]) -> tuple[TriggerRow, ...]:
     return tuple(out)
 
 
-def _evaluate(fd: FindingDef, frame: pd.DataFrame, sub: np.ndarray) -> list[int] | None:
+def _days(frame: pd.DataFrame) -> np.ndarray:
+    """Reading times as days since the epoch (UTC), for window and persistence arithmetic."""
+    t = pd.to_datetime(frame["time"], utc=True)
+    return np.asarray((t - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float) / 86400.0
+
+
+def _evaluate(fd: FindingDef, all_values: np.ndarray, all_days: np.ndarray,
+              sub: np.ndarray) -> list[int] | None:
     """Positions (into frame) of the readings that make the finding fire, or None."""
     if len(sub) == 0:
         return None
-    values = frame["value"].to_numpy(dtype=float)[sub]
-    times = frame["time"].to_numpy()[sub].astype("datetime64[s]").astype(np.int64) / 86400.0
+    values = all_values[sub]
+    times = all_days[sub]
     if fd.direction in ("rise", "fold-rise"):
         order = np.argsort(times, kind="stable")
         v, t, pos = values[order], times[order], sub[order]
@@ -395,7 +404,9 @@ def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
     if not frame.empty:
         codes = frame["loinc"].astype(str).to_numpy()
         unknown = sorted({c for c in codes if kg.lab(c) is None})
-        finite = np.isfinite(frame["value"].to_numpy(dtype=float))
+        all_values = frame["value"].to_numpy(dtype=float)
+        all_days = _days(frame)
+        finite = np.isfinite(all_values) & np.isfinite(all_days)
         positions = {c: np.nonzero((codes == c) & finite)[0] for c in set(codes)}
         for fd in index.findings:
             if fd.sex is not None and fd.sex != patient.sex:
@@ -403,10 +414,11 @@ def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
             sub = [positions[c] for c in fd.observables if c in positions]
             if not sub:
                 continue
-            hit = _evaluate(fd, frame, np.concatenate(sub))
-            if hit is None:
+            fired = _evaluate(fd, all_values, all_days, np.concatenate(sub))
+            if fired is None:
                 continue
-            keep = hit if len(hit) <= MAX_TRIGGER_ROWS else [hit[0], *hit[-(MAX_TRIGGER_ROWS - 1):]]
+            keep = (fired if len(fired) <= MAX_TRIGGER_ROWS
+                    else [fired[0], *fired[-(MAX_TRIGGER_ROWS - 1):]])
             rows = _rows(frame, keep)
             lab = kg.lab(rows[0].loinc)
             findings.append(FindingHit(

@@ -1,0 +1,124 @@
+"""The knowledge-rule baseline: conclude what the graph's findings support, cite the readings.
+
+Every threshold (finding thresholds, the support needed to conclude) is read from the graph, so
+the baseline changes with the knowledge, not with code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.knowledge.retrieval import (
+    DisorderSupport,
+    FindingHit,
+    Retrieval,
+    TriggerRow,
+    _fmt,
+)
+from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+
+METHOD_VERSION = "1"
+_SYMBOL = {"high": ">=", "above": ">", "low": "<"}
+
+
+def _criterion(f: FindingHit) -> str:
+    if f.direction == "range":
+        return f"{_fmt(f.threshold)}-{_fmt(f.upper_threshold or 0)} {f.unit}"
+    if f.direction == "rise":
+        return f"rise >= {_fmt(f.threshold)} {f.unit}"
+    if f.direction == "fold-rise":
+        return f"rise >= {_fmt(f.threshold)} x baseline"
+    return f"{_SYMBOL.get(f.direction, f.direction)} {_fmt(f.threshold)} {f.unit}"
+
+
+def _reading(r: TriggerRow) -> str:
+    return f"{r.display or r.loinc} was {_fmt(r.value)} {r.unit} on {r.time[:10]}"
+
+
+def _persistence(f: FindingHit) -> str:
+    return f", persisting >= {f.persistence_days:.0f} days" if f.persistence_days else ""
+
+
+class RuleBaseline:
+    """Concludes disorders whose knowledge support reaches the graph's threshold."""
+
+    name = "knowledge-rule-baseline"
+
+    def __init__(self, kg: KnowledgeGraph) -> None:
+        self.kg = kg
+
+    def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
+                patient: PatientContext) -> Prediction:
+        """One Prediction: diagnoses with evidence and a rationale citing values and dates."""
+        base = Prediction(self.name, METHOD_VERSION, self.kg.version, [], "")
+        if (labs is None or labs.empty) and not notes:
+            base.abstained = True
+            base.abstain_reason = "no usable lab results or notes"
+            base.rationale = "Abstained: the patient has no usable lab results or notes."
+            return base
+        r = retrieve(self.kg, labs if labs is not None else pd.DataFrame(), notes, patient)
+        concluded = [d for d in r.disorders if d.supporting and d.score >= d.conclusion_threshold]
+        # keep the most specific: drop a concluded disorder whose descendant is also concluded
+        codes = {d.snomed for d in concluded}
+        ancestors = set().union(*(self.kg.ancestors(c) for c in codes)) if codes else set()
+        concluded = [d for d in concluded if d.snomed not in ancestors]
+        findings = {f.id: f for f in r.findings}
+        diagnoses = [self._diagnosis(d, findings, r) for d in concluded]
+        base.diagnoses = diagnoses
+        base.facts_used = sorted({k for dx in diagnoses for k in dx.knowledge})
+        base.rationale = self._rationale(concluded, findings, r, labs, notes)
+        return base
+
+    def _diagnosis(self, d: DisorderSupport, findings: dict[str, FindingHit],
+                   r: Retrieval) -> Diagnosis:
+        evidence: list[Evidence] = []
+        knowledge: list[str] = []
+        for s in d.supporting:
+            knowledge.append(s.fact)
+            f = findings.get(s.evidence)
+            if f is not None:
+                knowledge.append(f.id)
+                for row in f.rows:
+                    evidence.append(Evidence(
+                        row.observation_id, row.version_id, row.loinc, row.display, row.value,
+                        row.unit, row.time,
+                        f"{_reading(row)} ({_criterion(f)}{_persistence(f)}; {s.source})"))
+            else:
+                doc, _, span = s.evidence.partition("#")
+                term = next((m.term for m in r.note_mentions
+                             if f"{m.document_id}#{m.start}-{m.end}" == s.evidence), d.term)
+                evidence.append(Evidence(doc, "", "", "note", None, "", "",
+                                         f"note mentions \"{term}\" (characters {span})"))
+        return Diagnosis(d.snomed, d.term, d.score, tuple(dict.fromkeys(evidence)),
+                         tuple(dict.fromkeys(knowledge)))
+
+    def _rationale(self, concluded: list[DisorderSupport], findings: dict[str, FindingHit],
+                   r: Retrieval, labs: pd.DataFrame, notes: Sequence[Note]) -> str:
+        n_labs = 0 if labs is None else len(labs)
+        if not concluded:
+            if r.findings:
+                seen = "; ".join(f"{f.label}: {_reading(f.rows[-1])}" for f in r.findings[:5])
+                return (f"No disorder supported: {n_labs} readings and {len(notes)} notes checked; "
+                        f"abnormal findings ({seen}) did not reach the graph's threshold.")
+            return (f"No disorder supported: {n_labs} readings and {len(notes)} notes checked; "
+                    "no abnormal finding was detected.")
+        parts = []
+        for d in concluded:
+            reasons = []
+            for s in d.supporting:
+                f = findings.get(s.evidence)
+                if f is not None:
+                    last = f.rows[-1]
+                    more = f" ({len(f.rows)} readings{_persistence(f)})" if len(f.rows) > 1 else ""
+                    reasons.append(f"{_reading(last)}{more} ({_criterion(f)}, {s.source})")
+                else:
+                    reasons.append(f"mentioned in {s.evidence.partition('#')[0]}")
+            against = [findings[s.evidence].label for s in d.opposing if s.evidence in findings]
+            tail = f"; against: {', '.join(against)}" if against else ""
+            parts.append(f"{d.term} (SNOMED {d.snomed}, support {d.score:.2f}): "
+                         + "; ".join(dict.fromkeys(reasons)) + tail + ".")
+        return " ".join(parts)
