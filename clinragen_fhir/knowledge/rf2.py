@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from clinragen_fhir.knowledge.errors import RF2FormatError
 from clinragen_fhir.knowledge.graph import CRG, SCT
+
+if TYPE_CHECKING:
+    from rdflib import Graph
 
 FSN = "900000000000003001"
 SYNONYM = "900000000000013009"
@@ -236,7 +239,7 @@ def current_store(store_dir: str | Path) -> Path | None:
     return (link.resolve() / "store") if link.exists() else None
 
 
-def open_graph(store_dir: str | Path) -> object:
+def open_graph(store_dir: str | Path) -> Graph:
     """The current store as a read-only rdflib Graph (Oxigraph backend)."""
     import pyoxigraph as ox
     from oxrdflib import OxigraphStore

@@ -27,7 +27,7 @@ _SYMBOL = {"high": ">=", "above": ">", "low": "<"}
 
 def _criterion(f: FindingHit) -> str:
     if f.direction == "range":
-        return f"{_fmt(f.threshold)}-{_fmt(f.upper_threshold or 0)} {f.unit}"
+        return f">= {_fmt(f.threshold)} and < {_fmt(f.upper_threshold or 0)} {f.unit}"
     if f.direction == "rise":
         return f"rise >= {_fmt(f.threshold)} {f.unit}"
     if f.direction == "fold-rise":
