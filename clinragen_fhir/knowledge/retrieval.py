@@ -174,8 +174,8 @@ class RuleIndex:
     note_strength: float
     note_source: str
     note_source_label: str
-    term_pattern: re.Pattern[str] | None
-    term_to_concept: dict[str, tuple[str, str]]  # lower term -> (uri, kind)
+    terms: dict[tuple[str, ...], tuple[str, str]]  # token tuple -> (uri, kind)
+    first_tokens: dict[str, tuple[int, ...]]  # first token -> term lengths to try, longest first
     labels: dict[str, str]
 
 
@@ -247,27 +247,27 @@ def rule_index(kg: KnowledgeGraph) -> RuleIndex:
         default_thr, note_strength = _f(thr), _f(ns)
         note_src, note_srcl = str(src), str(srcl or src)
     dthr = {str(d): _f(t) for d, t in g.query(_DTHR_Q, initNs=PREFIXES)}  # type: ignore[misc]
-    term_to_concept: dict[str, tuple[str, str]] = {}
+    terms: dict[tuple[str, ...], tuple[str, str]] = {}
     for row in g.query(_TERMS_Q, initNs=PREFIXES):
         c, kind, term = row  # type: ignore[misc]
         t = str(term).strip()
         if len(t) < 2:
             continue
-        key = t if len(t) < _GROUPING_MIN_LEN or t.isupper() else t.lower()
-        # the more specific concept wins a shared term (stable: smallest id)
-        if key not in term_to_concept or str(c) < term_to_concept[key][0]:
-            term_to_concept[key] = (str(c), str(kind))
+        key = _term_key(t)
+        # a term shared by two concepts goes to the smallest id (stable across runs)
+        if key not in terms or str(c) < terms[key][0]:
+            terms[key] = (str(c), str(kind))
         if str(c) not in labels:
             labels[str(c)] = str(g.value(c, SKOS.prefLabel) or t)
-    pattern = None
-    if term_to_concept:
-        alts = sorted(term_to_concept, key=len, reverse=True)
-        parts = [(re.escape(t) if t == t.lower() else f"(?-i:{re.escape(t)})") for t in alts]
-        pattern = re.compile(r"(?<![\w-])(" + "|".join(parts) + r")(?![\w-])", re.IGNORECASE)
+    lengths: dict[str, set[int]] = {}
+    for key in terms:
+        words = key[1:] if key[0] == "\0" else key
+        lengths.setdefault(words[0].lower(), set()).add(len(words))
+    first = {tok: tuple(sorted(ns, reverse=True)) for tok, ns in lengths.items()}
     for dis in kg.disorders().values():
         labels[dis.uri] = dis.term
     index = RuleIndex(findings, assocs, default_thr, dthr, note_strength, note_src, note_srcl,
-                      pattern, term_to_concept, labels)
+                      terms, first, labels)
     with _index_lock:
         _index_cache[kg.version] = index
     return index
@@ -300,22 +300,44 @@ def _negated(text: str, start: int, end: int) -> bool:
     return bool(_NEG_POST.match(tail))
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _term_key(term: str) -> tuple[str, ...]:
+    """Token tuple of a term: lower-cased, except short or all-capital abbreviations (CKD, AF),
+    which must match case-sensitively so that e.g. "af" in ordinary text does not."""
+    tokens = _TOKEN.findall(term)
+    if len(term) < _GROUPING_MIN_LEN or term.isupper():
+        return ("\0", *tokens)
+    return tuple(t.lower() for t in tokens)
+
+
 def find_mentions(kg: KnowledgeGraph, notes: Sequence[Note]) -> list[NoteMention]:
-    """Disorder and symptom terms in the notes, each with its span and negation."""
+    """Disorder and symptom terms in the notes (longest match first), with span and negation."""
     index = rule_index(kg)
     out: list[NoteMention] = []
-    if index.term_pattern is None:
-        return out
     for note in notes:
-        for m in index.term_pattern.finditer(note.text):
-            text = m.group(1)
-            hit = index.term_to_concept.get(text) or index.term_to_concept.get(text.lower())
-            if hit is None:
-                continue
-            uri, kind = hit
-            out.append(NoteMention(uri, local(uri, SCT), kind, text,
-                                   _negated(note.text, m.start(1), m.end(1)),
-                                   note.document_id, m.start(1), m.end(1)))
+        spans = [(m.start(), m.end()) for m in _TOKEN.finditer(note.text)]
+        words = [note.text[s:e] for s, e in spans]
+        lower = [w.lower() for w in words]
+        i = 0
+        while i < len(words):
+            step = 1
+            for n in index.first_tokens.get(lower[i], ()):
+                if i + n > len(words):
+                    continue
+                hit = (index.terms.get(tuple(lower[i:i + n]))
+                       or index.terms.get(("\0", *words[i:i + n])))
+                if hit is None:
+                    continue
+                start, end = spans[i][0], spans[i + n - 1][1]
+                uri, kind = hit
+                out.append(NoteMention(uri, local(uri, SCT), kind, note.text[start:end],
+                                       _negated(note.text, start, end), note.document_id,
+                                       start, end))
+                step = n
+                break
+            i += step
     return out
 
 
@@ -336,13 +358,13 @@ def _qualifies(fd: FindingDef, values: np.ndarray) -> np.ndarray:
     return np.zeros(len(values), dtype=bool)
 
 
-def _rows(frame: pd.DataFrame, idx: Sequence[int]) -> tuple[TriggerRow, ...]:
+def _rows(cols: dict[str, np.ndarray], idx: Sequence[int]) -> tuple[TriggerRow, ...]:
     out = []
     for i in idx:
-        r = frame.iloc[i]
-        t = r["time"]
-        out.append(TriggerRow(str(r["observation_id"]), str(r["version_id"]), str(r["loinc"]),
-                              str(r["display"]), float(r["value"]), str(r["unit"]),
+        t = cols["time"][i]
+        out.append(TriggerRow(str(cols["observation_id"][i]), str(cols["version_id"][i]),
+                              str(cols["loinc"][i]), str(cols["display"][i]),
+                              float(cols["value"][i]), str(cols["unit"][i]),
                               t.isoformat() if hasattr(t, "isoformat") else str(t)))
     return tuple(out)
 
@@ -408,6 +430,9 @@ def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
         all_days = _days(frame)
         finite = np.isfinite(all_values) & np.isfinite(all_days)
         positions = {c: np.nonzero((codes == c) & finite)[0] for c in set(codes)}
+        cols = {c: frame[c].to_numpy(dtype=object) for c in
+                ("observation_id", "version_id", "loinc", "display", "unit", "time")}
+        cols["value"] = all_values
         for fd in index.findings:
             if fd.sex is not None and fd.sex != patient.sex:
                 continue
@@ -419,7 +444,7 @@ def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
                 continue
             keep = (fired if len(fired) <= MAX_TRIGGER_ROWS
                     else [fired[0], *fired[-(MAX_TRIGGER_ROWS - 1):]])
-            rows = _rows(frame, keep)
+            rows = _rows(cols, keep)
             lab = kg.lab(rows[0].loinc)
             findings.append(FindingHit(
                 fd.uri, fd.label, ",".join(sorted({r.loinc for r in rows})), fd.direction,
