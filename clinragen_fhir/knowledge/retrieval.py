@@ -284,6 +284,10 @@ _NEG_POST = re.compile(r"^[^.;:\n]{0,30}?\b(was ruled out|ruled out|is unlikely|
                        r"absent|was excluded|excluded|resolved)\b", re.IGNORECASE)
 _CLAUSE_BREAK = re.compile(r"[.;:\n]|\bbut\b|\bhowever\b|\balthough\b|\bexcept\b", re.IGNORECASE)
 _NEG_WINDOW_WORDS = 6
+# NegEx pseudo-triggers: contain a negation word but negate nothing after them
+_PSEUDO_NEG = re.compile(r"\b(not in labou?r force|not only|no increase|no change|not necessarily|"
+                         r"no further|not certain whether|gram negative|no known allergies)\b",
+                         re.IGNORECASE)
 
 
 def _negated(text: str, start: int, end: int) -> bool:
@@ -292,7 +296,7 @@ def _negated(text: str, start: int, end: int) -> bool:
     breaks = list(_CLAUSE_BREAK.finditer(head))
     if breaks:
         head = head[breaks[-1].end():]
-    words = head.split()
+    words = _PSEUDO_NEG.sub(" ", head).split()
     window = " ".join(words[-_NEG_WINDOW_WORDS:])
     if _NEG_PRE.search(window):
         return True

@@ -154,7 +154,8 @@ def test_creatinine_rise_is_aki(kg) -> None:  # type: ignore[no-untyped-def]
 
 def test_negation_in_notes(kg) -> None:  # type: ignore[no-untyped-def]
     text = ("Patient denies chest pain. Reports fatigue. No evidence of hypertension. "
-            "History of anemia (disorder). Heart failure was ruled out.")
+            "History of anemia (disorder). Heart failure was ruled out. History of not in "
+            "labor force (finding), gingivitis (disorder).")
     mentions = find_mentions(kg, [Note("DocumentReference/n1", "1", None, text)])
     by_term = {m.term.lower(): m for m in mentions}
     assert by_term["chest pain"].negated
@@ -162,6 +163,7 @@ def test_negation_in_notes(kg) -> None:  # type: ignore[no-untyped-def]
     assert by_term["hypertension"].negated
     assert not by_term["anemia"].negated and by_term["anemia"].code == "271737000"
     assert by_term["heart failure"].negated
+    assert not by_term["gingivitis"].negated  # "not in labor force" negates nothing
     m = by_term["anemia"]
     assert text[m.start:m.end].lower() == "anemia" and m.document_id == "DocumentReference/n1"
 
