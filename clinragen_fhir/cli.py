@@ -17,6 +17,7 @@ from clinragen_fhir import logs
 from clinragen_fhir.config import Settings
 from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.fhir.resources import SNOMED
+from clinragen_fhir.knowledge.cli import knowledge
 
 
 def _settings() -> Settings:
@@ -367,12 +368,7 @@ def check_config() -> None:
         raise SystemExit(1)
 
 
-try:  # the knowledge commands (its own module, so the CLI stays small)
-    from clinragen_fhir.knowledge.cli import knowledge
-
-    main.add_command(knowledge)
-except ImportError:  # pragma: no cover - only while the knowledge package is incomplete
-    pass
+main.add_command(knowledge)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -81,20 +82,31 @@ def validate(ctx: click.Context) -> None:
               default=None, help="The patient's Bundle file (.json / .json.gz).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Folder to look the patient's Bundle up in.")
+@click.option("--fhir", "from_fhir", is_flag=True,
+              help="Read the patient from the configured FHIR server, as the worker does.")
 @click.pass_context
 def explain(ctx: click.Context, patient_id: str, bundle_path: Path | None,
-            data_dir: Path | None) -> None:
+            data_dir: Path | None, from_fhir: bool) -> None:
     """What retrieval returns for one patient, as a readable tree."""
     from clinragen_fhir.knowledge import retrieve
     from clinragen_fhir.knowledge.bundle import find_patient_bundle, inputs_from_bundle, read_bundle
 
     kg = _kg(ctx)
-    if bundle_path is None:
-        folder = data_dir or DEFAULT_DATA
-        bundle_path = find_patient_bundle(folder, patient_id) if folder.is_dir() else None
+    if from_fhir:
+        from clinragen_fhir.config import Settings
+        from clinragen_fhir.pipeline import gather_inputs
+
+        settings = Settings()
+        with settings.fhir.client() as client:
+            inp: Any = gather_inputs(client, kg, patient_id, settings.report)
+    else:
         if bundle_path is None:
-            raise click.ClickException(f"no Bundle for patient {patient_id}; pass --bundle PATH")
-    inp = inputs_from_bundle(read_bundle(bundle_path), kg)
+            folder = data_dir or DEFAULT_DATA
+            bundle_path = find_patient_bundle(folder, patient_id) if folder.is_dir() else None
+            if bundle_path is None:
+                raise click.ClickException(f"no Bundle for patient {patient_id}; "
+                                           "pass --bundle PATH or --fhir")
+        inp = inputs_from_bundle(read_bundle(bundle_path), kg)
     r = retrieve(kg, inp.labs, inp.notes, inp.patient)
     click.echo(f"patient {inp.patient.patient_id or patient_id} ({inp.patient.sex or '?'}, "
                f"age {inp.patient.age_years() or 0:.0f}) - {len(inp.labs)} readings, "
