@@ -289,7 +289,7 @@ class ClinRaGen(nn.Module):
             return loss
 
         opt.step(closure)  # type: ignore[no-untyped-call]
-        self.config.temperature = float(log_t.exp())
+        self.config.temperature = float(log_t.detach().exp())
         return self.config.temperature
 
     # -- explanations -------------------------------------------------------------------------

@@ -129,7 +129,7 @@ class GatedCrossAttention(nn.Module):
         return x, weights.mean(1)
 
     def gates(self) -> tuple[float, float]:
-        return float(torch.tanh(self.attn_gate)), float(torch.tanh(self.ff_gate))
+        return float(torch.tanh(self.attn_gate.detach())), float(torch.tanh(self.ff_gate.detach()))
 
 
 class DiagnosisHead(nn.Module):
