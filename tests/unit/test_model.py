@@ -186,3 +186,55 @@ def test_lab_codes_start_as_the_slm_embedding_of_their_names(model: ClinRaGen) -
     expected = model.prefix.embed(torch.tensor(ids)).mean(0)
     assert torch.allclose(model.prefix.labs.code.weight[model.loinc_vocab["A"]], expected)
     assert model.prefix.labs.code.weight[0].abs().sum() == 0  # padding
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
+def test_prefix_builder_exports_to_onnx_with_dynamic_axes(model: ClinRaGen, tmp_path: Path
+                                                          ) -> None:
+    """Issue 6 runs the prefix builder on onnxruntime: trace once, run other shapes."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from model.features import BATCH_KEYS
+
+    batch = model.batch([features(model, 3), features(model, 1)])
+    path = tmp_path / "prefix.onnx"
+    outputs = ["inputs_embeds", "attention_mask", "knowledge_attention", "diagnosis_logits"]
+    with pytest.warns(torch.jit.TracerWarning):  # shape reads become graph ops; that is fine
+        torch.onnx.export(model.prefix, tuple(batch.tensors[k] for k in BATCH_KEYS), str(path),
+                          input_names=list(BATCH_KEYS), output_names=outputs,
+                          dynamic_axes={k: {0: "batch", 1: f"{k}_len"} for k in BATCH_KEYS},
+                          dynamo=False, opset_version=17)
+    other = model.batch([features(model, 5), features(model, 2, Modalities(knowledge=False)),
+                         features(model, 1)])
+    got = ort.InferenceSession(str(path)).run(None, {k: v.numpy()
+                                                     for k, v in other.tensors.items()})
+    with torch.no_grad():
+        want = model.prefix(**other.tensors)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == tuple(w.shape)
+        assert abs(g - w.numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_real_patient_end_to_end_with_the_default_slm(patient_bundles: list[Path]) -> None:
+    """FHIR bundle -> frame -> knowledge -> SmolLM2-135M -> text, on CPU."""
+    pytest.importorskip("gguf")
+    from clinragen_fhir.knowledge import load_graph
+    from clinragen_fhir.knowledge.bundle import inputs_from_bundle, read_bundle
+    from model.backbone import load_backbone
+
+    kg = load_graph()
+    inputs = inputs_from_bundle(read_bundle(patient_bundles[1]), kg)
+    slm, tokenizer = load_backbone()
+    m = ClinRaGen.build(slm, tokenizer, kg).eval()
+    batch = m.batch([m.featurise(inputs.labs, inputs.notes, inputs.patient)])
+    assert batch.tensors["lab_mask"].sum() > 0 and batch.tensors["fact_mask"].sum() > 0
+    with torch.no_grad():
+        out = m(batch)
+    assert out.logits.shape[-1] == slm.config.vocab_size and torch.isfinite(out.logits).all()
+    texts, ids = m.generate(batch, max_new_tokens=8)
+    assert ids.shape == (1, 8) or int(ids[0, -1]) == tokenizer.eos_token_id
+    assert isinstance(texts[0], str)
+    m.config.max_new_tokens = 16
+    prediction = m.predict(inputs.labs, inputs.notes, inputs.patient)
+    assert prediction.knowledge_version == kg.version and prediction.facts_used
