@@ -114,7 +114,7 @@ class Output:
     loss: Tensor | None
     lm_loss: Tensor | None
     diagnosis_loss: Tensor | None
-    logits: Tensor  # LM logits, [B, T, vocab]
+    logits: Tensor  # LM logits, [B, T, vocab] with targets, else [B, 1, vocab] (the next token)
     diagnosis_logits: Tensor  # [B, n_disorders], before temperature
     knowledge_attention: Tensor  # [B, layers, L+N, 1+K]
 
@@ -248,8 +248,10 @@ class ClinRaGen(nn.Module):
             ignore = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
             labels = torch.cat([ignore, ids.masked_fill(tmask == 0, -100)], 1)
             mask = torch.cat([mask, tmask], 1)
+        # without targets only the next-token logits are useful ([B, 1, V], not [B, P, V])
         out = self.slm(inputs_embeds=embeds, attention_mask=mask.long(),
-                       position_ids=positions(mask), labels=labels)
+                       position_ids=positions(mask), labels=labels,
+                       logits_to_keep=0 if targets is not None else 1)
         lm_loss = out.loss if targets is not None else None
         diag_loss = None
         if disorder_targets is not None:
@@ -326,8 +328,9 @@ class ClinRaGen(nn.Module):
             queries[:, p - 1] = 1.0
         with self._eager_attention():
             out = self.slm(inputs_embeds=embeds, attention_mask=mask.long(),
-                           position_ids=positions(mask), output_attentions=True)
-        att = torch.stack(out.attentions).mean(dim=(0, 2))  # [B, T, T]
+                           position_ids=positions(mask), output_attentions=True,
+                           logits_to_keep=1)
+        att = sum(layer.mean(1) for layer in out.attentions) / len(out.attentions)  # [B, T, T]
         a = (queries.unsqueeze(-1) * att).sum(1) / queries.sum(1, keepdim=True)  # [B, T]
         t = batch.tensors
         n_labs, n_facts, n_notes = (t[k].shape[1] for k in ("lab_code", "fact_ids", "note_ids"))
