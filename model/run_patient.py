@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     batch = model.batch([feats])
     step("knowledge_and_features_s", t)
     with torch.no_grad():
+        prefix_length = int(model.prefix(**batch.tensors)[1].shape[1])
         t = time.perf_counter()
-        out = model(batch)
+        model(batch)
         step("forward_s", t)
         t = time.perf_counter()
         texts, ids = model.generate(batch, max_new_tokens=args.new_tokens)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         "parameters_total": total, "parameters_trainable": trainable,
         "labs_in_frame": len(inputs.labs), "notes": len(inputs.notes),
         "lab_tokens": len(feats.labs), "fact_tokens": len(feats.facts),
-        "note_tokens": len(feats.note_ids), "prefix_length": int(out.logits.shape[1]),
+        "note_tokens": len(feats.note_ids), "prefix_length": prefix_length,
         "generated_tokens": int(ids.shape[1]), **timings,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "gates": why.gates, "top_facts": why.facts[:3], "top_labs": why.labs[:3],
