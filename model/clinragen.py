@@ -129,6 +129,9 @@ class Explanation:
 
 
 class ClinRaGen(nn.Module):
+    """The whole model; also a `clinragen_fhir.pipeline.Predictor` (`name`, `predict`)."""
+
+    name = METHOD
     slm: Any  # a PreTrainedModel, or a PeftModel around one
 
     def __init__(self, slm: PreTrainedModel | PeftModel, tokenizer: Any, config: ClinRaGenConfig,

@@ -221,6 +221,7 @@ def test_real_patient_end_to_end_with_the_default_slm(patient_bundles: list[Path
     pytest.importorskip("gguf")
     from clinragen_fhir.knowledge import load_graph
     from clinragen_fhir.knowledge.bundle import inputs_from_bundle, read_bundle
+    from clinragen_fhir.pipeline import Predictor
     from model.backbone import load_backbone
 
     kg = load_graph()
@@ -236,5 +237,6 @@ def test_real_patient_end_to_end_with_the_default_slm(patient_bundles: list[Path
     assert ids.shape == (1, 8) or int(ids[0, -1]) == tokenizer.eos_token_id
     assert isinstance(texts[0], str)
     m.config.max_new_tokens = 16
-    prediction = m.predict(inputs.labs, inputs.notes, inputs.patient)
+    predictor: Predictor = m  # what the worker's pipeline calls
+    prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
     assert prediction.knowledge_version == kg.version and prediction.facts_used
