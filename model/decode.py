@@ -1,77 +1,12 @@
-"""Generated text -> (rationale, SNOMED codes), and the abstain rule. Pure Python, no torch.
+"""Moved to `clinragen_fhir.predict.decode` (the torch-free runtime parses the diagnosis line);
+this re-export keeps `model.decode` imports working."""
 
-The model is trained to end its rationale with one line `Diagnosis: <code> <term>; ...`; small
-models drift, so parsing takes the last such line, accepts any separator, and keeps only codes that
-pass the SCTID check digit (Verhoeff) and, when given, belong to the disorder vocabulary.
-Like `features.py`, this is meant to move into the torch-free runtime.
-"""
+from clinragen_fhir.predict.decode import (
+    DIAGNOSIS_LABEL,
+    abstain,
+    format_target,
+    split_output,
+    verhoeff_ok,
+)
 
-from __future__ import annotations
-
-import re
-from collections.abc import Collection, Mapping, Sequence
-
-DIAGNOSIS_LABEL = "Diagnosis:"
-_LINE = re.compile(r"^[\W_]*(?:final\s+)?diagnos[ie]s[*_\s]*(?:codes?)?[*_\s]*[:\-\u2013=]\s*(.*)$",
-                   re.IGNORECASE | re.MULTILINE)
-_CODE = re.compile(r"(?<!\d)\d{6,18}(?!\d)")
-
-# Verhoeff tables (SNOMED CT identifiers end in a Verhoeff check digit)
-_D = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
-      [2, 3, 4, 0, 1, 7, 8, 9, 5, 6], [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
-      [4, 0, 1, 2, 3, 9, 5, 6, 7, 8], [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
-      [6, 5, 9, 8, 7, 1, 0, 4, 3, 2], [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
-      [8, 7, 6, 5, 9, 3, 2, 1, 0, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
-_P = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
-      [5, 8, 0, 3, 7, 9, 6, 1, 4, 2], [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
-      [9, 4, 5, 3, 1, 2, 6, 8, 7, 0], [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
-      [2, 7, 9, 3, 8, 0, 6, 4, 1, 5], [7, 0, 4, 6, 9, 1, 3, 2, 5, 8]]
-
-
-def verhoeff_ok(digits: str) -> bool:
-    """True when the string's last digit is its Verhoeff check digit."""
-    c = 0
-    for i, ch in enumerate(reversed(digits)):
-        c = _D[c][_P[i % 8][int(ch)]]
-    return c == 0
-
-
-def format_target(rationale: str, diagnoses: Sequence[tuple[str, str]]) -> str:
-    """The training target: rationale, then the structured line ("none" when nothing fits)."""
-    line = "; ".join(f"{code} {term}" for code, term in diagnoses) or "none"
-    return f"{rationale.strip()}\n{DIAGNOSIS_LABEL} {line}"
-
-
-def split_output(text: str, vocabulary: Collection[str] | None = None,
-                 terms: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
-    """(rationale, SNOMED codes in order of mention). Terms (lower-case term -> code) rescue a
-    line that names disorders without codes."""
-    matches = list(_LINE.finditer(text))
-    if not matches:
-        return text.strip(), []
-    last = matches[-1]
-    line = last.group(1)
-    codes = [c for c in _CODE.findall(line) if verhoeff_ok(c)
-             and (vocabulary is None or c in vocabulary)]
-    if not codes and terms:
-        low = line.lower()
-        codes = [code for term, code in sorted(terms.items(), key=lambda t: -len(t[0]))
-                 if term and term in low]
-    return text[:last.start()].strip(), list(dict.fromkeys(codes))
-
-
-def abstain(probabilities: Sequence[float], threshold: float = 0.5,
-            min_confidence: float = 0.6) -> tuple[bool, str]:
-    """Abstain when some disorder's calibrated probability is too close to the threshold to call.
-
-    Confidence of a multi-label answer = its least certain decision: per disorder, how far p is
-    from the threshold on a 0.5..1 scale (= max(p, 1 - p) at threshold 0.5). Below
-    `min_confidence` nothing is concluded.
-    """
-    if not probabilities:
-        return True, "no disorder vocabulary"
-    worst = min(0.5 + 0.5 * ((p - threshold) / (1.0 - threshold) if p >= threshold
-                             else (threshold - p) / threshold) for p in probabilities)
-    if worst < min_confidence:
-        return True, f"low confidence ({worst:.2f} < {min_confidence:.2f})"
-    return False, ""
+__all__ = ["DIAGNOSIS_LABEL", "abstain", "format_target", "split_output", "verhoeff_ok"]

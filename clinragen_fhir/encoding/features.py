@@ -1,0 +1,315 @@
+"""Patient inputs -> plain integer/float arrays the prefix builder reads.
+
+numpy, pandas and a `tokenizers` tokenizer only (no torch): it lives in the runtime so that the
+onnxruntime worker featurises exactly as training did (`model.features` re-exports it).
+Nothing is imputed: a reading without a reference range, or without an earlier reading to give a
+trend, gets value 0 and a mask of 0, and the encoder sees the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import pandas as pd
+
+from clinragen_fhir.encoding.schema import Note, PatientContext
+
+if TYPE_CHECKING:
+    from clinragen_fhir.knowledge import Retrieval
+
+PAD_ID = 0  # LOINC vocabulary: padding
+UNK_ID = 1  # LOINC vocabulary: a code the vocabulary does not know
+DAY_SECONDS = 86400.0
+
+# The names of the arrays `collate` returns, in the order the prefix builder takes them (and the
+# ONNX graph's input names).
+BATCH_KEYS: tuple[str, ...] = (
+    "lab_code", "lab_value", "lab_value_mask", "lab_time", "lab_trend", "lab_trend_mask",
+    "lab_gap", "lab_mask", "note_ids", "note_mask", "fact_ids", "fact_token_mask", "fact_mask",
+)
+
+
+class Encoding(Protocol):
+    @property
+    def ids(self) -> list[int]: ...
+
+
+class TextTokenizer(Protocol):
+    """What we need of a `tokenizers.Tokenizer` (the runtime has no transformers)."""
+
+    def encode(self, sequence: str, pair: str | None = None, is_pretokenized: bool = False,
+               add_special_tokens: bool = True) -> Encoding: ...
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Token budgets; small by default (2 CPU cores): prefix length is what costs latency."""
+
+    max_labs: int = 64  # most recent readings kept
+    max_facts: int = 32  # highest-ranked knowledge facts kept
+    max_fact_tokens: int = 32  # tokens per fact text
+    max_note_tokens: int = 384  # over all notes, most recent note first
+
+
+@dataclass(frozen=True)
+class Modalities:
+    """Which inputs the model sees (training stages and ablations switch these per call)."""
+
+    labs: bool = True
+    notes: bool = True
+    knowledge: bool = True
+
+
+@dataclass(frozen=True)
+class LabRef:
+    """The reading behind one lab token, so attention can be traced back to the resource."""
+
+    observation_id: str
+    version_id: str
+    loinc: str
+    display: str
+    value: float
+    unit: str
+    time: str  # ISO 8601
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One retrieved knowledge fact as the model reads it, with the id it is cited by."""
+
+    id: str
+    subject: str
+    relation: str
+    object: str
+    score: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.subject} {self.relation} {self.object}"
+
+
+@dataclass
+class Features:
+    """One patient's arrays (unpadded) plus the references that make attention explainable."""
+
+    lab_code: np.ndarray  # int64 [L]: LOINC vocabulary ids
+    lab_value: np.ndarray  # float32 [L]: value against the reference range, squashed
+    lab_value_mask: np.ndarray  # float32 [L]: 1 where the value could be normalised
+    lab_time: np.ndarray  # float32 [L]: days before the index time (>= 0)
+    lab_trend: np.ndarray  # float32 [L]: change since the previous reading of the same code
+    lab_trend_mask: np.ndarray  # float32 [L]: 1 where there was a previous reading
+    lab_gap: np.ndarray  # float32 [L]: days since the previous reading of the same code
+    note_ids: np.ndarray  # int64 [N]: note tokens, most recent note first
+    fact_ids: np.ndarray  # int64 [K, T]: fact text tokens
+    fact_token_mask: np.ndarray  # float32 [K, T]
+    labs: list[LabRef] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+    notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
+
+
+# ---------------------------------------------------------------------------------------------
+# labs
+
+
+def squash(x: np.ndarray) -> np.ndarray:
+    """sign(x)·log(1+|x|): keeps order, tames outliers (a glucose of 900 is not 10x news)."""
+    out: np.ndarray = np.sign(x) * np.log1p(np.abs(x))
+    return out
+
+
+def normalise_values(value: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Value on the reference-range scale: -1 at the low limit, +1 at the high limit.
+
+    With one limit only, that limit maps to ±1 and the scale is the limit itself; with none the
+    result is NaN (unknown), which the caller turns into a mask, not a guess.
+    """
+    both = np.isfinite(low) & np.isfinite(high) & (high > low)
+    only_high = ~both & np.isfinite(high) & (high != 0)
+    only_low = ~both & ~only_high & np.isfinite(low) & (low != 0)
+    z = np.full(value.shape, np.nan)
+    mid, half = (low + high) / 2.0, (high - low) / 2.0
+    z[both] = (value[both] - mid[both]) / half[both]
+    z[only_high] = 1.0 + (value[only_high] - high[only_high]) / np.abs(high[only_high])
+    z[only_low] = -1.0 + (value[only_low] - low[only_low]) / np.abs(low[only_low])
+    return z
+
+
+def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datetime | None,
+                   max_labs: int) -> tuple[dict[str, np.ndarray], list[LabRef]]:
+    """The lab frame -> per-reading arrays; trends use the whole history, then the newest kept."""
+    n = len(frame)
+    if n == 0 or max_labs <= 0:
+        empty_f = np.zeros(0, dtype=np.float32)
+        return ({"lab_code": np.zeros(0, dtype=np.int64), "lab_value": empty_f,
+                 "lab_value_mask": empty_f, "lab_time": empty_f, "lab_trend": empty_f,
+                 "lab_trend_mask": empty_f, "lab_gap": empty_f}, [])
+    f = frame.sort_values(["time", "loinc"], kind="stable").reset_index(drop=True)
+    value = f["value"].to_numpy(dtype=float)
+    z = normalise_values(value, f["ref_low"].to_numpy(dtype=float),
+                         f["ref_high"].to_numpy(dtype=float))
+    times = pd.to_datetime(f["time"], utc=True)
+    seconds = np.asarray((times - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float)
+    index = pd.Timestamp(index_time) if index_time is not None else times.max()
+    index = index.tz_localize("UTC") if index.tzinfo is None else index.tz_convert("UTC")
+    index_s = (index - pd.Timestamp(0, tz="UTC")).total_seconds()
+    days_before = np.maximum(index_s - seconds, 0.0) / DAY_SECONDS
+
+    # trend and gap against the previous reading of the same code
+    trend = np.zeros(n)
+    trend_mask = np.zeros(n)
+    gap = np.zeros(n)
+    last: dict[str, int] = {}
+    codes = f["loinc"].astype(str).to_numpy()
+    for i, code in enumerate(codes):
+        j = last.get(code)
+        last[code] = i
+        if j is None:
+            continue
+        gap[i] = (seconds[i] - seconds[j]) / DAY_SECONDS
+        if np.isfinite(z[i]) and np.isfinite(z[j]):
+            trend[i], trend_mask[i] = z[i] - z[j], 1.0
+        elif value[j] != 0 and np.isfinite(value[i]) and np.isfinite(value[j]):
+            trend[i], trend_mask[i] = (value[i] - value[j]) / abs(value[j]), 1.0  # relative
+    keep = slice(max(n - max_labs, 0), n)
+    known = np.isfinite(z)
+    arrays = {
+        "lab_code": np.array([vocab.get(c, UNK_ID) for c in codes[keep]], dtype=np.int64),
+        "lab_value": squash(np.where(known, z, 0.0))[keep].astype(np.float32),
+        "lab_value_mask": known[keep].astype(np.float32),
+        "lab_time": days_before[keep].astype(np.float32),
+        "lab_trend": squash(trend)[keep].astype(np.float32),
+        "lab_trend_mask": trend_mask[keep].astype(np.float32),
+        "lab_gap": gap[keep].astype(np.float32),
+    }
+    refs = [LabRef(str(r["observation_id"]), str(r["version_id"]), str(r["loinc"]),
+                   str(r["display"]), float(r["value"]), str(r["unit"]),
+                   pd.Timestamp(r["time"]).isoformat())
+            for r in f.iloc[keep].to_dict("records")]
+    return arrays, refs
+
+
+# ---------------------------------------------------------------------------------------------
+# notes
+
+
+def featurise_notes(notes: Sequence[Note], tokenizer: TextTokenizer, budget: int,
+                    redact: Callable[[Note], str] | None = None
+                    ) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Note tokens, most recent note first, cut at the budget; `redact` may rewrite a note's text
+    first (training uses it to strip what would leak the label)."""
+    ids: list[int] = []
+    spans: list[tuple[str, int, int]] = []
+    newest_first = sorted(notes, key=lambda n: (n.time is not None, n.time), reverse=True)
+    for note in newest_first:
+        if len(ids) >= budget:
+            break
+        text = redact(note) if redact is not None else note.text
+        date = note.time.date().isoformat() if note.time is not None else "undated"
+        tokens = tokenizer.encode(f"[{date}] {text.strip()}\n", add_special_tokens=False).ids
+        tokens = tokens[:budget - len(ids)]
+        spans.append((note.document_id, len(ids), len(ids) + len(tokens)))
+        ids.extend(tokens)
+    return np.array(ids, dtype=np.int64), spans
+
+
+# ---------------------------------------------------------------------------------------------
+# knowledge
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def knowledge_facts(retrieval: Retrieval) -> list[Fact]:
+    """Retrieval -> facts with ids, strongest first: finding->disorder links, then readings.
+
+    Same triples as `Retrieval.facts()`, plus the id each is cited by: the association's URI for a
+    lab link, "<source>|<note span>" for a note mention, "<finding>|<Observation>" for a reading.
+    """
+    facts: list[Fact] = []
+    for p in retrieval.paths:
+        fid = p.fact if p.relation in ("supports", "opposes") else f"{p.fact}|{p.source}"
+        facts.append(Fact(fid, retrieval.labels.get(p.source, p.source), p.relation,
+                          retrieval.labels.get(p.target, p.target), p.strength))
+    for hit in retrieval.findings:
+        for r in hit.rows[-3:]:
+            facts.append(Fact(f"{hit.id}|{r.observation_id}", hit.label, "observed as",
+                              f"{r.display or r.loinc} {_fmt(r.value)} {r.unit} on {r.time[:10]}",
+                              hit.strength))
+    unique: dict[str, Fact] = {}
+    for f in facts:
+        unique.setdefault(f.id, f)
+    return sorted(unique.values(), key=lambda f: -f.score)  # stable: links before readings
+
+
+def featurise_facts(facts: Sequence[Fact], tokenizer: TextTokenizer, max_facts: int,
+                    max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fact texts -> [K, T] token ids and mask (K <= max_facts, T = max_tokens)."""
+    kept = list(facts)[:max_facts]
+    ids = np.zeros((len(kept), max_tokens), dtype=np.int64)
+    mask = np.zeros((len(kept), max_tokens), dtype=np.float32)
+    for k, fact in enumerate(kept):
+        tokens = tokenizer.encode(fact.text, add_special_tokens=False).ids[:max_tokens]
+        ids[k, :len(tokens)] = tokens
+        mask[k, :len(tokens)] = 1.0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# one patient, then a batch
+
+
+def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
+              retrieval: Retrieval | None, tokenizer: TextTokenizer, loinc_vocab: dict[str, int],
+              budgets: Budgets = Budgets(), modalities: Modalities = Modalities(),
+              redact: Callable[[Note], str] | None = None) -> Features:
+    """Everything one patient contributes; a switched-off modality gives zero-length arrays."""
+    index_time = patient.index_time
+    lab_arrays, lab_refs = featurise_labs(labs if modalities.labs else labs.iloc[:0],
+                                          loinc_vocab, index_time, budgets.max_labs)
+    note_ids, spans = featurise_notes(notes if modalities.notes else [], tokenizer,
+                                      budgets.max_note_tokens, redact)
+    facts = knowledge_facts(retrieval) if retrieval is not None and modalities.knowledge else []
+    facts = facts[:budgets.max_facts]
+    fact_ids, fact_mask = featurise_facts(facts, tokenizer, budgets.max_facts,
+                                          budgets.max_fact_tokens)
+    return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
+                    fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans)
+
+
+def _pad(rows: Sequence[np.ndarray], length: int, dtype: type[np.generic]) -> np.ndarray:
+    out = np.zeros((len(rows), length, *rows[0].shape[1:]), dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def collate(batch: Sequence[Features]) -> dict[str, np.ndarray]:
+    """Right-pad to the longest patient (at least 1 slot each, masked) and add presence masks."""
+    n_labs = max(1, *(len(f.lab_code) for f in batch))
+    n_notes = max(1, *(len(f.note_ids) for f in batch))
+    n_facts = max(1, *(len(f.fact_ids) for f in batch))
+    out: dict[str, np.ndarray] = {}
+    for key in ("lab_code", "lab_value", "lab_value_mask", "lab_time", "lab_trend",
+                "lab_trend_mask", "lab_gap"):
+        rows = [getattr(f, key) for f in batch]
+        out[key] = _pad(rows, n_labs, np.int64 if key == "lab_code" else np.float32)
+    out["lab_mask"] = _pad([np.ones(len(f.lab_code), np.float32) for f in batch], n_labs,
+                           np.float32)
+    out["note_ids"] = _pad([f.note_ids for f in batch], n_notes, np.int64)
+    out["note_mask"] = _pad([np.ones(len(f.note_ids), np.float32) for f in batch], n_notes,
+                            np.float32)
+    out["fact_ids"] = _pad([f.fact_ids for f in batch], n_facts, np.int64)
+    out["fact_token_mask"] = _pad([f.fact_token_mask for f in batch], n_facts, np.float32)
+    out["fact_mask"] = _pad([np.ones(len(f.fact_ids), np.float32) for f in batch], n_facts,
+                            np.float32)
+    return {k: out[k] for k in BATCH_KEYS}
+
+
+def loinc_vocabulary(codes: Sequence[str]) -> dict[str, int]:
+    """LOINC code -> id; 0 is padding and 1 unknown, so a new code never shifts the others."""
+    return {c: i + 2 for i, c in enumerate(sorted(set(codes)))}
