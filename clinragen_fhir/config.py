@@ -119,6 +119,8 @@ class ReportSettings(BaseModel):
     code: str = "51848-0"
     code_display: str = "Evaluation note"
     lookback_days: int = 3 * 365  # inputs older than this are not read
+    # An AuditEvent per read batch and per report write (agent: our application Device).
+    audit_events: bool = True
 
 
 class WorkerSettings(BaseModel):
@@ -135,6 +137,18 @@ class WorkerSettings(BaseModel):
     poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often
 
 
+class InferenceSettings(BaseModel):
+    """The ONNX model runtime (used when `model_dir` is set)."""
+
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: the dynamically quantised graphs
+    provider: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when present, else CPU
+    threads: int = 0  # intra-op threads per session; 0 = onnxruntime's default (all cores)
+    batch_size: int = 4  # patients per decoder batch (predict_batch)
+    constrained: bool = True  # diagnosis line limited to SNOMED ids of the vocabulary
+    max_new_tokens: int | None = None  # None: the model config's
+    verify_hashes: bool = True  # sha256 of every graph at load (a few seconds, once)
+
+
 class Settings(BaseSettings):
     """Everything the CLI and the worker read."""
 
@@ -146,6 +160,7 @@ class Settings(BaseSettings):
     result_backend: str = "redis://127.0.0.1:6379/1"
     state_url: str = "redis://127.0.0.1:6379/4"  # webhook de-duplication, polling cursors
     model_dir: Path | None = None  # a trained ONNX model directory; None = rule baseline
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     knowledge_path: Path | None = None  # None = the graph shipped with the package
     report: ReportSettings = Field(default_factory=ReportSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -20,11 +20,12 @@ from clinragen_fhir.encoding.labs import build_lab_frame
 from clinragen_fhir.encoding.notes import decode_notes
 from clinragen_fhir.encoding.schema import Note, PatientContext, Skip
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.resources import first_error, to_utc
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.report.audit import audit_bundle, audit_event
 from clinragen_fhir.report.build import InputRef, build_transaction
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class PatientInputs:
     notes: list[Note]
     skips: list[Skip]
     used: list[InputRef] = field(default_factory=list)
+    n_read: dict[str, int] = field(default_factory=dict)  # resources read, by type (for audit)
 
 
 @dataclass
@@ -97,7 +99,8 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
     used = [InputRef(r, v) for r, v in
             labs[["observation_id", "version_id"]].drop_duplicates().itertuples(index=False)]
     used += [InputRef(n.document_id, n.version_id) for n in notes]
-    return PatientInputs(patient, labs, notes, lab_skips + note_skips, used)
+    return PatientInputs(patient, labs, notes, lab_skips + note_skips, used,
+                         {"Observation": len(observations), "DocumentReference": len(documents)})
 
 
 def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
@@ -114,7 +117,16 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     """Diagnose one patient and write the report unless this exact one exists already."""
     now = now or datetime.now(UTC)
     phash = hash_id(patient_id)
-    inputs = gather_inputs(client, kg, patient_id, settings, now)
+    try:
+        inputs = gather_inputs(client, kg, patient_id, settings, now)
+    except FhirHTTPError as exc:
+        _audit_failure(client, settings, patient_id, "R", READ_INTERACTIONS, exc)
+        raise
+    if settings.audit_events:
+        client.transaction(audit_bundle([audit_event(
+            "R", patient_id, interactions=READ_INTERACTIONS,
+            details={**{f"{k} read": v for k, v in inputs.n_read.items()},
+                     "inputs used": len(inputs.used), "inputs skipped": len(inputs.skips)})]))
     base = Outcome(phash, "skipped", n_labs=len(inputs.labs), n_notes=len(inputs.notes),
                    n_skipped_inputs=len(inputs.skips))
     if inputs.labs.empty and not inputs.notes:
@@ -129,7 +141,7 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
                           *(n.time for n in inputs.notes)] if t is not None]
     effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
     bundle, key = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
-                                    now=now, effective=effective)
+                                    now=now, effective=effective, labs=inputs.labs)
     base.identifier, base.method = key, prediction.method
     base.diagnoses = [d.snomed for d in prediction.diagnoses]
     existing = find_report(client, patient_id, settings.identifier_system, key)
@@ -137,7 +149,17 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         base.status, base.report_id = "exists", existing
         log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
         return base
-    response = client.transaction(bundle)
+    if settings.audit_events:  # in the same transaction: no report without its audit record
+        report_urn = next(e["fullUrl"] for e in bundle["entry"]
+                          if e["resource"]["resourceType"] == "DiagnosticReport")
+        bundle["entry"] += audit_bundle([audit_event(
+            "C", patient_id, interactions=["transaction", "create"],
+            written=report_urn, details={"inputs cited": len(inputs.used)})])["entry"]
+    try:
+        response = client.transaction(bundle)
+    except FhirHTTPError as exc:
+        _audit_failure(client, settings, patient_id, "C", ["transaction", "create"], exc)
+        raise
     report_id = _created_id(response, "DiagnosticReport")
     base.status, base.report_id = "written", report_id
     log.info("report written", extra={"fields": {
@@ -145,6 +167,22 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         "diagnoses": base.diagnoses, "labs": base.n_labs, "notes": base.n_notes,
         "skipped_inputs": base.n_skipped_inputs}})
     return base
+
+
+READ_INTERACTIONS = ["read", "search-type"]
+
+
+def _audit_failure(client: FhirClient, settings: ReportSettings, patient_id: str, action: str,
+                   interactions: list[str], error: FhirHTTPError) -> None:
+    """Best effort: record a refused read or write; the original error is what the task raises."""
+    if not settings.audit_events:
+        return
+    try:
+        client.transaction(audit_bundle([audit_event(
+            action, patient_id, interactions=interactions, error=error)]))
+    except FhirError as exc:
+        log.warning("audit event not written", extra={"fields": {
+            "patient": hash_id(patient_id), "error": type(exc).__name__}})
 
 
 def _created_id(response: dict[str, Any], resource_type: str) -> str:

@@ -9,17 +9,19 @@ from the same hash and is written by PUT, so it is never duplicated either.
 from __future__ import annotations
 
 import hashlib
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import pandas as pd
 
 from clinragen_fhir import __version__
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.encoding.schema import Skip
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.report.html import lab_trends, narrative_div, presented_form, render_html
 
 SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
@@ -52,14 +54,34 @@ def report_key(patient_id: str, inputs: Sequence[InputRef], prediction: Predicti
     return h.hexdigest()
 
 
-def _narrative(prediction: Prediction) -> str:
-    items = "".join(f"<li>{html.escape(d.term)} (SNOMED CT {d.snomed}; "
-                    f"support {d.probability:.2f})</li>" for d in prediction.diagnoses)
-    conclusion = f"<ul>{items}</ul>" if items else "<p>No disorder supported.</p>"
-    return (f'<div xmlns="http://www.w3.org/1999/xhtml"><p><b>{html.escape(DISCLAIMER)}</b></p>'
-            f"{conclusion}<p>{html.escape(prediction.rationale)}</p>"
-            f"<p>Method: {html.escape(prediction.method)} {html.escape(prediction.method_version)};"
-            f" knowledge {html.escape(prediction.knowledge_version)}</p></div>")
+def cited_values(prediction: Prediction, labs: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """One extension per cited lab reading: its versioned source and the value as sent.
+
+    `clinragen-fhir audit` compares these with the server's current data, so a report can be
+    re-checked without re-running the method (the canonical value is in the rationale).
+    """
+    raw: dict[tuple[str, str], tuple[float, str]] = {}
+    if labs is not None and not labs.empty:
+        for ref, loinc, value, unit in labs[["observation_id", "loinc", "raw_value",
+                                             "raw_unit"]].itertuples(index=False):
+            raw[(str(ref), str(loinc))] = (float(value), str(unit))
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for d in prediction.diagnoses:
+        for e in d.evidence:
+            if e.value is None or not e.reference.startswith("Observation/") or \
+                    (e.reference, e.version_id, e.loinc) in seen:
+                continue
+            seen.add((e.reference, e.version_id, e.loinc))
+            value, unit = raw.get((e.reference, e.loinc), (e.value, e.unit))
+            ref = f"{e.reference}/_history/{e.version_id}" if e.version_id else e.reference
+            out.append({"url": f"{EXT_BASE}/cited-value", "extension": [
+                {"url": "source", "valueString": ref},
+                {"url": "code", "valueCoding": {"system": "http://loinc.org", "code": e.loinc,
+                                                "display": e.display}},
+                {"url": "value", "valueQuantity": {"value": value, "unit": unit}},
+                {"url": "time", "valueDateTime": e.time}]})
+    return out
 
 
 def build_transaction(
@@ -70,10 +92,17 @@ def build_transaction(
     settings: ReportSettings,
     now: datetime | None = None,
     effective: datetime | None = None,
+    labs: pd.DataFrame | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The transaction Bundle to POST, and the report identifier value it carries."""
+    """The transaction Bundle to POST, and the report identifier value it carries.
+
+    `labs` (the lab frame) gives the trend charts and the as-sent values of cited readings;
+    the identifier does not depend on it or on the rendering.
+    """
     now = now or datetime.now(UTC)
     key = report_key(patient_id, used, prediction)
+    trends = lab_trends(labs, (e.loinc for d in prediction.diagnoses for e in d.evidence))
+    page = render_html(prediction, trends, issued=now, report_key=key)
     identifier = {"system": settings.identifier_system, "value": key}
     software = f"{prediction.method}@{prediction.method_version}"
     device_urn, report_urn = f"urn:uuid:{_uuid(key, 'device')}", f"urn:uuid:{_uuid(key, 'dr')}"
@@ -101,10 +130,12 @@ def build_transaction(
         "conclusion": prediction.rationale,
         "conclusionCode": [{"coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
                            for d in prediction.diagnoses],
-        "text": {"status": "generated", "div": _narrative(prediction)},
+        "presentedForm": [presented_form(page, now)],
+        "text": {"status": "generated", "div": narrative_div(prediction)},
         "extension": [
             {"url": f"{EXT_BASE}/method", "valueString": software},
             {"url": f"{EXT_BASE}/knowledge-version", "valueString": prediction.knowledge_version},
+            *cited_values(prediction, labs),
         ],
     }
     entities: list[dict[str, Any]] = [
