@@ -44,7 +44,9 @@ def configure(level: str = "INFO", json_lines: bool = True) -> None:
     """Install the JSON formatter on the root logger (idempotent)."""
     root = logging.getLogger()
     root.setLevel(level)
-    handler = logging.StreamHandler(sys.stderr)
+    # sys.__stderr__, not sys.stderr: in a Celery pool child sys.stderr is a LoggingProxy that
+    # drops writes made from inside logging, so every task log line would vanish.
+    handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(message)s"))
     root.handlers = [handler]
     # httpx logs full URLs (with patient ids in the query) at INFO: keep it quiet.

@@ -219,8 +219,10 @@ class FhirClient:
         path = f"{resource['resourceType']}/{resource['id']}"
         return self._json(self._send("PUT", path, json=resource))
 
-    def delete(self, resource_type: str, resource_id: str) -> None:
-        self._send("DELETE", f"{resource_type}/{resource_id}")
+    def delete(self, resource_type: str, resource_id: str, cascade: bool = False) -> None:
+        """Delete one resource; `cascade` also deletes what refers to it (HAPI `_cascade`)."""
+        self._send("DELETE", f"{resource_type}/{resource_id}",
+                   params={"_cascade": "delete"} if cascade else None)
 
     def transaction(self, bundle: JsonDict) -> JsonDict:
         """POST a transaction (or batch) Bundle to the base; all-or-nothing on the server."""

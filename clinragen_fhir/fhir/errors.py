@@ -26,7 +26,12 @@ class FhirHTTPError(FhirError):
         self.path = path  # resource path without the query (the query can carry patient ids)
         self.detail = detail
         self.retry_after = retry_after
-        self.retryable = status in (408, 429, 500, 502, 503, 504)
+        # 409 on a write: HAPI answers concurrent conditional creates of the same resource (two
+        # workers creating our Device, say) with a unique-constraint conflict; every write we make
+        # is idempotent, so trying again finds the winner's resource instead of making another.
+        # A 409 on DELETE means other resources still refer to it: trying again cannot help.
+        self.retryable = status in (408, 429, 500, 502, 503, 504) or (
+            status == 409 and method in ("POST", "PUT"))
         super().__init__(f"{method} {path}: HTTP {status}: {detail}")
 
 

@@ -22,11 +22,9 @@ def our_reports(fhir: FhirClient, pid: str) -> list[dict[str, Any]]:
 
 
 def delete_reports(fhir: FhirClient, pid: str) -> None:
-    """Remove earlier runs' reports (and their Provenance) so this run writes afresh."""
+    """Remove earlier runs' reports (with their Provenance and AuditEvents): write afresh."""
     for report in our_reports(fhir, pid):
-        for prov in fhir.search("Provenance", {"target": f"DiagnosticReport/{report['id']}"}):
-            fhir.delete("Provenance", prov["id"])
-        fhir.delete("DiagnosticReport", report["id"])
+        fhir.delete("DiagnosticReport", report["id"], cascade=True)
 
 
 def run_all(pids: list[str]) -> list[dict[str, Any]]:

@@ -91,6 +91,27 @@ def test_client_errors_are_not_retried() -> None:
     assert calls["n"] == 1 and not info.value.retryable
 
 
+def test_write_conflict_is_retried_but_delete_conflict_is_not() -> None:
+    """Concurrent conditional creates give HAPI a 409 a retry resolves; a referenced DELETE not."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if request.method == "POST" and calls.count("POST") == 1:
+            return httpx.Response(409, json={"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "conflict", "diagnostics": "unique index"}]})
+        if request.method == "DELETE":
+            return httpx.Response(409, text="referenced by AuditEvent/1")
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response"})
+
+    c = client(handler)
+    assert c.transaction({"resourceType": "Bundle"})["type"] == "transaction-response"
+    assert calls == ["POST", "POST"]
+    with pytest.raises(FhirHTTPError) as info:
+        c.delete("DiagnosticReport", "1")
+    assert calls.count("DELETE") == 1 and info.value.status == 409 and not info.value.retryable
+
+
 def test_connection_failure_is_retryable_unavailable() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)

@@ -230,6 +230,10 @@ public class HapiServer {
 			IInterceptorBroadcaster broadcaster,
 			ThreadSafeResourceDeleterSvc deleterSvc,
 			ObjectProvider<SubscriptionTriggeringProvider> subscriptionTriggeringProvider) {
+		// HAPI strips "_history/n" from references by default; a Provenance must say exactly which
+		// version of each input it used, so keep versions where provenance and audit records cite them.
+		fhirContext.getParserOptions().setDontStripVersionsFromReferencesAtPaths(
+				"Provenance.entity.what", "Provenance.target", "AuditEvent.entity.what");
 		RestfulServer server = new RestfulServer(fhirContext);
 		server.registerProviders(resourceProviderFactory.createProviders()); // one per R4 resource type
 		server.registerProvider(systemProvider); // transaction/batch, _history, $expunge, ...
