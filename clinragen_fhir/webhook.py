@@ -5,6 +5,10 @@ topic-based notification Bundles (the R4 Subscriptions backport). Authentication
 header secret (HAPI sends Subscription.channel.header) or an HMAC-SHA256 signature over
 timestamp + body; both compared in constant time. Replays and duplicates are dropped through a
 Redis SET NX with a time-to-live; a burst of notifications for one patient enqueues one task.
+
+HAPI FHIR delivers a rest-hook with a payload as a FHIR update, `PUT {endpoint}/{type}/{id}`
+with the resource as body (and a delete as `DELETE {endpoint}/{type}/{id}`); those routes answer
+with an OperationOutcome, which is what HAPI's client expects back from an update.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ class WebhookConfig:
     @classmethod
     def from_env(cls) -> WebhookConfig:
         secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "")
+        debounce = int(os.environ.get("CLINRAGEN_WEBHOOK_DEBOUNCE_S", "30"))
         path = os.environ.get("CLINRAGEN_WEBHOOK_SECRET_FILE")
         if not secret and path:
             with open(path) as fh:
                 secret = fh.read().strip()
         if len(secret) < 16:
             raise ValueError("set CLINRAGEN_WEBHOOK_SECRET(_FILE) to a secret of >= 16 chars")
-        return cls(secret=secret.encode())
+        return cls(secret=secret.encode(), debounce_s=debounce)
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -161,10 +166,30 @@ def make_app(config: WebhookConfig, seen: SeenStore,
             "patients": [hash_id(p) for p in patients], "queued": queued}})
         return JSONResponse({"accepted": queued, "patients": len(patients)}, status_code=202)
 
+    async def notify_resource(request: Request) -> JSONResponse:
+        """HAPI's delivery: `PUT /notify/Type/id` (create/update) or `DELETE` (ignored)."""
+        if request.method == "DELETE":
+            reason = authenticate({k.lower(): v for k, v in request.headers.items()}, b"",
+                                  config.secret)
+            answer = JSONResponse({"accepted": 0, "reason": "delete"}) if reason is None else \
+                JSONResponse({"error": "unauthorised"}, status_code=401)
+        else:
+            answer = await notify(request)
+        data = json.loads(bytes(answer.body))
+        severity = "information" if answer.status_code < 400 else "error"
+        text = ", ".join(f"{k}: {v}" for k, v in data.items())
+        return JSONResponse({"resourceType": "OperationOutcome", "issue": [{
+            "severity": severity, "code": "informational" if severity == "information"
+            else "security" if answer.status_code == 401 else "invalid",
+            "diagnostics": text}]}, status_code=200 if answer.status_code == 202
+            else answer.status_code, media_type="application/fhir+json")
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     return Starlette(routes=[Route("/notify", notify, methods=["POST"]),
+                             Route("/notify/{rtype}/{rid}", notify_resource,
+                                   methods=["PUT", "POST", "DELETE"]),
                              Route("/health", health, methods=["GET"])])
 
 
