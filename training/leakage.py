@@ -1,0 +1,131 @@
+"""Label leakage control: a note written before the index time must not name a label disorder.
+
+A label is named by its preferred term or any synonym in the graph, and also by the terms of its
+IS-A descendants ("type 2 diabetes" names "diabetes mellitus"). Matching is case-insensitive and
+word-bounded, and is deliberately broader than the retrieval's note matcher (which is
+case-sensitive for abbreviations), so masking errs towards hiding too much.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from clinragen_fhir.encoding.schema import Note
+from clinragen_fhir.knowledge import KnowledgeGraph
+
+MASK = "[masked]"
+# "Disease", the graph's root: every label implies it, so it is neither a label nor masked
+ROOTS = frozenset({"64572001"})
+
+
+@dataclass
+class MaskResult:
+    """Notes after masking, and what was done to them (the counts go into example meta)."""
+
+    notes: list[Note]
+    masked_mentions: int = 0  # spans replaced by MASK
+    masked_notes: int = 0  # notes with at least one span replaced
+    dropped_notes: int = 0  # notes removed (policy "drop")
+
+
+@lru_cache(maxsize=4)
+def _children(kg: KnowledgeGraph) -> dict[str, frozenset[str]]:
+    kids: dict[str, set[str]] = {}
+    for code, dis in kg.disorders().items():
+        for parent in dis.parents:
+            kids.setdefault(parent, set()).add(code)
+    return {k: frozenset(v) for k, v in kids.items()}
+
+
+def descendants(kg: KnowledgeGraph, code: str) -> set[str]:
+    """All IS-A descendants of a disorder inside the graph (not the concept itself)."""
+    kids = _children(kg)
+    seen: set[str] = set()
+    todo = list(kids.get(code, ()))
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo.extend(kids.get(c, ()))
+    return seen
+
+
+def label_terms(kg: KnowledgeGraph, labels: Iterable[str]) -> list[str]:
+    """Every term that names one of the labels or a descendant of one, longest first."""
+    codes: set[str] = set()
+    for code in labels:
+        if code in ROOTS:
+            continue
+        codes.add(code)
+        codes |= descendants(kg, code)
+    terms: set[str] = set()
+    for code in codes:
+        dis = kg.disorder(code)
+        if dis is not None:
+            terms.update(t.strip() for t in (dis.term, *dis.synonyms) if len(t.strip()) >= 2)
+    return sorted(terms, key=lambda t: (-len(t), t.lower()))
+
+
+@lru_cache(maxsize=4096)
+def _pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
+    # whitespace inside a term matches any run of whitespace (notes wrap lines)
+    alts = [r"\s+".join(re.escape(w) for w in t.split()) for t in terms]
+    return re.compile(r"(?<!\w)(?:" + "|".join(alts) + r")(?!\w)", re.IGNORECASE)
+
+
+def term_pattern(kg: KnowledgeGraph, labels: Collection[str]) -> re.Pattern[str] | None:
+    """The compiled matcher for these labels' terms (None when there is nothing to match)."""
+    terms = tuple(label_terms(kg, labels))
+    return _pattern(terms) if terms else None
+
+
+def masked_codes(kg: KnowledgeGraph, labels: Collection[str], known: Collection[str],
+                 scope: str = "unknown") -> set[str]:
+    """The disorders whose names are hidden from the notes of one example.
+
+    scope "labels": the labels (and, through `label_terms`, their descendants) only; then the
+    mere presence of MASK tells a model that *some* label exists, a leak of its own.
+    scope "unknown" (default): every disorder of the graph not known at the index time, labels
+    or not; what is hidden then depends only on the history before the index time.
+    """
+    if scope == "labels":
+        return set(labels)
+    if scope == "unknown":
+        return (set(kg.disorders()) - set(known) - ROOTS) | set(labels)
+    raise ValueError(f"mask scope must be 'labels' or 'unknown', not {scope!r}")
+
+
+def mask_notes(kg: KnowledgeGraph, notes: Iterable[Note], labels: Collection[str],
+               policy: str = "mask") -> MaskResult:
+    """Replace every mention of `labels` (policy "mask") or drop a note naming one ("drop").
+
+    `labels` is whatever must not be named: `masked_codes(...)` in the dataset builder."""
+    if policy not in ("mask", "drop"):
+        raise ValueError(f"leak policy must be 'mask' or 'drop', not {policy!r}")
+    notes = list(notes)
+    pattern = term_pattern(kg, labels)
+    if pattern is None:
+        return MaskResult(notes)
+    out = MaskResult([])
+    for note in notes:
+        text, n = pattern.subn(MASK, note.text)
+        if n == 0:
+            out.notes.append(note)
+            continue
+        if policy == "drop":
+            out.dropped_notes += 1
+            continue
+        # a replacement can join words into a new match only if MASK itself were a term
+        out.masked_mentions += n
+        out.masked_notes += 1
+        out.notes.append(replace(note, text=text))
+    return out
+
+
+def leaked_terms(kg: KnowledgeGraph, text: str, labels: Collection[str]) -> list[str]:
+    """The label terms still present in a text (empty when it is clean); used by the tests."""
+    pattern = term_pattern(kg, labels)
+    return [m.group(0) for m in pattern.finditer(text)] if pattern is not None else []
