@@ -1,0 +1,253 @@
+"""Non-SLM systems for the comparison table: the knowledge-rule baseline and two classifiers
+(logistic regression, gradient boosting) on lab features plus TF-IDF of the notes.
+
+Every system returns a `SystemOutput`: probabilities and decisions over one disorder list, the
+abstentions, and a rationale per example with what kind it is. The classifiers explain nothing by
+themselves; their rationale is a *template* (the patient's most abnormal latest readings and the
+predicted disorders), written from the record, so its faithfulness is 100 % by construction and
+says nothing about the classifier: the table marks it as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.predict.rules import RuleBaseline
+from model.decode import abstain
+from training.example import Example
+from training.metrics import tune_threshold
+
+
+@dataclass
+class SystemOutput:
+    name: str
+    probs: np.ndarray  # [n, D] over the evaluation's disorder list
+    pred: np.ndarray  # [n, D] 0/1
+    abstained: list[bool]
+    rationales: list[str]
+    rationale_kind: str  # "generated" | "rule" | "template"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.ndarray:
+    index = {d: j for j, d in enumerate(disorders)}
+    y = np.zeros((len(examples), len(disorders)), dtype=int)
+    for i, ex in enumerate(examples):
+        for code in ex.labels:
+            if code in index:
+                y[i, index[code]] = 1
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# the knowledge rules
+
+
+def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
+                 disorders: Sequence[str]) -> SystemOutput:
+    """Decisions = what the rules conclude; probabilities = the graph's support scores (not
+    calibrated: they are sums of association strengths, capped at 1)."""
+    rules = RuleBaseline(kg)
+    index = {d: j for j, d in enumerate(disorders)}
+    probs = np.zeros((len(examples), len(disorders)))
+    pred = np.zeros((len(examples), len(disorders)), dtype=int)
+    abstained, rationales = [], []
+    for i, ex in enumerate(examples):
+        p = rules.predict(ex.labs, ex.notes, ex.patient)
+        if not ((ex.labs is None or ex.labs.empty) and not ex.notes):
+            for d in retrieve(kg, ex.labs, ex.notes, ex.patient).disorders:
+                if d.snomed in index:
+                    probs[i, index[d.snomed]] = max(0.0, min(1.0, d.score))
+        for dx in p.diagnoses:
+            if dx.snomed in index:
+                pred[i, index[dx.snomed]] = 1
+        abstained.append(p.abstained)
+        rationales.append(p.rationale)
+    return SystemOutput("rule baseline", probs, pred, abstained, rationales, "rule")
+
+
+# ---------------------------------------------------------------------------------------------
+# feature classifiers
+
+
+def _z(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    from model.features import normalise_values
+
+    return np.asarray(normalise_values(values, low, high))
+
+
+class LabFeatures:
+    """Per LOINC seen in training: last, min and max value on the reference-range scale (the raw
+    value standardised when there is no range), log count and last-minus-first; plus age, sex."""
+
+    def __init__(self, max_codes: int = 80) -> None:
+        self.max_codes = max_codes
+        self.codes: list[str] = []
+        self.mean: dict[str, float] = {}
+        self.std: dict[str, float] = {}
+
+    def fit(self, examples: Sequence[Example]) -> LabFeatures:
+        frames = [ex.labs for ex in examples if len(ex.labs)]
+        allf = pd.concat(frames) if frames else pd.DataFrame(columns=["loinc", "value"])
+        counts = allf.groupby("loinc").size().sort_values(ascending=False)
+        self.codes = [str(c) for c in counts.index[:self.max_codes]]
+        for c in self.codes:
+            v = allf.loc[allf["loinc"] == c, "value"].astype(float)
+            self.mean[c], self.std[c] = float(v.mean()), float(v.std() or 1.0) or 1.0
+        return self
+
+    def transform(self, examples: Sequence[Example]) -> np.ndarray:
+        out = np.zeros((len(examples), 5 * len(self.codes) + 3), dtype=np.float32)
+        col = {c: k for k, c in enumerate(self.codes)}
+        for i, ex in enumerate(examples):
+            p = ex.patient
+            age = p.age_years()
+            out[i, -3] = (age or 0.0) / 100.0
+            out[i, -2] = 1.0 if p.sex == "female" else 0.0
+            out[i, -1] = 1.0 if age is None else 0.0
+            f = ex.labs
+            if not len(f):
+                continue
+            f = f.sort_values("time", kind="stable")
+            for code, g in f.groupby("loinc", sort=False):
+                k = col.get(str(code))
+                if k is None:
+                    continue
+                v = g["value"].to_numpy(dtype=float)
+                z = _z(v, g["ref_low"].to_numpy(float), g["ref_high"].to_numpy(float))
+                z = np.where(np.isfinite(z), z, (v - self.mean[str(code)]) / self.std[str(code)])
+                z = np.clip(z, -20, 20)
+                out[i, 5 * k:5 * k + 5] = [z[-1], z.min(), z.max(), np.log1p(len(z)),
+                                           z[-1] - z[0]]
+        return out
+
+
+def _note_text(ex: Example) -> str:
+    return "\n".join(n.text for n in ex.notes)
+
+
+def template_rationale(ex: Example, predicted: Sequence[tuple[str, str]], k: int = 3) -> str:
+    """The k most out-of-range latest readings, cited with value and date, and the predicted
+    disorders: what a clinician would look at, written from the record (not from the model)."""
+    f = ex.labs
+    parts: list[tuple[float, str]] = []
+    if len(f):
+        last = f.sort_values("time", kind="stable").groupby("loinc", sort=False).tail(1)
+        for r in last.itertuples(index=False):
+            v, lo, hi = float(r.value), float(r.ref_low), float(r.ref_high)
+            if np.isfinite(hi) and v > hi:
+                word, dist = "high", (v - hi) / (abs(hi) or 1.0)
+            elif np.isfinite(lo) and v < lo:
+                word, dist = "low", (lo - v) / (abs(lo) or 1.0)
+            else:
+                continue
+            day = pd.Timestamp(r.time).date().isoformat()
+            parts.append((dist, f"{r.display or r.loinc} was {v:.3g} {r.unit} on {day} ({word})"))
+    parts.sort(key=lambda t: -t[0])
+    readings = "; ".join(p for _, p in parts[:k]) or "no reading outside its reference range"
+    names = ", ".join(term for _, term in predicted) or "no disorder"
+    return f"Predicted {names}. Most abnormal latest readings: {readings}."
+
+
+class FeatureClassifier:
+    """One binary classifier per disorder seen in training (scikit-learn), on lab features and
+    TF-IDF of the notes; the decision threshold is tuned on the valid split like the SLM's."""
+
+    def __init__(self, kind: str, seed: int = 0) -> None:
+        if kind not in ("logistic", "boosting"):
+            raise ValueError(kind)
+        self.kind = kind
+        self.seed = seed
+        self.labs = LabFeatures()
+        self.models: dict[int, Any] = {}
+        self.constant: dict[int, float] = {}
+        self.threshold = 0.5
+
+    @property
+    def name(self) -> str:
+        return ("logistic regression" if self.kind == "logistic" else "gradient boosting") + \
+            " (labs + TF-IDF)"
+
+    def _matrix(self, examples: Sequence[Example], fit: bool = False) -> Any:
+        from scipy import sparse
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.preprocessing import StandardScaler
+
+        texts = [_note_text(ex) for ex in examples]
+        if fit:
+            self.labs.fit(examples)
+            self.tfidf = TfidfVectorizer(max_features=2000, sublinear_tf=True, min_df=2,
+                                         ngram_range=(1, 2))
+            try:
+                self.tfidf.fit(texts)
+            except ValueError:  # no vocabulary (no notes at all)
+                self.tfidf = TfidfVectorizer(min_df=1).fit([*texts, "empty"])
+            self.scaler = StandardScaler().fit(self.labs.transform(examples))
+        lab = self.scaler.transform(self.labs.transform(examples))
+        text = self.tfidf.transform(texts)
+        if self.kind == "logistic":
+            return sparse.hstack([sparse.csr_matrix(lab), text]).tocsr()
+        if fit:
+            k = max(1, min(64, text.shape[1] - 1, len(examples) - 1))
+            self.svd = TruncatedSVD(k, random_state=self.seed).fit(text)
+        return np.hstack([lab, self.svd.transform(text)])
+
+    def fit(self, train: Sequence[Example], valid: Sequence[Example],
+            disorders: Sequence[str]) -> FeatureClassifier:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.linear_model import LogisticRegression
+
+        self.disorders = list(disorders)
+        x = self._matrix(train, fit=True)
+        y = label_matrix(train, disorders)
+        for j in range(len(disorders)):
+            pos = int(y[:, j].sum())
+            if pos == 0 or pos == len(y):
+                self.constant[j] = float(pos > 0)
+                continue
+            if self.kind == "logistic":
+                m: Any = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
+            else:
+                m = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1,
+                                                   max_leaf_nodes=15, random_state=self.seed)
+            self.models[j] = m.fit(x, y[:, j])
+        if valid:
+            yv = label_matrix(valid, disorders)
+            cols = yv.sum(0) > 0
+            self.threshold = tune_threshold(yv[:, cols], self.proba(valid)[:, cols])
+        return self
+
+    def proba(self, examples: Sequence[Example]) -> np.ndarray:
+        x = self._matrix(examples)
+        out = np.zeros((len(examples), len(self.disorders)))
+        for j, c in self.constant.items():
+            out[:, j] = c
+        for j, m in self.models.items():
+            out[:, j] = m.predict_proba(x)[:, 1]
+        return out
+
+    def outputs(self, examples: Sequence[Example], kg: KnowledgeGraph,
+                min_confidence: float) -> SystemOutput:
+        probs = self.proba(examples)
+        pred = (probs >= self.threshold).astype(int)
+        abstained, rationales = [], []
+        trained = sorted(self.models)
+        for i, ex in enumerate(examples):
+            no_input = (ex.labs is None or ex.labs.empty) and not ex.notes
+            flag, _ = abstain([float(probs[i, j]) for j in trained], self.threshold,
+                              min_confidence) if trained else (True, "")
+            abstained.append(no_input or flag)
+            names = []
+            for j in np.flatnonzero(pred[i]):
+                d = kg.disorder(self.disorders[j])
+                names.append((self.disorders[j], d.term if d else self.disorders[j]))
+            rationales.append(template_rationale(ex, names))
+        return SystemOutput(self.name, probs, pred, abstained, rationales, "template",
+                            {"threshold": self.threshold})

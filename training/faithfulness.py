@@ -1,0 +1,257 @@
+"""Faithfulness: do a rationale's factual lab claims match the patient's own record?
+
+A claim is anchored by a lab test named in the text (the graph's lab names, the record's display
+texts, or a LOINC code). The clause after the name (up to the next test, `;`, a sentence end or a
+parenthesis) gives the claim's parts: a value (optionally `on YYYY-MM-DD`), a date, and a
+direction word (high/low for the level against the reference range, rising/falling for the
+trend). A claim matches when one reading of that test satisfies every part it states:
+
+* value: equal to the reading's canonical or as-sent value within the precision written
+  (7.1 matches 7.14) or 0.5 % relative;
+* date: the reading's UTC date;
+* direction: above `ref_high` / below `ref_low`, or higher/lower than the previous reading of the
+  same test; a level word on a reading without a range is left unchecked (not counted either way).
+
+A test the record does not have is a failed claim. A name alone ("HbA1c was checked") is no claim.
+The share of matching claims, pooled over rationales, is the faithfulness score.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import pandas as pd
+
+from clinragen_fhir.knowledge import KnowledgeGraph
+
+_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:T[\d:.+Z-]*)?")
+_LOINC = re.compile(r"\(?\bLOINC\s+\d{1,7}-\d\)?|\b\d{3,7}-\d\b")
+_NUMBER = re.compile(r"(?<![\w./{^])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}])")
+_NOT_A_VALUE = re.compile(r"^\s*(?:readings?|days?|times?|weeks?|months?|years?|x\b|fold)",
+                          re.IGNORECASE)
+_ON_DATE = re.compile(r"^\s*[^\s;,]{0,24}\s*(?:on|dated|at|,|from)?\s*$", re.IGNORECASE)
+_HIGH = {"high", "elevated", "raised", "above", "increased level", "hyper"}
+_LOW = {"low", "below", "reduced", "decreased level"}
+_UP = {"rising", "rose", "increased", "increasing", "upward", "worsening"}
+_DOWN = {"falling", "fell", "decreased", "decreasing", "declining", "dropped", "improving"}
+_NORMAL = {"normal", "within range", "within the reference range", "unremarkable"}
+_DIRECTION = re.compile(r"\b(" + "|".join(sorted(_HIGH | _LOW | _UP | _DOWN | _NORMAL, key=len,
+                                                     reverse=True)) + r")\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One factual statement about a lab test; None where the text says nothing of that part."""
+
+    test: str  # the name as written
+    loincs: tuple[str, ...]
+    value: float | None
+    decimals: int
+    day: date | None
+    direction: str | None  # "high" | "low" | "normal" | "up" | "down"
+    span: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    claim: Claim
+    matched: bool
+    reason: str  # "" when matched, else what failed
+
+
+class LabLexicon:
+    """Test names -> LOINC codes, longest name first (so "LDL cholesterol (direct)" wins)."""
+
+    def __init__(self, names: dict[str, set[str]]) -> None:
+        self.names = {k: frozenset(v) for k, v in names.items() if len(k) >= 3 or k.isupper()}
+        alternatives = sorted(self.names, key=len, reverse=True)
+        self.pattern = re.compile(
+            r"(?<![\w])(" + "|".join(re.escape(n) for n in alternatives) + r")(?![\w])",
+            re.IGNORECASE) if alternatives else None
+        self.lower = {k.lower(): v for k, v in self.names.items()}
+
+    @classmethod
+    def build(cls, kg: KnowledgeGraph | None = None, frames: Iterable[pd.DataFrame] = (),
+              extra: dict[str, str] | None = None) -> LabLexicon:
+        names: dict[str, set[str]] = {}
+
+        def add(name: str, code: str) -> None:
+            name = " ".join(str(name).split())
+            if name:
+                names.setdefault(name, set()).add(code)
+
+        if kg is not None:
+            for code, lab in kg.labs().items():
+                add(lab.name, code)
+                add(re.sub(r"\s*\([^)]*\)\s*$", "", lab.name), code)  # "Glucose (blood)"
+                add(code, code)
+        for frame in frames:
+            for code, display in frame[["loinc", "display"]].drop_duplicates().itertuples(
+                    index=False):
+                add(str(display), str(code))
+                add(str(code), str(code))
+                # "Hemoglobin A1c/Hemoglobin.total in Blood" is also called "Hemoglobin A1c"
+                short = re.split(r"/| \[| in (?:Blood|Serum|Plasma|Urine)", str(display))[0]
+                if len(short) >= 6:
+                    add(short, str(code))
+        for name, code in (extra or {}).items():
+            add(name, code)
+        return cls(names)
+
+    def codes(self, name: str) -> frozenset[str]:
+        return self.lower.get(" ".join(name.split()).lower(), frozenset())
+
+
+def _direction(word: str) -> str:
+    w = word.lower()
+    if w in _HIGH:
+        return "high"
+    if w in _LOW:
+        return "low"
+    if w in _NORMAL:
+        return "normal"
+    return "up" if w in _UP else "down"
+
+
+def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
+    """Every (test, value?, date?, direction?) statement in the text with at least one part."""
+    if lexicon.pattern is None:
+        return []
+    # LOINC codes look like numbers ("4548-4"); blank them out of the value search, keep offsets
+    masked = _LOINC.sub(lambda m: " " * len(m.group(0)), text)
+    mentions = list(lexicon.pattern.finditer(text))
+    claims: list[Claim] = []
+    for i, m in enumerate(mentions):
+        if _LOINC.fullmatch(m.group(0)) and i + 1 < len(mentions) \
+                and mentions[i + 1].start() - m.end() <= 3:
+            continue  # "4548-4 HbA1c": the code names the same test as the next mention
+        end = mentions[i + 1].start() if i + 1 < len(mentions) else len(text)
+        window = masked[m.end():end]
+        stop = re.search(r";|\n|\.\s|\.$", window)
+        if stop:
+            window = window[:stop.start()]
+        first_number = _NUMBER.search(_DATE.sub(lambda d: " " * len(d.group(0)), window))
+        paren = window.find("(", first_number.end() if first_number else 0)
+        if paren >= 0:
+            window = window[:paren]
+        # a direction word before the name counts only within the same clause ("elevated HbA1c")
+        start = mentions[i - 1].end() if i > 0 else 0
+        before = re.split(r"[;,\n]|\.\s", masked[max(start, m.start() - 30):m.start()])[-1]
+        words = _DIRECTION.findall(window) or _DIRECTION.findall(before)
+        direction = _direction(words[0]) if words else None
+        loincs = tuple(sorted(lexicon.codes(m.group(0))))
+        # value tokens (not dates, not counts like "2 readings"), each with the date after it
+        dates = [(d.start(), date(int(d.group(1)), int(d.group(2)), int(d.group(3))))
+                 for d in _DATE.finditer(window)]
+        no_dates = _DATE.sub(lambda d: " " * len(d.group(0)), window)
+        values = [(n.start(), n.group(0)) for n in _NUMBER.finditer(no_dates)
+                  if not _NOT_A_VALUE.match(no_dates[n.end():])]
+        used: set[int] = set()
+        made = 0
+        for k, (pos, token) in enumerate(values):
+            nxt = values[k + 1][0] if k + 1 < len(values) else len(window)
+            day = next((d for p, d in dates if pos < p < nxt and p not in used
+                        and _ON_DATE.match(no_dates[pos + len(token):p])), None)
+            used.update(p for p, d in dates if d == day)
+            decimals = len(token.split(".")[1]) if "." in token else 0
+            claims.append(Claim(m.group(0), loincs, float(token), decimals, day,
+                                direction if k == 0 else None,
+                                (m.start(), m.end() + pos + len(token))))
+            made += 1
+        for p, d in dates:
+            if p not in used:
+                claims.append(Claim(m.group(0), loincs, None, 0, d,
+                                    direction if made == 0 else None, (m.start(), m.end() + p)))
+                made += 1
+        if made == 0 and direction is not None:
+            claims.append(Claim(m.group(0), loincs, None, 0, None, direction,
+                                (m.start(), m.end())))
+    return claims
+
+
+def _value_ok(claim: Claim, values: np.ndarray) -> np.ndarray:
+    assert claim.value is not None
+    tol = np.maximum(0.5 * 10.0 ** -claim.decimals, 0.005 * np.abs(values))
+    return np.asarray(np.abs(values - claim.value) <= tol + 1e-9)
+
+
+def check_claim(claim: Claim, labs: pd.DataFrame) -> ClaimCheck:
+    """Whether one reading of the claimed test satisfies every part of the claim."""
+    rows = labs[labs["loinc"].astype(str).isin(claim.loincs)] if len(labs) else labs
+    if rows is None or len(rows) == 0:
+        return ClaimCheck(claim, False, "test not in the record")
+    rows = rows.sort_values("time", kind="stable")
+    keep = np.ones(len(rows), dtype=bool)
+    if claim.day is not None:
+        days = pd.to_datetime(rows["time"], utc=True).dt.date.to_numpy()
+        keep &= days == claim.day
+        if not keep.any():
+            return ClaimCheck(claim, False, "no reading on that date")
+    if claim.value is not None:
+        v = _value_ok(claim, rows["value"].to_numpy(dtype=float))
+        raw = _value_ok(claim, rows["raw_value"].to_numpy(dtype=float))
+        keep &= v | raw
+        if not keep.any():
+            return ClaimCheck(claim, False, "value differs")
+    if claim.direction is not None:
+        value = rows["value"].to_numpy(dtype=float)
+        if claim.direction in ("high", "low", "normal"):
+            low = rows["ref_low"].to_numpy(float)
+            high = rows["ref_high"].to_numpy(float)
+            if claim.direction == "high":
+                known, ok = np.isfinite(high), value > high
+            elif claim.direction == "low":
+                known, ok = np.isfinite(low), value < low
+            else:  # a missing limit does not make a value abnormal on that side
+                known = np.isfinite(low) | np.isfinite(high)
+                ok = ~(value > np.where(np.isfinite(high), high, np.inf)) & \
+                    ~(value < np.where(np.isfinite(low), low, -np.inf))
+            if not (keep & known).any():
+                return ClaimCheck(claim, True, "")  # no range: the level word is not checkable
+            if not (keep & known & ok).any():
+                return ClaimCheck(claim, False, f"not {claim.direction}")
+        else:
+            codes = rows["loinc"].astype(str).to_numpy()
+            prev = np.full(len(rows), np.nan)
+            last: dict[str, float] = {}
+            for j, c in enumerate(codes):
+                prev[j] = last.get(c, np.nan)
+                last[c] = value[j]
+            if claim.day is None and claim.value is None:  # "HbA1c is rising": the latest one
+                keep &= np.arange(len(rows)) == len(rows) - 1
+            ok = value > prev if claim.direction == "up" else value < prev
+            if not (keep & np.isfinite(prev) & ok).any():
+                word = "rising" if claim.direction == "up" else "falling"
+                return ClaimCheck(claim, False, f"not {word}")
+    return ClaimCheck(claim, True, "")
+
+
+def check_rationale(text: str, labs: pd.DataFrame, lexicon: LabLexicon) -> list[ClaimCheck]:
+    return [check_claim(c, labs) for c in extract_claims(text, lexicon)]
+
+
+@dataclass(frozen=True)
+class FaithfulnessSummary:
+    claims: int
+    matched: int
+    rationales: int
+    rationales_with_claims: int
+
+    @property
+    def share(self) -> float:
+        """Matched / claimed, pooled; NaN when no rationale made any claim."""
+        return self.matched / self.claims if self.claims else float("nan")
+
+    @property
+    def claims_per_rationale(self) -> float:
+        return self.claims / self.rationales if self.rationales else float("nan")
+
+
+def summarise(checks: Sequence[Sequence[ClaimCheck]]) -> FaithfulnessSummary:
+    return FaithfulnessSummary(
+        claims=sum(len(c) for c in checks), matched=sum(x.matched for c in checks for x in c),
+        rationales=len(checks), rationales_with_claims=sum(1 for c in checks if c))

@@ -1,0 +1,127 @@
+"""Classification, calibration and text-overlap metrics for the comparison table.
+
+Multi-label throughout: `y` and `pred` are [n_examples, n_disorders] 0/1 arrays, `prob` the
+matching probabilities. Macro averages run over the disorders that have at least one positive in
+the evaluated split (a disorder nobody has gives no F1 to average; its false positives still count
+in micro-F1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassificationReport:
+    micro_f1: float
+    macro_f1: float
+    macro_auroc: float  # NaN when no disorder has both classes
+    ece: float
+    per_disorder_f1: dict[str, float]
+    per_disorder_auroc: dict[str, float]
+    support: dict[str, int]
+
+
+def f1_counts(tp: float, fp: float, fn: float) -> float:
+    """F1 from counts; 0 when there is nothing to find and nothing was predicted wrongly."""
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom > 0 else 0.0
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUROC with ties counted half; NaN when only one class is present."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(score, dtype=float)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """ECE over all (example, disorder) decisions: sum over equal-width bins of
+    |mean probability - observed frequency| weighted by the bin's share."""
+    y = np.asarray(y, dtype=float).ravel()
+    p = np.clip(np.asarray(prob, dtype=float).ravel(), 0.0, 1.0)
+    if len(p) == 0:
+        return float("nan")
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.mean() * abs(p[sel].mean() - y[sel].mean())
+    return float(total)
+
+
+def classification_report(y: np.ndarray, pred: np.ndarray, prob: np.ndarray,
+                          disorders: Sequence[str]) -> ClassificationReport:
+    """Per-disorder F1/AUROC, micro and macro F1, macro AUROC and ECE (over `disorders`)."""
+    y = np.asarray(y, dtype=int)
+    pred = np.asarray(pred, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    tp = (y & pred).sum(0)
+    fp = ((1 - y) & pred).sum(0)
+    fn = (y & (1 - pred)).sum(0)
+    present = y.sum(0) > 0
+    per_f1 = {d: f1_counts(tp[j], fp[j], fn[j]) for j, d in enumerate(disorders) if present[j]}
+    per_auc = {d: auroc(y[:, j], prob[:, j]) for j, d in enumerate(disorders) if present[j]}
+    aucs = [a for a in per_auc.values() if np.isfinite(a)]
+    return ClassificationReport(
+        micro_f1=f1_counts(tp.sum(), fp.sum(), fn.sum()),
+        macro_f1=float(np.mean(list(per_f1.values()))) if per_f1 else float("nan"),
+        macro_auroc=float(np.mean(aucs)) if aucs else float("nan"),
+        ece=expected_calibration_error(y, prob),
+        per_disorder_f1=per_f1, per_disorder_auroc=per_auc,
+        support={d: int(y[:, j].sum()) for j, d in enumerate(disorders) if present[j]})
+
+
+def tune_threshold(y: np.ndarray, prob: np.ndarray,
+                   grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+                   ) -> float:
+    """The global decision threshold with the best macro-F1 on held-out (validation) data; 0.5
+    when the split has no positives to tune on. Every learned system gets the same treatment."""
+    y = np.asarray(y, dtype=int)
+    if y.sum() == 0:
+        return 0.5
+    present = y.sum(0) > 0
+    best, best_t = -1.0, 0.5
+    for t in grid:
+        pred = (prob >= t).astype(int)
+        tp = (y & pred).sum(0)[present]
+        fp = ((1 - y) & pred).sum(0)[present]
+        fn = (y & (1 - pred)).sum(0)[present]
+        score = float(np.mean([f1_counts(a, b, c) for a, b, c in zip(tp, fp, fn, strict=True)]))
+        if score > best + 1e-12:
+            best, best_t = score, float(t)
+    return best_t
+
+
+# ---------------------------------------------------------------------------------------------
+# rationale overlap with the teacher
+
+
+def bleu4(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu, 13a tokenisation), 0-100."""
+    import sacrebleu
+
+    if not hypotheses:
+        return float("nan")
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (rouge-score, no stemming), 0-100."""
+    from rouge_score import rouge_scorer
+
+    if not hypotheses:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in
+              zip(hypotheses, references, strict=True)]
+    return 100.0 * float(np.mean(scores))
