@@ -209,6 +209,57 @@ def reports(patient_id: str, full: bool) -> None:
 
 
 @main.command()
+@click.option("--patient", help="Only this patient's reports (a Patient id).")
+@click.option("--since", help="Issued on or after this date (YYYY-MM-DD or a FHIR dateTime).")
+@click.option("--until", help="Issued on or before this date.")
+@click.option("--method", "method",
+              help="Only this method or version: 'knowledge-rule-baseline', '1', or 'name@1'.")
+@click.option("--no-recheck", is_flag=True, help="Only list; do not re-check inputs.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write one row per report to this CSV file.")
+@click.option("--limit", default=0, help="At most this many reports (0: all).")
+def audit(patient: str | None, since: str | None, until: str | None, method: str | None,
+          no_recheck: bool, csv_path: Path | None, limit: int) -> None:
+    """List the reports we wrote and flag those whose inputs changed since.
+
+    Every input a report cites (its Provenance, Type/id/_history/version, and its cited values)
+    is compared with the server's current data: new versions, changed values, deletions.
+    """
+    from clinragen_fhir.report.audit import (
+        ReportAudit,
+        list_reports,
+        safe_recheck,
+        summarise,
+        write_csv,
+    )
+
+    settings = _settings()
+    audits: list[ReportAudit] = []
+    with settings.fhir.client() as client:
+        found = list_reports(client, settings.report.identifier_system, patient=patient,
+                             since=since, until=until, method=method)
+        for n, report in enumerate(found):
+            if limit and n >= limit:
+                break
+            a = summarise(report) if no_recheck else safe_recheck(client, report)
+            audits.append(a)
+            flag = "" if no_recheck else f"  {a.status} ({len(a.changes)} changes)"
+            click.echo(f"DiagnosticReport/{a.report_id}  {a.issued[:19]}  {a.method}  "
+                       f"inputs={a.n_inputs} values={a.n_values}{flag}")
+            for c in a.changes:
+                where = f"{c.reference}/_history/{c.version}" if c.version else c.reference
+                click.echo(f"    {c.kind}: {where} {c.detail}")
+    changed = sum(1 for a in audits if a.changes)
+    click.echo(f"{len(audits)} reports" + ("" if no_recheck else
+                                           f", {changed} with changed inputs"))
+    if csv_path:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="", encoding="utf-8") as fh:
+            write_csv(audits, fh)
+        click.echo(f"CSV: {csv_path}")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True)
 def webhook(host: str, port: int) -> None:

@@ -314,6 +314,19 @@ def fetch_version(client: FhirClient, reference: str, version: str) -> dict[str,
         raise
 
 
+def summarise(report: Mapping[str, Any]) -> ReportAudit:
+    """What a report says about itself (no server calls; nothing re-checked yet)."""
+    return ReportAudit(
+        report_id=str(report.get("id", "")),
+        patient_id=str((report.get("subject") or {}).get("reference", "")).removeprefix(
+            "Patient/"),
+        issued=str(report.get("issued", "")),
+        method=_ext(report, "method"),
+        knowledge_version=_ext(report, "knowledge-version"),
+        diagnoses=[c.get("code", "") for cc in report.get("conclusionCode", []) or []
+                   for c in cc.get("coding", []) or [] if c.get("system") == SNOMED])
+
+
 def recheck(client: FhirClient, report: Mapping[str, Any],
             provenance: Mapping[str, Any] | None = None) -> ReportAudit:
     """Compare one report's cited inputs with the server's current data."""
@@ -329,17 +342,9 @@ def recheck(client: FhirClient, report: Mapping[str, Any],
         key = f"{c.reference}/_history/{c.version}"
         if now is not None and c.version and _version_of(now) != c.version and key not in historic:
             historic[key] = fetch_version(client, c.reference, c.version)
-    audit = ReportAudit(
-        report_id=rid,
-        patient_id=str((report.get("subject") or {}).get("reference", "")).removeprefix(
-            "Patient/"),
-        issued=str(report.get("issued", "")),
-        method=_ext(report, "method"),
-        knowledge_version=_ext(report, "knowledge-version"),
-        diagnoses=[c.get("code", "") for cc in report.get("conclusionCode", []) or []
-                   for c in cc.get("coding", []) or [] if c.get("system") == SNOMED],
-        n_inputs=len({(c.reference, c.version) for c in cited}),
-        n_values=sum(1 for c in cited if c.value is not None))
+    audit = summarise(report)
+    audit.n_inputs = len({(c.reference, c.version) for c in cited})
+    audit.n_values = sum(1 for c in cited if c.value is not None)
     if provenance is None:
         audit.changes.append(Change(f"DiagnosticReport/{rid}", "", "no-provenance",
                                     "the report has no Provenance: inputs unknown"))
@@ -353,11 +358,10 @@ def safe_recheck(client: FhirClient, report: Mapping[str, Any]) -> ReportAudit:
     try:
         return recheck(client, report)
     except FhirError as exc:
-        rid = str(report.get("id", ""))
-        return ReportAudit(rid, "", str(report.get("issued", "")), _ext(report, "method"),
-                           _ext(report, "knowledge-version"), [],
-                           changes=[Change(f"DiagnosticReport/{rid}", "", "recheck-failed",
-                                           type(exc).__name__)])
+        audit = summarise(report)
+        audit.changes = [Change(f"DiagnosticReport/{audit.report_id}", "", "recheck-failed",
+                                type(exc).__name__)]
+        return audit
 
 
 CSV_COLUMNS = ("report", "patient", "issued", "method", "knowledge_version", "diagnoses",

@@ -6,6 +6,7 @@ import base64
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from html.parser import HTMLParser
+from typing import ClassVar
 
 import pandas as pd
 
@@ -66,7 +67,8 @@ USED = [InputRef("Observation/a2", "2"), InputRef("Observation/a1", "2"),
 class _Tags(HTMLParser):
     """Collects tags and attributes, and checks that non-void elements are closed in order."""
 
-    VOID = {"meta", "br", "img", "link", "input", "hr", "rect", "circle", "polyline"}
+    VOID: ClassVar[set[str]] = {"meta", "br", "img", "link", "input", "hr", "rect", "circle",
+                                "polyline"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,7 +181,7 @@ def test_narrative_of_an_abstention_and_control_characters() -> None:
 def test_cited_values_carry_the_value_as_sent_and_the_identifier_is_unchanged() -> None:
     _, report, key = page()
     assert key == report_key("p1", USED, prediction())  # rendering does not touch identity
-    bare, bare_key = build_transaction("p1", prediction(), USED, [], ReportSettings(), now=NOW)
+    _bare, bare_key = build_transaction("p1", prediction(), USED, [], ReportSettings(), now=NOW)
     assert bare_key == key
     cited = [e for e in report["extension"] if e["url"].endswith("/cited-value")]
     parts = [{p["url"]: p for p in e["extension"]} for e in cited]
