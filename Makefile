@@ -24,12 +24,14 @@ install: $(VENV)/.installed
 
 services: install
 	deploy/redis/start
+	deploy/rabbitmq/start
 	deploy/hapi/start
 
 stop:
 	-deploy/worker/stop
 	-deploy/hapi/stop
 	-deploy/redis/stop
+	-deploy/rabbitmq/stop
 
 demo: services
 	DATA=$(DATA) deploy/demo
