@@ -18,9 +18,9 @@ from celery.signals import worker_process_shutdown
 from clinragen_fhir import logs, metrics
 from clinragen_fhir.config import Settings
 from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
-from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker.app import app
 from clinragen_fhir.worker.state import WorkerState
 
@@ -33,7 +33,7 @@ def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     settings = Settings()
     logs.configure(settings.log_level)
     kg = load_graph(settings.knowledge_path)
-    return settings, kg, RuleBaseline(kg)
+    return settings, kg, build_predictor(settings.model_dir, kg, settings.inference)
 
 
 class DeadLetteringTask(Task):  # type: ignore[misc]

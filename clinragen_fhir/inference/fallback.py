@@ -1,0 +1,82 @@
+"""Which predictor the worker runs: the ONNX model when a model directory is configured, the
+rule baseline otherwise, and the baseline (saying so in the report) when the model cannot be
+used for the whole worker or for one patient."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
+from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.predict.rules import RuleBaseline
+from clinragen_fhir.predict.types import Prediction
+
+if TYPE_CHECKING:
+    from clinragen_fhir.config import InferenceSettings
+    from clinragen_fhir.inference.predictor import OnnxPredictor
+    from clinragen_fhir.pipeline import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def fallback_note(reason: str) -> str:
+    return (f"Note: the ClinRaGen model was not used ({reason}); this report was written by the "
+            "knowledge-rule baseline.")
+
+
+class ModelOrBaseline:
+    """The ONNX predictor, or the rule baseline with the reason written into the rationale."""
+
+    def __init__(self, model: OnnxPredictor | None, baseline: RuleBaseline,
+                 reason: str = "") -> None:
+        self.model = model
+        self.baseline = baseline
+        self.reason = reason
+        self.name = model.name if model is not None else baseline.name
+
+    def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
+                patient: PatientContext) -> Prediction:
+        if self.model is not None:
+            try:
+                return self.model.predict(labs, notes, patient)
+            except InputTooLong as exc:
+                log.warning("model input too long, rule baseline used", extra={"fields": {
+                    "error": str(exc)}})
+                return self._baseline(labs, notes, patient, exc.short)
+        return self._baseline(labs, notes, patient, self.reason)
+
+    def _baseline(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
+                  reason: str) -> Prediction:
+        p = self.baseline.predict(labs, notes, patient)
+        p.rationale = f"{fallback_note(reason)}\n{p.rationale}".strip()
+        return p
+
+
+def build_predictor(model_dir: Path | None, kg: KnowledgeGraph,
+                    settings: InferenceSettings | None = None) -> Predictor:
+    """The worker's predictor. A configured but unusable model is logged as an error once and
+    every report says the baseline wrote it; an unconfigured one is the plain baseline."""
+    baseline = RuleBaseline(kg)
+    if model_dir is None:
+        return baseline
+    from clinragen_fhir.config import InferenceSettings
+    from clinragen_fhir.inference.predictor import OnnxPredictor
+
+    s = settings or InferenceSettings()
+    try:
+        model = OnnxPredictor.load(model_dir, kg, s.precision, s.provider, s.threads,
+                                   s.batch_size, s.constrained, s.max_new_tokens,
+                                   s.verify_hashes)
+    except ModelUnavailable as exc:
+        log.error("model unavailable, rule baseline used", extra={"fields": {"error": str(exc)}})
+        return ModelOrBaseline(None, baseline, exc.short)
+    if model.model.config.knowledge_version != kg.version:
+        log.warning("knowledge graph differs from the model's", extra={"fields": {
+            "graph": kg.version, "model": model.model.config.knowledge_version}})
+    return ModelOrBaseline(model, baseline)

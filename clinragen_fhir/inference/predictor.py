@@ -1,0 +1,157 @@
+"""`OnnxPredictor`: the pipeline's Predictor on the exported model (no torch).
+
+Diagnoses are the codes of the generated diagnosis line plus any the calibrated head puts at or
+above the threshold; each carries the head's probability. Without the SLM's attention (that
+needs the torch `explain` pass), evidence comes from the lab frame through the knowledge graph:
+the readings that triggered findings supporting the disorder, else the most abnormal readings
+the model read; facts are ranked by the prefix graph's knowledge attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clinragen_fhir.encoding.features import Features, LabRef, collate, featurise
+from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.inference.runtime import OnnxModel, Precision
+from clinragen_fhir.inference.session import Provider
+from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.knowledge.retrieval import Retrieval
+from clinragen_fhir.predict.decode import abstain, split_output
+from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+
+METHOD = "clinragen-onnx"
+Item = tuple[pd.DataFrame, Sequence[Note], PatientContext]
+
+
+class OnnxPredictor:
+    """Rationale + diagnoses for one patient or a batch, on onnxruntime."""
+
+    name = METHOD
+
+    def __init__(self, model: OnnxModel, kg: KnowledgeGraph, batch_size: int = 4,
+                 constrained: bool = True, max_new_tokens: int | None = None,
+                 top_facts: int = 5) -> None:
+        self.model = model
+        self.kg = kg
+        self.batch_size = max(1, batch_size)
+        self.constrained = constrained
+        self.max_new_tokens = max_new_tokens
+        self.top_facts = top_facts
+        cfg = model.config
+        self._index = {c: i for i, c in enumerate(cfg.disorders)}
+        self._terms = {t.lower(): c for c, t in zip(cfg.disorders, cfg.disorder_terms,
+                                                    strict=True)}
+
+    @classmethod
+    def load(cls, model_dir: Path | str, kg: KnowledgeGraph, precision: Precision = "fp32",
+             provider: Provider = "auto", threads: int = 0, batch_size: int = 4,
+             constrained: bool = True, max_new_tokens: int | None = None,
+             verify_hashes: bool = True) -> OnnxPredictor:
+        model = OnnxModel(model_dir, precision, provider, threads, verify_hashes)
+        return cls(model, kg, batch_size, constrained, max_new_tokens)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def featurise(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
+                  ) -> tuple[Features, Retrieval]:
+        retrieval = retrieve(self.kg, labs, notes, patient)
+        feats = featurise(labs, notes, patient, retrieval, self.model.tokenizer,
+                          self.model.loinc_vocab, self.model.config.budgets)
+        return feats, retrieval
+
+    # -- Predictor ----------------------------------------------------------------------------
+    def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
+                patient: PatientContext) -> Prediction:
+        return self.predict_batch([(labs, notes, patient)])[0]
+
+    def predict_batch(self, items: Sequence[Item]) -> list[Prediction]:
+        """Patients are featurised one by one, then run `batch_size` at a time."""
+        results: list[Prediction | None] = [None] * len(items)
+        work: list[tuple[int, Features, Retrieval]] = []
+        for i, (labs, notes, patient) in enumerate(items):
+            if (labs is None or labs.empty) and not notes:
+                p = self._empty()
+                p.abstained, p.abstain_reason = True, "no usable lab results or notes"
+                p.rationale = "Abstained: the patient has no usable lab results or notes."
+                results[i] = p
+                continue
+            feats, retrieval = self.featurise(labs if labs is not None else pd.DataFrame(),
+                                              notes, patient)
+            work.append((i, feats, retrieval))
+        for start in range(0, len(work), self.batch_size):
+            chunk = work[start:start + self.batch_size]
+            gen = self.model.generate(collate([f for _, f, _ in chunk]), self.max_new_tokens,
+                                      constrained=self.constrained)
+            for row, (i, feats, retrieval) in enumerate(chunk):
+                results[i] = self._prediction(gen.texts[row], gen.probabilities[row],
+                                              gen.prefix.knowledge_attention[row], feats,
+                                              retrieval)
+        return [r for r in results if r is not None]
+
+    def _empty(self) -> Prediction:
+        cfg = self.model.config
+        return Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "")
+
+    def _prediction(self, text: str, probs: np.ndarray, katt: np.ndarray, feats: Features,
+                    retrieval: Retrieval) -> Prediction:
+        cfg = self.model.config
+        p = self._empty()
+        rationale, codes = split_output(text, self._index.keys(), self._terms)
+        codes += [c for c, pr in zip(cfg.disorders, probs, strict=True)
+                  if pr >= cfg.threshold and c not in codes]
+        p.abstained, p.abstain_reason = abstain([float(x) for x in probs], cfg.threshold,
+                                                cfg.min_confidence)
+        p.facts_used = self._ranked_facts(katt, feats)
+        if not p.abstained:
+            p.diagnoses = [self._diagnosis(c, float(probs[self._index[c]]), feats, retrieval)
+                           for c in codes]
+        p.rationale = rationale
+        return p
+
+    def _ranked_facts(self, katt: np.ndarray, feats: Features) -> list[str]:
+        """Fact ids by the knowledge attention lab and note tokens paid them (slot 0 = none)."""
+        if not feats.facts:
+            return []
+        weight = katt.mean(0)[:, 1:1 + len(feats.facts)].sum(0)  # [K]
+        order = np.argsort(-weight, kind="stable")[:self.top_facts]
+        return [feats.facts[k].id for k in order]
+
+    def _diagnosis(self, code: str, prob: float, feats: Features,
+                   retrieval: Retrieval) -> Diagnosis:
+        term = self.model.config.disorder_terms[self._index[code]]
+        support = next((d for d in retrieval.disorders if d.snomed == code), None)
+        findings = {f.id: f for f in retrieval.findings}
+        evidence: list[Evidence] = []
+        knowledge: list[str] = []
+        read = {f.id for f in feats.facts}
+        for s in support.supporting if support is not None else []:
+            if s.fact in read:
+                knowledge.append(s.fact)
+            hit = findings.get(s.evidence)
+            for r in hit.rows[-3:] if hit is not None else ():
+                evidence.append(Evidence(
+                    r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
+                    f"{r.display or r.loinc} {r.value:.3g} {r.unit} on {r.time[:10]} "
+                    f"({hit.label if hit else ''})"))
+        if not evidence:
+            evidence = [_evidence(r) for r in _most_abnormal(feats)]
+        return Diagnosis(code, term, prob, tuple(dict.fromkeys(evidence))[:5],
+                         tuple(dict.fromkeys(knowledge)))
+
+
+def _most_abnormal(feats: Features, k: int = 3) -> list[LabRef]:
+    """The readings furthest outside their reference range (by the squashed range scale)."""
+    if not feats.labs:
+        return []
+    score = np.abs(feats.lab_value) * feats.lab_value_mask
+    order = np.argsort(-score, kind="stable")[:k]
+    return [feats.labs[i] for i in order if score[i] > 0]
+
+
+def _evidence(r: LabRef) -> Evidence:
+    return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
+                    f"{r.display or r.loinc} {r.value:.3g} {r.unit} on {r.time[:10]}")

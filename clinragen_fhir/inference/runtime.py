@@ -1,0 +1,223 @@
+"""The exported model on onnxruntime: prefix graph -> calibrated probabilities and a KV-cached
+greedy decode of the rationale and diagnosis line. numpy in, numpy out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from clinragen_fhir.encoding.features import BATCH_KEYS, Budgets, loinc_vocabulary
+from clinragen_fhir.inference.decoding import DiagnosisConstraint, Generated, greedy, token_pieces
+from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
+from clinragen_fhir.inference.manifest import Manifest, read_manifest
+from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
+from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
+
+log = logging.getLogger(__name__)
+Precision = Literal["fp32", "int8"]
+PREFIX_OUTPUTS = ("inputs_embeds", "attention_mask", "knowledge_attention", "diagnosis_logits")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The parts of the saved model's config.json the runtime needs (read as plain JSON: the
+    training-side `ClinRaGenConfig` lives with torch)."""
+
+    loinc_codes: list[str]
+    disorders: list[str]
+    disorder_terms: list[str]
+    knowledge_version: str
+    budgets: Budgets
+    temperature: float
+    threshold: float
+    min_confidence: float
+    max_new_tokens: int
+    method_version: str
+
+    @classmethod
+    def read(cls, path: Path) -> RuntimeConfig:
+        try:
+            d = json.loads(path.read_text())
+            return cls(list(d["loinc_codes"]), list(d["disorders"]), list(d["disorder_terms"]),
+                       str(d.get("knowledge_version", "")), Budgets(**d["budgets"]),
+                       float(d.get("temperature", 1.0)), float(d.get("threshold", 0.5)),
+                       float(d.get("min_confidence", 0.6)), int(d.get("max_new_tokens", 160)),
+                       str(d.get("method_version", "1")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelUnavailable(path, f"unreadable model config ({type(exc).__name__}: "
+                                   f"{exc})") from exc
+
+
+@dataclass
+class PrefixOutput:
+    inputs_embeds: np.ndarray  # [B, P, D]
+    attention_mask: np.ndarray  # [B, P]
+    knowledge_attention: np.ndarray  # [B, layers, L+N, 1+K]
+    diagnosis_logits: np.ndarray  # [B, n_disorders], before temperature
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    ids: np.ndarray
+    prefix: PrefixOutput
+    probabilities: np.ndarray  # [B, n_disorders], calibrated
+    step_logits: list[np.ndarray] = field(default_factory=list)
+
+
+class OnnxModel:
+    """A saved model directory's ONNX export, loaded and checked; thread-compatible for reads
+    (one instance per worker process)."""
+
+    def __init__(self, model_dir: Path | str, precision: Precision = "fp32",
+                 provider: Provider = "auto", threads: int = 0,
+                 verify_hashes: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.precision = precision
+        self.manifest: Manifest = read_manifest(self.model_dir, verify_hashes, precision)
+        self.config = RuntimeConfig.read(self.model_dir / "config.json")
+        tok_path = self.model_dir / "tokenizer" / "tokenizer.json"
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise ModelUnavailable(tok_path, f"unreadable tokenizer ({exc})") from exc
+        self.loinc_vocab = loinc_vocabulary(self.config.loinc_codes)
+        self.prefix_path = self.manifest.file(precision, "prefix")
+        self.decoder_path = self.manifest.file(precision, "decoder")
+        self.prefix_session = open_session(self.prefix_path, provider, threads)
+        self.decoder_session = open_session(self.decoder_path, provider, threads)
+        emb_path = self.manifest.onnx_dir / "embeddings.npy"
+        try:  # memory-mapped: only the rows of generated tokens are ever read
+            self.embeddings = np.load(emb_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(emb_path, f"unreadable embeddings ({exc})") from exc
+        spec = self.manifest.decoder
+        if self.embeddings.shape != (spec.vocab_size, spec.hidden_size):
+            raise ModelUnavailable(emb_path, f"shape {self.embeddings.shape}, the manifest says "
+                                   f"{(spec.vocab_size, spec.hidden_size)}")
+        self._check_graph_io()
+        self.provider = provider_in_use(self.decoder_session)
+        self._pieces: list[str] | None = None
+        log.info("clinragen onnx model on %s", self.provider, extra={"fields": {
+            "provider": self.provider, "precision": precision, "threads": threads or "default",
+            "model": self.model_dir.name}})
+
+    def _check_graph_io(self) -> None:
+        names = [i.name for i in self.prefix_session.get_inputs()]
+        if names != list(BATCH_KEYS):
+            raise ModelUnavailable(self.prefix_path, f"inputs {names} are not the runtime's "
+                                   f"{list(BATCH_KEYS)}")
+        n = self.manifest.decoder.n_layers
+        want = ["inputs_embeds", "attention_mask", "position_ids"] + [
+            f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        got = [i.name for i in self.decoder_session.get_inputs()]
+        if got != want:
+            raise ModelUnavailable(self.decoder_path, f"inputs {got[:4]}... do not match a "
+                                   f"{n}-layer decoder with KV cache")
+        self._past_names = want[3:]
+
+    # -- limits -------------------------------------------------------------------------------
+    def check(self, arrays: dict[str, np.ndarray], new_tokens: int) -> None:
+        """Refuse inputs the graphs were not exported for, naming the file and the limit."""
+        lim = self.manifest.limits
+        sizes = {"lab readings": (arrays["lab_code"].shape[1], lim.max_labs),
+                 "knowledge facts": (arrays["fact_ids"].shape[1], lim.max_facts),
+                 "tokens per fact": (arrays["fact_ids"].shape[2], lim.max_fact_tokens),
+                 "note tokens": (arrays["note_ids"].shape[1], lim.max_note_tokens),
+                 "new tokens": (new_tokens, lim.max_new_tokens)}
+        for what, (size, limit) in sizes.items():
+            if size > limit:
+                raise InputTooLong(self.manifest.path, what, size, limit)
+        positions = self.prefix_length(arrays) + new_tokens
+        if positions > lim.max_positions:
+            raise InputTooLong(self.decoder_path, "prefix + new tokens", positions,
+                               lim.max_positions)
+        top = int(arrays["note_ids"].max(initial=0))
+        if top >= self.manifest.decoder.vocab_size:
+            raise InputTooLong(self.prefix_path, "note token id", top,
+                               self.manifest.decoder.vocab_size - 1)
+
+    def prefix_length(self, arrays: dict[str, np.ndarray]) -> int:
+        fixed = int(self.manifest.data.get("prompt_tokens", 0))
+        return fixed + sum(int(arrays[k].shape[1]) for k in ("lab_code", "fact_ids", "note_ids"))
+
+    # -- graphs -------------------------------------------------------------------------------
+    def run_prefix(self, arrays: dict[str, np.ndarray]) -> PrefixOutput:
+        out = self.prefix_session.run(list(PREFIX_OUTPUTS), {k: arrays[k] for k in BATCH_KEYS})
+        return PrefixOutput(*out)
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray, past: list[np.ndarray] | None
+             ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: the whole prefix (past None) or one new token per row."""
+        if past is None:
+            spec = self.manifest.decoder
+            empty = np.zeros((inputs_embeds.shape[0], spec.n_kv_heads, 0, spec.head_dim),
+                             dtype=np.float32)
+            past = [empty] * len(self._past_names)
+        feeds: dict[str, np.ndarray] = {
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
+            "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds.update(zip(self._past_names, past, strict=True))
+        logits, *present = self.decoder_session.run(None, feeds)
+        return logits, present
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.asarray(self.embeddings[ids], dtype=np.float32)
+        return out
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated: sigmoid(logits / temperature)."""
+        out: np.ndarray = 1.0 / (1.0 + np.exp(-logits / self.config.temperature))
+        return out
+
+    # -- decoding -----------------------------------------------------------------------------
+    def pieces(self) -> list[str]:
+        """Per-token appended text, built once (the constraint needs it)."""
+        if self._pieces is None:
+            spec = self.manifest.decoder
+            anchor = self.tokenizer.token_to_id("a")
+            anchor = anchor if anchor is not None else next(
+                i for i in range(spec.vocab_size) if i not in self._special_ids())
+            self._pieces = token_pieces(
+                lambda rows: self.tokenizer.decode_batch(rows, skip_special_tokens=False),
+                spec.vocab_size, anchor)
+        return self._pieces
+
+    def _special_ids(self) -> set[int]:
+        return {int(v) for k, v in self.tokenizer.get_vocab(with_added_tokens=True).items()
+                if k.startswith("<|")}
+
+    def constraint(self) -> DiagnosisConstraint:
+        label = self.tokenizer.encode("\n" + DIAGNOSIS_LABEL, add_special_tokens=False).ids
+        return DiagnosisConstraint(self.pieces(), self.config.disorders,
+                                   self.manifest.decoder.eos_token_id, label_ids=label)
+
+    def generate(self, arrays: dict[str, np.ndarray], max_new_tokens: int | None = None,
+                 constrained: bool = True, keep_logits: bool = False,
+                 stop_at_eos: bool = True) -> Generation:
+        """Texts, new ids, prefix outputs and calibrated probabilities for a collated batch."""
+        n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.check(arrays, n)
+        prefix = self.run_prefix(arrays)
+        spec = self.manifest.decoder
+        gen: Generated = greedy(self.step, self.embed, prefix.inputs_embeds,
+                                prefix.attention_mask, n, spec.eos_token_id, spec.pad_token_id,
+                                self.constraint() if constrained else None, keep_logits,
+                                stop_at_eos)
+        texts = [self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True).strip()
+                 for row in gen.ids]
+        return Generation(texts, gen.ids, prefix, self.probabilities(prefix.diagnosis_logits),
+                          gen.logits)
+
+
+def describe(model: OnnxModel) -> dict[str, Any]:
+    """What is loaded, for logs and the benchmark."""
+    return {"model_dir": str(model.model_dir), "precision": model.precision,
+            "provider": model.provider, "limits": model.manifest.limits.__dict__}
