@@ -60,6 +60,8 @@ class FhirEndpoint(BaseModel):
     timeout_s: float = 30.0
     retries: int = 3
     page_size: int = 200
+    rate_limit_per_s: float = 0.0  # requests/s per worker process to this endpoint; 0: none
+    rate_limit_burst: int = 0  # requests allowed at once; 0: max(1, rate)
 
     def token(self) -> SecretStr | None:
         """The bearer token, read at use time from env or file (never from the TOML)."""
@@ -108,7 +110,8 @@ class FhirEndpoint(BaseModel):
         return FhirClient(self.base_url, auth=self.http_auth(), timeout=self.timeout_s,
                           verify=self.verify(), retries=self.retries,
                           page_size=self.page_size, allow_insecure_http=self.allow_insecure_http,
-                          transport=transport, observer=observer)
+                          transport=transport, observer=observer,
+                          rate_limit=self.rate_limit_per_s, rate_burst=self.rate_limit_burst)
 
 
 class ReportSettings(BaseModel):

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import random
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -86,6 +87,39 @@ def _outcome_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+class TokenBucket:
+    """At most `rate` requests a second on average, bursts of `burst`; thread-safe.
+
+    Hospital FHIR servers (and their gateways) set request quotas per client; staying under
+    them is cheaper than being answered 429. The bucket is per client object, so per worker
+    process: N processes may send N x `rate` together (see docs/integration.md).
+    """
+
+    def __init__(self, rate: float, burst: int = 0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0 requests/s")
+        self.rate = rate
+        self.capacity = float(burst if burst > 0 else max(1, int(rate)))
+        self._tokens = self.capacity
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping until one is there; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+        if wait > 0:  # the debt is ours: later callers queue behind it
+            self._sleep(wait)
+        return wait
+
+
 class FhirClient:
     """One FHIR endpoint. Thread-compatible, not shared across processes."""
 
@@ -105,8 +139,12 @@ class FhirClient:
         allow_insecure_http: bool = False,
         transport: httpx.BaseTransport | None = None,
         observer: Callable[[str, int | None], None] | None = None,
+        rate_limit: float = 0.0,
+        rate_burst: int = 0,
     ) -> None:
         self.base_url = check_base_url(base_url, allow_insecure_http)
+        # requests/s to this endpoint (0: unlimited); every attempt, retries included, counts
+        self.bucket = TokenBucket(rate_limit, rate_burst) if rate_limit > 0 else None
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -143,6 +181,8 @@ class FhirClient:
                 hdrs = dict(headers or {})
                 if json is not None:
                     hdrs.setdefault("Content-Type", FHIR_JSON)
+                if self.bucket is not None:
+                    self.bucket.acquire()
                 response = self._http.request(method, url, params=params, json=json, headers=hdrs)
             except httpx.TimeoutException as exc:
                 error: FhirError = FhirUnavailable(f"{method} {path}: timed out ({exc})")
