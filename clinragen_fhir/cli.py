@@ -130,24 +130,43 @@ def _patient_ids(settings: Settings, query: str) -> list[str]:
 @click.option("--local", is_flag=True, help="Run in this process instead of the queue.")
 @click.option("--timeout", default=3600, show_default=True, help="Seconds to wait in all.")
 @click.option("--json-out", type=click.Path(path_type=Path), help="Write outcomes as JSON.")
+@click.option("--restart", is_flag=True,
+              help="Forget which patients an earlier run of this query finished; do all again.")
 def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
-                 json_out: Path | None) -> None:
-    """Diagnose every patient a search returns; with --wait, print a summary table."""
+                 json_out: Path | None, restart: bool) -> None:
+    """Diagnose every patient a search returns; with --wait, print a summary table.
+
+    Resumable: the patients finished for this query (on this server) are checkpointed in the
+    state store as they complete, by the worker or in --local mode, and a re-run skips them.
+    """
+    from clinragen_fhir.worker.state import WorkerState
+
     settings = _settings()
     started = time.monotonic()
     ids = _patient_ids(settings, query)
     click.echo(f"{len(ids)} patients match {query}")
+    state, run = WorkerState(settings.state_url), backfill_key(settings.fhir.base_url, query)
+    if restart:
+        state.reset_backfill(run)
+    done = state.backfill_done(run)
+    todo = [pid for pid in ids if pid not in done]
+    if len(todo) < len(ids):
+        click.echo(f"{len(ids) - len(todo)} already done by an earlier run of this query "
+                   "(--restart to redo them)")
+    ids = todo
     outcomes: list[dict[str, Any]] = []
     if local:
         for pid in tqdm(ids, unit="patient"):
             try:
                 outcomes.append(_run_local(pid))
+                state.mark_done(run, pid)
             except FhirError as exc:
                 outcomes.append({"status": "failed", "reason": str(exc)})
     else:
         from clinragen_fhir.worker.tasks import diagnose as task
 
-        pending = [task.delay(pid) for pid in tqdm(ids, unit="queued")]
+        pending = [task.apply_async((pid,), {"backfill": run})
+                   for pid in tqdm(ids, unit="queued")]
         if not wait:
             click.echo(f"queued {len(pending)} tasks")
             return
@@ -163,6 +182,13 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
         json_out.write_text(json.dumps({"wall_s": elapsed, "outcomes": outcomes}, indent=2))
     if any(o.get("status") == "failed" for o in outcomes):
         raise SystemExit(1)
+
+
+def backfill_key(base_url: str, query: str) -> str:
+    """The checkpoint a `diagnose-all` run resumes from: one per server and query."""
+    import hashlib
+
+    return hashlib.sha256(f"{base_url.rstrip('/')}|{query}".encode()).hexdigest()[:24]
 
 
 def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:

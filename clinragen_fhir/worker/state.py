@@ -17,6 +17,8 @@ import redis
 
 DLQ_KEY = "clinragen:dlq"
 CURSOR_KEY = "clinragen:poll-cursor"
+BACKFILL_KEY = "clinragen:backfill:"  # + run key: the set of patients done in that backfill
+BACKFILL_TTL_S = 30 * 24 * 3600
 
 
 @dataclass
@@ -62,3 +64,16 @@ class WorkerState:
 
     def set_cursor(self, endpoint: str, value: str) -> None:
         self._redis.hset(CURSOR_KEY, endpoint, value)
+
+    # -- backfill checkpoints ----------------------------------------------------------------
+    def backfill_done(self, run: str) -> set[str]:
+        """Patients a `diagnose-all` run has finished (report written, present or skipped)."""
+        return {str(m) for m in self._redis.smembers(BACKFILL_KEY + run)}
+
+    def mark_done(self, run: str, patient_id: str) -> None:
+        key = BACKFILL_KEY + run
+        self._redis.sadd(key, patient_id)
+        self._redis.expire(key, BACKFILL_TTL_S)
+
+    def reset_backfill(self, run: str) -> None:
+        self._redis.delete(BACKFILL_KEY + run)

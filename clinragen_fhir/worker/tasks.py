@@ -52,8 +52,12 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
 
 
 @app.task(bind=True, base=DeadLetteringTask, name="clinragen.diagnose")
-def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
-    """Diagnose one patient and write its report; retry transient FHIR failures."""
+def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[str, Any]:
+    """Diagnose one patient and write its report; retry transient FHIR failures.
+
+    `backfill`: the `diagnose-all` run this task belongs to; the patient is checkpointed as done
+    there once the outcome is final, so a re-run of that backfill skips it.
+    """
     settings, kg, predictor = _runtime()
     phash = logs.hash_id(patient_id)
     started = time.perf_counter()
@@ -62,6 +66,11 @@ def diagnose(self: Task, patient_id: str) -> dict[str, Any]:
         with settings.fhir.client(observer=metrics.observe_fhir) as client:
             outcome = diagnose_patient(client, kg, predictor, patient_id, settings.report)
         outcome_label = outcome.status
+        if backfill:
+            try:
+                WorkerState(settings.state_url).mark_done(backfill, patient_id)
+            except Exception:  # the report is written; a lost checkpoint only means a re-check
+                log.warning("backfill checkpoint not saved", extra={"fields": {"patient": phash}})
         metrics.MODEL_SECONDS.labels(outcome.method or "none").observe(outcome.model_seconds)
     except FhirError as exc:
         w = settings.worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -60,7 +61,7 @@ def test_client_requests_are_paced_across_threads() -> None:
     elapsed = time.monotonic() - started
     assert len(calls) == 12
     assert elapsed >= 11 / 20 - 0.02  # 12 requests at 20/s with a burst of 1
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert min(gaps) > 0.02  # never two at once
 
 
