@@ -367,14 +367,27 @@ def dlq_requeue(ids: tuple[str, ...], everything: bool) -> None:
 
 @main.command()
 @click.argument("reference")
-def show(reference: str) -> None:
-    """Print one resource (e.g. DiagnosticReport/123) as JSON."""
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save a report's HTML rendering (presentedForm) to this file instead.")
+def show(reference: str, html_out: Path | None) -> None:
+    """Print one resource (e.g. DiagnosticReport/123) as JSON, or save a report's HTML."""
     rtype, _, rid = reference.partition("/")
     if not rid:
         raise click.UsageError("REFERENCE must be Type/id")
     settings = _settings()
     with settings.fhir.client() as client:
-        click.echo(json.dumps(client.read(rtype, rid), indent=2))
+        resource = client.read(rtype, rid)
+    if html_out is None:
+        click.echo(json.dumps(resource, indent=2))
+        return
+    from clinragen_fhir.report.html import decode_presented_form
+
+    page = decode_presented_form(resource)
+    if page is None:
+        raise click.ClickException(f"{reference} carries no text/html presentedForm")
+    html_out.parent.mkdir(parents=True, exist_ok=True)
+    html_out.write_text(page, encoding="utf-8")
+    click.echo(str(html_out))
 
 
 REQUIRED_SEARCH = {
