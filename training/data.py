@@ -27,6 +27,7 @@ never moves existing ones between splits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -397,7 +398,7 @@ def iter_examples(sources: Sequence[Source], kg: KnowledgeGraph, cfg: BuildConfi
     for src in sources:
         records: Iterable[PatientRecord] = src.records()
         if cfg.max_patients is not None:
-            records = (r for i, r in enumerate(records) if i < cfg.max_patients)
+            records = itertools.islice(records, cfg.max_patients)
         for record in tqdm(records, desc=f"build {src.name}", unit="patient",
                            disable=not progress):
             enc = encode_record(record, kg, unmapped)

@@ -3,7 +3,8 @@
 A label is named by its preferred term or any synonym in the graph, and also by the terms of its
 IS-A descendants ("type 2 diabetes" names "diabetes mellitus"). Matching is case-insensitive and
 word-bounded, and is deliberately broader than the retrieval's note matcher (which is
-case-sensitive for abbreviations), so masking errs towards hiding too much.
+case-sensitive for abbreviations), so masking errs towards hiding too much. Masking uses a token
+index (fast, every nested match); `leaked_terms` is an independent regex check for the tests.
 """
 
 from __future__ import annotations
@@ -92,36 +93,96 @@ def masked_codes(kg: KnowledgeGraph, labels: Collection[str], known: Collection[
     or not; what is hidden then depends only on the history before the index time.
     """
     if scope == "labels":
-        return set(labels)
+        return set(labels).union(*(descendants(kg, c) for c in labels))
     if scope == "unknown":
         return (set(kg.disorders()) - set(known) - ROOTS) | set(labels)
     raise ValueError(f"mask scope must be 'labels' or 'unknown', not {scope!r}")
 
 
-def mask_notes(kg: KnowledgeGraph, notes: Iterable[Note], labels: Collection[str],
-               policy: str = "mask") -> MaskResult:
-    """Replace every mention of `labels` (policy "mask") or drop a note naming one ("drop").
+@dataclass(frozen=True)
+class _TermIndex:
+    terms: dict[tuple[str, ...], frozenset[str]]  # lower-cased token tuple -> disorder codes
+    lengths: dict[str, tuple[int, ...]]  # first token -> term lengths, longest first
 
-    `labels` is whatever must not be named: `masked_codes(...)` in the dataset builder."""
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+@lru_cache(maxsize=4)
+def _term_index(kg: KnowledgeGraph) -> _TermIndex:
+    terms: dict[tuple[str, ...], set[str]] = {}
+    for code, dis in kg.disorders().items():
+        if code in ROOTS:
+            continue
+        for t in (dis.term, *dis.synonyms):
+            key = tuple(w.lower() for w in _TOKEN.findall(t))
+            if len(t.strip()) >= 2 and key:
+                terms.setdefault(key, set()).add(code)
+    lengths: dict[str, set[int]] = {}
+    for key in terms:
+        lengths.setdefault(key[0], set()).add(len(key))
+    return _TermIndex({k: frozenset(v) for k, v in terms.items()},
+                      {k: tuple(sorted(v, reverse=True)) for k, v in lengths.items()})
+
+
+@lru_cache(maxsize=50_000)
+def _occurrences(kg: KnowledgeGraph, text: str) -> tuple[tuple[int, int, frozenset[str]], ...]:
+    """Every (start, end, codes) where a disorder term occurs, nested and overlapping ones too.
+
+    Token matching (case-insensitive, whitespace-free) finds a superset of what the
+    word-bounded regex of `leaked_terms` finds, and it is computed once per note text: the
+    same note is an input of many examples of one patient.
+    """
+    index = _term_index(kg)
+    spans = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
+    lower = [text[a:b].lower() for a, b in spans]
+    out: list[tuple[int, int, frozenset[str]]] = []
+    for i, tok in enumerate(lower):
+        for n in index.lengths.get(tok, ()):
+            codes = index.terms.get(tuple(lower[i:i + n])) if i + n <= len(lower) else None
+            if codes:
+                out.append((spans[i][0], spans[i + n - 1][1], codes))
+    return tuple(out)
+
+
+def mask_text(kg: KnowledgeGraph, text: str, codes: Collection[str]) -> tuple[str, int]:
+    """The text with every mention of these disorders replaced by MASK; how many spans."""
+    wanted = set(codes)
+    hits = sorted((a, b) for a, b, cs in _occurrences(kg, text) if cs & wanted)
+    if not hits:
+        return text, 0
+    merged: list[list[int]] = []
+    for a, b in hits:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    parts, pos = [], 0
+    for a, b in merged:
+        parts += [text[pos:a], MASK]
+        pos = b
+    parts.append(text[pos:])
+    return "".join(parts), len(merged)
+
+
+def mask_notes(kg: KnowledgeGraph, notes: Iterable[Note], codes: Collection[str],
+               policy: str = "mask") -> MaskResult:
+    """Replace every mention of `codes` (policy "mask") or drop a note naming one ("drop").
+
+    `codes` is whatever must not be named: `masked_codes(...)` in the dataset builder."""
     if policy not in ("mask", "drop"):
         raise ValueError(f"leak policy must be 'mask' or 'drop', not {policy!r}")
-    notes = list(notes)
-    pattern = term_pattern(kg, labels)
-    if pattern is None:
-        return MaskResult(notes)
     out = MaskResult([])
     for note in notes:
-        text, n = pattern.subn(MASK, note.text)
+        text, n = mask_text(kg, note.text, codes)
         if n == 0:
             out.notes.append(note)
-            continue
-        if policy == "drop":
+        elif policy == "drop":
             out.dropped_notes += 1
-            continue
-        # a replacement can join words into a new match only if MASK itself were a term
-        out.masked_mentions += n
-        out.masked_notes += 1
-        out.notes.append(replace(note, text=text))
+        else:
+            out.masked_mentions += n
+            out.masked_notes += 1
+            out.notes.append(replace(note, text=text))
     return out
 
 
