@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -132,12 +132,25 @@ class WorkerSettings(BaseModel):
     max_retries: int = 5
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
+    # soft: SoftTimeLimitExceeded is raised in the task (logged, dead-lettered); hard: the pool
+    # child is killed and the task redelivered (acks_late). soft < hard < visibility timeout.
     soft_time_limit_s: int = 300
     time_limit_s: int = 360
     visibility_timeout_s: int = 3600
     concurrency: int = 2
     metrics_port: int = 0  # > 0: Prometheus /metrics on 127.0.0.1:<port> from the worker
     poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> WorkerSettings:
+        """A soft limit past the hard one never fires; a hard limit past Redis's visibility
+        timeout lets a second worker start the same task while the first still runs."""
+        if not 0 < self.soft_time_limit_s < self.time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "worker time limits must satisfy 0 < soft_time_limit_s < time_limit_s < "
+                f"visibility_timeout_s (got {self.soft_time_limit_s}, {self.time_limit_s}, "
+                f"{self.visibility_timeout_s})")
+        return self
 
 
 class InferenceSettings(BaseModel):
