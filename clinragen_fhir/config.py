@@ -133,7 +133,7 @@ class WorkerSettings(BaseModel):
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
     # soft: SoftTimeLimitExceeded is raised in the task (logged, dead-lettered); hard: the pool
-    # child is killed and the task redelivered (acks_late). soft < hard < visibility timeout.
+    # child is killed, the task fails and is dead-lettered. soft < hard < visibility timeout.
     soft_time_limit_s: int = 300
     time_limit_s: int = 360
     visibility_timeout_s: int = 3600
