@@ -1,4 +1,5 @@
-"""The soft time limit stops a task stuck on a slow FHIR server; it is dead-lettered.
+"""The soft time limit stops a task stuck on a slow FHIR server; it is dead-lettered, and
+`clinragen-fhir dlq list/requeue` shows it and puts it back on the queue.
 
 A real worker process (prefork: time limits need it) with a 2 s soft / 6 s hard limit, reading
 from a local HTTP server that answers after 20 s. Its own Redis databases (7, 8, 9).
@@ -20,6 +21,7 @@ from clinragen_fhir.config import Settings
 from clinragen_fhir.worker.app import make_app
 from clinragen_fhir.worker.state import WorkerState
 from tests.integration.conftest import ROOT, worker_env
+from tests.integration.hospital import cli
 
 pytestmark = pytest.mark.integration
 BROKER, BACKEND, STATE = (f"redis://127.0.0.1:6379/{n}" for n in (7, 8, 9))
@@ -79,3 +81,12 @@ def test_soft_time_limit_ends_a_stuck_task_and_dead_letters_it(slow_fhir: str) -
     assert [(d.task, d.args) for d in letters] == [("clinragen.diagnose", ["stuck-patient"])]
     assert "SoftTimeLimitExceeded" in letters[0].error
     assert "stuck-patient" not in log_path.read_text()  # ids are hashed in the logs
+    # The operator's view: list, then re-queue (no worker runs now, so it waits in the queue).
+    listed = cli("dlq", "list", CLINRAGEN_STATE_URL=STATE)
+    assert letters[0].id in listed.stdout and "SoftTimeLimitExceeded" in listed.stdout
+    assert "1 dead letters" in listed.stdout and "stuck-patient" not in listed.stdout
+    requeued = cli("dlq", "requeue", "--all", CLINRAGEN_STATE_URL=STATE,
+                   CLINRAGEN_BROKER_URL=BROKER, CLINRAGEN_RESULT_BACKEND=BACKEND)
+    assert f"{letters[0].id}: re-queued" in requeued.stdout, requeued.stderr
+    assert WorkerState(STATE).dead_letters() == []
+    assert redis.Redis.from_url(BROKER).llen("clinragen") == 1
