@@ -150,11 +150,11 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
         return base
     if settings.audit_events:  # in the same transaction: no report without its audit record
-        report_urn = next(e["fullUrl"] for e in bundle["entry"]
-                          if e["resource"]["resourceType"] == "DiagnosticReport")
+        written = {"type": "DiagnosticReport",
+                   "identifier": {"system": settings.identifier_system, "value": key}}
         bundle["entry"] += audit_bundle([audit_event(
             "C", patient_id, interactions=["transaction", "create"],
-            written=report_urn, details={"inputs cited": len(inputs.used)})])["entry"]
+            written=written, details={"inputs cited": len(inputs.used)})])["entry"]
     try:
         response = client.transaction(bundle)
     except FhirHTTPError as exc:

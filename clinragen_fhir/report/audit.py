@@ -48,11 +48,14 @@ def outcome_code(error: BaseException | None) -> str:
 
 def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
                 device_ref: str = "", details: Mapping[str, object] | None = None,
-                error: BaseException | None = None, written: str | None = None,
+                error: BaseException | None = None,
+                written: Mapping[str, Any] | None = None,
                 now: datetime | None = None) -> dict[str, Any]:
     """One R4 AuditEvent: our application Device as agent, the patient (and report) as entity.
 
     `device_ref` may stay empty when the event goes through `audit_bundle`, which sets it.
+    `written` is a logical Reference (by identifier) to what was written: a literal reference
+    would stop the server from ever deleting that resource (referential integrity on delete).
     """
     now = now or datetime.now(UTC)
     entities: list[dict[str, Any]] = [{
@@ -61,7 +64,7 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
         "role": {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"},
         "detail": [{"type": k, "valueString": str(v)} for k, v in (details or {}).items()]}]
     if written:
-        entities.append({"what": {"reference": written},
+        entities.append({"what": dict(written),
                          "type": {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "role": {"system": _OBJECT_ROLE, "code": "3", "display": "Report"}})
     event: dict[str, Any] = {

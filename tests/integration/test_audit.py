@@ -46,11 +46,20 @@ def test_audit_events_and_recheck_flag_changed_inputs(
     device = fhir.read(*events[0]["agent"][0]["who"]["reference"].split("/")[:2])
     assert device["identifier"][0]["value"] == APP_DEVICE
     write = next(e for e in events if e["action"] == "C")
-    assert {"reference": f"DiagnosticReport/{outcome.report_id}"} in [
+    assert {"type": "DiagnosticReport", "identifier": {
+        "system": ReportSettings().identifier_system, "value": outcome.identifier}} in [
         x["what"] for x in write["entity"]]
     read = next(e for e in events if e["action"] == "R")
     details = {d["type"]: d["valueString"] for d in read["entity"][0]["detail"]}
     assert details["Observation read"] == "3"
+    # The write is referenced by identifier, so the report stays deletable (HAPI enforces
+    # referential integrity on delete); writing it again adds a second pair of events.
+    for prov in fhir.search("Provenance", {"target": f"DiagnosticReport/{outcome.report_id}"}):
+        fhir.delete("Provenance", prov["id"])
+    fhir.delete("DiagnosticReport", outcome.report_id)
+    outcome = diagnose_patient(fhir, kg, RuleBaseline(kg), pid, ReportSettings())
+    assert outcome.status == "written"
+    assert sorted(e["action"] for e in audit_events(fhir, pid)) == ["C", "C", "R", "R"]
 
     # Nothing changed yet.
     first = tmp_path / "first.csv"
