@@ -303,10 +303,10 @@ def check_parity(model: ClinRaGen, onnx_model: Any, features: Sequence[Features]
     report = ParityReport(len(features), new_tokens, worst_logit, worst_diag, worst_embeds,
                           not mismatches, mismatches[:5], round(time.perf_counter() - started, 1))
     if not report.ok(atol):
+        tokens = "identical" if not mismatches else "differ: " + "; ".join(mismatches[:3])
         raise ParityError(f"ONNX export differs from PyTorch on {len(features)} patients: "
                           f"max |logit diff| {worst_logit:.2e}, diagnosis logits "
-                          f"{worst_diag:.2e} (limit {atol:.0e}); greedy tokens "
-                          f"{'identical' if not mismatches else 'differ: ' + '; '.join(mismatches[:3])}")
+                          f"{worst_diag:.2e} (limit {atol:.0e}); greedy tokens {tokens}")
     return report
 
 

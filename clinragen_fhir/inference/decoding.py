@@ -57,27 +57,62 @@ class DiagnosisConstraint:
                                     if p and set(p) <= _ALLOWED_CHARS and i != eos_id],
                                    dtype=np.int64)
         self.rows: list[_Row] = []
+        # pieces that can continue an item (no leading separator)
+        self._continuations = [self.pieces[int(i)] for i in self.candidates
+                               if not _SEP.match(self.pieces[int(i)])]
+        self._memo: dict[tuple[str, bool], bool] = {}
 
     def start(self, batch: int) -> None:
         self.rows = [_Row() for _ in range(batch)]
 
     def _state(self, line: str) -> tuple[bool, bool]:
-        """(the line is a valid prefix, the line is complete)."""
+        """(the line is a valid prefix that can still be completed, the line is complete)."""
+        runs = _SEP.findall(line)
+        if any(sum(ch in ";," for ch in r) > 1 for r in runs):
+            return False, False  # "44054006 ; ;": one separator between codes
+        lead = _SEP.match(line)
+        if lead is not None and any(ch in ";," for ch in lead.group()):
+            return False, False
         items = _SEP.split(line)
         done, last = [x for x in items[:-1] if x], items[-1]
         if len(set(done)) != len(done) or len(done) > self.max_codes:
             return False, False
         if "none" in done:
-            return (done == ["none"] and not last), done == ["none"] and not last
+            ok = done == ["none"] and not last
+            return ok, ok
         if any(x not in self.codes for x in done):
             return False, False
         if not last:
             return True, bool(done)
-        if last in self.prefixes or (not done and last in self.none_prefixes):
-            complete = (last in self.codes and last not in done
-                        and len(done) < self.max_codes) or (not done and last == "none")
-            return last not in done, complete
+        first = not done
+        if last in self.codes:
+            ok = last not in done and len(done) < self.max_codes
+            return ok, ok
+        if first and last == "none":
+            return True, True
+        if (last in self.prefixes or (first and last in self.none_prefixes)) \
+                and self._extendable(last, first):
+            return True, False
         return False, False
+
+    def _extendable(self, last: str, first: bool) -> bool:
+        """Some sequence of candidate tokens completes this partial item (no dead ends such as
+        a token "4405" when no token continues it)."""
+        key = (last, first)
+        if key not in self._memo:
+            self._memo[key] = False  # a cycle cannot complete anything
+            ok = last in self.codes or (first and last == "none")
+            for piece in self._continuations if not ok else ():
+                head = _SEP.split(piece, maxsplit=1)
+                grown = last + head[0]
+                if len(head) > 1:  # the piece ends the item: it must be whole
+                    ok = grown in self.codes or (first and grown == "none")
+                elif grown in self.prefixes or (first and grown in self.none_prefixes):
+                    ok = self._extendable(grown, first)
+                if ok:
+                    break
+            self._memo[key] = ok
+        return self._memo[key]
 
     def mask(self, logits: np.ndarray, remaining: int, finished: np.ndarray) -> np.ndarray:
         """Logits with disallowed tokens at -inf (rows outside the line are untouched)."""

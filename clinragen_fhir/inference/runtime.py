@@ -104,6 +104,7 @@ class OnnxModel:
         self._check_graph_io()
         self.provider = provider_in_use(self.decoder_session)
         self._pieces: list[str] | None = None
+        self._constraint: DiagnosisConstraint | None = None
         log.info("clinragen onnx model on %s", self.provider, extra={"fields": {
             "provider": self.provider, "precision": precision, "threads": threads or "default",
             "model": self.model_dir.name}})
@@ -195,9 +196,13 @@ class OnnxModel:
                 if k.startswith("<|")}
 
     def constraint(self) -> DiagnosisConstraint:
-        label = self.tokenizer.encode("\n" + DIAGNOSIS_LABEL, add_special_tokens=False).ids
-        return DiagnosisConstraint(self.pieces(), self.config.disorders,
-                                   self.manifest.decoder.eos_token_id, label_ids=label)
+        """Built once (its token scan and memo are reused); `greedy` resets its rows."""
+        if self._constraint is None:
+            label = self.tokenizer.encode("\n" + DIAGNOSIS_LABEL, add_special_tokens=False).ids
+            self._constraint = DiagnosisConstraint(self.pieces(), self.config.disorders,
+                                                   self.manifest.decoder.eos_token_id,
+                                                   label_ids=label)
+        return self._constraint
 
     def generate(self, arrays: dict[str, np.ndarray], max_new_tokens: int | None = None,
                  constrained: bool = True, keep_logits: bool = False,

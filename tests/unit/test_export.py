@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import json
 import tempfile
-from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from clinragen_fhir.encoding.features import Features, Modalities, featurise  # noqa: E402
-from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext  # noqa: E402
-from clinragen_fhir.knowledge import KnowledgeGraph, load_graph, retrieve  # noqa: E402
+from clinragen_fhir.knowledge import retrieve  # noqa: E402
 from model.backbone import tiny_backbone  # noqa: E402
 from model.clinragen import ClinRaGen, ClinRaGenConfig  # noqa: E402
 from model.export import (  # noqa: E402
@@ -30,21 +27,7 @@ from model.export import (  # noqa: E402
     export,
     macro_f1,
 )
-
-INDEX = datetime(2024, 3, 3, tzinfo=UTC)
-CODES = ["44054006", "38341003", "414916001"]
-TERMS = ["Diabetes mellitus type 2", "Hypertensive disorder", "Obesity"]
-LOINC = ["4548-4", "2345-7", "8480-6"]
-WORDS = ["HbA1c", "Glucose", "Systolic", "blood", "pressure", "is", "high", "supports", "observed",
-         "as", "the", "patient", "reports", "thirst", "and", "tired", "no", "none", "fever",
-         "Diabetes", "mellitus", "type", "2", "Hypertensive", "disorder", "Obesity", "%",
-         "mg/dL", "on", "Lab", "results:", "Medical", "knowledge:", "Clinical", "notes:",
-         "Diagnosis:", ";", *CODES, *(f"{c};" for c in CODES)]
-
-
-@cache
-def graph() -> KnowledgeGraph:
-    return load_graph()
+from tests.unit.onnx_fixtures import CODES, LOINC, TERMS, WORDS, graph, patients  # noqa: E402
 
 
 def build(seed: int = 0) -> ClinRaGen:
@@ -57,35 +40,6 @@ def build(seed: int = 0) -> ClinRaGen:
     model.init_lab_codes({"4548-4": "HbA1c", "2345-7": "Glucose", "8480-6": "Systolic"})
     model.add_lora()
     return model.eval()
-
-
-def lab_frame(i: int) -> pd.DataFrame:
-    """Patient i: a few HbA1c/glucose readings, some high, of varying number."""
-    rows = []
-    for k in range(1 + i % 5):
-        code, unit, low, high = (("4548-4", "%", 4.0, 5.6) if k % 2 == 0
-                                 else ("2345-7", "mg/dL", 70.0, 99.0))
-        value = (5.0 + 0.6 * (i % 7) + 0.3 * k) if code == "4548-4" else 90.0 + 15 * (i % 4)
-        rows.append({"observation_id": f"Observation/p{i}o{k}", "version_id": "1", "loinc": code,
-                     "display": code, "category": "laboratory", "value": value, "unit": unit,
-                     "raw_value": value, "raw_unit": unit,
-                     "time": pd.Timestamp(f"2024-02-{k + 1:02d}", tz="UTC"), "ref_low": low,
-                     "ref_high": high, "interpretation": ""})
-    return pd.DataFrame(rows, columns=list(LAB_COLUMNS))
-
-
-def notes(i: int) -> list[Note]:
-    text = ["the patient reports thirst", "tired no fever", "", "blood pressure is high"][i % 4]
-    return [Note(f"DocumentReference/n{i}", "1", datetime(2024, 3, 1, tzinfo=UTC), text)] \
-        if text else []
-
-
-def patient(i: int) -> PatientContext:
-    return PatientContext(f"p{i}", sex="female", index_time=INDEX)
-
-
-def patients(n: int = 32) -> list[tuple[pd.DataFrame, list[Note], PatientContext]]:
-    return [(lab_frame(i), notes(i), patient(i)) for i in range(n)]
 
 
 def features_of(model: ClinRaGen, n: int = 32) -> list[Features]:
@@ -113,6 +67,7 @@ def manifest() -> dict[str, Any]:
     return dict(json.loads((exported_model_dir() / "onnx" / "manifest.json").read_text()))
 
 
+@pytest.mark.slow
 def test_export_writes_graphs_and_a_manifest_with_versions_limits_and_hashes() -> None:
     m = manifest()
     onnx_dir = exported_model_dir() / "onnx"
@@ -129,31 +84,35 @@ def test_export_writes_graphs_and_a_manifest_with_versions_limits_and_hashes() -
     assert set(m["variants"]) == {"fp32", "int8"}
 
 
+@pytest.mark.slow
 def test_parity_gate_passed_on_32_patients() -> None:
     p = manifest()["parity"]
     assert p["patients"] >= 32 and p["greedy_tokens_identical"]
     assert p["max_logit_diff"] < 1e-3 and p["max_diagnosis_logit_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_parity_gate_raises_when_onnx_and_torch_disagree() -> None:
     """The graphs of seed 0 against a torch model of seed 1 must fail loudly."""
     from clinragen_fhir.inference.runtime import OnnxModel
 
     other = build(seed=1)
     onnx_model = OnnxModel(exported_model_dir(), "fp32", "cpu")
-    with pytest.raises(ParityError, match="max \\|logit diff\\|"):
+    with pytest.raises(ParityError, match=r"max \\|logit diff\\|"):
         check_parity(other, onnx_model, features_of(other, 4), new_tokens=3)
 
 
+@pytest.mark.slow
 def test_export_needs_32_patients_and_a_saved_model_dir(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="config.json missing"):
+    with pytest.raises(ExportError, match=r"config.json missing"):
         export(tmp_path, [], build())
     model = build()
     model.save(tmp_path / "m")
-    with pytest.raises(ExportError, match="at least 32 patients"):
+    with pytest.raises(ExportError, match=r"at least 32 patients"):
         export(tmp_path / "m", features_of(model, 3), model)
 
 
+@pytest.mark.slow
 def test_int8_graphs_are_smaller_and_their_cost_is_recorded() -> None:
     m = manifest()
     cost = m["int8_cost"]
