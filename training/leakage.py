@@ -126,7 +126,7 @@ def _term_index(kg: KnowledgeGraph) -> _TermIndex:
 
 
 @lru_cache(maxsize=50_000)
-def _occurrences(kg: KnowledgeGraph, text: str) -> tuple[tuple[int, int, frozenset[str]], ...]:
+def occurrences(kg: KnowledgeGraph, text: str) -> tuple[tuple[int, int, frozenset[str]], ...]:
     """Every (start, end, codes) where a disorder term occurs, nested and overlapping ones too.
 
     Token matching (case-insensitive, whitespace-free) finds a superset of what the
@@ -148,7 +148,7 @@ def _occurrences(kg: KnowledgeGraph, text: str) -> tuple[tuple[int, int, frozens
 def mask_text(kg: KnowledgeGraph, text: str, codes: Collection[str]) -> tuple[str, int]:
     """The text with every mention of these disorders replaced by MASK; how many spans."""
     wanted = set(codes)
-    hits = sorted((a, b) for a, b, cs in _occurrences(kg, text) if cs & wanted)
+    hits = sorted((a, b) for a, b, cs in occurrences(kg, text) if cs & wanted)
     if not hits:
         return text, 0
     merged: list[list[int]] = []
