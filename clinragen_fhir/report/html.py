@@ -200,6 +200,10 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
         conclusion = ("<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"
                       "<th>probability</th><th>cited values</th></tr></thead>"
                       f"<tbody>{summary}</tbody></table>")
+        if prediction.method == "knowledge-rule-baseline":  # no calibrated model behind it
+            conclusion += ("<p><small>For the knowledge-rule baseline, probability is the "
+                           "knowledge graph's support score, not a calibrated probability."
+                           "</small></p>")
     else:
         conclusion = "<p><b>No disorder supported.</b></p>"
     if prediction.abstained:
