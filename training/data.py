@@ -34,7 +34,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -160,13 +160,15 @@ class Manifest:
     unmapped_conditions: dict[str, int] = field(default_factory=dict)  # code -> n (top 30)
     files: dict[str, str] = field(default_factory=dict)  # split -> file name
     build_seconds: float = 0.0
+    teacher: dict[str, Any] = field(default_factory=dict)  # set by training.annotate
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ def test_window_bounds_the_labels(kg: KnowledgeGraph, tmp_path: Path) -> None:
     examples = examples_for_patient(enc, kg, cfg, "hand")
     assert examples and all(e.meta["index_kind"] == "random" for e in examples)
     for e in examples:
+        assert e.patient.index_time is not None
         index = pd.Timestamp(e.patient.index_time)
         in_window = pd.Timestamp("2023-06-01T10:00:00Z") - index < timedelta(days=30)
         assert (T2DM in e.labels) == (index <= pd.Timestamp("2023-06-01T10:00:00Z")
@@ -246,6 +247,7 @@ def test_real_records_inputs_precede_index_and_splits_hold(real_dataset: Path) -
         examples = load_split(real_dataset, split)
         assert len(examples) == manifest.counts[split]["examples"]
         for ex in examples:
+            assert ex.patient.index_time is not None
             index = pd.Timestamp(ex.patient.index_time)
             assert ex.split == split
             assert patients.setdefault(ex.patient.patient_id, split) == split
