@@ -1,5 +1,6 @@
 """`build` (datasets from FHIR) and `annotate` (teacher rationales) as click commands, for
-`clinragen-train` to mount; `build_main(argv)` runs `build` on its own."""
+`clinragen-train` to mount (`group.add_command(build)`, `group.add_command(annotate)`);
+`build_main(argv)` runs `build` on its own."""
 
 from __future__ import annotations
 
@@ -52,6 +53,45 @@ def build(sources: tuple[str, ...], fhir_url: str | None, patients: tuple[str, .
     summary = {"out": str(out_dir), "counts": manifest.counts, "leakage": manifest.leakage,
                "index_kinds": manifest.index_kinds, "build_seconds": manifest.build_seconds}
     click.echo(json.dumps(summary, indent=2))
+
+
+@click.command("annotate")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Write here instead of rewriting --data in place.")
+@click.option("--teacher", type=click.Choice(["knowledge", "llm"]), default="knowledge",
+              show_default=True)
+@click.option("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. .../v1")
+@click.option("--llm-model", default=None)
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Name of the env var holding the key (the key itself is never an option).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="LLM answer cache (default: DATA/.llm-cache).")
+@click.option("--concurrency", default=4, show_default=True)
+@click.option("--rate", "rate_per_s", default=2.0, show_default=True, help="Requests/s.")
+@click.option("--quiet", is_flag=True)
+def annotate(data_dir: Path, out_dir: Path | None, teacher: str, llm_url: str | None,
+             llm_model: str | None, api_key_env: str, cache_dir: Path | None, concurrency: int,
+             rate_per_s: float, quiet: bool) -> None:
+    """Write teacher rationales (notes, labs, multimodal, diagnosis) into a built dataset."""
+    from clinragen_fhir.knowledge import load_graph
+    from training.annotate import annotate_dataset
+    from training.llm import LLMClient, LLMConfig
+    from training.teacher import KnowledgeTeacher, LLMTeacher
+
+    kg = load_graph()
+    if teacher == "knowledge":
+        report = annotate_dataset(data_dir, KnowledgeTeacher(kg), out_dir, progress=not quiet)
+    else:
+        if not llm_url or not llm_model:
+            raise click.UsageError("--teacher llm needs --llm-url and --llm-model")
+        cfg = LLMConfig(base_url=llm_url, model=llm_model, api_key_env=api_key_env,
+                        concurrency=concurrency, rate_per_s=rate_per_s,
+                        cache_dir=cache_dir or data_dir / ".llm-cache")
+        with LLMClient(cfg) as client:
+            report = annotate_dataset(data_dir, LLMTeacher(client, kg), out_dir,
+                                      progress=not quiet)
+    click.echo(json.dumps(report.to_json(), indent=2))
 
 
 def build_main(argv: Sequence[str] | None = None) -> None:

@@ -279,16 +279,24 @@ def test_llm_teacher_rejects_disagreeing_answers_and_annotates(
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["teacher"]["rejected"]
 
 
-def test_annotate_in_place_with_the_knowledge_teacher(kg: KnowledgeGraph, small_dataset: Path,
-                                                      tmp_path: Path) -> None:
+def test_annotate_in_place_with_the_knowledge_teacher_cli(small_dataset: Path,
+                                                          tmp_path: Path) -> None:
     import shutil
+
+    from click.testing import CliRunner
+
+    from training.data_cli import annotate
 
     folder = tmp_path / "ds"
     shutil.copytree(small_dataset, folder)
-    report = annotate_dataset(folder, KnowledgeTeacher(kg), progress=False)
+    result = CliRunner().invoke(annotate, ["--data", str(folder), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
     examples = all_examples(folder)
-    assert report.examples == len(examples) and report.teacher == KNOWLEDGE_TEACHER
+    assert report["examples"] == len(examples) and report["teacher"] == KNOWLEDGE_TEACHER
     assert all(set(e.rationales) == {"notes", "labs", "multimodal", "diagnosis"}
                and e.meta["teacher"] == KNOWLEDGE_TEACHER for e in examples)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["teacher"]["stages"]["diagnosis"] == len(examples)
+    bad = CliRunner().invoke(annotate, ["--data", str(folder), "--teacher", "llm"])
+    assert bad.exit_code == 2 and "--llm-url" in bad.output
