@@ -205,9 +205,13 @@ def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
     for reason, n in reasons.most_common():
         click.echo(f"| skipped/failed: {reason} | {n} |")
     if codes:
-        click.echo("\n| SNOMED CT concluded | patients |\n|---|---|")
+        from clinragen_fhir.knowledge import load_graph
+
+        kg = load_graph(_settings().knowledge_path)
+        click.echo("\n| SNOMED CT concluded | term | patients |\n|---|---|---|")
         for code, n in codes.most_common(15):
-            click.echo(f"| {code} | {n} |")
+            concept = kg.disorder(code)
+            click.echo(f"| {code} | {concept.term if concept else '(not in graph)'} | {n} |")
 
 
 @main.command()
@@ -378,7 +382,7 @@ def show(reference: str, html_out: Path | None) -> None:
     with settings.fhir.client() as client:
         resource = client.read(rtype, rid)
     if html_out is None:
-        click.echo(json.dumps(resource, indent=2))
+        click.echo(json.dumps(_elide_attachments(resource), indent=2))
         return
     from clinragen_fhir.report.html import decode_presented_form
 
@@ -388,6 +392,17 @@ def show(reference: str, html_out: Path | None) -> None:
     html_out.parent.mkdir(parents=True, exist_ok=True)
     html_out.write_text(page, encoding="utf-8")
     click.echo(str(html_out))
+
+
+def _elide_attachments(resource: dict[str, Any]) -> dict[str, Any]:
+    """Base64 attachment data is unreadable on a terminal: name its size instead (--html)."""
+    out = dict(resource)
+    forms = out.get("presentedForm")
+    if isinstance(forms, list):
+        out["presentedForm"] = [
+            {**f, "data": f"<{len(str(f['data']))} base64 characters: use --html FILE>"}
+            if isinstance(f, dict) and "data" in f else f for f in forms]
+    return out
 
 
 REQUIRED_SEARCH = {
