@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/synthea-exafluence-qicore
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install services stop demo test test-unit test-integration lint typecheck clean
+.PHONY: install services stop demo test test-unit test-integration lint typecheck clean \
+	reproduce reproduce-quick
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +51,14 @@ test-integration: services
 
 test: lint typecheck services
 	$(BIN)/pytest -q tests
+
+# The training comparison table (docs/training.md): data + clinosim cohort, teacher, three SLM
+# variants, baselines, evaluation; writes .run/train/results.md. The quick one is CI-sized.
+reproduce: install
+	$(BIN)/clinragen-train reproduce
+
+reproduce-quick: install
+	$(BIN)/clinragen-train reproduce --quick
 
 clean: stop
 	rm -rf .run $(VENV)

