@@ -9,6 +9,10 @@ Index times (per patient, seeded):
   before their last record, so that some follow-up exists. Its labels are whatever is newly
   recorded in the window, often nothing: these are the negatives.
 
+`visit_lab_hours` > 0 relaxes this for labs only, for every index time alike (else the mere
+presence of same-visit results would mark onset examples): the results drawn at the index
+visit become inputs, the task becomes diagnosing at that visit. Off by default.
+
 Labels: disorders of the graph vocabulary (SNOMED; ICD-10-CM/WHO codes mapped with
 `kg.snomed_for_icd10`), plus their IS-A ancestors, first recorded at or after the index time
 and before index + `window_days`. A Condition's time is the earlier of onset and recordedDate
@@ -91,6 +95,9 @@ class BuildConfig:
     vocabulary: tuple[str, ...] | None = None  # SNOMED ids to label; None = all graph disorders
     exclude_labels: tuple[str, ...] = tuple(sorted(ROOTS))  # "Disease": implied by any label
     max_patients: int | None = None  # per source, first N by id (quick runs)
+    # > 0: also labs dated in [index, index + h): the results of the visit at the index time
+    # ("diagnose with this visit's results"); notes stay strictly before. 0 = strict (default)
+    visit_lab_hours: float = 0.0
 
 
 @dataclass
@@ -357,7 +364,8 @@ def examples_for_patient(enc: EncodedPatient, kg: KnowledgeGraph, cfg: BuildConf
     out: list[Example] = []
     for t, kind in index_times(enc, kg, cfg):
         if times is not None:
-            labs = enc.labs[(times >= t - lookback) & (times < t)].reset_index(drop=True)
+            until = t + timedelta(hours=cfg.visit_lab_hours)
+            labs = enc.labs[(times >= t - lookback) & (times < until)].reset_index(drop=True)
         else:
             labs = pd.DataFrame(columns=list(LAB_COLUMNS))
         notes = [n for n, nt in zip(enc.notes, enc.note_times, strict=True)
@@ -380,6 +388,8 @@ def examples_for_patient(enc: EncodedPatient, kg: KnowledgeGraph, cfg: BuildConf
                   "label_days": {c: round((labels[c] - t).total_seconds() / 86400, 2)
                                  for c in codes},
                   "prior_disorders": prior, "n_labs": len(labs), "n_notes": len(masked.notes),
+                  "visit_labs": int((pd.to_datetime(labs["time"], utc=True) >= t).sum())
+                  if not labs.empty else 0,
                   "masked_mentions": masked.masked_mentions,
                   "masked_notes": masked.masked_notes, "dropped_notes": masked.dropped_notes,
                   "followup_days": round((last_record - t).total_seconds() / 86400, 2)

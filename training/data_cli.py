@@ -30,11 +30,13 @@ from training.data import BuildConfig, Source, build_dataset, source_from_spec
 @click.option("--max-onset", default=6, show_default=True, help="Onset index times/patient.")
 @click.option("--random-per-patient", default=1, show_default=True)
 @click.option("--max-patients", type=int, default=None, help="First N patients per source.")
+@click.option("--visit-lab-hours", default=0.0, show_default=True,
+              help="Also use labs up to this many hours after the index time (0 = strict).")
 @click.option("--quiet", is_flag=True)
 def build(sources: tuple[str, ...], fhir_url: str | None, patients: tuple[str, ...],
           out_dir: Path, seed: int, window_days: int, lookback_days: int, leak_policy: str,
           mask_scope: str, no_ancestors: bool, max_onset: int, random_per_patient: int,
-          max_patients: int | None, quiet: bool) -> None:
+          max_patients: int | None, visit_lab_hours: float, quiet: bool) -> None:
     """Build train/valid/test JSONL examples and manifest.json from FHIR data."""
     srcs: list[Source] = [source_from_spec(s) for s in sources]
     if fhir_url:
@@ -48,7 +50,8 @@ def build(sources: tuple[str, ...], fhir_url: str | None, patients: tuple[str, .
     cfg = BuildConfig(window_days=window_days, lookback_days=lookback_days, seed=seed,
                       include_ancestors=not no_ancestors, leak_policy=leak_policy,
                       mask_scope=mask_scope, max_onset_per_patient=max_onset,
-                      random_per_patient=random_per_patient, max_patients=max_patients)
+                      random_per_patient=random_per_patient, max_patients=max_patients,
+                      visit_lab_hours=visit_lab_hours)
     manifest = build_dataset(srcs, out_dir, config=cfg, progress=not quiet)
     summary = {"out": str(out_dir), "counts": manifest.counts, "leakage": manifest.leakage,
                "index_kinds": manifest.index_kinds, "build_seconds": manifest.build_seconds}

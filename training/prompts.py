@@ -85,7 +85,12 @@ def lab_phrase(kg: KnowledgeGraph, row: pd.Series) -> str:
            f"{row['unit']} on {day}"
     d = direction(value, low, high)
     if d:
-        ref = "-".join(fmt_value(v) if not math.isnan(v) else "" for v in (low, high))
+        if math.isnan(low):
+            ref = f"<= {fmt_value(high)}"
+        elif math.isnan(high):
+            ref = f">= {fmt_value(low)}"
+        else:
+            ref = f"{fmt_value(low)}-{fmt_value(high)}"
         text += f", {d} (reference {ref})"
     return text
 

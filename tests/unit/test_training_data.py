@@ -133,6 +133,13 @@ def test_examples_cut_inputs_before_and_labels_after(kg: KnowledgeGraph, tmp_pat
     assert leaked_terms(kg, text, ex.labels) == []
     assert text.count(MASK) == 4 and ex.meta["masked_mentions"] == 4
     assert not [m for m in find_mentions(kg, ex.notes) if m.code in ex.labels]
+    # the diagnosing visit's results become inputs on request; its note never does
+    (visit,) = examples_for_patient(encode_record(record, kg), kg,
+                                    BuildConfig(seed=3, random_per_patient=0,
+                                                visit_lab_hours=1), "hand")
+    assert sorted(visit.labs["observation_id"])[-1] == "Observation/a3"
+    assert visit.meta["visit_labs"] == 1 and len(visit.notes) == 2
+    assert visit.labels == ex.labels
 
 
 def test_window_bounds_the_labels(kg: KnowledgeGraph, tmp_path: Path) -> None:
