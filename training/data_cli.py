@@ -98,9 +98,12 @@ def annotate(data_dir: Path, out_dir: Path | None, teacher: str, llm_url: str | 
 
 
 def build_main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: `python -m training.data_cli --source DIR --out OUT`."""
+    """Run `build` alone: `build_main(["--source", DIR, "--out", OUT])`."""
     build.main(args=list(argv) if argv is not None else None, standalone_mode=True)
 
 
+main = click.Group("data", commands=[build, annotate],
+                   help="Datasets from FHIR and teacher rationales.")
+
 if __name__ == "__main__":
-    build_main()
+    main()
