@@ -31,8 +31,6 @@ from tests.reliability.stack import (
     wait_until,
 )
 
-
-
 N_PATIENTS, N_KILLS = (200, 24) if FULL else (20, 5)
 # soft < hard < visibility, all short, so a killed worker's unacknowledged task comes back soon
 LIMITS = {"CLINRAGEN_WORKER__SOFT_TIME_LIMIT_S": "15", "CLINRAGEN_WORKER__TIME_LIMIT_S": "20",
