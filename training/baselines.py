@@ -99,7 +99,9 @@ class LabFeatures:
         self.codes = [str(c) for c in counts.index[:self.max_codes]]
         for c in self.codes:
             v = allf.loc[allf["loinc"] == c, "value"].astype(float)
-            self.mean[c], self.std[c] = float(v.mean()), float(v.std() or 1.0) or 1.0
+            mean, std = float(v.mean()), float(v.std())
+            self.mean[c] = mean if np.isfinite(mean) else 0.0
+            self.std[c] = std if np.isfinite(std) and std > 0 else 1.0
         return self
 
     def transform(self, examples: Sequence[Example]) -> np.ndarray:
@@ -125,7 +127,7 @@ class LabFeatures:
                 z = np.clip(z, -20, 20)
                 out[i, 5 * k:5 * k + 5] = [z[-1], z.min(), z.max(), np.log1p(len(z)),
                                            z[-1] - z[0]]
-        return out
+        return np.nan_to_num(out, nan=0.0, posinf=20.0, neginf=-20.0)
 
 
 def _note_text(ex: Example) -> str:

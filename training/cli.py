@@ -213,8 +213,10 @@ def _clinosim(out: Path, population: int, seed: int, end: str) -> Path:
 @click.option("--data-source", "data_sources", multiple=True, type=click.Path(path_type=Path),
               help="Bundle/NDJSON sources (default: ../shared/data Synthea).")
 @click.option("--no-doc", is_flag=True, help="Do not rewrite docs/training.md's table.")
+@click.option("--threads", type=int, default=None,
+              help="torch threads (default: the config's); 1 is faster on a busy machine.")
 def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tuple[Path, ...],
-              no_doc: bool) -> None:
+              no_doc: bool, threads: int | None) -> None:
     """Data + clinosim cohort -> teacher -> every SLM variant -> evaluation table -> model."""
     from training.annotate import annotate_dataset
     from training.data import BuildConfig, build_dataset
@@ -225,6 +227,8 @@ def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tup
 
     t0 = time.perf_counter()
     cfg = load_config(config or ("quick" if quick else "default"))
+    if threads is not None:
+        cfg.threads = threads
     timings: dict[str, float] = {}
     run_dir = out_root / cfg.name
     data_dir = run_dir / "data"

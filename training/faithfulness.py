@@ -30,7 +30,8 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 
 _DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:T[\d:.+Z-]*)?")
 _LOINC = re.compile(r"\(?\bLOINC\s+\d{1,7}-\d\)?|\b\d{3,7}-\d\b")
-_NUMBER = re.compile(r"(?<![\w./{^])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}])")
+_SCTID = re.compile(r"(?<![\d.])\d{6,18}(?![\d.])")
+_NUMBER = re.compile(r"(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])")
 _NOT_A_VALUE = re.compile(r"^\s*(?:readings?|days?|times?|weeks?|months?|years?|x\b|fold)",
                           re.IGNORECASE)
 _ON_DATE = re.compile(r"^\s*[^\s;,]{0,24}\s*(?:on|dated|at|,|from)?\s*$", re.IGNORECASE)
@@ -66,8 +67,12 @@ class ClaimCheck:
 class LabLexicon:
     """Test names -> LOINC codes, longest name first (so "LDL cholesterol (direct)" wins)."""
 
-    def __init__(self, names: dict[str, set[str]]) -> None:
+    def __init__(self, names: dict[str, set[str]], disorder_terms: Iterable[str] = ()) -> None:
         self.names = {k: frozenset(v) for k, v in names.items() if len(k) >= 3 or k.isupper()}
+        # disorder names are not lab claims ("Body mass index 30+ - obesity", "type 2 diabetes")
+        terms = sorted({t for t in disorder_terms if len(t) >= 4}, key=len, reverse=True)
+        self.disorders = re.compile(r"(?<![\w])(" + "|".join(re.escape(t) for t in terms)
+                                    + r")(?![\w])", re.IGNORECASE) if terms else None
         alternatives = sorted(self.names, key=len, reverse=True)
         self.pattern = re.compile(
             r"(?<![\w])(" + "|".join(re.escape(n) for n in alternatives) + r")(?![\w])",
@@ -78,6 +83,10 @@ class LabLexicon:
     def build(cls, kg: KnowledgeGraph | None = None, frames: Iterable[pd.DataFrame] = (),
               extra: dict[str, str] | None = None) -> LabLexicon:
         names: dict[str, set[str]] = {}
+        terms: list[str] = []
+        if kg is not None:
+            for d in kg.disorders().values():
+                terms += [d.term, *d.synonyms]
 
         def add(name: str, code: str) -> None:
             name = " ".join(str(name).split())
@@ -100,7 +109,7 @@ class LabLexicon:
                     add(short, str(code))
         for name, code in (extra or {}).items():
             add(name, code)
-        return cls(names)
+        return cls(names, terms)
 
     def codes(self, name: str) -> frozenset[str]:
         return self.lower.get(" ".join(name.split()).lower(), frozenset())
@@ -121,9 +130,14 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
     """Every (test, value?, date?, direction?) statement in the text with at least one part."""
     if lexicon.pattern is None:
         return []
-    # LOINC codes look like numbers ("4548-4"); blank them out of the value search, keep offsets
-    masked = _LOINC.sub(lambda m: " " * len(m.group(0)), text)
-    mentions = list(lexicon.pattern.finditer(text))
+    # disorder names, SNOMED codes and LOINC codes ("4548-4") are blanked (offsets kept)
+    def blank(m: re.Match[str]) -> str:
+        return " " * len(m.group(0))
+
+    plain = lexicon.disorders.sub(blank, text) if lexicon.disorders is not None else text
+    plain = _SCTID.sub(blank, plain)
+    masked = _LOINC.sub(blank, plain)
+    mentions = list(lexicon.pattern.finditer(plain))
     claims: list[Claim] = []
     for i, m in enumerate(mentions):
         if _LOINC.fullmatch(m.group(0)) and i + 1 < len(mentions) \

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph  # noqa: E402
+from tests.unit.train_examples import make_examples  # noqa: E402
 from training.config import (  # noqa: E402
     STAGES,
     StageConfig,
@@ -30,7 +32,6 @@ from training.distill import (  # noqa: E402
     trainable_state,
 )
 from training.example import Example  # noqa: E402
-from tests.unit.train_examples import make_examples  # noqa: E402
 
 
 class Crash(RuntimeError):
@@ -106,7 +107,7 @@ def test_each_stage_warm_starts_from_the_last(kg: KnowledgeGraph, examples: list
     train_variant(cfg, cfg.variants[0], examples, kg, tmp_path, progress=False,
                   on_stage_start=lambda s, m: starts.__setitem__(s, trainable_state(m)))
     vdir = tmp_path / "full"
-    for prev, stage in zip(STAGES, STAGES[1:], strict=False):
+    for prev, stage in itertools.pairwise(STAGES):
         saved = load_file(str(vdir / prev / "weights.safetensors"))
         assert saved.keys() == starts[stage].keys()
         assert all(torch.equal(saved[k], starts[stage][k]) for k in saved)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from tests.unit.train_examples import CKD, DM2, HTN, make_examples
 from training.baselines import FeatureClassifier, label_matrix, rule_outputs, template_rationale
 from training.evaluate import markdown_table, score
 from training.faithfulness import LabLexicon
-from tests.unit.train_examples import CKD, DM2, HTN, make_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 

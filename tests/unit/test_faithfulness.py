@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from training.faithfulness import LabLexicon, check_rationale, extract_claims, summarise
 from tests.unit.train_examples import frame
+from training.faithfulness import LabLexicon, check_rationale, extract_claims, summarise
 
 T1, T2 = datetime(2024, 1, 10, tzinfo=UTC), datetime(2024, 3, 2, 9, 30, tzinfo=UTC)
 LABS = frame([("4548-4", 6.8, T1), ("4548-4", 7.14, T2), ("2345-7", 92.0, T2),
@@ -69,3 +69,11 @@ def test_summary_pools_claims(lexicon: LabLexicon) -> None:
     s = summarise(checks)
     assert (s.claims, s.matched, s.rationales, s.rationales_with_claims) == (2, 1, 3, 2)
     assert s.share == pytest.approx(0.5)
+
+
+def test_numbers_inside_units_are_not_values(kg: KnowledgeGraph) -> None:
+    labs = frame([("4548-4", 7.1, T2)])
+    labs["display"] = "Erythrocytes in Blood"
+    lex = LabLexicon.build(kg, [labs])
+    claims = extract_claims("Erythrocytes in Blood was 7.1 10*6/uL on 2024-03-02 (low)", lex)
+    assert [(c.value, str(c.day)) for c in claims] == [(7.1, "2024-03-02")]
