@@ -55,7 +55,7 @@ class Example:
             birth_date=datetime.fromisoformat(p["birth_date"]) if p.get("birth_date") else None,
             index_time=datetime.fromisoformat(p["index_time"]) if p.get("index_time") else None)
         labs = pd.DataFrame(d["labs"], columns=list(LAB_COLUMNS))
-        labs["time"] = pd.to_datetime(labs["time"], utc=True)
+        labs["time"] = pd.to_datetime(labs["time"], utc=True, format="ISO8601")
         for col in ("value", "raw_value", "ref_low", "ref_high"):
             labs[col] = pd.to_numeric(labs[col], errors="coerce").astype(float)
         notes = [Note(document_id=n["document_id"], version_id=n["version_id"],
