@@ -55,6 +55,7 @@ from clinragen_fhir.inference.manifest import (
     file_entry,
 )
 from model.clinragen import ClinRaGen
+from model.parity import bundle_patients, macro_f1
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -323,100 +324,59 @@ def _until_eos(ids: np.ndarray, eos: int) -> list[int]:
 # int8 cost
 
 
-def macro_f1(pred: Sequence[set[str]], gold: Sequence[set[str]], labels: Sequence[str]) -> float:
-    """Mean per-label F1 over labels that occur in gold or prediction (0 when none do)."""
-    scores = []
-    for c in labels:
-        tp = sum(1 for p, g in zip(pred, gold, strict=True) if c in p and c in g)
-        fp = sum(1 for p, g in zip(pred, gold, strict=True) if c in p and c not in g)
-        fn = sum(1 for p, g in zip(pred, gold, strict=True) if c not in p and c in g)
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def compare_variants(reference: Any, candidate: Any, features: Sequence[Features],
-                     new_tokens: int, gold: Sequence[set[str]] | None = None,
+                     new_tokens: int = 32, gold: Sequence[set[str]] | None = None,
                      batch_size: int = 8) -> dict[str, Any]:
-    """What int8 costs against fp32 on the same patients.
+    """What int8 costs against fp32 on the same patients (both through the runtime).
 
-    * macro-F1 of each variant's head decisions against `gold` labels when given;
+    * macro-F1 of each variant's decisions (head at threshold, plus diagnosis-line codes)
+      against `gold` labels when given;
     * agreement: macro-F1 of int8's decisions taking fp32's as the truth, the share of
-      patients with identical decisions, the largest probability shift;
-    * faithfulness: the share of patients whose constrained generation (rationale and
-      diagnosis line) is token-for-token the same, and the share of diagnosis-line codes that
-      the patient's retrieved knowledge supports, per variant.
+      patients with identical decisions, the largest head-probability shift;
+    * faithfulness: the share of patients whose constrained generation is token-for-token the
+      same, and per variant the share of concluded codes that the knowledge facts the model
+      read name (a disorder it was shown evidence for, not one it made up).
     """
-    cfg = reference.config
-    decisions: dict[str, list[set[str]]] = {"ref": [], "cand": []}
-    line_codes: dict[str, list[list[str]]] = {"ref": [], "cand": []}
-    texts: dict[str, list[list[int]]] = {"ref": [], "cand": []}
-    max_shift = 0.0
     from clinragen_fhir.predict.decode import split_output
 
+    cfg = reference.config
+    decisions: dict[str, list[set[str]]] = {"fp32": [], "int8": []}
+    texts: dict[str, list[list[int]]] = {"fp32": [], "int8": []}
+    max_shift = 0.0
     for start in range(0, len(features), batch_size):
         arrays = collate(list(features[start:start + batch_size]))
         probs = {}
-        for key, m in (("ref", reference), ("cand", candidate)):
+        for key, m in (("fp32", reference), ("int8", candidate)):
             g = m.generate(arrays, new_tokens, constrained=True)
             probs[key] = g.probabilities
-            decisions[key] += [{c for c, p in zip(cfg.disorders, row, strict=True)
-                                if p >= cfg.threshold} for row in g.probabilities]
-            line_codes[key] += [split_output(t, set(cfg.disorders))[1] for t in g.texts]
+            for row, text in zip(g.probabilities, g.texts, strict=True):
+                codes = {c for c, p in zip(cfg.disorders, row, strict=True)
+                         if p >= cfg.threshold}
+                decisions[key].append(codes | set(split_output(text, set(cfg.disorders))[1]))
             texts[key] += [r.tolist() for r in g.ids]
-        max_shift = max(max_shift, float(np.abs(probs["ref"] - probs["cand"]).max()))
+        max_shift = max(max_shift, float(np.abs(probs["fp32"] - probs["int8"]).max()))
     out: dict[str, Any] = {
         "patients": len(features), "new_tokens": new_tokens,
-        "agreement_macro_f1": macro_f1(decisions["cand"], decisions["ref"], cfg.disorders),
+        "agreement_macro_f1": macro_f1(decisions["int8"], decisions["fp32"], cfg.disorders),
         "identical_decisions": float(np.mean([a == b for a, b in zip(
-            decisions["ref"], decisions["cand"], strict=True)])),
+            decisions["fp32"], decisions["int8"], strict=True)])),
         "max_probability_shift": max_shift,
         "identical_generations": float(np.mean([a == b for a, b in zip(
-            texts["ref"], texts["cand"], strict=True)])),
+            texts["fp32"], texts["int8"], strict=True)])),
     }
-    for key in ("ref", "cand"):
+    term = dict(zip(cfg.disorders, (t.lower() for t in cfg.disorder_terms), strict=True))
+    for key in ("fp32", "int8"):
         hits = total = 0
-        for feats, codes in zip(features, line_codes[key], strict=True):
-            terms = " ".join(f.text.lower() for f in feats.facts)
-            for c in codes:
-                total += 1
-                term = cfg.disorder_terms[cfg.disorders.index(c)].lower()
-                hits += term in terms
-        out[f"faithfulness_{'fp32' if key == 'ref' else 'int8'}"] = (
-            hits / total if total else float("nan"))
+        for feats, codes in zip(features, decisions[key], strict=True):
+            shown = " ".join(f.text.lower() for f in feats.facts)
+            total += len(codes)
+            hits += sum(term[c] in shown for c in codes)
+        out[f"faithfulness_{key}"] = round(hits / total, 4) if total else None
+        out[f"concluded_codes_{key}"] = total
     if gold is not None:
-        out["macro_f1_fp32"] = macro_f1(decisions["ref"], gold, cfg.disorders)
-        out["macro_f1_int8"] = macro_f1(decisions["cand"], gold, cfg.disorders)
+        out["macro_f1_fp32"] = macro_f1(decisions["fp32"], gold, cfg.disorders)
+        out["macro_f1_int8"] = macro_f1(decisions["int8"], gold, cfg.disorders)
         out["macro_f1_cost_points"] = 100 * (out["macro_f1_fp32"] - out["macro_f1_int8"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# patients
-
-
-def bundle_patients(data_dir: Path, n: int, kg: Any) -> list[Any]:
-    """(labs, notes, patient, gold SNOMED codes) of the first `n` bundles with labs or notes.
-
-    The gold codes are the patient's recorded Conditions that are in the graph's disorder set
-    (Synthea's own coding): enough to put a number on what int8 costs, not a clinical test set.
-    """
-    from clinragen_fhir.knowledge.bundle import inputs_from_bundle, read_bundle, resources
-
-    disorders = {d.snomed for d in kg.disorders().values()}
-    out = []
-    for path in sorted(data_dir.rglob("*.json.gz")):
-        if path.name.startswith(("hospitalInformation", "practitionerInformation")):
-            continue
-        bundle = read_bundle(path)
-        inputs = inputs_from_bundle(bundle, kg)
-        if inputs.labs.empty and not inputs.notes:
-            continue
-        gold = {c.get("code", "") for r in resources(bundle, "Condition")
-                for c in (r.get("code") or {}).get("coding", [])} & disorders
-        out.append((inputs.labs, inputs.notes, inputs.patient, gold))
-        if len(out) >= n:
-            break
     return out
 
 
@@ -427,7 +387,7 @@ def bundle_patients(data_dir: Path, n: int, kg: Any) -> list[Any]:
 def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | None = None,
            int8: bool = False, new_tokens: int = 8, min_patients: int = MIN_PARITY_PATIENTS,
            gold: Sequence[set[str]] | None = None, opset: int = OPSET,
-           batch_size: int = 8) -> dict[str, Any]:
+           batch_size: int = 8, cost_tokens: int = 32) -> dict[str, Any]:
     """Export `model_dir` (a `ClinRaGen.save` directory) to `model_dir/onnx/`, check parity on
     `features` (at least `min_patients`), optionally quantise, and write the manifest last."""
     from clinragen_fhir.inference.runtime import OnnxModel
@@ -490,13 +450,31 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
         manifest["parity"] = asdict(report)
         if int8:
             q = OnnxModel(model_dir, "int8", "cpu", verify_hashes=False)
-            manifest["int8_cost"] = compare_variants(fp32, q, features, new_tokens, gold,
+            manifest["int8_cost"] = compare_variants(fp32, q, features, cost_tokens, gold,
                                                      batch_size)
     except Exception:
         (out / MANIFEST).unlink(missing_ok=True)  # no manifest: the runtime refuses the dir
         raise
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def measure_int8_cost(model_dir: Path, patients: Sequence[Any], kg: Any, new_tokens: int,
+                      batch_size: int = 8) -> dict[str, Any]:
+    """int8 vs fp32 of an existing export on real patients; recorded in the manifest."""
+    from clinragen_fhir.inference.manifest import read_manifest
+    from clinragen_fhir.inference.predictor import OnnxPredictor
+
+    fp32 = OnnxPredictor.load(model_dir, kg, "fp32", "cpu")
+    q = OnnxPredictor.load(model_dir, kg, "int8", "cpu")
+    feats = [fp32.featurise(labs, notes, patient)[0] for labs, notes, patient, _ in patients]
+    cost = compare_variants(fp32.model, q.model, feats, new_tokens,
+                            [g for *_, g in patients], batch_size)
+    path = read_manifest(model_dir, verify_hashes=False).path
+    data = json.loads(path.read_text())
+    data["int8_cost"] = cost
+    path.write_text(json.dumps(data, indent=1))
+    return cost
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -509,20 +487,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patients", type=int, default=MIN_PARITY_PATIENTS)
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens compared")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cost-tokens", type=int, default=32,
+                        help="tokens generated per patient when measuring the int8 cost")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--data", type=Path,
                         default=Path(__file__).resolve().parents[2] / "shared" / "data"
                         / "synthea-exafluence-qicore")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="re-measure the int8 cost of an existing export (no re-export)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # quantiser chatter off
+    logging.getLogger("clinragen_fhir").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
     kg = load_graph()
-    model = ClinRaGen.load(args.model_dir, kg)
     patients = bundle_patients(args.data, args.patients, kg)
+    if args.cost_only:
+        print(json.dumps(measure_int8_cost(args.model_dir, patients, kg, args.cost_tokens,
+                                           args.batch_size), indent=1))
+        return
+    model = ClinRaGen.load(args.model_dir, kg)
     feats = [model.featurise(labs, notes, patient) for labs, notes, patient, _ in patients]
     manifest = export(args.model_dir, feats, model, args.int8, args.new_tokens,
-                      gold=[g for *_, g in patients], batch_size=args.batch_size)
+                      gold=[g for *_, g in patients], batch_size=args.batch_size,
+                      cost_tokens=args.cost_tokens)
     json.dump({k: manifest[k] for k in ("parity", "int8_cost", "files", "export_seconds")
                if k in manifest}, sys.stdout, indent=1)
     print()

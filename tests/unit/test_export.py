@@ -58,7 +58,8 @@ def exported_model_dir() -> Path:
     root = Path(tempfile.mkdtemp(prefix="clinragen-export-"))
     model = build()
     model.save(root / "model")
-    export(root / "model", features_of(model), model, int8=True, new_tokens=6)
+    export(root / "model", features_of(model), model, int8=True, new_tokens=6,
+           cost_tokens=12)
     return root / "model"
 
 
