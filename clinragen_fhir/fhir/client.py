@@ -10,10 +10,11 @@ import email.utils
 import ipaddress
 import logging
 import random
+import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,29 @@ def redact_path(path: str) -> str:
     return "/".join(
         f"#{hash_id(p)[:10]}" if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")
         else p for i, p in enumerate(parts))
+
+
+_REFERENCE = re.compile(r"\b([A-Z][A-Za-z]{2,40})/([A-Za-z0-9\-.]{1,64})")
+
+
+def redact_text(text: str, known: Iterable[str] = ()) -> str:
+    """Server diagnostics safe for logs and errors: servers echo ids back ("Resource
+    Patient/123 is not known"), so every `Type/id` and every id or value we sent (`known`)
+    is replaced by its hash."""
+    for token in sorted({t for t in known if len(t) >= 3}, key=len, reverse=True):
+        text = text.replace(token, f"#{hash_id(token)[:10]}")
+    return _REFERENCE.sub(lambda m: f"{m.group(1)}/#{hash_id(m.group(2))[:10]}", text)
+
+
+def _sent_tokens(url: str, params: Mapping[str, Any] | None) -> list[str]:
+    """Ids in the path and values of the (non `_`) search parameters of a request."""
+    parts = (urlsplit(url).path or url).split("/")
+    tokens = [p for i, p in enumerate(parts)
+              if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")]
+    for key, value in (params or {}).items():
+        if not str(key).startswith("_"):
+            tokens += [str(value), *re.split(r"[,|/]", str(value))]
+    return tokens
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -194,7 +218,8 @@ class FhirClient:
                 self._observe(method, response.status_code)
                 if response.status_code < 400:
                     return response
-                error = FhirHTTPError(response.status_code, method, path, _outcome_text(response),
+                detail = redact_text(_outcome_text(response), _sent_tokens(url, params))
+                error = FhirHTTPError(response.status_code, method, path, detail,
                                       parse_retry_after(response.headers.get("Retry-After")))
             if not error.retryable or attempt >= self.retries:
                 raise error
