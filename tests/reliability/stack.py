@@ -287,14 +287,17 @@ def make_patients(url: str, prefix: str, n: int, per_bundle: int = 50) -> list[s
     return pids
 
 
-def reports_by_patient(url: str, pids: Iterable[str]) -> Counter[str]:
-    """How many of our DiagnosticReports (identifier system ours) each patient has."""
+def reports_by_patient(url: str, pids: Iterable[str], since: str | None = None) -> Counter[str]:
+    """How many of our DiagnosticReports (identifier system ours) each patient has; `since`
+    (an instant) limits the search to reports written from then on."""
     counts: Counter[str] = Counter({p: 0 for p in pids})
     wanted = set(counts)
     with httpx.Client(timeout=120) as http:
         next_url: str | None = f"{url}/DiagnosticReport"
         params: dict[str, Any] | None = {"identifier": f"{SYSTEM}|", "_count": 500,
                                          "_elements": "subject,identifier"}
+        if since:
+            params["_lastUpdated"] = f"ge{since}"
         pages = 0
         while next_url and pages < 1000:
             r = http.get(next_url, params=params)
@@ -406,3 +409,22 @@ def outcome_figures(app: Any, tasks: dict[str, str], hapi_url: str,
         "dead_letters": [{"patient_is_ours": str(d["args"][0]) in tasks,
                           "error": d["error"], "retries": d["retries"]} for d in letters],
     }
+
+
+def now_instant() -> str:
+    return (datetime.now(UTC) - timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def wait_reports(url: str, pids: list[str], redis: Redis, since: str,
+                 timeout_s: float) -> tuple[float, Counter[str]]:
+    """Wait until every patient has a report or a dead letter (the FHIR server is the truth:
+    a result backend on a restarted Redis may itself lose results). Bounded by `timeout_s`."""
+    t0 = time.monotonic()
+    counts: Counter[str] = Counter()
+    while time.monotonic() - t0 < timeout_s:
+        counts = reports_by_patient(url, pids, since)
+        lettered = {str(d["args"][0]) for d in dead_letters(redis) if d.get("args")}
+        if all(counts[p] or p in lettered for p in pids):
+            break
+        time.sleep(3)
+    return time.monotonic() - t0, counts
