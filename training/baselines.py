@@ -218,7 +218,8 @@ class FeatureClassifier:
                 m: Any = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
             else:
                 m = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1,
-                                                   max_leaf_nodes=15, random_state=self.seed)
+                                                   max_leaf_nodes=15, min_samples_leaf=5,
+                                                   random_state=self.seed)
             self.models[j] = m.fit(x, y[:, j])
         if valid:
             yv = label_matrix(valid, disorders)

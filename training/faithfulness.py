@@ -31,7 +31,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 _DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:T[\d:.+Z-]*)?")
 _LOINC = re.compile(r"\(?\bLOINC\s+\d{1,7}-\d\)?|\b\d{3,7}-\d\b")
 _SCTID = re.compile(r"(?<![\d.])\d{6,18}(?![\d.])")
-_NUMBER = re.compile(r"(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])")
+_NUMBER = re.compile(r"(?<!\d-)(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])(?!-\d)")
 _NOT_A_VALUE = re.compile(r"^\s*(?:readings?|days?|times?|weeks?|months?|years?|x\b|fold)",
                           re.IGNORECASE)
 _ON_DATE = re.compile(r"^\s*[^\s;,]{0,24}\s*(?:on|dated|at|,|from)?\s*$", re.IGNORECASE)
