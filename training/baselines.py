@@ -141,16 +141,17 @@ def template_rationale(ex: Example, predicted: Sequence[tuple[str, str]], k: int
     parts: list[tuple[float, str]] = []
     if len(f):
         last = f.sort_values("time", kind="stable").groupby("loinc", sort=False).tail(1)
-        for r in last.itertuples(index=False):
-            v, lo, hi = float(r.value), float(r.ref_low), float(r.ref_high)
+        for r in last.to_dict("records"):
+            v, lo, hi = float(r["value"]), float(r["ref_low"]), float(r["ref_high"])
             if np.isfinite(hi) and v > hi:
                 word, dist = "high", (v - hi) / (abs(hi) or 1.0)
             elif np.isfinite(lo) and v < lo:
                 word, dist = "low", (lo - v) / (abs(lo) or 1.0)
             else:
                 continue
-            day = pd.Timestamp(r.time).date().isoformat()
-            parts.append((dist, f"{r.display or r.loinc} was {v:.3g} {r.unit} on {day} ({word})"))
+            day = pd.Timestamp(r["time"]).date().isoformat()
+            name = str(r["display"] or r["loinc"])
+            parts.append((dist, f"{name} was {v:.3g} {r['unit']} on {day} ({word})"))
     parts.sort(key=lambda t: -t[0])
     readings = "; ".join(p for _, p in parts[:k]) or "no reading outside its reference range"
     names = ", ".join(term for _, term in predicted) or "no disorder"

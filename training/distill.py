@@ -99,6 +99,8 @@ def build_model(cfg: TrainConfig, kg: KnowledgeGraph, run_dir: Path,
     from model.backbone import load_backbone, tiny_backbone
 
     torch.manual_seed(cfg.seed)
+    slm: Any
+    tok: Any
     if cfg.backbone == "tiny":
         vocab_file = run_dir / "tiny_vocab.json"
         if vocab_file.is_file():
@@ -156,7 +158,7 @@ def truncate(model: ClinRaGen, text: str, max_tokens: int) -> str:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return text.strip()
-    cut = model.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    cut = str(model.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True))
     return (cut.rsplit(" ", 1)[0] if " " in cut else cut).strip()
 
 
@@ -312,6 +314,8 @@ def train_stage(model: ClinRaGen, stage: str, sc: StageConfig, data: list[Encode
         pool = list(range(len(data))) if head_only else lm_pool
         if not pool:
             break
+        lm: Tensor | None
+        bce: Tensor | None
         idx = [pool[i] for i in batch_indices(len(pool), cfg.batch_size, cfg.seed, stage, step,
                                               rank, world)]
         batch = model.batch([data[i].features for i in idx])
