@@ -91,36 +91,51 @@ def authenticate(headers: dict[str, str], body: bytes, secret: bytes,
     return None
 
 
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects in a JSON list (anything else in a notification is ignored, not a crash)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _patient_of(resource: dict[str, Any]) -> str | None:
     if resource.get("resourceType") == "Patient":
-        return str(resource.get("id")) if resource.get("id") else None
+        rid = resource.get("id")
+        return rid if isinstance(rid, str) and rid else None
     for key in ("subject", "patient"):
-        ref = (resource.get(key) or {}).get("reference", "")
+        ref = _obj(resource.get(key)).get("reference", "")
         if isinstance(ref, str) and ref.startswith("Patient/"):
             return ref.split("/")[1] or None
     return None
 
 
 def patients_in(payload: dict[str, Any]) -> tuple[set[str], str]:
-    """Patient ids a notification is about, and the event id used to de-duplicate it."""
+    """Patient ids a notification is about, and the event id used to de-duplicate it.
+
+    Total over any JSON object: malformed parts (tests/reliability fuzzes them) are ignored."""
     if payload.get("resourceType") != "Bundle":
         return ({p} if (p := _patient_of(payload)) else set()), ""
-    entries = [e.get("resource") or {} for e in payload.get("entry", []) or []]
+    entries = [_obj(e.get("resource")) for e in _dicts(payload.get("entry"))]
     event = ""
     patients: set[str] = set()
     for r in entries:
         if r.get("resourceType") in ("SubscriptionStatus", "Parameters"):
             # R5 SubscriptionStatus / R4 backport Parameters: events counted per subscription
-            events = r.get("notificationEvent") or []
-            params = {p.get("name"): p for p in r.get("parameter", []) or []}
-            sub = (r.get("subscription") or params.get("subscription", {})
-                   .get("valueReference") or {}).get("reference", "")
+            events = _dicts(r.get("notificationEvent"))
+            params = {str(p.get("name")): p for p in _dicts(r.get("parameter"))}
+            sub = _obj(r.get("subscription")
+                       or _obj(params.get("subscription")).get("valueReference")).get(
+                "reference", "")
             numbers = [str(e.get("eventNumber")) for e in events] or \
-                [str(params.get("events-since-subscription-start", {}).get("valueString", ""))]
+                [str(_obj(params.get("events-since-subscription-start")).get("valueString",
+                                                                             ""))]
             event = f"{sub}#{','.join(numbers)}"
             for ev in events:
-                focus = (ev.get("focus") or {}).get("reference", "")
-                if focus.startswith("Patient/"):
+                focus = _obj(ev.get("focus")).get("reference", "")
+                if isinstance(focus, str) and focus.startswith("Patient/") and \
+                        focus.split("/")[1]:
                     patients.add(focus.split("/")[1])
         elif (p := _patient_of(r)) is not None:
             patients.add(p)

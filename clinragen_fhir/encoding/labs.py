@@ -156,6 +156,12 @@ def build_lab_frame(
             skips.append(Skip(ref, "; ".join(reasons) or "no usable reading"))
     frame = pd.DataFrame(rows, columns=list(LAB_COLUMNS))
     if not frame.empty:
-        frame = frame.sort_values(["time", "loinc"], kind="stable").tail(MAX_READINGS)
+        frame = frame.sort_values(["time", "loinc"], kind="stable")
+        if len(frame) > MAX_READINGS:  # the older readings go, each with its reason
+            kept = set(frame["observation_id"].iloc[-MAX_READINGS:])
+            skips += [Skip(ref, f"older than the newest {MAX_READINGS} readings")
+                      for ref in dict.fromkeys(frame["observation_id"].iloc[:-MAX_READINGS])
+                      if ref not in kept]
+            frame = frame.tail(MAX_READINGS)
         frame = frame.reset_index(drop=True)
     return frame, skips

@@ -111,6 +111,17 @@ def _outcome_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def _searchset(bundle: JsonDict) -> JsonDict:
+    """A search answer whose `entry` and `link` are lists of objects, else a FhirError (a
+    broken server answer fails the task visibly instead of crashing it with a TypeError)."""
+    for key in ("entry", "link"):
+        items = bundle.get(key)
+        if items is not None and (not isinstance(items, list)
+                                  or not all(isinstance(i, dict) for i in items)):
+            raise FhirError(f"search answer's {key} is not a list of objects")
+    return bundle
+
+
 class TokenBucket:
     """At most `rate` requests a second on average, bursts of `burst`; thread-safe.
 
@@ -257,18 +268,18 @@ class FhirClient:
     def search_pages(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
         """Each searchset Bundle page, following `next` links (same server only)."""
         query = {"_count": self.page_size, **params}
-        bundle = self._json(self._send("GET", resource_type, params=query))
+        bundle = _searchset(self._json(self._send("GET", resource_type, params=query)))
         pages = 1
         while True:
             yield bundle
-            next_url = next((link.get("url") for link in bundle.get("link", [])
+            next_url = next((link.get("url") for link in bundle.get("link") or []
                              if link.get("relation") == "next"), None)
             if not next_url:
                 return
             if pages >= self.max_pages:
                 raise FhirError(f"search {resource_type}: more than {self.max_pages} pages")
             self._same_origin(next_url)
-            bundle = self._json(self._send("GET", next_url))
+            bundle = _searchset(self._json(self._send("GET", next_url)))
             pages += 1
 
     def search(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
