@@ -1,15 +1,16 @@
 """PyTorch eager vs onnxruntime fp32 vs onnxruntime int8 on the same real patients.
 
     .venv/bin/python -m bench.inference [--patients 8] [--new-tokens 32] [--threads 2]
-                                        [--model-dir DIR] [--providers cpu]
+                                        [--batch 4] [--model-dir DIR] [--provider cpu]
 
 Each backend runs in its own child process (so peak RSS is its own): load, one warm-up patient,
-then every patient alone (batch 1): prefix builder + greedy decoding of exactly `--new-tokens`
-tokens (eos ignored, so every backend does the same work). Featurisation (FHIR frame, knowledge
-retrieval, tokenising) is the same numpy code for all three and is not timed. The table gives
-tokens/s and patients/s over the summed per-patient latency, p50/p95 latency, peak RSS and the
-ratio to PyTorch; plus whether ORT's greedy tokens equal PyTorch's, and the int8 cost the export
-measured (from the manifest).
+then every patient alone (batch 1), then the same patients `--batch` at a time. Each run is
+the prefix builder + greedy decoding of exactly `--new-tokens` tokens (eos ignored, so every
+backend does the same work). Featurisation (FHIR frame, knowledge retrieval, tokenising) is the
+same numpy code for all three and is not timed. The table gives tokens/s and patients/s over
+the summed per-patient latency, p50/p95 latency, peak RSS, the ratio to PyTorch, whether the
+greedy tokens equal PyTorch's, and batched patients/s; then the int8 cost the export measured
+(from the manifest).
 
 Without `--model-dir` an untrained ClinRaGen over SmolLM2-135M (fresh prefix builder, zero LoRA)
 is saved once and exported: speed does not depend on training.
@@ -78,7 +79,7 @@ def load_features(model_dir: Path, data: Path, n: int) -> tuple[list[Any], list[
 
 
 def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: int,
-                threads: int, provider: str) -> dict[str, Any]:
+                threads: int, provider: str, batch: int) -> dict[str, Any]:
     """One backend in this process: per-patient latencies and generated ids."""
     feats, _ = load_features(model_dir, data, n + 1)
     warm, feats = feats[0], feats[1:]
@@ -93,17 +94,24 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         model = ClinRaGen.load(model_dir)
 
         def one(f: Any) -> np.ndarray:
-            return torch_greedy(model, [f], new_tokens, min_new_tokens=new_tokens)[0].numpy()
+            return many([f])
+
+        def many(fs: list[Any]) -> np.ndarray:
+            return torch_greedy(model, fs, new_tokens, min_new_tokens=new_tokens)[0].numpy()
         device = "cpu (torch eager)"
     else:
         from clinragen_fhir.encoding.features import collate
         from clinragen_fhir.inference.runtime import OnnxModel
 
         ort_model = OnnxModel(model_dir, "int8" if backend == "ort-int8" else "fp32",
-                              provider, threads)  # type: ignore[arg-type]
+                              "cuda" if provider == "cuda" else "auto" if provider == "auto"
+                              else "cpu", threads)
 
         def one(f: Any) -> np.ndarray:
-            return ort_model.generate(collate([f]), new_tokens, constrained=False,
+            return many([f])
+
+        def many(fs: list[Any]) -> np.ndarray:
+            return ort_model.generate(collate(fs), new_tokens, constrained=False,
                                       stop_at_eos=False).ids
         device = ort_model.provider
     load_s = time.perf_counter() - started
@@ -114,7 +122,14 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         out = one(f)
         latencies.append(time.perf_counter() - t)
         ids.append(out[0].tolist())
+    batched = 0.0
+    if batch > 1:  # the same patients again, `batch` at a time (padding inside the prefix)
+        t = time.perf_counter()
+        for i in range(0, len(feats), batch):
+            many(feats[i:i + batch])
+        batched = time.perf_counter() - t
     return {"backend": backend, "device": device, "load_s": load_s, "latencies": latencies,
+            "batched_s": batched, "batch": batch,
             "ids": ids, "prefix_lengths": [len(f.lab_code) + len(f.fact_ids) + len(f.note_ids)
                                            for f in feats],
             "peak_rss_mib": peak_rss_mib(), "torch_imported": "torch" in sys.modules,
@@ -133,6 +148,7 @@ def summarise(results: list[dict[str, Any]], new_tokens: int) -> list[dict[str, 
                "peak_rss_mib": r["peak_rss_mib"],
                "same_tokens_as_torch": sum(a == b for a, b in zip(r["ids"], base["ids"],
                                                                      strict=True)),
+               "batched_patients_per_s": len(lat) / r["batched_s"] if r["batched_s"] else 0.0,
                "patients": len(lat), "torch_imported": r["torch_imported"],
                "loadavg_after": r["loadavg_after"]}
         row["speedup"] = row["tokens_per_s"] / (new_tokens * len(base["latencies"])
@@ -143,12 +159,13 @@ def summarise(results: list[dict[str, Any]], new_tokens: int) -> list[dict[str, 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| backend | device | tokens/s | patients/s | p50 s | p95 s | peak RSS MiB | "
-             "x PyTorch | greedy = PyTorch |", "|" + "---|" * 9]
+             "x PyTorch | greedy = PyTorch | patients/s batched |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['tokens_per_s']:.1f} | "
                      f"{r['patients_per_s']:.3f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['speedup']:.2f} | "
-                     f"{r['same_tokens_as_torch']}/{r['patients']} |")
+                     f"{r['same_tokens_as_torch']}/{r['patients']} | "
+                     f"{r['batched_patients_per_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -162,12 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--batch", type=int, default=4, help="also time batches of this size")
     parser.add_argument("--out", type=Path, default=ROOT / ".run" / "bench" / "inference.json")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_backend(args.child, args.model_dir, args.data, args.patients,
-                                     args.new_tokens, args.threads, args.provider)))
+                                     args.new_tokens, args.threads, args.provider,
+                                     args.batch)))
         return
     ensure_model(args.model_dir, args.patients)
     load_before = os.getloadavg()[0]
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "bench.inference", "--child", backend, "--model-dir",
                str(args.model_dir), "--data", str(args.data), "--patients", str(args.patients),
                "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--provider", args.provider]
+               "--provider", args.provider, "--batch", str(args.batch)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ class DecoderStep(nn.Module):
                     "full_attention":
                 raise ExportError(f"{type(lm).__name__}: per-head norms or sliding attention "
                                   "are not supported by DecoderStep")
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", inner.rotary_emb.inv_freq.detach().clone(),
                              persistent=False)
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
@@ -264,10 +265,10 @@ def torch_greedy(model: ClinRaGen, features: Sequence[Features], new_tokens: int
         eos = int(model.tokenizer.eos_token_id)
         pad = int(model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
                   else eos)
-        gc = GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
-                              min_new_tokens=min_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, output_logits=True,
-                              return_dict_in_generate=True)
+        gc = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=False, max_new_tokens=new_tokens, min_new_tokens=min_new_tokens,
+            eos_token_id=eos, pad_token_id=pad, output_logits=True,
+            return_dict_in_generate=True)
         out = model.slm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                  generation_config=gc)
     return out.sequences, torch.stack(out.logits, 1), diag
@@ -407,7 +408,8 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
     started = time.perf_counter()
     export_prefix(model, features[:2], out / "prefix.onnx", opset)
     step = export_decoder(model, out / "decoder.onnx", opset)
-    emb = model.prefix.token_embedding.weight.detach().float().numpy()
+    weight = cast(Tensor, model.prefix.token_embedding.weight)
+    emb = weight.detach().float().numpy()
     np.save(out / "embeddings.npy", np.ascontiguousarray(emb))
     export_seconds = time.perf_counter() - started
     lm_cfg = model.base_lm().config
