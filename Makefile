@@ -7,6 +7,7 @@ DATA ?= ../shared/data/synthea-exafluence-qicore
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install services stop demo test test-unit test-integration lint typecheck clean \
+	reliability reliability-report audit-deps \
 	reproduce reproduce-quick
 
 $(BIN)/python:
@@ -59,6 +60,32 @@ reproduce: install
 
 reproduce-quick: install
 	$(BIN)/clinragen-train reproduce --quick
+
+# The reliability suite (tests/reliability, docs/reliability.md). Its short form runs inside
+# `make test`; this is the full form (200 patients per scenario, 24 kills, ~10,500 fuzz cases).
+# It starts its own HAPI (127.0.0.1:8091) and Redis (127.0.0.1:6391) and stops them after.
+reliability: install
+	RELIABILITY_FULL=1 $(BIN)/pytest -q -m reliability tests/reliability
+
+# Every figure in docs/reliability.md: the full suite, the load bench, then the renderer.
+LOAD_PATIENTS ?= 1000
+LOAD_POPULATION ?= 0
+reliability-report: install
+	-RELIABILITY_FULL=1 RELIABILITY_KEEP=1 $(BIN)/pytest -q -m reliability tests/reliability \
+		--junitxml=.run/reliability/junit.xml
+	$(BIN)/python bench/load.py --patients $(LOAD_PATIENTS) --population $(LOAD_POPULATION)
+	$(BIN)/python bench/reliability_report.py
+	-HAPI_RUN_DIR=$(CURDIR)/.run/hapi-reliability deploy/hapi/stop
+	-redis-cli -p 6391 shutdown
+
+# Known vulnerabilities in the locked (installed, pinned) dependencies, from PyPI's
+# vulnerability data. --strict: a package the service cannot be asked about fails the step
+# (no silent pass when PyPI's JSON API is unreachable).
+audit-deps: install
+	@mkdir -p .run/audit
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > .run/audit/requirements.lock
+	$(BIN)/pip-audit --vulnerability-service pypi --strict --no-deps --disable-pip \
+		--progress-spinner off -r .run/audit/requirements.lock
 
 clean: stop
 	rm -rf .run $(VENV)

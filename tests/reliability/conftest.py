@@ -61,5 +61,8 @@ def clean_redis(redis_server: Redis) -> Redis:
 
 @pytest.fixture(scope="session", autouse=True)
 def _run_dirs() -> None:
+    """This session's logs only (test_9 greps them all)."""
     RUN.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(parents=True, exist_ok=True)
+    for old in LOGS.glob("*.log"):
+        old.unlink()

@@ -23,6 +23,7 @@ from clinragen_fhir.pipeline import diagnose_patient
 from tests.reliability.proxy import FaultProxy, describe, is_report_transaction
 from tests.reliability.stack import (
     FULL,
+    PATIENT_IDS,
     Hapi,
     Redis,
     Worker,
@@ -98,6 +99,7 @@ def test_twenty_percent_faults_end_with_exactly_one_report(hapi: Hapi,
                                                           clean_redis: Redis) -> None:
     pids = make_patients(hapi.url, "faults", N_PATIENTS)
     impossible = [f"rel-faults-missing-{i}" for i in range(N_IMPOSSIBLE)]
+    PATIENT_IDS.update(impossible)
     proxy = FaultProxy(_upstream(hapi), rate=0.2, seed=8)
     proxy.start()
     worker = Worker("faults", base_env(proxy.url(), clean_redis))

@@ -1,0 +1,163 @@
+"""Load: N patients of a clinosim cohort, loaded into HAPI, through one worker with 2 processes.
+
+    .venv/bin/python bench/load.py --patients 1000          # default
+    .venv/bin/python bench/load.py --patients 200 --population 600
+
+Uses the reliability suite's private services (HAPI on 127.0.0.1:8091, Redis on 6391; started
+when down). Measures throughput, per-patient task time (p50/p95, from the worker's own
+"succeeded in" lines), FHIR calls per patient (the worker's Prometheus counter
+clinragen_fhir_requests_total), and the RSS of the worker's processes every 2 s (growth from
+the first to the last quarter of the run). Writes .run/reliability/results/load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.loader import load
+from tests.reliability.stack import (
+    RUN,
+    Hapi,
+    Redis,
+    Worker,
+    base_env,
+    celery_app,
+    enqueue,
+    record,
+    rss_kib,
+    wait_all_done,
+)
+
+SUCCEEDED = re.compile(r"Task clinragen\.diagnose\[[^\]]+\] succeeded in ([0-9.]+)s")
+
+
+def cohort(population: int, seed: int) -> Path:
+    """A clinosim US cohort as FHIR R4 NDJSON (generated once, cached under .run)."""
+    out = RUN / "cohort" / f"us-p{population}-s{seed}"
+    folder = out / "fhir_r4"
+    if not (folder / "Patient.ndjson").is_file():
+        subprocess.run([str(Path(sys.executable).parent / "clinosim"), "simulate",
+                        "--country", "US", "--population", str(population), "--seed",
+                        str(seed), "--format", "fhir-r4", "-o", str(out)], check=True,
+                       timeout=3600, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def fhir_calls(metrics_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("clinragen_fhir_requests_total{"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--population", type=int, default=0,
+                        help="clinosim catchment population (default: 3.8 x patients; "
+                        "~28%% of it become patients)")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+    parser.add_argument("--timeout", type=float, default=7200)
+    args = parser.parse_args()
+    population = args.population or int(args.patients * 3.8) + 50
+
+    hapi, redis = Hapi(), Redis()
+    if not hapi.up():
+        hapi.start()
+    redis.start()
+    redis.flush()
+    folder = cohort(population, args.seed)
+    pids = [json.loads(line)["id"] for line in
+            (folder / "Patient.ndjson").read_text().splitlines() if line.strip()]
+    if len(pids) < args.patients:
+        print(f"cohort has {len(pids)} patients (< {args.patients}); raise --population",
+              file=sys.stderr)
+    pids = pids[:args.patients]
+    t_load = time.monotonic()
+    with FhirClient(hapi.url, timeout=300) as client:
+        report = load(client, [folder], workers=2, progress=False)
+    load_s = time.monotonic() - t_load
+    if report.errors:
+        print(f"load errors: {report.errors[:3]}", file=sys.stderr)
+
+    metrics_port = 9391
+    worker = Worker("load", base_env(hapi.url, redis, CLINRAGEN_WORKER__METRICS_PORT=str(
+        metrics_port), CLINRAGEN_WORKER__CONCURRENCY=str(args.concurrency)),
+        concurrency=args.concurrency)
+    worker.start()
+    worker.ready(180)
+    app = celery_app(redis)
+    calls_before = fhir_calls(metrics_port)
+    rss: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    last_sample = [0.0]
+
+    def sample() -> None:
+        if time.monotonic() - last_sample[0] >= 2:
+            last_sample[0] = time.monotonic()
+            procs = [worker.pid, *worker.pool()]
+            rss.append({"t_s": round(last_sample[0] - t0, 1),
+                        "main_mib": round(rss_kib(worker.pid) / 1024, 1),
+                        "children_mib": [round(rss_kib(p) / 1024, 1) for p in procs[1:]]})
+
+    tasks = enqueue(app, pids)
+    try:
+        wait_all_done(app, tasks, args.timeout, sample)
+    finally:
+        elapsed = time.monotonic() - t0
+        calls = fhir_calls(metrics_port) - calls_before
+        worker.stop()
+    states = [app.AsyncResult(t) for t in tasks.values()]
+    outcomes: dict[str, int] = {}
+    for s in states:
+        key = s.result.get("status", "?") if s.state == "SUCCESS" else s.state
+        outcomes[key] = outcomes.get(key, 0) + 1
+    durations = [float(m.group(1)) for path in worker.logs
+                 for m in SUCCEEDED.finditer(path.read_text(errors="replace"))]
+    q = max(1, len(rss) // 4)
+    first = [sum(r["children_mib"]) for r in rss[:q]]
+    last = [sum(r["children_mib"]) for r in rss[-q:]]
+    figures = {
+        "patients": len(pids), "population": population, "seed": args.seed,
+        "resources_loaded": sum(report.counts.values()), "load_seconds": round(load_s, 1),
+        "worker_processes": args.concurrency, "seconds": round(elapsed, 1),
+        "throughput_patients_per_min": round(60 * len(pids) / elapsed, 1),
+        "task_p50_s": round(percentile(durations, 0.5), 2),
+        "task_p95_s": round(percentile(durations, 0.95), 2),
+        "task_mean_s": round(statistics.fmean(durations), 2) if durations else 0,
+        "fhir_calls": int(calls), "fhir_calls_per_patient": round(calls / len(pids), 2),
+        "outcomes": outcomes,
+        "rss_children_first_quarter_mib": round(statistics.fmean(first), 1) if first else 0,
+        "rss_children_last_quarter_mib": round(statistics.fmean(last), 1) if last else 0,
+        "rss_main_mib_last": rss[-1]["main_mib"] if rss else 0,
+        "rss_samples": rss[:: max(1, len(rss) // 40)],
+        "machine": "2 shared CPU cores (other jobs running)",
+    }
+    first_mean = figures["rss_children_first_quarter_mib"]
+    figures["rss_growth_pct"] = round(100 * (figures["rss_children_last_quarter_mib"] -
+                                             first_mean) / first_mean, 1) if first_mean else 0
+    record("load", figures)
+    print(json.dumps({k: v for k, v in figures.items() if k != "rss_samples"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Render docs/reliability.md from the suite's results (.run/reliability/results/*.json).
+
+    make reliability-report          # full suite + load bench + this renderer
+    .venv/bin/python bench/reliability_report.py   # re-render from the last results only
+
+Every number in the document comes from a results file written by tests/reliability or
+bench/load.py; a scenario without results says so instead of showing a stale figure.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / ".run" / "reliability" / "results"
+JUNIT = ROOT / ".run" / "reliability" / "junit.xml"
+OUT = ROOT / "docs" / "reliability.md"
+SUITE = "RELIABILITY_FULL=1 .venv/bin/pytest -m reliability"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def missing(what: str, command: str) -> str:
+    return f"_No results for {what}: run `{command}`._\n"
+
+
+def table(rows: list[tuple[str, Any]]) -> str:
+    out = ["| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(out) + "\n"
+
+
+def stamp(r: dict[str, Any]) -> str:
+    return f"({r.get('form', '?')} form, recorded {r.get('recorded_at', '?')})"
+
+
+def junit_summary() -> str:
+    if not JUNIT.is_file():
+        return "_No junit results (.run/reliability/junit.xml)._\n"
+    root = ET.parse(JUNIT).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None
+    rows = []
+    for case in suite.iter("testcase"):
+        state = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                state = {"failure": "**FAILED**", "error": "**ERROR**", "skipped": "skipped"}[tag]
+        rows.append(f"| `{case.get('classname', '').rsplit('.', 1)[-1]}::"
+                    f"{case.get('name')}` | {state} | {float(case.get('time', 0)):.1f} s |")
+    head = (f"{suite.get('tests')} tests, {suite.get('failures')} failures, "
+            f"{suite.get('errors')} errors, {suite.get('skipped')} skipped, "
+            f"{float(suite.get('time', 0)):.0f} s\n\n")
+    return head + "| test | result | time |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def section_kill() -> str:
+    r = load("worker_kill")
+    out = ["## 1. Worker killed (SIGKILL mid-task)\n",
+           f"Command: `{SUITE} tests/reliability/test_1_worker_kill.py`\n",
+           "A worker (prefork, 2 children) works through the patients while the test SIGKILLs, "
+           "only while a task is running (delivered, not yet acknowledged) and after a random "
+           "part of it: a pool child (billiard reports `WorkerLostError`; with "
+           "`reject_on_worker_lost` the task goes straight back to the queue), or the whole "
+           "worker, main process and pool (the task stays in Redis's unacked set and comes back "
+           "after the visibility timeout; the worker is restarted). Seeded (`random.Random("
+           "20260801)`).\n"]
+    if not r:
+        return "\n".join(out) + missing("worker kills", SUITE)
+    out.append(stamp(r) + "\n")
+    out.append(table([
+        ("patients", r["patients"]),
+        ("kills", f"{r['kills']} (pool child {r['kills_by_kind']['child']}, whole worker "
+                  f"{r['kills_by_kind']['main']})"),
+        ("**lost**", f"**{r['lost']}**"), ("**duplicated**", f"**{r['duplicated']}**"),
+        ("reports per patient", r["reports_per_patient"]),
+        ("task outcomes", r["task_outcomes"]), ("dead letters", len(r["dead_letters"])),
+        ("run time", f"{r['seconds']} s (drain after the last kill {r['drain_seconds']} s)"),
+        ("settings", ", ".join(f"`{k}={v}`" for k, v in r["settings"].items())),
+    ]))
+    out.append(
+        "**Found and fixed:** kombu sweeps Redis's unacked set only every "
+        "`unacked_restore_interval` x `unacked_restore_throttle` = 10 s x 10 by default, so a "
+        "whole-worker kill's task came back up to 100 s *after* its visibility timeout "
+        "(measured: 101 s drain with a 25 s timeout). `worker/app.py` now sets "
+        "`unacked_restore_throttle = 1` (one ZRANGE every 10 s); "
+        "`test_unacked_tasks_are_swept_every_interval` pins it.\n")
+    return "\n".join(out)
+
+
+def section_faults() -> str:
+    r = load("fhir_faults")
+    out = ["## 2. FHIR server faults (fault-injecting proxy)\n",
+           f"Command: `{SUITE} tests/reliability/test_2_fhir_faults.py`\n",
+           "`tests/reliability/proxy.py`: an asyncio HTTP/1.1 proxy on 127.0.0.1 in front of "
+           "HAPI. At 20% of requests (seeded) it answers 500, 503 with `Retry-After: 1`, 503 "
+           "without, 429 with `Retry-After: 1`, resets the connection (RST), delays the "
+           "answer 0.5-3 s, delays it 12 s (past the 10 s client timeout; the request still "
+           "reaches HAPI afterwards), or forwards a POST and then answers 500 although HAPI "
+           "committed it. Two extra patients do not exist (404): they are what truly cannot "
+           "succeed.\n"]
+    if r:
+        p = r["proxy"]
+        out.append(stamp(r) + "\n")
+        out.append(table([
+            ("patients", f"{r['patients'] - r['impossible_patients']} + "
+                         f"{r['impossible_patients']} that do not exist"),
+            ("requests through the proxy", p["requests"]),
+            ("faults injected", f"{sum(p['faults'].values())} ({p['fault_share']:.1%}): " +
+             ", ".join(f"{k} {v}" for k, v in sorted(p["faults"].items()))),
+            ("**lost**", f"**{r['lost']}**"), ("**duplicated**", f"**{r['duplicated']}**"),
+            ("reports per patient", r["reports_per_patient"]),
+            ("client retries (fhir.retries = 3)",
+             f"{r['client_retries_logged']}, highest attempt {r['client_retry_max_attempt']}"),
+            ("task retries (worker.max_retries = 5)",
+             f"{r['task_retries_logged']}, highest {r['task_retry_max']}"),
+            ("dead-letter queue", "; ".join(f"`{d['error'][:110]}` (retries {d['retries']})"
+                                            for d in r["dead_letters"]) or "empty"),
+            ("bearer token on every request", f"{p['requests_with_bearer']}/{p['requests']}"),
+            ("run time", f"{r['seconds']} s"),
+        ]))
+    else:
+        out.append(missing("FHIR faults", SUITE))
+    pc = [load("post_commit_client"), load("post_commit_task")]
+    out.append(
+        "**Committed but answered 500**, deterministically "
+        "(`test_committed_but_answered_500_does_not_duplicate`): the proxy forwards the "
+        "report transaction, HAPI commits it, the client hears 500. The repeat is the "
+        "client's own retry (`fhir.retries = 3`) or, with `retries = 0`, the task's next "
+        "attempt. The report is a conditional create on its identifier (`ifNoneExist`) and "
+        "the repeat finds it: " + ", ".join(
+            f"{'client retry' if i == 0 else 'task retry'}: second attempt "
+            f"`{x['second_attempt']}`, reports {x['reports']}" for i, x in enumerate(pc) if x)
+        + ". The write AuditEvent of that transaction is recorded once per attempt "
+        "(it is not conditional): an audit trail of attempts, not a duplicate report.\n")
+    out.append(
+        "**Found and fixed:** HAPI's 404 text echoes the id (`HAPI-2001: Resource "
+        "Patient/<id> is not known`) and went verbatim into the task's error log line and "
+        "Celery's traceback line. `fhir/client.py` now redacts every `Type/id` and every "
+        "id or search value the request carried from server error texts "
+        "(`tests/unit/test_redact_errors.py`). The dead-letter entry still names the patient "
+        "in its `args` (it must, to be re-queued).\n")
+    return "\n".join(out)
+
+
+def section_broker() -> str:
+    out = ["## 3. Broker restart (Redis)\n",
+           f"Command: `{SUITE} tests/reliability/test_3_broker_restart.py`\n",
+           "Redis holds the queue (db 0), results (db 1) and the dead-letter queue (db 2). It "
+           "is restarted once a quarter of the patients have their report, with the worker "
+           "left running (it reconnects). Lost = no report and no dead letter after the "
+           "bounded drain. The short form runs the graceful case; the full form adds SIGKILL "
+           "with `appendfsync everysec` and with `always`.\n"]
+    rows = []
+    for how in ("shutdown", "kill"):
+        for fsync in ("everysec", "always"):
+            r = load(f"broker_restart_{how}_{fsync}")
+            if r:
+                rows.append(f"| {'SHUTDOWN' if how == 'shutdown' else 'SIGKILL'} | "
+                            f"`appendonly yes`, `appendfsync {fsync}` | {r['patients']} | "
+                            f"{r['queued_or_unacked_before']} / {r['queued_or_unacked_after']} "
+                            f"| {r['downtime_s']} s | **{r['lost']}** | **{r['duplicated']}** | "
+                            f"{len(r['dead_letters'])} | {r['form']} |")
+    if rows:
+        out.append("| restart | persistence | patients | queued+unacked before / after | "
+                   "down | lost | duplicated | dead letters | form |\n"
+                   "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    else:
+        out.append(missing("broker restarts", SUITE))
+    out.append(
+        "**Settings that make it 0:** `appendonly yes` (deploy/redis/start), a graceful "
+        "restart (`redis-cli shutdown` or SIGTERM: Redis fsyncs the AOF before exiting), "
+        "`acks_late` + `reject_on_worker_lost` (a task is removed from Redis's unacked set "
+        "only when it ends) and a visibility timeout longer than the hard time limit and the "
+        "longest countdown. With `appendfsync everysec` a *crash* of Redis can lose the last "
+        "second of writes (a task published or moved to unacked in that second); "
+        "`appendfsync always` closes that window at the cost of an fsync per write. "
+        "RabbitMQ restart: not measured here (see the end of this page).\n")
+    return "\n".join(out)
+
+
+def section_hapi() -> str:
+    r = load("hapi_restart")
+    out = ["## 4. HAPI restart mid-run\n",
+           f"Command: `{SUITE} tests/reliability/test_4_hapi_restart.py`\n",
+           "`deploy/hapi/stop` (TERM, clean H2 close) and `deploy/hapi/start` while the worker "
+           "is busy, with the default retry settings (`fhir.retries = 3`; "
+           "`worker.retry_backoff_s = 5`, `retry_backoff_max_s = 300`, `max_retries = 5`: a "
+           "task keeps trying for at least ~77 s with the 0.5x jitter floor, ~155 s nominal). "
+           "An outage longer than that dead-letters the task (`clinragen-fhir dlq requeue "
+           "--all` after the server is back).\n"]
+    if not r:
+        return "\n".join(out) + missing("HAPI restart", SUITE)
+    out.append(stamp(r) + "\n")
+    out.append(table([
+        ("patients", r["patients"]),
+        ("HAPI down", f"{r['downtime_s']} s (stop {r['stop_s']} s, start {r['start_s']} s)"),
+        ("**lost**", f"**{r['lost']}**"), ("**duplicated**", f"**{r['duplicated']}**"),
+        ("reports per patient", r["reports_per_patient"]),
+        ("client retries / task retries", f"{r['client_retries_logged']} / "
+                                          f"{r['task_retries_logged']} (highest task retry "
+                                          f"{r['task_retry_max']} of 5)"),
+        ("dead letters", len(r["dead_letters"])), ("run time", f"{r['seconds']} s"),
+    ]))
+    return "\n".join(out)
+
+
+def section_bad_input() -> str:
+    f, e = load("fuzz"), load("bad_input_explicit")
+    out = ["## 5. Bad input\n",
+           f"Command: `{SUITE} tests/reliability/test_5_bad_input.py` (no server needed)\n",
+           "Hypothesis (derandomised, so a run is reproducible) generates Observations "
+           "(plausible ones with known and unknown LOINC codes, units, NaN/Infinity/huge "
+           "values, partial/garbage/future dates, components, reference ranges; and arbitrary "
+           "JSON), DocumentReferences (binary and non-UTF-8 data, bad base64, unknown "
+           "charsets, non-text types, URL-only), search Bundles (fuzzed entries and links) "
+           "and webhook notifications (R4 resources, R4 backport `Parameters`, R5 "
+           "`SubscriptionStatus`, arbitrary JSON). They go through the worker's own code: "
+           "`encoding.labs.build_lab_frame`, `encoding.notes.decode_notes`, the rule "
+           "predictor, `report.build.build_transaction`, the whole `pipeline.diagnose_patient` "
+           "over a FHIR client whose transport serves the fuzzed answers, and the webhook ASGI "
+           "app. Properties: nothing raises but a `FhirError`; every input is used or skipped "
+           "with a non-empty reason; what would be POSTed is strict JSON; the receiver never "
+           "answers 5xx.\n"]
+    if f:
+        out.append(stamp(f) + "\n")
+        out.append(table([(k, v) for k, v in f["cases"].items()] +
+                         [("**total cases**", f"**{f['total_cases']}**"),
+                          ("**crashes**", f"**{f['crashes']}**")]))
+    else:
+        out.append(missing("fuzzing", SUITE))
+    if e:
+        rows = [f"| {k.replace('_', ' ')} | {v['seconds']} s (< {v['bound_seconds']}) | "
+                f"{v['peak_mib']} MiB (< {v['bound_mib']}) |" for k, v in e["cases"].items()]
+        out.append("Explicit cases, each with asserted bounds (wall time; peak Python "
+                   "allocation by `tracemalloc`, which also slows the code ~2x):\n\n"
+                   "| case | time | peak memory |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+        out.append("Skip reasons recorded: " + "; ".join(
+            f"`{k}`: {v}" for k, v in e["reasons"].items()) + "\n")
+    out.append(
+        "**Found and fixed by the fuzzing:** (a) the webhook answered 500 to authenticated "
+        "Bundles whose `entry`, `parameter` or `notificationEvent` were not lists of objects "
+        "(`patients_in` is now total); (b) a search page whose `entry`/`link` were not lists of "
+        "objects crashed the task with `AttributeError`/`TypeError` (now a `FhirError` naming "
+        "it); (c) readings beyond `MAX_READINGS` (20,000) were dropped without a `Skip` "
+        "(each dropped Observation now has `older than the newest 20000 readings`). Regression "
+        "tests: `tests/unit/test_malformed_input_fixes.py`.\n")
+    return "\n".join(out)
+
+
+def section_load() -> str:
+    r = load("load")
+    out = ["## 6. Load\n", "Command: `.venv/bin/python bench/load.py --patients N` "
+           "(default 1,000; `make reliability-report LOAD_PATIENTS=N`)\n"]
+    if not r:
+        return "\n".join(out) + missing("load", ".venv/bin/python bench/load.py")
+    out.append(f"(recorded {r['recorded_at']}; {r['machine']})\n")
+    out.append(table([
+        ("patients (clinosim US cohort)", f"{r['patients']} (population {r['population']}, "
+                                          f"seed {r['seed']})"),
+        ("resources loaded into HAPI", f"{r['resources_loaded']} in {r['load_seconds']} s"),
+        ("worker processes", r["worker_processes"]),
+        ("outcomes", r["outcomes"]),
+        ("wall time", f"{r['seconds']} s"),
+        ("**throughput**", f"**{r['throughput_patients_per_min']} patients/min**"),
+        ("**per patient (task time) p50 / p95**", f"**{r['task_p50_s']} s / "
+                                                  f"{r['task_p95_s']} s** (mean "
+                                                  f"{r['task_mean_s']} s)"),
+        ("**FHIR calls per patient**", f"**{r['fhir_calls_per_patient']}** "
+                                       f"({r['fhir_calls']} in all)"),
+        ("**worker RSS** (2 children, summed)", "first quarter "
+                                                f"{r['rss_children_first_quarter_mib']}"
+                                                " MiB, last quarter "
+                                                f"{r['rss_children_last_quarter_mib']} MiB "
+                                                f"(**{r['rss_growth_pct']:+}%**); main "
+                                                f"{r['rss_main_mib_last']} MiB"),
+    ]))
+    samples = r.get("rss_samples") or []
+    if samples:
+        out.append("RSS over time (children, MiB): " + ", ".join(
+            f"{s['t_s']:.0f} s: {'+'.join(str(c) for c in s['children_mib'])}"
+            for s in samples[:: max(1, len(samples) // 12)]) + "\n")
+    return "\n".join(out)
+
+
+def section_security() -> str:
+    w, g = load("security_webhook"), load("log_grep")
+    out = ["## 7. Security\n",
+           f"Command: `{SUITE} tests/reliability/test_7_security.py "
+           "tests/reliability/test_9_no_ids_in_logs.py` (the grep needs the whole suite's "
+           "logs: run the suite, not that file alone)\n"]
+    if w:
+        out.append("Against a running receiver (`clinragen-fhir webhook`, uvicorn, on "
+                   "loopback) " + stamp(w) + ":\n")
+        out.append(table([(k.replace("_", " "), v) for k, v in w["answers"].items()] +
+                         [("tasks queued after all of the above", w["queued_after_all"])]))
+    else:
+        out.append(missing("webhook security", SUITE))
+    out.append("An authentic notification (HAPI-style `PUT /notify/Observation/<id>`) ends "
+               "as a report written by a real worker "
+               "(`test_authentic_notification_ends_as_a_report`).\n")
+    if g:
+        out.append(
+            f"**Log grep** {stamp(g)}: {g['lines']} log lines from {g['files']} worker and "
+            f"receiver processes searched for {g['patient_ids_searched']} patient ids and "
+            f"{g['secrets_searched']} secrets (bearer token sent to HAPI on every request, "
+            f"webhook secret, log-hash key): **{g['hits']} hits**. "
+            f"{g['patients_seen_as_keyed_hash']} of the patients appear as their keyed hash.\n")
+    out.append(
+        "**TLS and plain http:** the real CLI configured with `http://192.0.2.10/fhir` "
+        "refuses before connecting (`test_plain_http_to_a_remote_host_is_refused_before_any_"
+        "connection`); `allow_insecure_http = true` allows it; an https endpoint gets a "
+        "verifying SSL context (`CERT_REQUIRED`, hostname check). Unit tests: "
+        "`tests/unit/test_fhir_client.py::test_plain_http_to_remote_host_refused_unless_allowed`"
+        ", `::test_tls_verification_is_on_by_default`, "
+        "`tests/unit/test_auth.py::test_mutual_tls_and_verification_on_by_default`, "
+        "`tests/unit/test_webhook.py` (header secret, HMAC, stale, forged, duplicates, "
+        "sizes).\n")
+    out.append(
+        "**Dependency audit:** `make audit-deps` freezes the installed (pinned) environment "
+        "to `.run/audit/requirements.lock` and runs `pip-audit --vulnerability-service pypi "
+        "--strict` on it. `--strict` makes a package the service cannot answer for fail the "
+        "step. On the machine these figures come from, PyPI's JSON API "
+        "(`https://pypi.org/pypi/<name>/<version>/json`) answers 404 through the local "
+        "mirror and OSV is unreachable, so the step **fails** (every package: \"Dependency "
+        "not found on PyPI and could not be audited\"); without `--strict` pip-audit would "
+        "have said \"No known vulnerabilities found\" and exited 0. It needs a CI runner that "
+        "reaches pypi.org.\n")
+    return "\n".join(out)
+
+
+HEADER = """# Reliability and security, measured
+
+Faults, bad input, load and security checks against the real stack: HAPI FHIR, Redis, real
+`clinragen-fhir worker` processes. Everything runs on loopback, and every loop is bounded in
+count and time. This page is generated by `bench/reliability_report.py` from the results files
+the suite and the load bench write (`.run/reliability/results/*.json`). Do not edit it by hand.
+To regenerate every figure, run:
+
+```bash
+make reliability-report           # full suite + bench/load.py + this page
+make reliability                  # full suite only (RELIABILITY_FULL=1)
+.venv/bin/pytest -m reliability tests/reliability   # short form (also part of `make test`)
+make audit-deps                   # pip-audit on the locked dependencies
+```
+
+The suite starts its **own** services so it can kill and restart them while other jobs use
+the shared ones: HAPI on `127.0.0.1:8091` (`HAPI_DATA_DIR`/`HAPI_RUN_DIR` =
+`.run/hapi-reliability`) and Redis on `127.0.0.1:6391` (`appendonly yes`, `appendfsync
+everysec`, `.run/reliability/redis`). It stops them at the end unless `RELIABILITY_KEEP=1`.
+Worker settings in the scenarios: soft/hard time limit 40/50 s, visibility timeout 60 s, retry
+backoff 1-8 s, FHIR timeout 10 s, `auth = bearer` (HAPI ignores the token; the log grep
+looks for it). Scenario 1 uses 15/20/25 s and scenario 4 the default backoff. Logs of every
+process: `.run/reliability/logs/`.
+
+Short form (in `make test`, ~3-4 min on the shared 2-core box): 20 patients per fault
+scenario, 5 kills, 12 patients for the HAPI restart, ~1,050 fuzz cases, a 25,000-point
+series. Full form: 200 patients per scenario, 24 kills, SIGKILL restarts of Redis as well,
+~10,500 fuzz cases, a 50,000-point series.
+
+"""
+
+
+def main() -> None:
+    parts = [HEADER, "## Test results\n", junit_summary(), section_kill(), section_faults(),
+             section_broker(), section_hapi(), section_bad_input(), section_load(),
+             section_security(), FOOTER]
+    OUT.write_text("\n".join(parts))
+    print(f"wrote {OUT.relative_to(ROOT)}")
+
+
+FOOTER = """## Not covered, and why
+
+* **RabbitMQ restart.** Not run: the suite would need its own RabbitMQ node (the Debian
+  service on 5672 is shared with other jobs' tests), and that was not built. With RabbitMQ,
+  durable queues and persistent messages (Celery's defaults) plus `acks_late` are the
+  settings that should give 0 lost across a broker restart. This is not measured here.
+* **HAPI killed hard** (SIGKILL, not TERM). H2 recovery after a crash is HAPI's and H2's
+  business. The worker side is the same as in scenario 4.
+* **Load at 1,000 patients.** `bench/load.py` defaults to 1,000. The figure above is what fit
+  on this shared 2-core machine: loading the cohort into HAPI alone runs at ~200 resources/s,
+  and a clinosim patient has ~230 resources.
+"""
+
+
+if __name__ == "__main__":
+    main()
