@@ -44,6 +44,7 @@ def _unacked(redis: Redis) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(3600 if FULL else 600)
 def test_sigkilled_workers_lose_and_duplicate_nothing(hapi: Hapi, clean_redis: Redis) -> None:
     rng = random.Random(20260801)
     pids = make_patients(hapi.url, "kill", N_PATIENTS)

@@ -95,6 +95,7 @@ def test_committed_but_answered_500_does_not_duplicate(hapi: Hapi, client_retrie
         "duplicated": 0, "lost": 0})
 
 
+@pytest.mark.timeout(3600 if FULL else 600)
 def test_twenty_percent_faults_end_with_exactly_one_report(hapi: Hapi,
                                                           clean_redis: Redis) -> None:
     pids = make_patients(hapi.url, "faults", N_PATIENTS)

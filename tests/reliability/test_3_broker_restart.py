@@ -37,6 +37,7 @@ N_PATIENTS = 200 if FULL else 20
 CASES = [("shutdown", "everysec")] + ([("kill", "everysec"), ("kill", "always")] if FULL else [])
 
 
+@pytest.mark.timeout(3600 if FULL else 600)
 @pytest.mark.parametrize("how,fsync", CASES, ids=[f"{h}-{f}" for h, f in CASES])
 def test_redis_restart_mid_run_loses_no_task(hapi: Hapi, redis_server: Redis, how: str,
                                              fsync: str) -> None:

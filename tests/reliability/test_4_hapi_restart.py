@@ -39,6 +39,7 @@ DEFAULT_RETRIES = {"CLINRAGEN_WORKER__RETRY_BACKOFF_S": "5",
                    "CLINRAGEN_WORKER__VISIBILITY_TIMEOUT_S": "600"}
 
 
+@pytest.mark.timeout(3600 if FULL else 600)
 def test_hapi_restart_mid_run(hapi: Hapi, clean_redis: Redis) -> None:
     pids = make_patients(hapi.url, "hapirestart", N_PATIENTS)
     worker = Worker("hapi-restart", base_env(hapi.url, clean_redis, **DEFAULT_RETRIES))

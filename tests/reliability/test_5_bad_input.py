@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
@@ -41,6 +42,7 @@ from clinragen_fhir.report.build import InputRef, build_transaction
 from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app, patients_in
 from tests.reliability.stack import FULL, record
 
+pytestmark = pytest.mark.timeout(3600 if FULL else 600)
 # cases per property; the four together: ~1,000 (short) or ~10,500 (full)
 N = {"obs": 3000, "doc": 3000, "bundle": 1500, "notify": 3000} if FULL else \
     {"obs": 300, "doc": 300, "bundle": 150, "notify": 300}
