@@ -143,11 +143,13 @@ class DecoderStep(nn.Module):
             k = torch.cat([past[2 * i], k], 2)
             v = torch.cat([past[2 * i + 1], v], 2)
             presents += [k, v]
-            if kvh != h:  # grouped-query attention: each kv head serves h // kvh query heads
-                k = k.unsqueeze(2).expand(b, kvh, h // kvh, s, hd).reshape(b, h, s, hd)
-                v = v.unsqueeze(2).expand(b, kvh, h // kvh, s, hd).reshape(b, h, s, hd)
-            scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(hd)) + bias
-            out = torch.softmax(scores, -1) @ v
+            # grouped-query attention without copying K/V per query head: query heads
+            # g*j .. g*j+g-1 share kv head j, so fold them into the query length
+            g = h // kvh
+            qg = q.reshape(b, kvh, g * t, hd)
+            scores = (qg @ k.transpose(-1, -2) * (1.0 / math.sqrt(hd))).view(b, kvh, g, t, s)
+            weights = torch.softmax(scores + bias.unsqueeze(1), -1).view(b, kvh, g * t, s)
+            out = (weights @ v).view(b, h, t, hd)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, h * hd))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x[:, -1]))
