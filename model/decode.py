@@ -6,7 +6,9 @@ from clinragen_fhir.predict.decode import (
     abstain,
     format_target,
     split_output,
+    uncertain_band,
     verhoeff_ok,
 )
 
-__all__ = ["DIAGNOSIS_LABEL", "abstain", "format_target", "split_output", "verhoeff_ok"]
+__all__ = ["DIAGNOSIS_LABEL", "abstain", "format_target", "split_output", "uncertain_band",
+           "verhoeff_ok"]

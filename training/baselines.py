@@ -50,10 +50,15 @@ def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.nd
 
 
 def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
-                 disorders: Sequence[str]) -> SystemOutput:
+                 disorders: Sequence[str], min_confidence: float = 0.6) -> SystemOutput:
     """Decisions = what the rules conclude; probabilities = the graph's support scores (not
-    calibrated: they are sums of association strengths, capped at 1)."""
+    calibrated: they are sums of association strengths, capped at 1). Abstention is the rules'
+    own (no input) or the shared rule (`abstain`) on the support scores around the graph's
+    conclusion threshold."""
+    from clinragen_fhir.knowledge.retrieval import rule_index
+
     rules = RuleBaseline(kg)
+    conclude = rule_index(kg).default_threshold
     index = {d: j for j, d in enumerate(disorders)}
     probs = np.zeros((len(examples), len(disorders)))
     pred = np.zeros((len(examples), len(disorders)), dtype=int)
@@ -67,7 +72,7 @@ def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
         for dx in p.diagnoses:
             if dx.snomed in index:
                 pred[i, index[dx.snomed]] = 1
-        abstained.append(p.abstained)
+        abstained.append(p.abstained or abstain(probs[i].tolist(), conclude, min_confidence)[0])
         rationales.append(p.rationale)
     return SystemOutput("rule baseline", probs, pred, abstained, rationales, "rule")
 

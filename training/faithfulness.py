@@ -31,9 +31,21 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 _DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:T[\d:.+Z-]*)?")
 _LOINC = re.compile(r"\(?\bLOINC\s+\d{1,7}-\d\)?|\b\d{3,7}-\d\b")
 _SCTID = re.compile(r"(?<![\d.])\d{6,18}(?![\d.])")
-_NUMBER = re.compile(r"(?<!\d-)(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])(?!-\d)")
-_NOT_A_VALUE = re.compile(r"^\s*(?:readings?|days?|times?|weeks?|months?|years?|x\b|fold)",
-                          re.IGNORECASE)
+# a number token; not part of a longer number (no backtracking into "30.0"), a range ("60-89",
+# "5.7\u20136.4"), a unit ("10*3/uL", "{1.73_m2}") or an open bound ("30+")
+_NUMBER = re.compile(r"(?<!\d-)(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])"
+                     r"(?!\.\d)(?!\s?[-\u2013\u2014]\s?\d)(?!\s?\+)")
+# what makes a number a criterion, not a reading: a comparator or bound word right before it
+# (">= 126 mg/dL", "threshold of 6.5 %", "above 6.5", "stage 3"), the far end of a range
+# ("5.7\u20136.4", "between 5.7 and 6.4")
+_CRITERION = re.compile(
+    r"(?:[<>\u2264\u2265]=?|=>|=<|\b(?:above|below|over|under|exceed(?:s|ing)?|at least|at most|"
+    r"more than|less than|greater than|fewer than|threshold(?: of)?|cut-?off(?: of)?|"
+    r"target(?: of)?|goal(?: of)?|limit(?: of)?|stage|grade|type|class|between)|"
+    r"\d\s?[-\u2013\u2014]|\bbetween\s+-?\d+(?:\.\d+)?\s*\S{0,8}\s+and)\s*$",
+    re.IGNORECASE)
+_NOT_A_VALUE = re.compile(r"^\s*(?:readings?|results?|tests?|days?|times?|weeks?|months?|"
+                          r"years?|hours?|h\b|hrs?\b|x\b|fold|occasions?)", re.IGNORECASE)
 _ON_DATE = re.compile(r"^\s*[^\s;,]{0,24}\s*(?:on|dated|at|,|from)?\s*$", re.IGNORECASE)
 _HIGH = {"high", "elevated", "raised", "above", "increased level", "hyper"}
 _LOW = {"low", "below", "reduced", "decreased level"}
@@ -69,7 +81,8 @@ class LabLexicon:
 
     def __init__(self, names: dict[str, set[str]], disorder_terms: Iterable[str] = ()) -> None:
         self.names = {k: frozenset(v) for k, v in names.items() if len(k) >= 3 or k.isupper()}
-        # disorder names are not lab claims ("Body mass index 30+ - obesity", "type 2 diabetes")
+        # disorder names and finding labels are not lab claims ("Body mass index 30+ - obesity",
+        # "type 2 diabetes", "eGFR < 60 for >= 90 days")
         terms = sorted({t for t in disorder_terms if len(t) >= 4}, key=len, reverse=True)
         self.disorders = re.compile(r"(?<![\w])(" + "|".join(re.escape(t) for t in terms)
                                     + r")(?![\w])", re.IGNORECASE) if terms else None
@@ -85,8 +98,13 @@ class LabLexicon:
         names: dict[str, set[str]] = {}
         terms: list[str] = []
         if kg is not None:
+            from clinragen_fhir.knowledge.retrieval import rule_index
+
             for d in kg.disorders().values():
                 terms += [d.term, *d.synonyms]
+            # the graph's finding labels name criteria ("HbA1c normal", "Urine protein >= 30
+            # mg/dL"); the reading cited after them is the claim
+            terms += [f.label for f in rule_index(kg).findings]
 
         def add(name: str, code: str) -> None:
             name = " ".join(str(name).split())
@@ -155,7 +173,15 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
         # a direction word before the name counts only within the same clause ("elevated HbA1c")
         start = mentions[i - 1].end() if i > 0 else 0
         before = re.split(r"[;,\n]|\.\s", masked[max(start, m.start() - 30):m.start()])[-1]
-        words = _DIRECTION.findall(window) or _DIRECTION.findall(before)
+        # ... and only right before it: "low ferritin", not "Ferritin low (...) supports iron"
+        near = [w.group(1) for w in _DIRECTION.finditer(before)
+                if len(before[w.end():].split()) <= 1 and not re.search(r"[():]", before[w.end():])]
+        # a word right before the next test's name is that test's ("HbA1c, elevated glucose")
+        tail = masked[m.end():end]
+        after = [w.group(1) for w in _DIRECTION.finditer(window)
+                 if i + 1 >= len(mentions) or len(tail[w.end():].split()) > 1
+                 or re.search(r"[():,;]", tail[w.end():])]
+        words = near or after
         direction = _direction(words[0]) if words else None
         loincs = tuple(sorted(lexicon.codes(m.group(0))))
         # value tokens (not dates, not counts like "2 readings"), each with the date after it
@@ -163,7 +189,8 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
                  for d in _DATE.finditer(window)]
         no_dates = _DATE.sub(lambda d: " " * len(d.group(0)), window)
         values = [(n.start(), n.group(0)) for n in _NUMBER.finditer(no_dates)
-                  if not _NOT_A_VALUE.match(no_dates[n.end():])]
+                  if not _NOT_A_VALUE.match(no_dates[n.end():])
+                  and not _CRITERION.search(no_dates[:n.start()])]
         used: set[int] = set()
         made = 0
         for k, (pos, token) in enumerate(values):

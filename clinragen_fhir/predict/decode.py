@@ -60,18 +60,32 @@ def split_output(text: str, vocabulary: Collection[str] | None = None,
     return text[:last.start()].strip(), list(dict.fromkeys(codes))
 
 
+def uncertain_band(threshold: float = 0.5, min_confidence: float = 0.6) -> tuple[float, float]:
+    """[low, high): the probabilities too close to the decision threshold to call either way.
+
+    A decision's confidence is how far p lies from the threshold on a 0.5..1 scale (= max(p, 1-p)
+    at threshold 0.5); `min_confidence` c puts the band at t - (2c-1)t .. t + (2c-1)(1-t), e.g.
+    [0.4, 0.6) at t = 0.5, c = 0.6 and [0.24, 0.44) at t = 0.3.
+    """
+    width = min(1.0, max(0.0, 2.0 * min_confidence - 1.0))
+    return threshold - width * threshold, threshold + width * (1.0 - threshold)
+
+
 def abstain(probabilities: Sequence[float], threshold: float = 0.5,
             min_confidence: float = 0.6) -> tuple[bool, str]:
-    """Abstain when some disorder's calibrated probability is too close to the threshold to call.
+    """Abstain when no disorder is confidently present and the model is not confident that none is.
 
-    Confidence of a multi-label answer = its least certain decision: per disorder, how far p is
-    from the threshold on a 0.5..1 scale (= max(p, 1 - p) at threshold 0.5). Below
-    `min_confidence` nothing is concluded.
+    Decided on the most probable disorder of the vocabulary: at or above the band's top some
+    disorder is confidently present (answer); below its bottom every disorder is confidently
+    absent (answer: none); inside `uncertain_band(threshold, min_confidence)` nothing can be
+    concluded. Other disorders near the threshold do not make the whole answer void (with a
+    vocabulary of ~170 disorders one of them nearly always is). NaN probabilities are ignored.
     """
-    if not probabilities:
+    values = [float(p) for p in probabilities if p == p]
+    if not values:
         return True, "no disorder vocabulary"
-    worst = min(0.5 + 0.5 * ((p - threshold) / (1.0 - threshold) if p >= threshold
-                             else (threshold - p) / threshold) for p in probabilities)
-    if worst < min_confidence:
-        return True, f"low confidence ({worst:.2f} < {min_confidence:.2f})"
+    top = max(values)
+    low, high = uncertain_band(threshold, min_confidence)
+    if low <= top < high:
+        return True, (f"uncertain: top disorder probability {top:.2f} in [{low:.2f}, {high:.2f})")
     return False, ""

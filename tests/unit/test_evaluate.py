@@ -12,9 +12,16 @@ import numpy as np
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from model.decode import uncertain_band
 from tests.unit.train_examples import CKD, DM2, HTN, make_examples
-from training.baselines import FeatureClassifier, label_matrix, rule_outputs, template_rationale
-from training.evaluate import markdown_table, score
+from training.baselines import (
+    FeatureClassifier,
+    SystemOutput,
+    label_matrix,
+    rule_outputs,
+    template_rationale,
+)
+from training.evaluate import markdown_table, revealable_disorders, score
 from training.faithfulness import LabLexicon
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,13 +74,60 @@ def test_template_rationale_cites_abnormal_readings_only() -> None:
 
 def test_markdown_table_marks_template_faithfulness_and_missing_values() -> None:
     rows = [{"system": "a", "rationale_kind": "template", "micro_f1": 0.5, "macro_f1": 0.25,
-             "macro_auroc": float("nan"), "ece": 0.1, "abstention_rate": 0.0, "bleu4": 1.0,
-             "rouge_l": 2.0, "faithfulness": 1.0, "claims": 3}]
+             "micro_f1_revealable": 0.4, "macro_f1_revealable": float("nan"),
+             "macro_auroc": float("nan"), "macro_auroc_revealable": 0.75, "ece": 0.1,
+             "abstention_rate": 0.0, "bleu4": 1.0, "rouge_l": 2.0, "faithfulness": 1.0,
+             "claims": 3, "micro_f1_vocabulary": 0.125}]
     md = markdown_table({"systems": rows, "test_examples": 4, "test_patients": 2,
-                         "train_examples": 8, "valid_examples": 2, "disorders_in_macro": 1,
-                         "backbone": "tiny", "config": "quick"})
-    assert "| a | 0.500 | 0.250 | n/a | 0.100 | 0.0 % | 1.0 | 2.0 | 100.0 % (3) by construction" \
-        in md
+                         "train_examples": 8, "valid_examples": 2, "disorders_in_macro": 5,
+                         "positives_in_macro": 9, "revealable_in_macro": 2,
+                         "revealable_positives": 3, "backbone": "tiny", "config": "quick"})
+    assert "| a | 0.500 | 0.250 | 0.400 | n/a | 0.125 | n/a | 0.750 | 0.100 | 0.0 % | 1.0 | " \
+        "2.0 | " \
+        "100.0 % (3) by construction" in md
+    assert "(a) = the 5 disorders with a positive in the test split (9 positives)" in md
+    assert "(b) = the 2 of them a lab finding supports in the knowledge graph (3 positives)" in md
+
+
+def test_revealable_set_is_what_lab_findings_support(kg: KnowledgeGraph) -> None:
+    shown = revealable_disorders(kg)
+    assert {DM2, CKD, HTN} <= shown  # HbA1c, eGFR, blood pressure findings support them
+    assert "66383009" not in shown and "40055000" not in shown  # gingivitis, chronic sinusitis
+    assert "44465007" not in shown  # sprain of ankle: no lab reveals it
+    assert len(shown) < len(kg.disorders()) / 2
+
+
+def test_columns_a_and_b_count_only_disorders_with_a_test_positive() -> None:
+    disorders = ["d1", "d2", "d3", "d4"]  # d4: nobody has it
+    y = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]])
+    pred = np.array([[1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]])
+    out = SystemOutput("s", pred.astype(float), pred, [False] * 4, [""] * 4, "template")
+    row = score(out, y, disorders, np.ones(4, bool), make_examples(4), LabLexicon({}),
+                revealable=np.array([True, True, False, True]))
+    # (a) d1..d3: F1 2/3, 0, 1 -> macro 5/9; micro tp=2 fp=0 fn=2 (d4's false positives are
+    # not in a column with a positive) -> 2tp/(2tp+fp+fn) = 4/6
+    assert row["macro_f1"] == pytest.approx(5 / 9) and row["micro_f1"] == pytest.approx(4 / 6)
+    # (b) d1, d2 (d4 revealable but absent): macro 1/3, micro tp=1 fn=2 -> 2/4
+    assert row["macro_f1_revealable"] == pytest.approx(1 / 3)
+    assert row["micro_f1_revealable"] == pytest.approx(0.5)
+    # the vocabulary-wide micro-F1 keeps d4's two false positives: 4/(4+2+2)
+    assert row["micro_f1_vocabulary"] == pytest.approx(0.5)
+
+
+def test_every_system_abstains_by_the_same_rule(kg: KnowledgeGraph) -> None:
+    examples = make_examples(60, seed=1)
+    train = [e for e in examples if e.split == "train"]
+    valid = [e for e in examples if e.split == "valid"]
+    test = [e for e in examples if e.split == "test"]
+    clf = FeatureClassifier("logistic").fit(train, valid, [DM2, CKD, HTN])
+    out = clf.outputs(test, kg, 0.6)
+    low, high = uncertain_band(clf.threshold, 0.6)
+    top = out.probs.max(1)
+    assert out.abstained == [bool(low <= t < high) for t in top]
+    rules = rule_outputs(kg, test, [DM2, CKD, HTN])
+    rtop = rules.probs.max(1)
+    rlow, rhigh = uncertain_band(0.5, 0.6)
+    assert rules.abstained == [bool(rlow <= t < rhigh) for t in rtop]
 
 
 @pytest.mark.slow
@@ -89,11 +143,15 @@ def test_quick_reproduce_end_to_end(tmp_path: Path) -> None:
     assert len(systems) == 6 and systems[0] == "rule baseline"
     assert any("without knowledge" in s for s in systems)
     assert any("without staged" in s for s in systems)
+    assert 0 <= results["revealable_in_macro"] <= results["disorders_in_macro"]
     for r in results["systems"]:
         assert 0 <= r["macro_f1"] <= 1 and 0 <= r["abstention_rate"] <= 1
+        assert 0 <= r["micro_f1_vocabulary"] <= 1
+        assert math.isnan(r["macro_f1_revealable"]) == (results["revealable_in_macro"] == 0)
         assert r["claims"] == 0 or 0 <= r["faithfulness"] <= 1
         assert not math.isnan(r["rouge_l"])
     assert (out / "quick" / "per_disorder_f1.png").stat().st_size > 1000
+    assert (out / "quick" / "per_disorder_f1_all.png").stat().st_size > 1000
     assert (out / "results.md").read_text().count("\n|") >= 7
     model_dir = out / "quick" / "model"
     assert (model_dir / "config.json").is_file() and (model_dir / "MODEL_CARD.md").is_file()

@@ -77,3 +77,53 @@ def test_numbers_inside_units_are_not_values(kg: KnowledgeGraph) -> None:
     lex = LabLexicon.build(kg, [labs])
     claims = extract_claims("Erythrocytes in Blood was 7.1 10*6/uL on 2024-03-02 (low)", lex)
     assert [(c.value, str(c.day)) for c in claims] == [(7.1, "2024-03-02")]
+
+
+def test_criteria_ranges_and_bounds_are_not_readings(lexicon: LabLexicon) -> None:
+    """Thresholds, ranges and open bounds name a criterion; they are no claim about a reading."""
+    for text in ("Glucose >= 126 mg/dL on two occasions.", "eGFR < 60 for >= 90 days.",
+                 "Creatinine rise >= 0.3 mg/dL within 48 h.", "HbA1c between 5.7 and 6.4 %.",
+                 "HbA1c 5.7\u20136.4 % is the prediabetic range.", "Glucose 100-125 mg/dL.",
+                 "HbA1c exceeds the threshold of 6.5 %.", "eGFR consistent with stage 3.",
+                 "Body mass index 30.0-39.9 suggests obesity.", "Body mass index 40+ - obese."):
+        assert [c.value for c in extract_claims(text, lexicon)] == [], text
+    # the reading cited after a criterion is still a claim, and a true one
+    text = "Glucose >= 126 mg/dL on two occasions: Glucose 92 mg/dL on 2024-03-02."
+    assert [(c.value, str(c.day)) for c in extract_claims(text, lexicon)] == \
+        [(92.0, "2024-03-02")]
+    assert verdicts(text, lexicon) == [(True, "")]
+
+
+def test_finding_labels_and_disorder_names_with_numbers_are_not_claims(
+        lexicon: LabLexicon) -> None:
+    # "HbA1c normal" is the graph's label of the finding HbA1c < 5.7 %, not a statement
+    text = "HbA1c normal: HbA1c 7.1 % on 2024-03-02, high (reference 4-5.7)."
+    assert [(c.value, c.direction) for c in extract_claims(text, lexicon)] == [(7.1, "high")]
+    assert verdicts(text, lexicon) == [(True, "")]
+    text = "Chronic kidney disease stage 3 and type 2 diabetes; eGFR 48 on 2024-03-02."
+    assert [c.value for c in extract_claims(text, lexicon)] == [48.0]
+    assert verdicts(text, lexicon) == [(True, "")]
+
+
+def test_a_direction_word_belongs_to_the_test_it_stands_next_to(lexicon: LabLexicon) -> None:
+    assert verdicts("High HbA1c and normal glucose.", lexicon) == [(True, ""), (True, "")]
+    claims = extract_claims("HbA1c 7.1 %, elevated glucose.", lexicon)
+    assert [(c.value, c.direction) for c in claims] == [(7.1, None), (None, "high")]
+    # glucose 92 mg/dL is inside 70-100: the wrong direction is caught on the right test
+    assert verdicts("HbA1c 7.1 %, elevated glucose.", lexicon) == [(True, ""),
+                                                                    (False, "not high")]
+
+
+def test_digits_inside_count_units_are_not_values(kg: KnowledgeGraph) -> None:
+    labs = frame([("4548-4", 7.2, T2), ("2345-7", 250.0, T2)])
+    labs.loc[0, ["display", "unit", "raw_unit"]] = ["Leukocytes [#/volume] in Blood", "10*3/uL",
+                                                    "10*3/uL"]
+    labs.loc[1, ["display", "unit", "raw_unit"]] = ["Platelets [#/volume] in Blood", "10*3/uL",
+                                                    "10*3/uL"]
+    lex = LabLexicon.build(kg, [labs])
+    text = ("Leukocytes 7.2 10*3/uL on 2024-03-02; Platelets [#/volume] in Blood 250 10*3/uL "
+            "on 2024-03-02.")
+    claims = extract_claims(text, lex)
+    assert [(c.value, str(c.day)) for c in claims] == [(7.2, "2024-03-02"),
+                                                       (250.0, "2024-03-02")]
+    assert all(c.matched for c in check_rationale(text, labs, lex))

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
 from clinragen_fhir.knowledge.retrieval import FindingHit, PathStep, Retrieval, TriggerRow
-from model.decode import abstain, format_target, split_output, verhoeff_ok
+from model.decode import abstain, format_target, split_output, uncertain_band, verhoeff_ok
 from model.features import (
     UNK_ID,
     Budgets,
@@ -147,8 +147,20 @@ def test_diagnosis_line_round_trip_and_robust_parsing() -> None:
     assert verhoeff_ok("431855005") and not verhoeff_ok("431855006")
 
 
-def test_abstain_when_any_decision_is_close_to_the_threshold() -> None:
+def test_abstain_only_when_the_top_disorder_is_in_the_uncertain_band() -> None:
+    assert uncertain_band(0.5, 0.6) == pytest.approx((0.4, 0.6))
+    assert uncertain_band(0.3, 0.6) == pytest.approx((0.24, 0.44))
+    # one disorder confidently present: answer, whatever the others are
     assert abstain([0.95, 0.02]) == (False, "")
-    assert abstain([0.95, 0.45])[0]
-    assert abstain([])[0]
+    assert abstain([0.95, 0.45, 0.5]) == (False, "")
+    # every disorder confidently absent: answer "none"
+    assert abstain([0.1, 0.02, 0.39]) == (False, "")
+    # the best candidate is neither clearly present nor clearly absent: abstain
+    flag, reason = abstain([0.45, 0.1])
+    assert flag and "0.45" in reason and "[0.40, 0.60)" in reason
+    assert abstain([0.4, 0.3])[0] and not abstain([0.6, 0.3])[0]  # [low, high)
+    assert abstain([])[0] and abstain([float("nan")])[0]
+    # the band follows the tuned threshold: 0.35 is uncertain at t=0.3, absent at t=0.5
+    assert abstain([0.35, 0.1], threshold=0.3)[0]
+    assert not abstain([0.35, 0.1], threshold=0.5)[0]
     assert not abstain([0.9, 0.1], threshold=0.3, min_confidence=0.6)[0]
