@@ -173,11 +173,13 @@ def main() -> None:
                         "children_mib": [round(rss_kib(p) / 1024, 1) for p in procs[1:]]})
 
     tasks: dict[str, str] = {}
+    by_round: list[list[float]] = []  # children's RSS at the end of each round
     try:
         for n in range(args.rounds):
             batch = enqueue(app, pids)
             tasks.update({f"{pid}#{n}": tid for pid, tid in batch.items()})
             wait_all_done(app, batch, args.timeout, sample)
+            by_round.append([round(rss_kib(p) / 1024, 1) for p in worker.pool()])
     finally:
         elapsed = time.monotonic() - t0
         calls = fhir_calls(metrics_port) - calls_before
@@ -210,6 +212,7 @@ def main() -> None:
         "rss_children_last_quarter_mib": round(statistics.fmean(last), 1) if last else 0,
         "rss_main_mib_last": rss[-1]["main_mib"] if rss else 0,
         "rss_samples": rss[:: max(1, len(rss) // 40)],
+        "rss_children_mib_by_round": by_round,
         "machine": "2 shared CPU cores (other jobs running)",
     }
     first_mean = figures["rss_children_first_quarter_mib"]

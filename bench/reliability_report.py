@@ -65,8 +65,9 @@ def section_kill() -> str:
     out = ["## 1. Worker killed (SIGKILL mid-task)\n",
            f"Command: `{SUITE} tests/reliability/test_1_worker_kill.py`\n",
            "A worker (prefork, 2 children) works through the patients while the test SIGKILLs, "
-           "only while a task is running (delivered, not yet acknowledged) and after a random "
-           "part of it: a pool child (billiard reports `WorkerLostError`; with "
+           "only while Redis holds an unacknowledged delivery (a task running, or a killed "
+           "worker's task waiting to come back) and after a random 0.05-1.5 s: a pool child "
+           "(billiard reports `WorkerLostError`; with "
            "`reject_on_worker_lost` the task goes straight back to the queue), or the whole "
            "worker, main process and pool (the task stays in Redis's unacked set and comes back "
            "after the visibility timeout; the worker is restarted). Seeded (`random.Random("
@@ -286,6 +287,12 @@ def section_load() -> str:
                                                 f"(**{r['rss_growth_pct']:+}%**); main "
                                                 f"{r['rss_main_mib_last']} MiB"),
     ]))
+    by_round = r.get("rss_children_mib_by_round") or []
+    if by_round:
+        out.append("Children's RSS at the end of each round (MiB; round 1 includes the "
+                   "one-off load of the knowledge graph and libraries): " + "; ".join(
+                       f"round {i + 1}: {' + '.join(str(c) for c in rr)}"
+                       for i, rr in enumerate(by_round)) + "\n")
     samples = r.get("rss_samples") or []
     if samples:
         out.append("RSS over time (children, MiB): " + ", ".join(
