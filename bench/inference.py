@@ -83,21 +83,31 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
     """One backend in this process: per-patient latencies and generated ids."""
     feats, _ = load_features(model_dir, data, n + 1)
     warm, feats = feats[0], feats[1:]
+    marks: list[float] = []  # perf_counter after each decoder call (torch: each logits step)
     started = time.perf_counter()
     if backend == "torch":
         import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
 
         from model.clinragen import ClinRaGen
         from model.export import torch_greedy
 
+        class FirstToken(LogitsProcessor):
+            """Called once per step after the forward: the first call ends the prefill."""
+
+            def __call__(self, ids: Any, scores: Any) -> Any:
+                marks.append(time.perf_counter())
+                return scores
+
         torch.set_num_threads(threads)
         model = ClinRaGen.load(model_dir)
+        first = LogitsProcessorList([FirstToken()])
 
         def one(f: Any) -> np.ndarray:
             return many([f])
 
         def many(fs: list[Any]) -> np.ndarray:
-            return torch_greedy(model, fs, new_tokens, min_new_tokens=new_tokens)[0].numpy()
+            return torch_greedy(model, fs, new_tokens, new_tokens, first)[0].numpy()
         device = "cpu (torch eager)"
     else:
         from clinragen_fhir.encoding.features import collate
@@ -106,6 +116,15 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         ort_model = OnnxModel(model_dir, "int8" if backend == "ort-int8" else "fp32",
                               "cuda" if provider == "cuda" else "auto" if provider == "auto"
                               else "cpu", threads)
+
+        step = ort_model.step
+
+        def timed_step(*a: Any) -> Any:
+            out = step(*a)
+            marks.append(time.perf_counter())  # the first call is the prefill
+            return out
+
+        ort_model.step = timed_step  # type: ignore[method-assign,assignment]
 
         def one(f: Any) -> np.ndarray:
             return many([f])
@@ -116,11 +135,13 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         device = ort_model.provider
     load_s = time.perf_counter() - started
     one(warm)
-    latencies, ids = [], []
+    latencies, ids, ttft = [], [], []
     for f in feats:
+        marks.clear()
         t = time.perf_counter()
         out = one(f)
         latencies.append(time.perf_counter() - t)
+        ttft.append(marks[0] - t)  # prefix builder + prefill: time to the first token
         ids.append(out[0].tolist())
     batched = 0.0
     if batch > 1:  # the same patients again, `batch` at a time (padding inside the prefix)
@@ -129,7 +150,7 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
             many(feats[i:i + batch])
         batched = time.perf_counter() - t
     return {"backend": backend, "device": device, "load_s": load_s, "latencies": latencies,
-            "batched_s": batched, "batch": batch,
+            "batched_s": batched, "batch": batch, "ttft": ttft,
             "ids": ids, "prefix_lengths": [len(f.lab_code) + len(f.fact_ids) + len(f.note_ids)
                                            for f in feats],
             "peak_rss_mib": peak_rss_mib(), "torch_imported": "torch" in sys.modules,
@@ -142,8 +163,11 @@ def summarise(results: list[dict[str, Any]], new_tokens: int) -> list[dict[str, 
     for r in results:
         lat = np.array(r["latencies"])
         tokens = new_tokens * len(lat)
+        ttft = np.array(r["ttft"])
         row = {"backend": r["backend"], "device": r["device"],
                "tokens_per_s": tokens / lat.sum(), "patients_per_s": len(lat) / lat.sum(),
+               "first_token_s": float(ttft.mean()),
+               "decode_tokens_per_s": (new_tokens - 1) * len(lat) / (lat - ttft).sum(),
                "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
                "peak_rss_mib": r["peak_rss_mib"],
                "same_tokens_as_torch": sum(a == b for a, b in zip(r["ids"], base["ids"],
@@ -151,19 +175,23 @@ def summarise(results: list[dict[str, Any]], new_tokens: int) -> list[dict[str, 
                "batched_patients_per_s": len(lat) / r["batched_s"] if r["batched_s"] else 0.0,
                "patients": len(lat), "torch_imported": r["torch_imported"],
                "loadavg_after": r["loadavg_after"]}
-        row["speedup"] = row["tokens_per_s"] / (new_tokens * len(base["latencies"])
-                                                / np.sum(base["latencies"]))
         rows.append(row)
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["decode_speedup"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| backend | device | tokens/s | patients/s | p50 s | p95 s | peak RSS MiB | "
-             "x PyTorch | greedy = PyTorch | patients/s batched |", "|" + "---|" * 10]
+    lines = ["| backend | device | tokens/s | x PyTorch | decode tokens/s | x PyTorch | "
+             "first token s | patients/s | p50 s | p95 s | peak RSS MiB | greedy = PyTorch | "
+             "patients/s batched |", "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['decode_speedup']:.2f} | {r['first_token_s']:.2f} | "
                      f"{r['patients_per_s']:.3f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['speedup']:.2f} | "
+                     f"{r['peak_rss_mib']:.0f} | "
                      f"{r['same_tokens_as_torch']}/{r['patients']} | "
                      f"{r['batched_patients_per_s']:.3f} |")
     return "\n".join(lines)

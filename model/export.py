@@ -256,7 +256,8 @@ class ParityReport:
 
 
 def torch_greedy(model: ClinRaGen, features: Sequence[Features], new_tokens: int,
-                 min_new_tokens: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                 min_new_tokens: int = 0, logits_processor: Any = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """transformers' generate from the prefix: (new ids [B,G], raw logits [B,G,V],
     diagnosis logits [B, n_disorders]); what PyTorch eager serves."""
     from transformers import GenerationConfig
@@ -272,7 +273,7 @@ def torch_greedy(model: ClinRaGen, features: Sequence[Features], new_tokens: int
             eos_token_id=eos, pad_token_id=pad, output_logits=True,
             return_dict_in_generate=True)
         out = model.slm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
-                                 generation_config=gc)
+                                 generation_config=gc, logits_processor=logits_processor)
     return out.sequences, torch.stack(out.logits, 1), diag
 
 
