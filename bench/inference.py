@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(report, indent=1))
     loads = ", ".join(f"{r['loadavg_after']:.1f}" for r in rows)
     print(f"{args.patients} patients, {args.new_tokens} new tokens each, batch 1, "
-          f"fastest of {args.repeat}, {args.threads} threads; prefix lengths {min(report['prefix_lengths'])}-"
+          f"fastest of {args.repeat}, {args.threads} threads; prefix lengths "
+          f"{min(report['prefix_lengths'])}-"
           f"{max(report['prefix_lengths'])} (+ prompt); {os.cpu_count()} CPUs, 1-min load "
           f"{load_before:.1f} before, {loads} after each backend")
     print(table(rows))
