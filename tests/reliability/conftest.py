@@ -8,13 +8,15 @@ Every test here is marked `reliability`; those that need the services are also `
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.reliability.stack import FULL, LOGS, RUN, Hapi, Redis
+from tests.reliability.stack import FULL, HAPI_PORT, LOGS, REDIS_PORT, RUN, Hapi, Redis
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,7 +32,31 @@ def full() -> bool:
 
 
 @pytest.fixture(scope="session")
-def hapi() -> Iterator[Hapi]:
+def machine_lock() -> Iterator[None]:
+    """One suite at a time per machine and port pair: the scenarios stop and flush the shared
+    HAPI/Redis, so a second run (another checkout's `make test`, say) would break both.
+    Measured: a CI checkout's short form shut down this Redis mid-scenario. Waits up to
+    RELIABILITY_LOCK_WAIT_S (default 1800 s), then fails naming the lock."""
+    path = Path(f"/tmp/clinragen-reliability-{HAPI_PORT}-{REDIS_PORT}.lock")
+    wait_s = float(os.environ.get("RELIABILITY_LOCK_WAIT_S", "1800"))
+    with open(path, "w") as fh:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another reliability run holds {path} for > {wait_s:.0f} s")
+                time.sleep(2)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def hapi(machine_lock: None) -> Iterator[Hapi]:
     """HAPI on 127.0.0.1:8091 with its data in .run/hapi-reliability (reused if it answers)."""
     server = Hapi()
     started_here = not server.up()
@@ -42,7 +68,7 @@ def hapi() -> Iterator[Hapi]:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[Redis]:
+def redis_server(machine_lock: None) -> Iterator[Redis]:
     """redis-server on 127.0.0.1:6391, appendonly yes / appendfsync everysec."""
     server = Redis()
     started_here = not server.ping()

@@ -56,6 +56,8 @@ def test_hapi_restart_mid_run(hapi: Hapi, clean_redis: Redis) -> None:
         down_at = time.monotonic()
         hapi.stop()
         stopped = time.monotonic() - down_at
+        # deploy/hapi/stop only stops the server its run dir started: make sure it really went
+        assert not hapi.up(), "HAPI still answers after stop (not started from this run dir?)"
         start_s = hapi.start()
         downtime = time.monotonic() - down_at
         wait_all_done(app, tasks, 1800 if FULL else 300)
