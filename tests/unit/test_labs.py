@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from clinragen_fhir.encoding.labs import MAX_READINGS, build_lab_frame
@@ -124,4 +125,9 @@ def test_huge_series_is_bounded_in_time_and_size(kg: KnowledgeGraph) -> None:
     started = time.monotonic()
     frame, skips = build_lab_frame(series, kg, now=NOW)
     assert time.monotonic() - started < 60
-    assert len(frame) == MAX_READINGS and not skips
+    assert len(frame) == MAX_READINGS
+    # The rest is not dropped silently: each older reading is a recorded skip with its reason.
+    assert len(skips) == 50_000 - MAX_READINGS
+    assert {s.reason for s in skips} == {f"older than the newest {MAX_READINGS} readings"}
+    when = {f"Observation/{o['id']}": pd.Timestamp(o["effectiveDateTime"]) for o in series}
+    assert frame["time"].min() >= max(when[s.reference] for s in skips)
