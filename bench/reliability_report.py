@@ -323,7 +323,9 @@ def section_security() -> str:
             f"receiver processes searched for {g['patient_ids_searched']} patient ids and "
             f"{g['secrets_searched']} secrets (bearer token sent to HAPI on every request, "
             f"webhook secret, log-hash key): **{g['hits']} hits**. "
-            f"{g['patients_seen_as_keyed_hash']} of the patients appear as their keyed hash.\n")
+            f"The logs do name patients, by keyed hash: {g['patients_seen_as_keyed_hash']} of "
+            f"the first {min(200, g['patient_ids_searched'])} ids (sorted) appear as "
+            "`hash_id(id)`.\n")
     out.append(
         "**TLS and plain http:** the real CLI configured with `http://192.0.2.10/fhir` "
         "refuses before connecting (`test_plain_http_to_a_remote_host_is_refused_before_any_"
@@ -365,7 +367,13 @@ make audit-deps                   # pip-audit on the locked dependencies
 The suite starts its **own** services so it can kill and restart them while other jobs use
 the shared ones: HAPI on `127.0.0.1:8091` (`HAPI_DATA_DIR`/`HAPI_RUN_DIR` =
 `.run/hapi-reliability`) and Redis on `127.0.0.1:6391` (`appendonly yes`, `appendfsync
-everysec`, `.run/reliability/redis`). It stops them at the end unless `RELIABILITY_KEEP=1`.
+everysec`, `.run/reliability/redis`). It stops them at the end unless `RELIABILITY_KEEP=1`. One run
+at a time per machine: the session takes an exclusive `flock` on
+`/tmp/clinragen-reliability-8091-6391.lock` and waits for it for up to 30 min
+(`RELIABILITY_LOCK_WAIT_S`). This was learned the hard way: a CI checkout's `make test` ran
+the short form during a full run here, and its broker-restart scenario shut down the Redis the
+full run was using. The HAPI-restart scenario also asserts that HAPI really went down:
+`deploy/hapi/stop` only stops a server started from the same `HAPI_RUN_DIR`.
 Worker settings in the scenarios: soft/hard time limit 40/50 s, visibility timeout 60 s, retry
 backoff 1-8 s, FHIR timeout 10 s, `auth = bearer` (HAPI ignores the token; the log grep
 looks for it). Scenario 1 uses 15/20/25 s and scenario 4 the default backoff. Logs of every
