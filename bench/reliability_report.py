@@ -267,9 +267,10 @@ def section_load() -> str:
                                           f"seed {r['seed']})"),
         ("resources loaded into HAPI", f"{r['resources_loaded']} in {r['load_seconds']} s"),
         ("worker processes", r["worker_processes"]),
-        ("rounds", f"{r.get('rounds', 1)} ({r.get('tasks', r['patients'])} tasks; round 1 "
-                   "writes the reports, later rounds find them: the same reads, encoding "
-                   "and prediction without the write)"),
+        ("rounds", f"{r.get('rounds', 1)} ({r.get('tasks', r['patients'])} tasks; a task "
+                   "whose report exists already, from an earlier round or an earlier run, "
+                   "does the same reads, encoding and prediction and skips the write: see "
+                   "outcomes)"),
         ("outcomes", r["outcomes"]),
         ("wall time (all rounds)", f"{r['seconds']} s"),
         ("**throughput**", f"**{r['throughput_patients_per_min']} patients/min**"),
@@ -290,9 +291,16 @@ def section_load() -> str:
     by_round = r.get("rss_children_mib_by_round") or []
     if by_round:
         out.append("Children's RSS at the end of each round (MiB; round 1 includes the "
-                   "one-off load of the knowledge graph and libraries): " + "; ".join(
+                   "one-off load of the knowledge graph and libraries, from ~108 MiB at "
+                   "start): " + "; ".join(
                        f"round {i + 1}: {' + '.join(str(c) for c in rr)}"
-                       for i, rr in enumerate(by_round)) + "\n")
+                       for i, rr in enumerate(by_round)) + ". Growth per round after the "
+                   "first: " + "; ".join(
+                       " / ".join(f"{b - a:+.1f}" for a, b in zip(prev, cur, strict=False))
+                       for prev, cur in zip(by_round, by_round[1:], strict=False)) +
+                   " MiB per child. The first-vs-last-quarter figure above includes the "
+                   "warm-up. Whether the growth levels off for good needs a run longer than "
+                   "this one.\n")
     samples = r.get("rss_samples") or []
     if samples:
         out.append("RSS over time (children, MiB): " + ", ".join(
