@@ -9,6 +9,7 @@ bench/load.py; a scenario without results says so instead of showing a stale fig
 
 from __future__ import annotations
 
+import itertools
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -297,7 +298,7 @@ def section_load() -> str:
                        for i, rr in enumerate(by_round)) + ". Growth per round after the "
                    "first: " + "; ".join(
                        " / ".join(f"{b - a:+.1f}" for a, b in zip(prev, cur, strict=False))
-                       for prev, cur in zip(by_round, by_round[1:], strict=False)) +
+                       for prev, cur in itertools.pairwise(by_round)) +
                    " MiB per child. The first-vs-last-quarter figure above includes the "
                    "warm-up. Whether the growth levels off for good needs a run longer than "
                    "this one.\n")
