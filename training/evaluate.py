@@ -283,7 +283,7 @@ def plot_per_disorder(results: dict[str, Any], path: Path,
         vals = [r["per_disorder_f1"].get(c, 0.0) for c in chosen]
         ax.bar(np.arange(len(chosen)) + k * width, vals, width, label=r["system"])
     ax.set_xticks(np.arange(len(chosen)) + 0.4 - width / 2)
-    ax.set_xticklabels([terms[c][:28] + (f" (n={support[c]})" if c in support else "")
+    ax.set_xticklabels([terms[c][:40] + (f" (n={support[c]})" if c in support else "")
                         for c in chosen], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("F1 (test split)")
     ax.set_ylim(0, 1)
