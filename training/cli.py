@@ -149,7 +149,7 @@ def model_card(cfg: TrainConfig, run_dir: Path, variant: str) -> str:
 
     def num(key: str) -> str:
         v = row.get(key)
-        return f"{v:.3f}" if isinstance(v, float) else "n/a"
+        return f"{v:.3f}" if isinstance(v, float) and v == v else "n/a"
 
     counts = data.get("counts", {})
     return f"""# ClinRaGen model card ({cfg.name}, variant `{variant}`)
@@ -167,8 +167,10 @@ unreviewed suggestion for a clinician.**
   Teacher: the offline knowledge-grounded teacher (`training/teacher.py`), which writes
   rationales from the knowledge graph and each patient's own values.
 * Knowledge graph: the version in `config.json` (`knowledge_version`); a different graph warns.
-* Held-out test patients: micro-F1 {num('micro_f1')}, macro-F1 {num('macro_f1')},
-  macro-AUROC {num('macro_auroc')}, ECE {num('ece')}, abstention {num('abstention_rate')},
+* Held-out test patients, over the disorders with a test positive: micro-F1 {num('micro_f1')},
+  macro-F1 {num('macro_f1')}, macro-AUROC {num('macro_auroc')}; over the lab-revealable ones:
+  micro-F1 {num('micro_f1_revealable')}, macro-F1 {num('macro_f1_revealable')}, macro-AUROC
+  {num('macro_auroc_revealable')}; ECE {num('ece')}, abstention {num('abstention_rate')},
   faithfulness of lab claims {num('faithfulness')}. The full table with the baselines is in
   `docs/training.md`.
 * Calibration: temperature {json.loads((run_dir / variant / 'final.json').read_text())
