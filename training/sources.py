@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.fhir.loader import SUPPORT_PREFIXES, bundle_files
+from clinragen_fhir.fhir.loader import SUPPORT_PREFIXES, bundle_files, read_ndjson
 
 JsonDict = dict[str, Any]
 WANTED = ("Patient", "Observation", "DocumentReference", "Condition")
@@ -139,28 +139,21 @@ def iter_ndjson_records(folder: Path) -> Iterator[PatientRecord]:
     by_id: dict[str, PatientRecord] = {}
     orphans: dict[str, list[JsonDict]] = {}
     for path in ndjson_files(folder):
-        with _open_text(path) as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    resource = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
-                if not isinstance(resource, dict) or resource.get("resourceType") not in WANTED:
-                    continue
-                pid = subject_id(resource)
-                if pid is None:
-                    continue
-                if resource["resourceType"] == "Patient":
-                    rec = by_id.setdefault(pid, PatientRecord(pid, origin=folder.name))
-                    rec.add(resource)
-                    for r in orphans.pop(pid, []):
-                        rec.add(r)
-                elif pid in by_id:
-                    by_id[pid].add(resource)
-                else:  # resource file read before Patient.ndjson
-                    orphans.setdefault(pid, []).append(resource)
+        for resource in read_ndjson(path):
+            if resource.get("resourceType") not in WANTED:
+                continue
+            pid = subject_id(resource)
+            if pid is None:
+                continue
+            if resource["resourceType"] == "Patient":
+                rec = by_id.setdefault(pid, PatientRecord(pid, origin=folder.name))
+                rec.add(resource)
+                for r in orphans.pop(pid, []):
+                    rec.add(r)
+            elif pid in by_id:
+                by_id[pid].add(resource)
+            else:  # resource file read before Patient.ndjson
+                orphans.setdefault(pid, []).append(resource)
     for pid in sorted(by_id):
         yield by_id[pid]
 

@@ -84,24 +84,32 @@ def ndjson_batches(folder: Path, keep_types: set[str] | None = None
         return (TYPE_ORDER.index(rtype) if rtype in TYPE_ORDER else len(TYPE_ORDER), p.name)
 
     for path in sorted(files, key=rank):
-        opener = gzip.open if path.suffix == ".gz" else open
         batch: list[dict[str, Any]] = []
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    resource = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FhirError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
-                if keep_types is not None and resource.get("resourceType") not in keep_types:
-                    continue
-                batch.append(resource)
-                if len(batch) >= NDJSON_BATCH:
-                    yield path.name, _put_bundle(batch)
-                    batch = []
+        for resource in read_ndjson(path):
+            if keep_types is not None and resource.get("resourceType") not in keep_types:
+                continue
+            batch.append(resource)
+            if len(batch) >= NDJSON_BATCH:
+                yield path.name, _put_bundle(batch)
+                batch = []
         if batch:
             yield path.name, _put_bundle(batch)
+
+
+def read_ndjson(path: Path) -> Iterator[dict[str, Any]]:
+    """The resources of one NDJSON file (`.ndjson` or `.ndjson.gz`); a bad line names file:line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                resource = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FhirError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
+            if not isinstance(resource, dict):
+                raise FhirError(f"{path}:{line_no}: not a JSON object")
+            yield resource
 
 
 def _put_bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:

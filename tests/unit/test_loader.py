@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.fhir.loader import as_idempotent, bundle_files, load
+from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.loader import as_idempotent, bundle_files, load, read_ndjson
 from tests.conftest import read_bundle
 
 
@@ -91,3 +93,12 @@ def test_ndjson_bad_line_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "Patient.ndjson").write_text('{"resourceType": "Patient", "id": "a"}\n{oops\n')
     report = load(recording_client([]), [tmp_path], progress=False)
     assert report.errors and "Patient.ndjson:2" in report.errors[0][1]
+
+
+def test_ndjson_line_that_is_not_a_resource_object_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "Observation.ndjson"
+    path.write_text('{"resourceType": "Observation", "id": "a"}\n\n["not", "a", "resource"]\n')
+    rows = read_ndjson(path)
+    assert next(rows)["id"] == "a"
+    with pytest.raises(FhirError, match=r"Observation\.ndjson:3: not a JSON object"):
+        next(rows)
