@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.fhir.client import FhirClient
 from tests.integration.conftest import FHIR_URL, ROOT, worker_env
+from tests.observations import a1c
 
 SYSTEM = ReportSettings().identifier_system
 WEBHOOK_SECRET = "itest-webhook-secret-" + uuid.uuid4().hex[:12]
@@ -33,25 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def a1c(pid: str, value: float, days_ago: int, oid: str | None = None) -> dict[str, Any]:
-    """An HbA1c Observation (LOINC 4548-4, %) for the patient."""
-    when = (datetime.now(UTC) - timedelta(days=days_ago)).replace(microsecond=0)
-    obs: dict[str, Any] = {
-        "resourceType": "Observation", "status": "final",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": "laboratory"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4",
-                             "display": "Hemoglobin A1c/Hemoglobin.total in Blood"}]},
-        "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": when.isoformat(),
-        "valueQuantity": {"value": value, "unit": "%", "system": "http://unitsofmeasure.org",
-                          "code": "%"}}
-    if oid:
-        obs["id"] = oid
-    return obs
 
 
 def make_patient(fhir: FhirClient, a1c_series: list[tuple[float, int]]) -> str:

@@ -13,7 +13,8 @@ import pytest
 from clinragen_fhir.config import Settings
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.worker.state import WorkerState
-from tests.integration.hospital import a1c, new_patient, our_reports, wait_for  # noqa: F401
+from tests.integration.hospital import new_patient, our_reports, wait_for  # noqa: F401
+from tests.observations import a1c
 
 pytestmark = pytest.mark.integration
 

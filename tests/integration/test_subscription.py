@@ -17,13 +17,13 @@ import pytest
 from clinragen_fhir.fhir.client import FhirClient
 from tests.integration.hospital import (
     WEBHOOK_SECRET,
-    a1c,
     cli,
     new_patient,  # noqa: F401 - fixture
     our_reports,
     wait_for,
     webhook_url,  # noqa: F401 - fixture
 )
+from tests.observations import a1c
 
 pytestmark = pytest.mark.integration
 

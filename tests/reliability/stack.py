@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from tests.observations import a1c
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / ".run" / "reliability"
 LOGS = RUN / "logs"
@@ -247,21 +249,6 @@ class Worker:
 
 
 # -- patients ------------------------------------------------------------------------------------
-def a1c(pid: str, oid: str, value: float, days_ago: int) -> dict[str, Any]:
-    when = (datetime.now(UTC) - timedelta(days=days_ago)).replace(microsecond=0)
-    return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": "laboratory"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4",
-                             "display": "Hemoglobin A1c/Hemoglobin.total in Blood"}]},
-        "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": when.isoformat(),
-        "valueQuantity": {"value": value, "unit": "%", "system": "http://unitsofmeasure.org",
-                          "code": "%"}}
-
-
 def make_patients(url: str, prefix: str, n: int, per_bundle: int = 50) -> list[str]:
     """`n` small patients (three HbA1c readings, diabetic range), PUT by id in transactions."""
     run = uuid.uuid4().hex[:8]
@@ -278,7 +265,7 @@ def make_patients(url: str, prefix: str, n: int, per_bundle: int = 50) -> list[s
                 for j, (value, days) in enumerate(((6.9 + i % 5 / 10, 400), (7.4, 200),
                                                    (8.1, 20))):
                     oid = f"{pid}-a1c-{j}"
-                    entries.append({"resource": a1c(pid, oid, value, days),
+                    entries.append({"resource": a1c(pid, value, days, oid),
                                     "request": {"method": "PUT", "url": f"Observation/{oid}"}})
             r = http.post(url, json={"resourceType": "Bundle", "type": "transaction",
                                      "entry": entries},
