@@ -25,7 +25,7 @@ from clinragen_fhir.fhir.resources import first_error, to_utc
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
-from clinragen_fhir.report.audit import audit_bundle, audit_event
+from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import InputRef, build_transaction
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,14 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     if settings.audit_events:  # in the same transaction: no report without its audit record
         written = {"type": "DiagnosticReport",
                    "identifier": {"system": settings.identifier_system, "value": key}}
-        bundle["entry"] += audit_bundle([audit_event(
-            "C", patient_id, interactions=["transaction", "create"],
-            written=written, details={"inputs cited": len(inputs.used)})])["entry"]
+        event = audit_event("C", patient_id, interactions=["transaction", "create"],
+                            written=written, details={"inputs cited": len(inputs.used)})
+        # PUT by an id of this attempt (report key + this event's time): a retry of this
+        # very transaction after the server committed it writes no second event; a later
+        # write of the same report (deleted in between) is a new attempt with its own event.
+        event_id = attempt_event_id("write", settings.identifier_system, key,
+                                    str(event["recorded"]))
+        bundle["entry"] += audit_bundle([event], ids=[event_id])["entry"]
     try:
         response = client.transaction(bundle)
     except FhirHTTPError as exc:

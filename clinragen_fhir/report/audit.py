@@ -12,6 +12,7 @@ only for inputs that changed.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -100,14 +101,38 @@ def app_device_entry() -> tuple[str, dict[str, Any]]:
                              "ifNoneExist": f"identifier={DEVICE_ID_SYSTEM}|{APP_DEVICE}"}}
 
 
-def audit_bundle(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """A transaction of AuditEvents that reference the application Device (created once)."""
+def attempt_event_id(*parts: str) -> str:
+    """A client-assigned AuditEvent id for one write attempt (`parts`: what identifies it).
+
+    R4 AuditEvent has no identifier to make a conditional create on, so the write event of a
+    report transaction goes in as `PUT AuditEvent/<this id>`: a transaction that the server
+    committed but whose answer was lost, sent again verbatim (the client's retry), finds the
+    same id and writes no second event (HAPI does not even add a version when nothing changed).
+    Non-numeric, so HAPI accepts it as a client-assigned id; 50 characters (FHIR allows 64).
+    """
+    return "clinragen-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
+
+
+def audit_bundle(events: Iterable[dict[str, Any]],
+                 ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """A transaction of AuditEvents that reference the application Device (created once).
+
+    Events with an id in `ids` (same order as `events`) are PUT by that id (idempotent, see
+    `attempt_event_id`); the others are POSTed (the server assigns an id)."""
     urn, device = app_device_entry()
     entries = [device]
-    for ev in events:
+    events = list(events)
+    if ids is not None and len(ids) != len(events):
+        raise ValueError("audit_bundle: one id per event")
+    for i, ev in enumerate(events):
         for who in (ev["agent"][0]["who"], ev["source"]["observer"]):
             who["reference"] = urn
-        entries.append({"resource": ev, "request": {"method": "POST", "url": "AuditEvent"}})
+        if ids is not None:
+            ev["id"] = ids[i]
+            request = {"method": "PUT", "url": f"AuditEvent/{ids[i]}"}
+        else:
+            request = {"method": "POST", "url": "AuditEvent"}
+        entries.append({"resource": ev, "request": request})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 

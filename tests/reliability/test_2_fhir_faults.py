@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from clinragen_fhir.config import ReportSettings
@@ -90,8 +91,20 @@ def test_committed_but_answered_500_does_not_duplicate(hapi: Hapi, client_retrie
     assert proxy.counts["post-commit-500"] == 1
     assert len(hits) == (2 if client_retries else 1)
     assert reports_by_patient(hapi.url, [pid])[pid] == 1
+    # ... and one successful write AuditEvent: it is PUT by an id of the attempt, so the
+    # verbatim retry of the committed transaction finds it (it was POSTed before, and the
+    # client's retry added a second one). With retries=0 the task also records the 500 it saw
+    # (a failed write attempt, outcome 8): that one is an event of its own, not a duplicate.
+    with httpx.Client(timeout=60) as http:
+        events = [e["resource"] for e in http.get(f"{hapi.url}/AuditEvent", params={
+            "entity": f"Patient/{pid}", "action": "C", "_count": 50}).json().get("entry", [])]
+    written = [e for e in events if e["outcome"] == "0"]
+    failed = [e for e in events if e["outcome"] != "0"]
+    assert len(written) == 1, [e["id"] for e in written]
+    assert len(failed) == (0 if client_retries else 1), [e["outcome"] for e in failed]
     record(f"post_commit_{'client' if client_retries else 'task'}", {
         "patients": 1, "post_commit_faults": 1, "reports": 1, "second_attempt": outcome.status,
+        "write_audit_events": len(written), "failed_write_audit_events": len(failed),
         "duplicated": 0, "lost": 0})
 
 
