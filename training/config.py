@@ -105,7 +105,11 @@ def load_config(path: str | Path) -> TrainConfig:
     p = Path(path)
     if not p.is_file() and (CONFIG_DIR / f"{p}.toml").is_file():
         p = CONFIG_DIR / f"{p}.toml"
-    raw = tomllib.loads(p.read_text())
+    return config_from_dict(tomllib.loads(p.read_text()))
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """The TOML's structure (or `TrainConfig.to_dict()`) -> TrainConfig, strictly."""
     cfg = TrainConfig()
     top = {k: v for k, v in raw.items() if k not in ("budgets", "stages", "variants", "data")}
     for k, v in _pick(TrainConfig, top).items():
