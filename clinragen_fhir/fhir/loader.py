@@ -4,14 +4,27 @@ Every entry whose resource has an id is sent as `PUT Type/id`, so loading twice 
 nothing; the server resolves `urn:uuid:` references inside a bundle and conditional references
 (`Practitioner?identifier=...`) against what is already loaded, which is why shared
 organisation/practitioner bundles go first.
+
+A Bulk Data NDJSON folder has no bundles, and its resources reference each other across files,
+in cycles too (clinosim: Encounter.diagnosis -> Condition, Condition.encounter -> Encounter).
+A server that enforces referential integrity (HAPI) refuses a resource whose reference target
+is not there yet, so loading file by file in any type order fails. `plan_ndjson` groups the
+resources instead: everything in one patient's compartment (the resources that reference that
+patient) is one unit, every other resource (organisations, practitioners, locations) a unit of
+its own; units go in waves in reference-dependency order (a unit after every unit it
+references), several units per transaction. Inside one transaction the server resolves
+references among its entries, forward references and cycles included. A reference to a
+resource the export holds but this load leaves out (`keep_types`) is removed, since it could
+only dangle (`LoadReport.stripped` counts them); a reference to anything else is left for the
+server to resolve (it may hold the target already).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +33,10 @@ from typing import Any
 from tqdm import tqdm
 
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 
 SUPPORT_PREFIXES = ("hospitalInformation", "practitionerInformation")
-# Bulk NDJSON goes in this order so references point at resources already loaded.
-TYPE_ORDER = ("Organization", "Location", "Practitioner", "PractitionerRole", "Patient",
-              "Encounter", "Device", "Medication", "Condition", "Observation")
-NDJSON_BATCH = 250
+NDJSON_BATCH = 250  # entries per transaction (a patient's compartment is never split)
 
 
 @dataclass
@@ -36,6 +46,7 @@ class LoadReport:
     counts: Counter[str] = field(default_factory=Counter)
     files: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    stripped: int = 0  # NDJSON references removed: their target is exported but not loaded
 
 
 def _open_json(path: Path) -> Any:
@@ -74,26 +85,149 @@ def bundle_files(paths: Iterable[Path]) -> list[Path]:
     return sorted(set(found), key=lambda p: (not p.name.startswith(SUPPORT_PREFIXES), str(p)))
 
 
-def ndjson_batches(folder: Path, keep_types: set[str] | None = None
-                   ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(file name, transaction of PUTs) batches from a Bulk Data export folder."""
-    files = [p for p in folder.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz"))]
+Unit = tuple[str, str]  # ("patient", id) for a compartment, ("resource", "Type/id") otherwise
 
-    def rank(p: Path) -> tuple[int, str]:
-        rtype = p.name.split(".")[0]
-        return (TYPE_ORDER.index(rtype) if rtype in TYPE_ORDER else len(TYPE_ORDER), p.name)
 
-    for path in sorted(files, key=rank):
-        batch: list[dict[str, Any]] = []
+@dataclass
+class NdjsonPlan:
+    """Transactions in waves: every wave after the waves it references, the transactions of
+    one wave independent of each other. Each transaction is a list of units (lists of
+    resources), so a failed transaction can be retried unit by unit."""
+
+    waves: list[list[list[list[dict[str, Any]]]]] = field(default_factory=list)
+    stripped: int = 0
+    files: int = 0
+
+
+def references(value: Any) -> Iterator[str]:
+    """Every relative literal reference (`Type/id`, version dropped) inside a resource."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            parts = ref.split("/")
+            if len(parts) in (2, 4) and parts[0][:1].isupper() and parts[1]:
+                yield f"{parts[0]}/{parts[1]}"
+        for v in value.values():
+            yield from references(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from references(v)
+
+
+def strip_references(value: Any, drop: Callable[[str], bool]) -> tuple[Any, int]:
+    """`value` without the Reference objects whose target `drop` names, and without the
+    objects and lists that leaves empty; and how many references went."""
+    def target(v: Any) -> str | None:
+        refs = list(references({"reference": v.get("reference")})) \
+            if isinstance(v, dict) else []
+        return refs[0] if refs else None
+
+    def walk(v: Any) -> tuple[Any, int]:
+        if isinstance(v, dict):
+            out: dict[str, Any] = {}
+            n = 0
+            for k, x in v.items():
+                t = target(x)
+                if t is not None and drop(t):
+                    n += 1
+                    continue
+                x, m = walk(x)
+                n += m
+                if x not in ({}, []):
+                    out[k] = x
+            return out, n
+        if isinstance(v, list):
+            items, n = [], 0
+            for x in v:
+                t = target(x)
+                if t is not None and drop(t):
+                    n += 1
+                    continue
+                x, m = walk(x)
+                n += m
+                if x not in ({}, []):
+                    items.append(x)
+            return items, n
+        return v, 0
+
+    return walk(value)
+
+
+def compartment_of(resource: dict[str, Any]) -> str | None:
+    """The patient a resource belongs to: itself for a Patient, else the first Patient it
+    references (subject, patient, beneficiary...), None for shared resources."""
+    if resource.get("resourceType") == "Patient":
+        return str(resource["id"])
+    return next((r.split("/", 1)[1] for r in references(resource) if r.startswith("Patient/")),
+                None)
+
+
+def plan_ndjson(folder: Path, keep_types: set[str] | None = None,
+                batch: int = NDJSON_BATCH) -> NdjsonPlan:
+    """Read a Bulk Data folder and plan its load (see the module docstring)."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
+    exported: set[str] = set()
+    resources: list[dict[str, Any]] = []
+    for path in files:
         for resource in read_ndjson(path):
-            if keep_types is not None and resource.get("resourceType") not in keep_types:
+            rtype, rid = resource.get("resourceType"), resource.get("id")
+            if not rtype or not rid:
                 continue
-            batch.append(resource)
-            if len(batch) >= NDJSON_BATCH:
-                yield path.name, _put_bundle(batch)
-                batch = []
-        if batch:
-            yield path.name, _put_bundle(batch)
+            exported.add(f"{rtype}/{rid}")
+            if keep_types is None or rtype in keep_types:
+                resources.append(resource)
+    loaded = {f"{r['resourceType']}/{r['id']}" for r in resources}
+    plan = NdjsonPlan(files=len(files))
+    if loaded != exported:
+        def left_out(ref: str) -> bool:
+            return ref in exported and ref not in loaded
+
+        for i, r in enumerate(resources):
+            resources[i], n = strip_references(r, left_out)
+            plan.stripped += n
+    unit_of: dict[str, Unit] = {}
+    members: dict[Unit, list[dict[str, Any]]] = defaultdict(list)
+    for r in resources:
+        ref = f"{r['resourceType']}/{r['id']}"
+        pid = compartment_of(r)
+        unit: Unit = ("patient", pid) if pid is not None else ("resource", ref)
+        unit_of[ref] = unit
+        members[unit].append(r)
+    needs: dict[Unit, set[Unit]] = {u: set() for u in members}
+    for unit, rs in members.items():
+        for r in rs:
+            for ref in references(r):
+                dep = unit_of.get(ref)
+                if dep is not None and dep != unit and dep in members:
+                    needs[unit].add(dep)
+    # Kahn's algorithm, level by level; units left in a cycle go together in the last wave
+    done: set[Unit] = set()
+    levels: list[tuple[list[Unit], bool]] = []  # (units, cyclic)
+    pending = list(members)
+    while pending:
+        ready = [u for u in pending if needs[u] <= done]
+        if not ready:
+            levels.append((pending, True))  # one transaction: the server resolves the cycle
+            break
+        levels.append((ready, False))
+        done.update(ready)
+        ready_set = set(ready)
+        pending = [u for u in pending if u not in ready_set]
+    for level, cyclic in levels:
+        limit = sum(len(members[u]) for u in level) if cyclic else batch
+        wave: list[list[list[dict[str, Any]]]] = []
+        current: list[list[dict[str, Any]]] = []
+        size = 0
+        for u in level:
+            if current and size + len(members[u]) > limit:
+                wave.append(current)
+                current, size = [], 0
+            current.append(members[u])
+            size += len(members[u])
+        if current:
+            wave.append(current)
+        plan.waves.append(wave)
+    return plan
 
 
 def read_ndjson(path: Path) -> Iterator[dict[str, Any]]:
@@ -163,16 +297,51 @@ def load(client: FhirClient, paths: Iterable[Path], *, workers: int = 2,
             record(result)
     bar.close()
     for folder in folders:
-        try:
-            batches = list(ndjson_batches(folder, keep_types))
-        except (OSError, FhirError) as exc:
-            report.errors.append((str(folder), str(exc)))
-            continue
-        report.files += len({name for name, _ in batches})
-        for name, bundle in tqdm(batches, unit="batch", disable=not progress,
-                                 desc=folder.name):
-            _, counts, error = _send(client, str(folder / name), bundle)
-            report.counts.update(counts)
-            if error:
-                report.errors.append((str(folder / name), error))
+        load_ndjson(client, folder, report, workers=workers, keep_types=keep_types,
+                    progress=progress)
     return report
+
+
+def load_ndjson(client: FhirClient, folder: Path, report: LoadReport, *, workers: int = 2,
+                keep_types: set[str] | None = None, progress: bool = True,
+                batch: int = NDJSON_BATCH) -> None:
+    """Load one Bulk Data folder by `plan_ndjson`: waves in order, the transactions of a wave
+    `workers` at a time. A refused transaction (4xx) is sent again unit by unit, so one bad
+    patient does not take the others of its transaction down; errors name the folder, the
+    wave and the unit's size, never a patient id."""
+    try:
+        plan = plan_ndjson(folder, keep_types, batch)
+    except (OSError, FhirError) as exc:
+        report.errors.append((str(folder), str(exc)))
+        return
+    report.files += plan.files
+    report.stripped += plan.stripped
+    bar = tqdm(total=sum(len(w) for w in plan.waves), unit="transaction",
+               disable=not progress, desc=folder.name)
+
+    def send(wave: int, units: list[list[dict[str, Any]]]) -> tuple[Counter[str],
+                                                                     list[tuple[str, str]]]:
+        name = f"{folder} (wave {wave + 1}, {sum(map(len, units))} resources)"
+        counts: Counter[str] = Counter()
+        try:
+            client.transaction(_put_bundle([r for u in units for r in u]))
+        except FhirError as exc:
+            refused = isinstance(exc, FhirHTTPError) and 400 <= exc.status < 500
+            if not refused or len(units) == 1:
+                return counts, [(name, str(exc))]
+            errors = []
+            for unit in units:  # find the unit the server refuses; load the others
+                c, e = send(wave, [unit])
+                counts.update(c)
+                errors += e
+            return counts, errors
+        counts.update(r["resourceType"] for u in units for r in u)
+        return counts, []
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, wave in enumerate(plan.waves):
+            for counts, errors in pool.map(lambda units, i=i: send(i, units), wave):
+                report.counts.update(counts)
+                report.errors += errors
+                bar.update(1)
+    bar.close()
