@@ -235,7 +235,8 @@ def prepare_data(cfg: TrainConfig, out_root: Path, run_dir: Path,
             max_onset_per_patient=int(d.get("max_onset_per_patient", 6))), kg=kg)
         timings["build"] = time.perf_counter() - t
         t = time.perf_counter()
-        annotate_dataset(data_dir, KnowledgeTeacher(kg), progress=False)
+        annotate_dataset(data_dir, KnowledgeTeacher(
+            kg, readings_first=bool(d.get("teacher_readings_first", False))), progress=False)
         timings["annotate"] = time.perf_counter() - t
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data_dir / "manifest.json", run_dir / "data_manifest.json")

@@ -130,8 +130,12 @@ class KnowledgeTeacher:
 
     name = KNOWLEDGE_TEACHER
 
-    def __init__(self, kg: KnowledgeGraph) -> None:
+    def __init__(self, kg: KnowledgeGraph, readings_first: bool = False) -> None:
         self.kg = kg
+        # Open the labs and multimodal rationales with the patient's abnormal latest readings:
+        # a truncated target (max_target_tokens) then still carries values a student can learn
+        # to cite. Off by default: the shipped model's data were annotated without it.
+        self.readings_first = readings_first
 
     def annotate(self, examples: Sequence[Example]) -> list[TeacherOutput]:
         return [TeacherOutput(self.rationales(ex)) for ex in examples]
@@ -195,6 +199,11 @@ class KnowledgeTeacher:
                 out.append(phrase)
         return out[:MAX_OTHER_ABNORMAL]
 
+    def _key_results(self, ex: Example, n: int = 2) -> list[str]:
+        """["Abnormal latest results: a; b."] or [] when every latest reading is in range."""
+        other = self._other_abnormal(ex, "")[:n]
+        return ["Abnormal latest results: " + "; ".join(other) + "."] if other else []
+
     def notes_rationale(self, ex: Example, r: Retrieval, targets: Sequence[str],
                         prior: Sequence[str]) -> str:
         day = self._index_day(ex)
@@ -234,6 +243,8 @@ class KnowledgeTeacher:
         n_tests = ex.labs["loinc"].nunique()
         parts = [f"{len(ex.labs)} results of {n_tests} tests from {_day(ex.labs['time'].min())} "
                  f"to {_day(ex.labs['time'].max())}."]
+        if self.readings_first:
+            parts = self._key_results(ex)[:1] + parts
         for code in targets:
             pro, con = self._lab_evidence(ex, r, code)
             parts += pro + con
@@ -249,7 +260,7 @@ class KnowledgeTeacher:
     def multimodal_rationale(self, ex: Example, r: Retrieval, targets: Sequence[str],
                              prior: Sequence[str]) -> str:
         day = self._index_day(ex)
-        parts = []
+        parts = self._key_results(ex) if self.readings_first else []
         known = [_term(self.kg, c) for c in most_specific(self.kg, prior)]
         if known:
             parts.append("Known before " + day + ": " + ", ".join(known) + ".")

@@ -53,6 +53,10 @@ class Budgets:
     max_facts: int = 32  # highest-ranked knowledge facts kept
     max_fact_tokens: int = 32  # tokens per fact text
     max_note_tokens: int = 384  # over all notes, most recent note first
+    # The newest reading of each test as text ("HbA1c 7.2 % on 2024-03-01 (high)"), ahead of
+    # the notes: lab tokens are embeddings the SLM cannot copy, so without this its rationales
+    # cannot cite a value. 0 = off (models trained before this existed).
+    max_lab_text_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,40 @@ def featurise_notes(notes: Sequence[Note], tokenizer: TextTokenizer, budget: int
     return np.array(ids, dtype=np.int64), spans
 
 
+def lab_readings(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
+    """The newest reading of each test, furthest outside its reference range first, written as
+    the teacher writes readings ("Systolic blood pressure 145 mm[Hg] on 2022-09-04, high")."""
+    if frame.empty:
+        return []
+    f = frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
+    z = normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
+                         f["ref_high"].to_numpy(dtype=float))
+    parts = []
+    for i in np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable"):
+        r = f.iloc[int(i)]
+        flag = "" if not np.isfinite(z[i]) else \
+            ", high" if z[i] > 1 else ", low" if z[i] < -1 else ", normal"
+        name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
+        parts.append(f"{name} {_fmt(float(r['value']))} {r['unit']} on "
+                     f"{pd.Timestamp(r['time']).date().isoformat()}{flag}")
+    return parts
+
+
+def featurise_lab_text(frame: pd.DataFrame, names: dict[str, str] | None,
+                       tokenizer: TextTokenizer, budget: int) -> np.ndarray:
+    """"Labs: a; b; c.\n" with as many whole readings as fit in `budget` tokens."""
+    ids: list[int] = []
+    for k, part in enumerate(lab_readings(frame, names)):
+        piece = tokenizer.encode(("Labs: " if k == 0 else "; ") + part,
+                                 add_special_tokens=False).ids
+        if len(ids) + len(piece) + 2 > budget:
+            break
+        ids.extend(piece)
+    if ids:
+        ids.extend(tokenizer.encode(".\n", add_special_tokens=False).ids)
+    return np.array(ids[:budget], dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # knowledge
 
@@ -273,6 +311,11 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
                                           loinc_vocab, index_time, budgets.max_labs)
     note_ids, spans = featurise_notes(notes if modalities.notes else [], tokenizer,
                                       budgets.max_note_tokens, redact)
+    if modalities.labs and budgets.max_lab_text_tokens > 0 and len(labs):
+        text_ids = featurise_lab_text(labs, retrieval.lab_names if retrieval else None,
+                                      tokenizer, budgets.max_lab_text_tokens)
+        note_ids = np.concatenate([text_ids, note_ids])
+        spans = [(doc, a + len(text_ids), b + len(text_ids)) for doc, a, b in spans]
     facts = knowledge_facts(retrieval) if retrieval is not None and modalities.knowledge else []
     facts = facts[:budgets.max_facts]
     fact_ids, fact_mask = featurise_facts(facts, tokenizer, budgets.max_facts,

@@ -118,6 +118,7 @@ class Retrieval:
     paths: list[PathStep]
     labels: dict[str, str] = field(default_factory=dict)
     unknown_codes: list[str] = field(default_factory=list)  # LOINC codes the graph lacks
+    lab_names: dict[str, str] = field(default_factory=dict)  # LOINC -> the graph's short name
 
     def facts(self) -> list[tuple[str, str, str]]:
         """(subject label, relation, object label) triples for the model to embed."""
@@ -495,7 +496,9 @@ def retrieve(kg: KnowledgeGraph, labs: pd.DataFrame, notes: Sequence[Note],
     labels = dict(index.labels)
     for m in mentions:
         labels[f"{m.document_id}#{m.start}-{m.end}"] = f"note {m.document_id} \"{m.term}\""
-    return Retrieval(kg.version, findings, disorders, mentions, paths, labels, unknown)
+    names = {} if frame.empty else {
+        c: lab.name for c in frame["loinc"].astype(str).unique() if (lab := kg.lab(c)) is not None}
+    return Retrieval(kg.version, findings, disorders, mentions, paths, labels, unknown, names)
 
 
 __all__ = ["CRG", "DisorderSupport", "FindingHit", "NoteMention", "PathStep", "Retrieval",

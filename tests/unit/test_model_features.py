@@ -164,3 +164,35 @@ def test_abstain_only_when_the_top_disorder_is_in_the_uncertain_band() -> None:
     assert abstain([0.35, 0.1], threshold=0.3)[0]
     assert not abstain([0.35, 0.1], threshold=0.5)[0]
     assert not abstain([0.9, 0.1], threshold=0.3, min_confidence=0.6)[0]
+
+
+def test_lab_text_puts_whole_abnormal_readings_ahead_of_the_notes() -> None:
+    from tokenizers import Tokenizer as Tok
+    from tokenizers import models as m
+    from tokenizers import pre_tokenizers as pt
+
+    from clinragen_fhir.encoding.features import featurise_lab_text, lab_readings
+
+    frame = lab_frame([("A", 100.0, "2024-01-01", 70, 130), ("A", 200.0, "2024-02-01", 70, 130),
+                       ("B", 5.0, "2024-02-02", 4, 6)])
+    readings = lab_readings(frame, {"A": "glucose"})
+    # newest reading per test, furthest outside the range first, named by the graph
+    assert readings == ["glucose 200 mg/dL on 2024-02-01, high", "B 5 mg/dL on 2024-02-02, normal"]
+    chars = Tok(m.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    chars.pre_tokenizer = pt.Split("", "isolated")  # one token per character: budgets in chars
+    one = featurise_lab_text(frame, {"A": "glucose"}, chars, 50)
+    assert len(one) == len("Labs: glucose 200 mg/dL on 2024-02-01, high") + 2  # whole + ".\n"
+    assert len(featurise_lab_text(frame, {"A": "glucose"}, chars, 200)) > len(one)
+    assert len(featurise_lab_text(frame, None, chars, 10)) == 0  # no reading fits: nothing
+
+    patient = PatientContext("p", index_time=INDEX)
+    vocab = loinc_vocabulary(["A", "B"])
+    on = Budgets(max_lab_text_tokens=64)
+    plain = featurise(frame, NOTES, patient, retrieval(), tokenizer(), vocab)
+    text = featurise(frame, NOTES, patient, retrieval(), tokenizer(), vocab, on)
+    extra = len(text.note_ids) - len(plain.note_ids)
+    assert extra > 0 and text.note_ids[extra:].tolist() == plain.note_ids.tolist()
+    assert [s[1] - extra for s in text.notes] == [s[1] for s in plain.notes]  # spans shifted
+    no_labs = featurise(frame, NOTES, patient, retrieval(), tokenizer(), vocab, on,
+                        Modalities(labs=False))
+    assert no_labs.note_ids.tolist() == plain.note_ids.tolist()  # the text is a lab modality

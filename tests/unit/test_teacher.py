@@ -205,9 +205,11 @@ def all_examples(folder: Path) -> list[Example]:
 LAB_CLAIM = re.compile(r"(?P<value>-?\d+(?:\.\d+)?) (?P<unit>\S+) on (?P<day>\d{4}-\d{2}-\d{2})")
 
 
+@pytest.mark.parametrize("readings_first", [False, True])
 def test_knowledge_teacher_cites_only_the_patients_values(kg: KnowledgeGraph,
-                                                          small_dataset: Path) -> None:
-    teacher = KnowledgeTeacher(kg)
+                                                          small_dataset: Path,
+                                                          readings_first: bool) -> None:
+    teacher = KnowledgeTeacher(kg, readings_first=readings_first)
     examples = all_examples(small_dataset)
     assert len(examples) > 20
     cited = 0
@@ -233,6 +235,23 @@ def test_knowledge_teacher_cites_only_the_patients_values(kg: KnowledgeGraph,
             if ex.labs.empty:
                 assert f"No lab evidence for {term}" in out["labs"]
     assert cited > 50  # the check above ran on real citations
+
+
+def test_readings_first_opens_with_abnormal_values_and_adds_nothing_else(
+        kg: KnowledgeGraph, small_dataset: Path) -> None:
+    plain, first = KnowledgeTeacher(kg), KnowledgeTeacher(kg, readings_first=True)
+    opened = 0
+    for ex in all_examples(small_dataset):
+        a, b = plain.rationales(ex), first.rationales(ex)
+        assert a["notes"] == b["notes"]  # notes stage is about notes only
+        if b["multimodal"].startswith("Abnormal latest results: "):
+            opened += 1
+            head, _, rest = b["multimodal"].partition(". ")
+            assert LAB_CLAIM.search(head) and rest == a["multimodal"]
+            assert ", high" in head or ", low" in head
+        else:
+            assert b == a  # nothing abnormal: the same rationale
+    assert opened > 5
 
 
 def test_agreement_check(kg: KnowledgeGraph) -> None:
