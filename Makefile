@@ -63,7 +63,8 @@ reproduce-quick: install
 
 # The reliability suite (tests/reliability, docs/reliability.md). Its short form runs inside
 # `make test`; this is the full form (200 patients per scenario, 24 kills, ~10,500 fuzz cases).
-# It starts its own HAPI (127.0.0.1:8091) and Redis (127.0.0.1:6391) and stops them after.
+# It starts its own HAPI (127.0.0.1:8091), Redis (127.0.0.1:6391) and RabbitMQ node (127.0.0.1:5673,
+# from the Debian package deploy/rabbitmq/start installs) and stops them after.
 reliability: install
 	RELIABILITY_FULL=1 $(BIN)/pytest -q -m reliability tests/reliability
 
@@ -77,6 +78,7 @@ reliability-report: install
 	$(BIN)/python bench/reliability_report.py
 	-HAPI_RUN_DIR=$(CURDIR)/.run/hapi-reliability deploy/hapi/stop
 	-redis-cli -p 6391 shutdown
+	-$(BIN)/python -c 'from tests.reliability.stack import RabbitMQ; RabbitMQ().shutdown()'
 
 # Known vulnerabilities in the locked (installed, pinned) dependencies, from PyPI's
 # vulnerability data. --strict: a package the service cannot be asked about fails the step

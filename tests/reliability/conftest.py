@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.stack import FULL, HAPI_PORT, LOGS, REDIS_PORT, RUN, Hapi, Redis
+from tests.reliability.stack import (
+    FULL,
+    HAPI_PORT,
+    LOGS,
+    REDIS_PORT,
+    RUN,
+    Hapi,
+    RabbitMQ,
+    Redis,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,6 +85,17 @@ def redis_server(machine_lock: None) -> Iterator[Redis]:
     yield server
     if started_here and not os.environ.get("RELIABILITY_KEEP"):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(machine_lock: None) -> Iterator[RabbitMQ]:
+    """A private RabbitMQ node on 127.0.0.1:5673 (the shared one on 5672 is left alone),
+    started here and stopped after the session (with its EPMD) unless RELIABILITY_KEEP=1."""
+    node = RabbitMQ()
+    node.start()
+    yield node
+    if not os.environ.get("RELIABILITY_KEEP"):
+        node.shutdown()
 
 
 @pytest.fixture()

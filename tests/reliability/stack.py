@@ -33,6 +33,7 @@ FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0")
 HAPI_PORT = int(os.environ.get("RELIABILITY_HAPI_PORT", "8091"))
 REDIS_PORT = int(os.environ.get("RELIABILITY_REDIS_PORT", "6391"))
 HAPI_URL = f"http://127.0.0.1:{HAPI_PORT}/fhir"
+AMQP_PORT = int(os.environ.get("RELIABILITY_AMQP_PORT", "5673"))
 SYSTEM = "urn:clinragen-fhir:report"
 # Secrets the suite hands to the processes it runs; tests/reliability/test_security.py greps
 # every log line for them.
@@ -103,7 +104,8 @@ class Redis:
 
     def __init__(self, port: int = REDIS_PORT, fsync: str = "everysec") -> None:
         self.port, self.fsync = port, fsync
-        self.dir = RUN / "redis"
+        # its own AOF directory per port (a second suite on other ports must not share it)
+        self.dir = RUN / ("redis" if port == 6391 else f"redis-{port}")
 
     def url(self, db: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -141,6 +143,128 @@ class Redis:
     def flush(self) -> None:
         subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], check=True,
                        capture_output=True, timeout=30)
+
+
+# -- RabbitMQ ------------------------------------------------------------------------------------
+RABBITMQ_BIN = Path(os.environ.get("RELIABILITY_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+
+class RabbitMQ:
+    """A private RabbitMQ node from the Debian package's own scripts (deploy/rabbitmq/start
+    installs them), next to the shared node on 5672 and without touching it: its own node
+    name, AMQP port (5673), distribution port (25673), EPMD (4373), Erlang cookie (HOME), data
+    and logs under .run/reliability/rabbitmq; loopback only; no plugins. The default user
+    `guest` works from loopback only."""
+
+    def __init__(self, port: int = AMQP_PORT) -> None:
+        self.port = port
+        self.dir = RUN / "rabbitmq"
+        self.node = f"clinragen-rel-{port}@localhost"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
+            "HOME": str(self.dir / "home"), "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_USE_LONGNAME": "false",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(port + 20000),
+            "ERL_EPMD_PORT": str(port - 1300), "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+        }
+
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def answers(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, timeout_s: float = 120) -> float:
+        t0 = time.monotonic()
+        if not (RABBITMQ_BIN / "rabbitmq-server").exists():
+            raise RuntimeError(f"no {RABBITMQ_BIN}/rabbitmq-server: run deploy/rabbitmq/start "
+                               "(it installs Debian's rabbitmq-server)")
+        if self.answers():  # ours, kept by RELIABILITY_KEEP=1? reuse it; anything else: fail
+            if self.ctl("status").returncode == 0:
+                return 0.0
+            raise RuntimeError(f"something else answers on 127.0.0.1:{self.port}")
+        home = self.dir / "home"
+        for d in (home, self.dir / "mnesia", self.dir / "log"):
+            d.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(uuid.uuid4().hex.upper())
+            cookie.chmod(0o400)
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users.guest = true\n")
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        self.starts += 1
+        with open(self.dir / "log" / f"server-{self.starts}.out", "wb") as log:
+            self.proc = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited {self.proc.returncode}; see "
+                                   f"{self.dir / 'log'}")
+            return self.answers()
+        wait_until("rabbitmq", up, timeout_s, 0.3)
+        return time.monotonic() - t0
+
+    def pid(self) -> int:
+        return int((self.dir / "rabbit.pid").read_text().strip())
+
+    def stop(self, hard: bool = False) -> None:
+        """`rabbitmqctl stop` (graceful: queues and message store closed cleanly) or, with
+        `hard`, SIGKILL of the Erlang VM (beam.smp), as a crash or an OOM kill would."""
+        if hard:
+            pid = self.pid()
+            os.kill(pid, signal.SIGKILL)
+            wait_until("rabbitmq to die", lambda: not Path(f"/proc/{pid}").exists(), 20, 0.1)
+        else:
+            self.ctl("stop", timeout=120)
+        if self.proc is not None:
+            self.proc.wait(60)
+        wait_until("rabbitmq to stop", lambda: not self.answers(), 30, 0.2)
+
+    def shutdown(self) -> None:
+        """Stop the node if it runs, and its private EPMD."""
+        if self.answers():
+            self.stop()
+        subprocess.run(["epmd", "-port", self.env["ERL_EPMD_PORT"], "-kill"],
+                       env=self.env, capture_output=True, timeout=30)
+
+    def queue(self, name: str = "clinragen") -> dict[str, Any]:
+        """durable, queue type, ready and unacknowledged messages of a queue (rabbitmqctl)."""
+        out = self.ctl("list_queues", "-q", "--no-table-headers", "name", "durable", "type",
+                       "messages_ready", "messages_unacknowledged").stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if parts and parts[0] == name:
+                return {"durable": parts[1] == "true", "type": parts[2],
+                        "ready": int(parts[3]), "unacked": int(parts[4])}
+        return {}
+
+    def purge(self, name: str = "clinragen") -> None:
+        self.ctl("purge_queue", name)
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -301,14 +425,14 @@ def reports_by_patient(url: str, pids: Iterable[str], since: str | None = None) 
     return counts
 
 
-def celery_app(redis: Redis) -> Any:
+def celery_app(redis: Redis, broker_url: str | None = None) -> Any:
     """A Celery client on the suite's broker (never the module-level app: other tests point
-    that at the shared Redis)."""
+    that at the shared Redis); `broker_url` for another broker (the private RabbitMQ)."""
     from clinragen_fhir.config import Settings
     from clinragen_fhir.worker.app import make_app
 
-    return make_app(Settings(broker_url=redis.url(0), result_backend=redis.url(1),
-                             state_url=redis.url(2)))
+    return make_app(Settings(broker_url=broker_url or redis.url(0),
+                             result_backend=redis.url(1), state_url=redis.url(2)))
 
 
 def enqueue(app: Any, pids: Iterable[str]) -> dict[str, str]:

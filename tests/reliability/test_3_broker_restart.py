@@ -1,21 +1,28 @@
-"""3. Broker restart: Redis (the broker, result backend and state store) restarts mid-run.
+"""3. Broker restart: Redis (the broker, result backend and state store) restarts mid-run; then
+RabbitMQ as the broker (a private node, results and state on the private Redis) restarts mid-run.
 
 Redis runs as deploy/redis/start runs it: `appendonly yes`, `appendfsync everysec`. A graceful
 restart (SHUTDOWN: the AOF is fsynced) must lose nothing. A hard kill (SIGKILL) can lose the
 last second of writes with everysec; the full form measures that case too, and with
 `appendfsync always`. Lost = a patient with neither a report nor a dead letter once the queue
 has drained (bounded wait).
+
+RabbitMQ: durable queue, persistent messages, publisher confirms, acks_late (worker/app.py).
+The node is stopped with `rabbitmqctl stop` (short form) and, in the full form, also killed
+(SIGKILL of beam.smp) while the worker holds unacknowledged deliveries.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 
 from tests.reliability.stack import (
     FULL,
     Hapi,
+    RabbitMQ,
     Redis,
     Worker,
     base_env,
@@ -35,6 +42,7 @@ pytestmark = pytest.mark.integration
 
 N_PATIENTS = 200 if FULL else 20
 CASES = [("shutdown", "everysec")] + ([("kill", "everysec"), ("kill", "always")] if FULL else [])
+RABBIT_CASES = ["stop"] + (["kill"] if FULL else [])
 
 
 @pytest.mark.timeout(3600 if FULL else 600)
@@ -85,3 +93,58 @@ def test_redis_restart_mid_run_loses_no_task(hapi: Hapi, redis_server: Redis, ho
     if how == "shutdown" or fsync == "always":
         assert not lost, f"{len(lost)} tasks lost"
         assert not letters, letters
+
+
+@pytest.mark.timeout(3600 if FULL else 600)
+@pytest.mark.parametrize("how", RABBIT_CASES)
+def test_rabbitmq_restart_mid_run_loses_no_task(hapi: Hapi, clean_redis: Redis,
+                                                rabbitmq: RabbitMQ, how: str) -> None:
+    rabbitmq.purge()
+    pids = make_patients(hapi.url, f"rabbit{how}", N_PATIENTS)
+    worker = Worker(f"rabbit-{how}", base_env(hapi.url, clean_redis,
+                                               CLINRAGEN_BROKER_URL=rabbitmq.url()))
+    since = now_instant()
+    try:
+        worker.start()
+        worker.ready()
+        app = celery_app(clean_redis, rabbitmq.url())
+        t0 = time.monotonic()
+        enqueue(app, pids)  # returns once RabbitMQ confirmed every message (confirm_publish)
+        wait_until("a quarter done", lambda: sum(
+            1 for c in reports_by_patient(hapi.url, pids, since).values() if c)
+            >= N_PATIENTS // 4, 300, 0.5)
+        before = rabbitmq.queue()
+        down_at = time.monotonic()
+        rabbitmq.stop(hard=(how == "kill"))
+        time.sleep(2)
+        rabbitmq.start()
+        downtime = time.monotonic() - down_at
+        after = rabbitmq.queue()
+        _waited, counts = wait_reports(hapi.url, pids, clean_redis, since,
+                                       900 if FULL else 180)
+        elapsed = time.monotonic() - t0
+        left = rabbitmq.queue()
+    finally:
+        worker.stop()
+    letters = dead_letters(clean_redis)
+    lettered = {str(d["args"][0]) for d in letters}
+    lost = [p for p in pids if counts[p] == 0 and p not in lettered]
+    duplicated = [p for p in pids if counts[p] > 1]
+    reconnects = sum(log.read_text(errors="replace").count("Connected to amqp://")
+                     for log in worker.logs)
+    record(f"broker_restart_rabbitmq_{how}", {
+        "patients": N_PATIENTS, "broker": "rabbitmq", "restart": how,
+        "queue_before": before, "queue_after_restart": after, "queue_at_end": left,
+        "downtime_s": round(downtime, 1), "lost": len(lost), "duplicated": len(duplicated),
+        "reports_per_patient": dict(Counter(counts[p] for p in pids)),
+        "dead_letters": [d["error"][:200] for d in letters], "worker_connects": reconnects,
+        "seconds": round(elapsed, 1), "worker_restarted": False,
+        "settings": {"queue": "durable (classic)", "delivery_mode": "persistent",
+                     "confirm_publish": True, "task_acks_late": True,
+                     "task_reject_on_worker_lost": True}})
+    assert before.get("durable") is True, before
+    assert before["ready"] + before["unacked"] > 0, "the restart came after the queue drained"
+    assert not duplicated, duplicated
+    assert not lost, f"{len(lost)} tasks lost"
+    assert not letters, letters
+    assert left == {**left, "ready": 0, "unacked": 0}, left
