@@ -168,3 +168,33 @@ def test_the_shipped_default_model_is_intact_and_fits_the_shipped_graph(
     assert sum(f.stat().st_size for f in ARTIFACT.iterdir()) < 50 * 2**20
     assert manifest["train_config"]["backbone"] == "smollm2"
     assert manifest["data_sha256"] and manifest["backbone_gguf_sha256"]
+
+
+@pytest.mark.slow
+def test_the_shipped_default_model_installs_and_serves_real_patients_without_torch_code(
+        kg: KnowledgeGraph) -> None:
+    """What `make demo` does first: model/default + SmolLM2 -> ONNX (parity-gated) -> the
+    runtime predictor on real Synthea patients (~3 min on 2 cores; reused when installed)."""
+    pytest.importorskip("gguf")
+    from model.backbone import DEFAULT_DIR, convert
+    from model.parity import bundle_patients
+    from training.release import ARTIFACT, ROOT
+
+    if not (DEFAULT_DIR / "config.json").is_file():
+        convert()
+    out = install(ROOT / ".run" / "model" / "default", ARTIFACT, int8=True)
+    parity = json.loads((out / "onnx" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_tokens_identical"] and parity["max_logit_diff"] < 1e-3
+    predictor = OnnxPredictor.load(out, kg)
+    vocabulary = set(predictor.model.config.disorders)
+    data = ROOT.parent / "shared" / "data" / "synthea-exafluence-qicore"
+    concluded = 0
+    for labs, notes, patient, _ in bundle_patients(data, 4, kg):
+        p = predictor.predict(labs, notes, patient)
+        assert p.method == "clinragen-onnx" and p.knowledge_version == kg.version
+        assert {d.snomed for d in p.diagnoses} <= vocabulary and p.rationale
+        cited = {e.reference for d in p.diagnoses for e in d.evidence
+                 if e.reference.startswith("Observation/")}
+        assert cited <= set(labs["observation_id"])  # evidence is the patient's own readings
+        concluded += len(p.diagnoses)
+    assert concluded > 0
