@@ -145,7 +145,8 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
     started = time.monotonic()
     ids = _patient_ids(settings, query)
     click.echo(f"{len(ids)} patients match {query}")
-    state, run = WorkerState(settings.state_url), backfill_key(settings.fhir.base_url, query)
+    state = WorkerState(settings.state_url)
+    run = backfill_key(settings.fhir.base_url, query, model_identity(settings.model_dir))
     if restart:
         state.reset_backfill(run)
     done = state.backfill_done(run)
@@ -184,11 +185,26 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
         raise SystemExit(1)
 
 
-def backfill_key(base_url: str, query: str) -> str:
-    """The checkpoint a `diagnose-all` run resumes from: one per server and query."""
+def backfill_key(base_url: str, query: str, model: str = "rule-baseline") -> str:
+    """The checkpoint a `diagnose-all` run resumes from: one per server, query and model (a
+    backfill finished by the rule baseline is not one finished by a trained model)."""
     import hashlib
 
-    return hashlib.sha256(f"{base_url.rstrip('/')}|{query}".encode()).hexdigest()[:24]
+    suffix = "" if model == "rule-baseline" else f"|{model}"
+    return hashlib.sha256(f"{base_url.rstrip('/')}|{query}{suffix}".encode()).hexdigest()[:24]
+
+
+def model_identity(model_dir: Path | None) -> str:
+    """Which model this configuration runs: the rule baseline, or a hash of the export's
+    manifest (every graph's sha256), so a re-exported or retrained model counts as new."""
+    import hashlib
+
+    if model_dir is None:
+        return "rule-baseline"
+    manifest = Path(model_dir) / "onnx" / "manifest.json"
+    if not manifest.is_file():
+        return f"unreadable:{Path(model_dir).resolve()}"
+    return "onnx:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
 
 
 def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -23,7 +24,7 @@ def test_show_elides_base64_attachment_but_keeps_the_rest() -> None:
 
 def test_summary_counts_statuses_and_names_concluded_disorders() -> None:
     outcomes = [
-        {"status": "written", "diagnoses": ["44054006"]},
+        {"status": "written", "diagnoses": ["44054006"], "method": "clinragen-onnx"},
         {"status": "written", "diagnoses": ["44054006", "999999999"]},
         {"status": "exists", "diagnoses": []},
         {"status": "skipped", "reason": "no usable labs or notes", "diagnoses": []},
@@ -37,8 +38,26 @@ def test_summary_counts_statuses_and_names_concluded_disorders() -> None:
     assert "| skipped/failed: no usable labs or notes | 1 |" in text
     assert "| 44054006 | Diabetes mellitus type 2 | 2 |" in text
     assert "| 999999999 | (not in graph) | 1 |" in text
+    assert "| method: clinragen-onnx | 1 |" in text  # which model wrote the reports
 
 
 def test_show_requires_type_and_id() -> None:
     result = CliRunner().invoke(main, ["show", "DiagnosticReport"])
     assert result.exit_code != 0 and "REFERENCE must be Type/id" in result.output
+
+
+def test_backfill_checkpoint_is_per_model(tmp_path: Path) -> None:
+    """A query finished by the rule baseline is redone once a trained model is configured."""
+    from clinragen_fhir.cli import backfill_key, model_identity
+
+    url, query = "http://127.0.0.1:8080/fhir", "Patient"
+    assert model_identity(None) == "rule-baseline"
+    assert backfill_key(url, query, model_identity(None)) == backfill_key(url + "/", query)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "manifest.json").write_text('{"files": {"decoder.onnx": "a"}}')
+    first = model_identity(tmp_path)
+    assert first.startswith("onnx:")
+    assert backfill_key(url, query, first) != backfill_key(url, query)
+    (tmp_path / "onnx" / "manifest.json").write_text('{"files": {"decoder.onnx": "b"}}')
+    assert model_identity(tmp_path) != first  # re-exported: a new model, a new checkpoint
+    assert model_identity(tmp_path / "absent").startswith("unreadable:")
