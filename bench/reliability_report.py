@@ -138,9 +138,21 @@ def section_faults() -> str:
         "attempt. The report is a conditional create on its identifier (`ifNoneExist`) and "
         "the repeat finds it: " + ", ".join(
             f"{'client retry' if i == 0 else 'task retry'}: second attempt "
-            f"`{x['second_attempt']}`, reports {x['reports']}" for i, x in enumerate(pc) if x)
-        + ". The write AuditEvent of that transaction is recorded once per attempt "
-        "(it is not conditional): an audit trail of attempts, not a duplicate report.\n")
+            f"`{x['second_attempt']}`, reports {x['reports']}, successful write AuditEvents "
+            f"{x.get('write_audit_events', '?')}" for i, x in enumerate(pc) if x) + ".\n")
+    out.append(
+        "**Found and fixed:** the write AuditEvent that goes in the same transaction as the "
+        "report was a plain POST, so the client's retry of a committed transaction recorded "
+        "a second one (measured: 2 write events, 1 report). R4 AuditEvent has no identifier "
+        "to make a conditional create on; the event is now `PUT AuditEvent/<id>` with a "
+        "client-assigned id derived from the report identifier and the event's own time "
+        "(`report.audit.attempt_event_id`): the verbatim retry finds it (HAPI writes not even "
+        "a new version of identical content), while a later, real second write of the same "
+        "report (deleted in between) is a new attempt with its own event. With `retries = 0` "
+        "the task additionally records the 500 it saw as a failed write attempt (outcome 8): "
+        "a different event, asserted as such. Tests: "
+        "`tests/unit/test_audit_idempotent.py` (a fake server; fails before the fix), the HAPI "
+        "check in `test_committed_but_answered_500_does_not_duplicate`.\n")
     out.append(
         "**Found and fixed:** HAPI's 404 text echoes the id (`HAPI-2001: Resource "
         "Patient/<id> is not known`) and went verbatim into the task's error log line and "
@@ -152,8 +164,9 @@ def section_faults() -> str:
 
 
 def section_broker() -> str:
-    out = ["## 3. Broker restart (Redis)\n",
+    out = ["## 3. Broker restart (Redis and RabbitMQ)\n",
            f"Command: `{SUITE} tests/reliability/test_3_broker_restart.py`\n",
+           "### Redis\n",
            "Redis holds the queue (db 0), results (db 1) and the dead-letter queue (db 2). It "
            "is restarted once a quarter of the patients have their report, with the worker "
            "left running (it reconnects). Lost = no report and no dead letter after the "
@@ -182,8 +195,54 @@ def section_broker() -> str:
         "only when it ends) and a visibility timeout longer than the hard time limit and the "
         "longest countdown. With `appendfsync everysec` a *crash* of Redis can lose the last "
         "second of writes (a task published or moved to unacked in that second); "
-        "`appendfsync always` closes that window at the cost of an fsync per write. "
-        "RabbitMQ restart: not measured here (see the end of this page).\n")
+        "`appendfsync always` closes that window at the cost of an fsync per write.\n")
+    out.append("### RabbitMQ\n")
+    out.append(
+        "A private RabbitMQ node (Debian's `rabbitmq-server` 3.10, the package "
+        "`deploy/rabbitmq/start` installs, run from `/usr/lib/rabbitmq/bin` by "
+        "`tests/reliability/stack.py::RabbitMQ`): node `clinragen-rel-5673@localhost`, AMQP on "
+        "`127.0.0.1:5673`, distribution port 25673 on loopback, its own EPMD on "
+        "`127.0.0.1:4373`, its own Erlang cookie (`HOME`), data and logs under "
+        "`.run/reliability/rabbitmq`, no plugins; the shared node on 5672 is not touched. It "
+        "is the broker only: results and the dead-letter queue stay on the suite's Redis, as "
+        "a site with RabbitMQ runs it. The node is stopped once a quarter of the patients "
+        "have their report, with the worker left running (it reconnects by itself), and "
+        "started again after 2 s. Short form: `rabbitmqctl stop`; full form: also SIGKILL "
+        "of the Erlang VM (`beam.smp`), as a crash or an OOM kill would.\n")
+    rows = []
+    for how in ("stop", "kill"):
+        r = load(f"broker_restart_rabbitmq_{how}")
+        if r:
+            b, a = r["queue_before"], r["queue_after_restart"]
+            rows.append(
+                f"| {'`rabbitmqctl stop`' if how == 'stop' else 'SIGKILL beam.smp'} | "
+                f"{r['patients']} | {b.get('ready')} + {b.get('unacked')} / "
+                f"{a.get('ready')} + {a.get('unacked')} | {r['downtime_s']} s | "
+                f"**{r['lost']}** | **{r['duplicated']}** | {r['reports_per_patient']} | "
+                f"{len(r['dead_letters'])} | {r['form']} |")
+    if rows:
+        out.append("| restart | patients | queue ready + unacked, before / after restart | "
+                   "down (stop + start) | lost | duplicated | reports per patient | "
+                   "dead letters | form |\n|---|---|---|---|---|---|---|---|---|\n"
+                   + "\n".join(rows) + "\n")
+    else:
+        out.append(missing("RabbitMQ restarts", SUITE + " -k rabbitmq"))
+    out.append(
+        "**Settings that make it 0 (RabbitMQ):** the `clinragen` queue **durable** (a "
+        "classic queue; survives the restart) and messages **persistent** (`delivery_mode` 2, "
+        "`task_default_delivery_mode = \"persistent\"`; written to the message store), both "
+        "Celery's defaults and pinned in `worker/app.py`; **publisher confirms** "
+        "(`broker_transport_options = {\"confirm_publish\": true}`, set by `worker/app.py` for "
+        "every `amqp://` broker: `send_task` returns only once RabbitMQ has the message, so a "
+        "message the broker had not taken over before it died is retried or an error at the "
+        "sender, never a silent loss); **acks_late** + `reject_on_worker_lost` (the deliveries "
+        "unacknowledged when the connection dropped, the tasks then running, go back to the "
+        "queue: they run again and find their report, `exists`). The queue's message "
+        "counts before and after the restart are equal in both cases: nothing in the queue "
+        "was lost, even by SIGKILL, because every message had been confirmed (so on disk) "
+        "seconds before. Quorum queues (replicated, for a cluster) were not used or "
+        "measured; on one node they add nothing over a durable classic queue with "
+        "persistent messages and confirms.\n")
     return "\n".join(out)
 
 
@@ -266,13 +325,18 @@ def section_load() -> str:
     out.append(table([
         ("patients (clinosim US cohort)", f"{r['patients']} (population {r['population']}, "
                                           f"seed {r['seed']})"),
-        ("resources loaded into HAPI", f"{r['resources_loaded']} in {r['load_seconds']} s"),
+        ("resources loaded into HAPI", f"{r['resources_loaded']} in {r['load_seconds']} s "
+         f"({r.get('load_resources_per_s', '?')}/s; Patient, Observation, DocumentReference "
+         "by `clinragen_fhir.fhir.loader`, one patient compartment per transaction unit, "
+         f"{r.get('load_references_removed', '?')} references to types not loaded removed, "
+         f"**{r.get('load_error_count', '?')} load errors**)"),
         ("worker processes", r["worker_processes"]),
-        ("rounds", f"{r.get('rounds', 1)} ({r.get('tasks', r['patients'])} tasks; a task "
-                   "whose report exists already, from an earlier round or an earlier run, "
-                   "does the same reads, encoding and prediction and skips the write: see "
-                   "outcomes)"),
-        ("outcomes", r["outcomes"]),
+        ("rounds", f"{r.get('rounds', 1)} ({r.get('tasks', r['patients'])} tasks"
+         + ("; a task whose report exists already, from an earlier round or an earlier run, "
+            "does the same reads, encoding and prediction and skips the write: see outcomes)"
+            if r.get("rounds", 1) > 1 else ")")),
+        ("outcomes", f"{r['outcomes']} (`written`: a new report; `exists`: the report was "
+                     "there already; `skipped`: no usable labs or notes)"),
         ("wall time (all rounds)", f"{r['seconds']} s"),
         ("**throughput**", f"**{r['throughput_patients_per_min']} patients/min**"),
         ("**per patient, round 1 (task time) p50 / p95**",
@@ -300,8 +364,7 @@ def section_load() -> str:
                        " / ".join(f"{b - a:+.1f}" for a, b in zip(prev, cur, strict=False))
                        for prev, cur in itertools.pairwise(by_round)) +
                    " MiB per child. The first-vs-last-quarter figure above includes the "
-                   "warm-up. Whether the growth levels off for good needs a run longer than "
-                   "this one.\n")
+                   "warm-up.\n")
     samples = r.get("rss_samples") or []
     if samples:
         out.append("RSS over time (children, MiB): " + ", ".join(
@@ -349,12 +412,31 @@ def section_security() -> str:
         "**Dependency audit:** `make audit-deps` freezes the installed (pinned) environment "
         "to `.run/audit/requirements.lock` and runs `pip-audit --vulnerability-service pypi "
         "--strict` on it. `--strict` makes a package the service cannot answer for fail the "
-        "step. On the machine these figures come from, PyPI's JSON API "
-        "(`https://pypi.org/pypi/<name>/<version>/json`) answers 404 through the local "
-        "mirror and OSV is unreachable, so the step **fails** (every package: \"Dependency "
-        "not found on PyPI and could not be audited\"); without `--strict` pip-audit would "
-        "have said \"No known vulnerabilities found\" and exited 0. It needs a CI runner that "
-        "reaches pypi.org.\n")
+        "step (without it pip-audit says \"No known vulnerabilities found\" and exits 0 when "
+        "it could ask about nothing). It is **not** in `make test`, and on the machine these "
+        "figures come from it **fails**, because no vulnerability source is reachable from "
+        "here. What was tried (2026-11-26), each with `pycrypto==2.6.1`, a pin with known "
+        "advisories, and with the real lock file:\n\n"
+        "* `pip-audit -s pypi`: PyPI's per-version JSON "
+        "(`https://pypi.org/pypi/<name>/<version>/json`, where the `vulnerabilities` key "
+        "lives) answers **404** through this machine's PyPI access: \"Dependency not found "
+        "on PyPI and could not be audited\" (`make audit-deps` on the 153 pinned packages: "
+        "exit 2 at the first, `absl-py`).\n"
+        "* `pip-audit -s osv`: `api.osv.dev` does not resolve. `pip-audit -s esms` (2.10's "
+        "third service): `advisories.ecosyste.ms` does not resolve. `--osv-url` needs an "
+        "OSV server, and there is no OSV database to serve.\n"
+        "* PyPI's per-project JSON (`https://pypi.org/pypi/<name>/json`) **does** answer, "
+        "with real advisories (`pycrypto`: PYSEC-2017-94, PYSEC-2018-97 and their GHSA "
+        "aliases), but they are those of the project's **latest** release only, so it can "
+        "audit a pin only when the pin is the latest version; pip-audit cannot be pointed at "
+        "it, and a partial audit that passes silently for older pins would be worse than a "
+        "failing step. Not built.\n"
+        "* A vulnerability database shipped as a PyPI package: `safety` 3.x fetches its "
+        "database from its vendor's service (an account); nothing on PyPI ships the OSV or "
+        "PyPA advisory database for offline use that could be found in the package list "
+        "here.\n\n"
+        "So the step needs a CI runner that reaches pypi.org's JSON API or api.osv.dev; "
+        "`make audit-deps` stays as it is and fails loudly until then.\n")
     return "\n".join(out)
 
 
@@ -375,8 +457,10 @@ make audit-deps                   # pip-audit on the locked dependencies
 
 The suite starts its **own** services so it can kill and restart them while other jobs use
 the shared ones: HAPI on `127.0.0.1:8091` (`HAPI_DATA_DIR`/`HAPI_RUN_DIR` =
-`.run/hapi-reliability`) and Redis on `127.0.0.1:6391` (`appendonly yes`, `appendfsync
-everysec`, `.run/reliability/redis`). It stops them at the end unless `RELIABILITY_KEEP=1`. One run
+`.run/hapi-reliability`), Redis on `127.0.0.1:6391` (`appendonly yes`, `appendfsync
+everysec`, `.run/reliability/redis`) and a RabbitMQ node on `127.0.0.1:5673` (own node name,
+EPMD, cookie and data under `.run/reliability/rabbitmq`; section 3). It stops them at the end
+unless `RELIABILITY_KEEP=1`. One run
 at a time per machine: the session takes an exclusive `flock` on
 `/tmp/clinragen-reliability-8091-6391.lock` and waits for it for up to 30 min
 (`RELIABILITY_LOCK_WAIT_S`). This was learned the hard way: a CI checkout's `make test` ran
@@ -408,20 +492,24 @@ def main() -> None:
 
 FOOTER = """## Not covered, and why
 
-* **RabbitMQ restart.** Not run: the suite would need its own RabbitMQ node (the Debian
-  service on 5672 is shared with other jobs' tests), and that was not built. With RabbitMQ,
-  durable queues and persistent messages (Celery's defaults) plus `acks_late` are the
-  settings that should give 0 lost across a broker restart. This is not measured here.
 * **HAPI killed hard** (SIGKILL, not TERM). H2 recovery after a crash is HAPI's and H2's
   business. The worker side is the same as in scenario 4.
-* **Load at 1,000 patients.** `bench/load.py` defaults to 1,000. The figure above is what fit
-  on this shared 2-core machine: loading the cohort into HAPI alone runs at ~200 resources/s,
-  and a clinosim patient has ~230 resources. The bench loads only what the worker reads
-  (Patient, Observation, DocumentReference; other references stripped), because
-  `clinragen-fhir load` of a clinosim NDJSON folder fails here: its type order puts Encounter
-  before Condition, and HAPI refuses Encounter.diagnosis -> Condition references to resources
-  that are not there yet (HTTP 400, whole batches lost, and the Observations that reference
-  those Encounters after them). That loader bug is reported, not fixed.
+* **RabbitMQ quorum queues and clusters.** One node, a durable classic queue. The effect of
+  publisher confirms alone was not isolated: every message had been published seconds before
+  the restart, so the run without confirms would very likely also show 0; confirms matter
+  for a message published in the last moments before a crash.
+* **A publish while the broker is down** (the webhook receiving a notification during a
+  RabbitMQ or Redis outage) is not measured: with confirms the sender retries (Celery's
+  publish retry policy) or fails, and the receiver answers 5xx so the FHIR server retries.
+* **Loading a whole clinosim cohort (all resource types).** The loader now loads
+  clinosim's cross-type reference cycles (tests/integration/test_load_ndjson.py on HAPI), but
+  clinosim itself writes some invalid references: `DiagnosticReport.media.link` ->
+  `ImagingStudy` (HAPI: `HAPI-0931 ... Resource type 'ImagingStudy' is not valid for this
+  path`, HTTP 422; 155 of 1,291 DiagnosticReports in a 600-population cohort). The loader
+  refuses to rewrite data it does not strip for a reason; such a patient's compartment is
+  reported as an error and the other patients of its transaction are loaded (it retries unit
+  by unit). The load bench reads only Patient, Observation and DocumentReference, which is
+  all the worker reads.
 """
 
 

@@ -50,6 +50,9 @@ def load(paths: tuple[Path, ...], workers: int, types: str) -> None:
     click.echo(f"\nloaded {report.files} files in {elapsed:.0f} s")
     for rtype, n in sorted(report.counts.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {rtype:<28} {n:>8}")
+    if report.stripped:
+        click.echo(f"  ({report.stripped} NDJSON references to resources of types not loaded "
+                   "removed)")
     for name, error in report.errors:
         click.echo(f"ERROR {name}: {error}", err=True)
     if report.errors:
