@@ -27,6 +27,7 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import InputRef, build_transaction
+from clinragen_fhir.report.faithfulness import check_report_rationale
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,10 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
                           *(n.time for n in inputs.notes)] if t is not None]
     effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
+    claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
     bundle, key = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
-                                    now=now, effective=effective, labs=inputs.labs)
+                                    now=now, effective=effective, labs=inputs.labs,
+                                    claims=claims)
     base.identifier, base.method = key, prediction.method
     base.diagnoses = [d.snomed for d in prediction.diagnoses]
     existing = find_report(client, patient_id, settings.identifier_system, key)

@@ -27,12 +27,12 @@ import torch
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.knowledge.graph import SCT, local
 from clinragen_fhir.knowledge.retrieval import rule_index
+from clinragen_fhir.report.faithfulness import LabLexicon, check_rationale, summarise
 from model.decode import abstain, split_output
 from training.baselines import FeatureClassifier, SystemOutput, label_matrix, rule_outputs
 from training.config import TrainConfig, VariantConfig, stage_modalities
 from training.distill import encode, load_variant, teacher_rationale
 from training.example import Example
-from training.faithfulness import LabLexicon, check_rationale, summarise
 from training.metrics import ClassificationReport, bleu4, classification_report, rouge_l
 
 VARIANT_TITLES = {"full": "ClinRaGen SLM (full: staged + knowledge)",

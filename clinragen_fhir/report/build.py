@@ -21,6 +21,7 @@ from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.encoding.schema import Skip
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.report.faithfulness import ClaimCheck, claim_text
 from clinragen_fhir.report.html import lab_trends, narrative_div, presented_form, render_html
 
 SOFTWARE = "ClinRaGen-FHIR"
@@ -93,16 +94,20 @@ def build_transaction(
     now: datetime | None = None,
     effective: datetime | None = None,
     labs: pd.DataFrame | None = None,
+    claims: Sequence[ClaimCheck] = (),
 ) -> tuple[dict[str, Any], str]:
     """The transaction Bundle to POST, and the report identifier value it carries.
 
     `labs` (the lab frame) gives the trend charts and the as-sent values of cited readings;
-    the identifier does not depend on it or on the rendering.
+    the identifier does not depend on it or on the rendering. `claims`: the rationale's lab
+    claims checked against the record (`check_report_rationale`), shown to the reader and kept
+    as an extension for auditors.
     """
     now = now or datetime.now(UTC)
     key = report_key(patient_id, used, prediction)
     trends = lab_trends(labs, (e.loinc for d in prediction.diagnoses for e in d.evidence))
-    page = render_html(prediction, trends, issued=now, report_key=key)
+    check = claims_summary(claims, prediction.rationale)
+    page = render_html(prediction, trends, issued=now, report_key=key, claims=check)
     identifier = {"system": settings.identifier_system, "value": key}
     software = f"{prediction.method}@{prediction.method_version}"
     device_urn, report_urn = f"urn:uuid:{_uuid(key, 'device')}", f"urn:uuid:{_uuid(key, 'dr')}"
@@ -131,11 +136,12 @@ def build_transaction(
         "conclusionCode": [{"coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
                            for d in prediction.diagnoses],
         "presentedForm": [presented_form(page, now)],
-        "text": {"status": "generated", "div": narrative_div(prediction)},
+        "text": {"status": "generated", "div": narrative_div(prediction, check)},
         "extension": [
             {"url": f"{EXT_BASE}/method", "valueString": software},
             {"url": f"{EXT_BASE}/knowledge-version", "valueString": prediction.knowledge_version},
             *cited_values(prediction, labs),
+            claims_extension(claims, prediction.rationale),
         ],
     }
     entities: list[dict[str, Any]] = [
@@ -170,6 +176,29 @@ def build_transaction(
         ],
     }
     return bundle, key
+
+
+def claims_summary(claims: Sequence[ClaimCheck], rationale: str) -> str:
+    """One sentence on the rationale's lab claims, for the narrative and the HTML page."""
+    if not rationale.strip():
+        return ""
+    if not claims:
+        return ("The rationale makes no lab claim (test with value, date or direction) that "
+                "could be checked against the record.")
+    held = sum(c.matched for c in claims)
+    text = f"{held} of {len(claims)} lab claims in the rationale match this patient's record."
+    wrong = [f"\u201c{claim_text(c, rationale)}\u201d ({c.reason})" for c in claims
+             if not c.matched][:5]
+    return text + (" Not matching: " + "; ".join(wrong) + "." if wrong else "")
+
+
+def claims_extension(claims: Sequence[ClaimCheck], rationale: str) -> dict[str, Any]:
+    """`rationale-lab-claims`: counts and every unmatched claim with why, for `audit`."""
+    return {"url": f"{EXT_BASE}/rationale-lab-claims", "extension": [
+        {"url": "claims", "valueInteger": len(claims)},
+        {"url": "matched", "valueInteger": sum(c.matched for c in claims)},
+        *({"url": "unmatched", "valueString": f"{claim_text(c, rationale)}: {c.reason}"}
+          for c in claims if not c.matched)]}
 
 
 def _uuid(key: str, salt: str) -> str:

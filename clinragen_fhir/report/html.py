@@ -190,7 +190,7 @@ CSS = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:60em;color:
 
 
 def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: datetime,
-                report_key: str = "") -> str:
+                report_key: str = "", claims: str = "") -> str:
     """The whole report as one self-contained HTML page."""
     if prediction.diagnoses:
         summary = "".join(
@@ -218,7 +218,8 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
         f"<title>ClinRaGen report (preliminary)</title><style>{CSS}</style></head><body>"
         f'<div class="banner" role="alert">{esc(BANNER)}<span>{esc(BANNER_DETAIL)}</span></div>'
         f"<h1>Diagnostic decision support</h1>{conclusion}"
-        f"<h2>Rationale</h2><p>{esc(prediction.rationale)}</p>{sections}"
+        f"<h2>Rationale</h2><p>{esc(prediction.rationale)}</p>"
+        + (f"<p><small>Checked: {esc(claims)}</small></p>" if claims else "") + f"{sections}"
         + (f"<h2>All knowledge facts used</h2><ul>{facts}</ul>" if facts else "")
         + f"<footer><p>Method {esc(prediction.method)} version {esc(prediction.method_version)}; "
         f"knowledge {esc(prediction.knowledge_version)}; ClinRaGen-FHIR {esc(__version__)}.</p>"
@@ -227,7 +228,7 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
         + "</p></footer></body></html>")
 
 
-def narrative_div(prediction: Prediction) -> str:
+def narrative_div(prediction: Prediction, claims: str = "") -> str:
     """`DiagnosticReport.text.div`: the same content within the FHIR narrative xhtml subset."""
     if prediction.diagnoses:
         rows = "".join(f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
@@ -249,7 +250,8 @@ def narrative_div(prediction: Prediction) -> str:
                   ) if cited else ""
     return ('<div xmlns="http://www.w3.org/1999/xhtml">'
             f'<p style="font-weight:bold">{esc(BANNER)}. {esc(BANNER_DETAIL)}</p>'
-            f"{conclusion}<p>{esc(prediction.rationale)}</p>{cited_html}"
+            f"{conclusion}<p>{esc(prediction.rationale)}</p>"
+            + (f"<p>Checked: {esc(claims)}</p>" if claims else "") + f"{cited_html}"
             f"<p>Knowledge facts used: {len(prediction.facts_used)}. Method "
             f"{esc(prediction.method)} {esc(prediction.method_version)}; knowledge "
             f"{esc(prediction.knowledge_version)}; ClinRaGen-FHIR {esc(__version__)}.</p></div>")

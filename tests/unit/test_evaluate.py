@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from clinragen_fhir.report.faithfulness import LabLexicon
 from model.decode import uncertain_band
 from tests.unit.train_examples import CKD, DM2, HTN, make_examples
 from training.baselines import (
@@ -22,7 +23,6 @@ from training.baselines import (
     template_rationale,
 )
 from training.evaluate import markdown_table, revealable_disorders, score
-from training.faithfulness import LabLexicon
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,13 @@ from datetime import UTC, datetime
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from clinragen_fhir.report.faithfulness import (
+    LabLexicon,
+    check_rationale,
+    extract_claims,
+    summarise,
+)
 from tests.unit.train_examples import frame
-from training.faithfulness import LabLexicon, check_rationale, extract_claims, summarise
 
 T1, T2 = datetime(2024, 1, 10, tzinfo=UTC), datetime(2024, 3, 2, 9, 30, tzinfo=UTC)
 LABS = frame([("4548-4", 6.8, T1), ("4548-4", 7.14, T2), ("2345-7", 92.0, T2),

@@ -55,3 +55,34 @@ def test_transaction_is_conditional_and_carries_provenance() -> None:
     assert len(prov["id"]) <= 64
     again, key2 = build_transaction("p1", prediction(), USED, skips, ReportSettings(), now=NOW)
     assert key2 == key and again == bundle
+
+
+def test_rationale_lab_claims_are_checked_and_shown_to_reader_and_auditor() -> None:
+    import base64
+
+    from clinragen_fhir.knowledge import load_graph
+    from clinragen_fhir.report.faithfulness import check_report_rationale
+    from tests.unit.train_examples import frame
+
+    t = datetime(2024, 3, 2, tzinfo=UTC)
+    labs = frame([("4548-4", 7.1, t), ("2345-7", 150.0, t)])
+    p = prediction()
+    p.rationale = ("HbA1c 7.1 % on 2024-03-02, high. Glucose (serum/plasma) 90 mg/dL on "
+                   "2024-03-02, low.")
+    claims = check_report_rationale(p.rationale, labs, load_graph())
+    assert [c.matched for c in claims] == [True, False]  # the glucose was 150, not 90 or low
+    bundle, key = build_transaction("p1", p, USED, [], ReportSettings(), now=NOW, labs=labs,
+                                    claims=claims)
+    report = bundle["entry"][1]["resource"]
+    ext = next(e for e in report["extension"] if e["url"].endswith("/rationale-lab-claims"))
+    parts = [(e["url"], next(v for k, v in e.items() if k.startswith("value")))
+             for e in ext["extension"]]
+    assert parts[:2] == [("claims", 2), ("matched", 1)]
+    assert parts[2][0] == "unmatched" and parts[2][1].startswith("Glucose (serum/plasma) 90")
+    assert "1 of 2 lab claims in the rationale match" in report["text"]["div"]
+    page = base64.b64decode(report["presentedForm"][0]["data"]).decode()
+    assert "Not matching: \u201cGlucose (serum/plasma) 90" in page
+    assert key == build_transaction("p1", p, USED, [], ReportSettings(), now=NOW)[1]  # same id
+    silent = check_report_rationale("No new disorder is supported.", labs, load_graph())
+    bundle, _ = build_transaction("p1", p, USED, [], ReportSettings(), now=NOW, claims=silent)
+    assert "makes no lab claim" in bundle["entry"][1]["resource"]["text"]["div"]

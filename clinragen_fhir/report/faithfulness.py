@@ -275,6 +275,21 @@ def check_rationale(text: str, labs: pd.DataFrame, lexicon: LabLexicon) -> list[
     return [check_claim(c, labs) for c in extract_claims(text, lexicon)]
 
 
+def check_report_rationale(text: str, labs: pd.DataFrame, kg: KnowledgeGraph
+                           ) -> list[ClaimCheck]:
+    """What the worker runs on every generated rationale before writing it back: each lab claim
+    checked against this patient's own frame, so the report can say which ones hold."""
+    if not text.strip():
+        return []
+    return check_rationale(text, labs, LabLexicon.build(kg, [labs] if len(labs) else []))
+
+
+def claim_text(check: ClaimCheck, rationale: str) -> str:
+    """The claim as written, for a person reading the report."""
+    a, b = check.claim.span
+    return " ".join(rationale[a:b].split())
+
+
 @dataclass(frozen=True)
 class FaithfulnessSummary:
     claims: int
