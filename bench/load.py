@@ -29,14 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.loader import compartment_of, load, read_ndjson
 from tests.reliability.stack import (
+    RESULTS,
     RUN,
     Hapi,
     Redis,
     Worker,
     base_env,
     celery_app,
+    dead_letters,
     enqueue,
     record,
+    reports_by_patient,
     rss_kib,
     wait_all_done,
 )
@@ -88,6 +91,24 @@ def load_cohort(url: str, folder: Path, pids: list[str]) -> tuple[int, int, list
     return sum(report.counts.values()), report.stripped, [e for _, e in report.errors]
 
 
+def outcome_check(url: str, redis: Redis, pids: list[str]) -> dict[str, Any]:
+    """Lost and duplicated, from the FHIR server (our reports per patient) and the dead-letter
+    queue: lost = no report and no dead letter; duplicated = more than one report."""
+    counts = reports_by_patient(url, pids)
+    letters = dead_letters(redis)
+    lettered = {str(d["args"][0]) for d in letters if d.get("args")}
+    errors: dict[str, int] = {}
+    for d in letters:
+        errors[str(d["error"])[:120]] = errors.get(str(d["error"])[:120], 0) + 1
+    return {"reports_per_patient": {str(k): v for k, v in sorted(
+                {c: sum(1 for p in pids if counts[p] == c) for c in set(counts.values())
+                 }.items())},
+            "lost": sum(1 for p in pids if counts[p] == 0 and p not in lettered),
+            "duplicated": sum(1 for p in pids if counts[p] > 1),
+            "dead_letters": errors,
+            "dead_lettered_with_report": sum(1 for p in lettered if counts.get(p, 0) > 0)}
+
+
 def fhir_calls(metrics_port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -109,6 +130,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=7200)
+    parser.add_argument("--suite-timeouts", action="store_true",
+                        help="the reliability suite's short time limits (soft/hard 40/50 s, "
+                             "FHIR timeout 10 s) instead of the config defaults (300/360 s, "
+                             "30 s)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="only count reports per patient and dead letters for the cohort "
+                             "on the running services (after a run) and add them to "
+                             "load.json")
     parser.add_argument("--rounds", type=int, default=1,
                         help="diagnose every patient this many times (later rounds find the "
                              "report: the whole read path without the write), for a longer "
@@ -117,6 +146,21 @@ def main() -> None:
     population = args.population or int(args.patients * 1.9)
 
     hapi, redis = Hapi(), Redis()
+    if args.check_only:
+        folder = cohort(population, args.seed)
+        pids = [json.loads(line)["id"] for line in
+                (folder / "Patient.ndjson").read_text().splitlines() if line.strip()]
+        pids = pids[:args.patients]
+        check = outcome_check(hapi.url, redis, pids)
+        path = RESULTS / "load.json"
+        figures = json.loads(path.read_text())
+        if figures.get("patients") != len(pids):
+            sys.exit(f"{path} is a run of {figures.get('patients')} patients, not {len(pids)}")
+        figures.update(check)
+        figures["check_command"] = ".venv/bin/python bench/load.py " + " ".join(sys.argv[1:])
+        path.write_text(json.dumps(figures, indent=2, default=str))
+        print(json.dumps(check, indent=2))
+        return
     if not hapi.up():
         hapi.start()
     redis.start()
@@ -135,9 +179,16 @@ def main() -> None:
           f"loaded removed, {len(load_errors)} errors)", file=sys.stderr, flush=True)
 
     metrics_port = 9391
-    worker = Worker("load", base_env(hapi.url, redis, CLINRAGEN_WORKER__METRICS_PORT=str(
-        metrics_port), CLINRAGEN_WORKER__CONCURRENCY=str(args.concurrency)),
-        concurrency=args.concurrency)
+    # The production time limits and FHIR timeout (config defaults), not the fault suite's
+    # short ones: 40 s / 10 s dead-lettered the 5 largest of 1,000 clinosim patients (1,200-
+    # 2,800 Observations; their report transaction took HAPI > 10 s on the loaded machine).
+    env = base_env(hapi.url, redis, CLINRAGEN_WORKER__METRICS_PORT=str(metrics_port),
+                   CLINRAGEN_WORKER__CONCURRENCY=str(args.concurrency))
+    if not args.suite_timeouts:
+        for key in ("CLINRAGEN_WORKER__SOFT_TIME_LIMIT_S", "CLINRAGEN_WORKER__TIME_LIMIT_S",
+                    "CLINRAGEN_WORKER__VISIBILITY_TIMEOUT_S", "CLINRAGEN_FHIR__TIMEOUT_S"):
+            env.pop(key)
+    worker = Worker("load", env, concurrency=args.concurrency)
     worker.start()
     worker.ready(180)
     app = celery_app(redis)
@@ -166,6 +217,7 @@ def main() -> None:
         elapsed = time.monotonic() - t0
         calls = fhir_calls(metrics_port) - calls_before
         worker.stop()
+    check = outcome_check(hapi.url, redis, pids)
     states = [app.AsyncResult(t) for t in tasks.values()]
     outcomes: dict[str, int] = {}
     for s in states:
@@ -192,13 +244,17 @@ def main() -> None:
         "task_p50_s_round1": round(percentile(durations[:len(pids)], 0.5), 2),
         "task_p95_s_round1": round(percentile(durations[:len(pids)], 0.95), 2),
         "fhir_calls": int(calls), "fhir_calls_per_patient": round(calls / len(tasks), 2),
-        "outcomes": outcomes,
+        "outcomes": outcomes, **check,
+        "settings": {k: v for k, v in worker.env.items() if k.startswith((
+            "CLINRAGEN_WORKER__", "CLINRAGEN_FHIR__TIMEOUT", "CLINRAGEN_FHIR__RETRIES"))}
+        or "config defaults",
         "rss_children_first_quarter_mib": round(statistics.fmean(first), 1) if first else 0,
         "rss_children_last_quarter_mib": round(statistics.fmean(last), 1) if last else 0,
         "rss_main_mib_last": rss[-1]["main_mib"] if rss else 0,
         "rss_samples": rss[:: max(1, len(rss) // 40)],
         "rss_children_mib_by_round": by_round,
         "machine": "2 shared CPU cores (other jobs running)",
+        "command": ".venv/bin/python bench/load.py " + " ".join(sys.argv[1:]),
     }
     first_mean = figures["rss_children_first_quarter_mib"]
     figures["rss_growth_pct"] = round(100 * (figures["rss_children_last_quarter_mib"] -

@@ -321,6 +321,13 @@ def section_load() -> str:
            "(default 1,000; `make reliability-report LOAD_PATIENTS=N`)\n"]
     if not r:
         return "\n".join(out) + missing("load", ".venv/bin/python bench/load.py")
+    command = r.get("command") or (
+        f".venv/bin/python bench/load.py --patients {r['patients']} --population "
+        f"{r['population']} --seed {r['seed']} --concurrency {r['worker_processes']} "
+        f"--rounds {r.get('rounds', 1)}" + ("" if "settings" in r else " --suite-timeouts"))
+    out.append(f"This run: `{command}`" + (
+        f", then `{r['check_command']}` for lost / duplicated / dead letters"
+        if r.get("check_command") else "") + "\n")
     out.append(f"(recorded {r['recorded_at']}; {r['machine']})\n")
     out.append(table([
         ("patients (clinosim US cohort)", f"{r['patients']} (population {r['population']}, "
@@ -336,7 +343,16 @@ def section_load() -> str:
             "does the same reads, encoding and prediction and skips the write: see outcomes)"
             if r.get("rounds", 1) > 1 else ")")),
         ("outcomes", f"{r['outcomes']} (`written`: a new report; `exists`: the report was "
-                     "there already; `skipped`: no usable labs or notes)"),
+                     "there already; `skipped`: no usable labs or notes; `FAILURE`: "
+                     "dead-lettered)"),
+        ("**lost / duplicated**", f"**{r.get('lost', '?')} / {r.get('duplicated', '?')}** "
+                                  f"(reports per patient {r.get('reports_per_patient', '?')})"),
+        ("dead letters", "; ".join(f"{n} x `{e}`" for e, n in
+                                   (r.get("dead_letters") or {}).items()) or "none"),
+        ("worker settings", ", ".join(f"`{k}={v}`" for k, v in r["settings"].items())
+         if isinstance(r.get("settings"), dict) and r["settings"] else r.get(
+             "settings", "the reliability suite's (soft/hard time limit 40/50 s, visibility "
+             "timeout 60 s, FHIR timeout 10 s, retry backoff 1-8 s)")),
         ("wall time (all rounds)", f"{r['seconds']} s"),
         ("**throughput**", f"**{r['throughput_patients_per_min']} patients/min**"),
         ("**per patient, round 1 (task time) p50 / p95**",
@@ -354,7 +370,7 @@ def section_load() -> str:
                                                 f"{r['rss_main_mib_last']} MiB"),
     ]))
     by_round = r.get("rss_children_mib_by_round") or []
-    if by_round:
+    if len(by_round) > 1:
         out.append("Children's RSS at the end of each round (MiB; round 1 includes the "
                    "one-off load of the knowledge graph and libraries, from ~108 MiB at "
                    "start): " + "; ".join(
@@ -366,6 +382,14 @@ def section_load() -> str:
                    " MiB per child. The first-vs-last-quarter figure above includes the "
                    "warm-up.\n")
     samples = r.get("rss_samples") or []
+    if len(samples) >= 8:
+        q = samples[len(samples) // 4]
+        first, last = sum(q["children_mib"]), sum(samples[-1]["children_mib"])
+        out.append(f"After the warm-up (the sample at {q['t_s']:.0f} s, a quarter into the "
+                   f"run) the two children together went from {first:.0f} to {last:.0f} MiB "
+                   f"by the end ({last - first:+.0f} MiB, {100 * (last - first) / first:+.1f}%"
+                   f", over {samples[-1]['t_s'] - q['t_s']:.0f} s); the main process stayed "
+                   f"at {r['rss_main_mib_last']} MiB.\n")
     if samples:
         out.append("RSS over time (children, MiB): " + ", ".join(
             f"{s['t_s']:.0f} s: {'+'.join(str(c) for c in s['children_mib'])}"
