@@ -259,7 +259,7 @@ def main() -> None:
     first_mean = figures["rss_children_first_quarter_mib"]
     figures["rss_growth_pct"] = round(100 * (figures["rss_children_last_quarter_mib"] -
                                              first_mean) / first_mean, 1) if first_mean else 0
-    record("load", figures)
+    record("load", figures, to=RESULTS)  # the report's results, whatever the suite's form
     print(json.dumps({k: v for k, v in figures.items() if k != "rss_samples"}, indent=2))
 
 

@@ -60,6 +60,12 @@ def machine_lock() -> Iterator[None]:
                 time.sleep(2)
         fh.write(str(os.getpid()))
         fh.flush()
+        # This session's logs only (test_9 greps them all): cleared once the lock is held.
+        # Clearing them at session start, before the lock, let a second session (another
+        # checkout's `make test`, waiting for the lock) delete a running full form's worker
+        # logs, and that run's log grep then found 44 lines instead of thousands.
+        for old in LOGS.glob("*.log"):
+            old.unlink()
         yield
         fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -107,8 +113,5 @@ def clean_redis(redis_server: Redis) -> Redis:
 
 @pytest.fixture(scope="session", autouse=True)
 def _run_dirs() -> None:
-    """This session's logs only (test_9 greps them all)."""
     RUN.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(parents=True, exist_ok=True)
-    for old in LOGS.glob("*.log"):
-        old.unlink()

@@ -55,12 +55,15 @@ def wait_until(what: str, check: Callable[[], Any], timeout_s: float,
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def record(scenario: str, data: dict[str, Any]) -> None:
-    """Write a scenario's figures to .run/reliability/results/<scenario>.json for the report."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def record(scenario: str, data: dict[str, Any], to: Path | None = None) -> None:
+    """Write a scenario's figures to .run/reliability/results/<scenario>.json for the report
+    (full form), or to results-short/ (short form: a `make test` after a full run must not
+    replace the full form's figures, as it did once)."""
+    where = to or (RESULTS if FULL else RESULTS.with_name("results-short"))
+    where.mkdir(parents=True, exist_ok=True)
     out = {"scenario": scenario, "form": "full" if FULL else "short",
            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), **data}
-    (RESULTS / f"{scenario}.json").write_text(json.dumps(out, indent=2, default=str))
+    (where / f"{scenario}.json").write_text(json.dumps(out, indent=2, default=str))
 
 
 # -- HAPI ----------------------------------------------------------------------------------------
