@@ -33,7 +33,13 @@ from training.baselines import FeatureClassifier, SystemOutput, label_matrix, ru
 from training.config import TrainConfig, VariantConfig, stage_modalities
 from training.distill import encode, load_variant, teacher_rationale
 from training.example import Example
-from training.metrics import ClassificationReport, bleu4, classification_report, rouge_l
+from training.metrics import (
+    ClassificationReport,
+    bleu4,
+    bootstrap_macro_f1,
+    classification_report,
+    rouge_l,
+)
 
 VARIANT_TITLES = {"full": "ClinRaGen SLM (full: staged + knowledge)",
                   "no_knowledge": "SLM without knowledge (attention off)",
@@ -195,6 +201,14 @@ def evaluate(cfg: TrainConfig, run_dir: Path, examples: Sequence[Example], kg: K
         outputs.append(slm_outputs(cfg, cfg.variant(name), run_dir, kg, test, disorders,
                                    progress))
     rows = [score(o, y, disorders, seen, test, lexicon, revealable) for o in outputs]
+    # 95% intervals over patients, paired; the reference is the strongest feature baseline
+    groups = [e.patient.patient_id for e in test]
+    reference = max(outputs[1:3], key=lambda o: rows[outputs.index(o)]["macro_f1"]).name
+    cis = bootstrap_macro_f1(y, {o.name: o.pred for o in outputs}, groups, reference,
+                             seed=cfg.seed)
+    for row in rows:
+        row["macro_f1_ci"] = cis[row["system"]]
+        row["bootstrap_reference"] = reference
     results = {
         "config": cfg.name, "backbone": cfg.backbone,
         "test_examples": len(test), "test_patients": len({e.patient.patient_id for e in test}),
@@ -221,8 +235,13 @@ def _fmt(x: Any, pct: bool = False, digits: int = 3) -> str:
     return f"{100 * x:.1f} %" if pct else f"{x:.{digits}f}"
 
 
+def _ci(row: dict[str, Any]) -> str:
+    ci = row.get("macro_f1_ci")
+    return f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    head = ("| system | micro-F1 (a) | macro-F1 (a) | micro-F1 (b) | macro-F1 (b) | "
+    head = ("| system | micro-F1 (a) | macro-F1 (a) [95% CI] | micro-F1 (b) | macro-F1 (b) | "
             "micro-F1 (vocab) | macro-AUROC (a) | macro-AUROC (b) | ECE | abstain | BLEU-4 | "
             "ROUGE-L | faithfulness (claims) | rationale |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -231,13 +250,24 @@ def markdown_table(results: dict[str, Any]) -> str:
         faith = (f"{_fmt(r['faithfulness'], pct=True)} ({r['claims']})"
                  + (" by construction" if r["rationale_kind"] == "template" else ""))
         lines.append(
-            f"| {r['system']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])} | "
+            f"| {r['system']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])}{_ci(r)} | "
             f"{_fmt(r.get('micro_f1_revealable'))} | {_fmt(r.get('macro_f1_revealable'))} | "
             f"{_fmt(r.get('micro_f1_vocabulary'))} | {_fmt(r['macro_auroc'])} | "
             f"{_fmt(r.get('macro_auroc_revealable'))} | "
             f"{_fmt(r['ece'])} | {_fmt(r['abstention_rate'], True)} | "
             f"{_fmt(r['bleu4'], digits=1)} | {_fmt(r['rouge_l'], digits=1)} | {faith} | "
             f"{r['rationale_kind']} |")
+    paired = [r for r in results["systems"] if "p_better" in r.get("macro_f1_ci", {})
+              and r["rationale_kind"] == "generated"]
+    if paired:
+        ref = paired[0]["bootstrap_reference"]
+        lines.append("")
+        lines.append(f"Paired bootstrap over patients (1,000 resamples) against {ref}, "
+                     "macro-F1 (a): " + "; ".join(
+                         f"{r['system']}: difference [{r['macro_f1_ci']['diff_low']:+.3f}, "
+                         f"{r['macro_f1_ci']['diff_high']:+.3f}], better in "
+                         f"{100 * r['macro_f1_ci']['p_better']:.0f} % of resamples"
+                         for r in paired) + ".")
     pos = results.get("positives_in_macro")
     rpos = results.get("revealable_positives")
     meta = (f"\n{results['test_examples']} test examples from {results['test_patients']} held-out "

@@ -59,3 +59,22 @@ def test_bleu_and_rouge_identity_and_disjoint() -> None:
     assert rouge_l(["completely different words"], ref) == pytest.approx(0.0)
     half = rouge_l(["HbA1c was 7.1 %"], ref)
     assert 0 < half < 100
+
+
+def test_bootstrap_intervals_are_over_patients_and_paired() -> None:
+    from training.metrics import bootstrap_macro_f1
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 4)) < 0.3).astype(int)
+    y[0] = 1  # every disorder has a positive
+    noisy = np.where(rng.random(y.shape) < 0.25, 1 - y, y)
+    groups = [f"p{i // 3}" for i in range(60)]  # 20 patients, 3 examples each
+    out = bootstrap_macro_f1(y, {"oracle": y, "noisy": noisy, "same": noisy.copy()}, groups,
+                             reference="noisy", n=200, seed=1)
+    assert out["oracle"]["low"] == out["oracle"]["high"] == 1.0
+    assert out["oracle"]["p_better"] == 1.0 and out["oracle"]["diff_low"] > 0
+    assert out["noisy"]["low"] < out["noisy"]["high"] < 1.0 and "p_better" not in out["noisy"]
+    assert out["same"]["p_better"] == 0.0
+    assert out["same"]["diff_low"] == out["same"]["diff_high"] == 0
+    again = bootstrap_macro_f1(y, {"noisy": noisy}, groups, n=200, seed=1)
+    assert again["noisy"] == {k: out["noisy"][k] for k in ("low", "high")}  # seeded
