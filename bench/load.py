@@ -38,6 +38,7 @@ from tests.reliability.stack import (
     celery_app,
     dead_letters,
     enqueue,
+    lost_and_duplicated,
     record,
     reports_by_patient,
     rss_kib,
@@ -97,14 +98,15 @@ def outcome_check(url: str, redis: Redis, pids: list[str]) -> dict[str, Any]:
     counts = reports_by_patient(url, pids)
     letters = dead_letters(redis)
     lettered = {str(d["args"][0]) for d in letters if d.get("args")}
+    lost, duplicated = lost_and_duplicated(pids, counts, letters)
     errors: dict[str, int] = {}
     for d in letters:
         errors[str(d["error"])[:120]] = errors.get(str(d["error"])[:120], 0) + 1
     return {"reports_per_patient": {str(k): v for k, v in sorted(
                 {c: sum(1 for p in pids if counts[p] == c) for c in set(counts.values())
                  }.items())},
-            "lost": sum(1 for p in pids if counts[p] == 0 and p not in lettered),
-            "duplicated": sum(1 for p in pids if counts[p] > 1),
+            "lost": len(lost),
+            "duplicated": len(duplicated),
             "dead_letters": errors,
             "dead_lettered_with_report": sum(1 for p in lettered if counts.get(p, 0) > 0)}
 

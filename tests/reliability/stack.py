@@ -55,6 +55,14 @@ def wait_until(what: str, check: Callable[[], Any], timeout_s: float,
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def wait_reported(url: str, pids: list[str], since: str, at_least: int, what: str,
+                  timeout_s: float = 300, every_s: float = 0.5) -> None:
+    """Until `at_least` of the patients have a report written since `since` (a fault is
+    injected once part of the run is done)."""
+    wait_until(what, lambda: sum(1 for c in reports_by_patient(url, pids, since).values() if c)
+               >= at_least, timeout_s, every_s)
+
+
 def record(scenario: str, data: dict[str, Any], to: Path | None = None) -> None:
     """Write a scenario's figures to .run/reliability/results/<scenario>.json for the report
     (full form), or to results-short/ (short form: a `make test` after a full run must not
@@ -511,18 +519,28 @@ def outcome_figures(app: Any, tasks: dict[str, str], hapi_url: str,
     states = task_states(app, tasks)
     counts = reports_by_patient(hapi_url, tasks)
     letters = dead_letters(redis)
-    lettered = {str(d["args"][0]) for d in letters if d.get("args")}
+    lost, duplicated = lost_and_duplicated(list(tasks), counts, letters)
     statuses = Counter(str(r.get("status")) if isinstance(r, dict) else s
                        for s, r in states.values())
     return {
         "patients": len(tasks),
         "reports_per_patient": dict(Counter(counts.values())),
-        "lost": sum(1 for p in tasks if counts[p] == 0 and p not in lettered),
-        "duplicated": sum(1 for p in tasks if counts[p] > 1),
+        "lost": len(lost),
+        "duplicated": len(duplicated),
         "task_outcomes": dict(statuses),
         "dead_letters": [{"patient_is_ours": str(d["args"][0]) in tasks,
                           "error": d["error"], "retries": d["retries"]} for d in letters],
     }
+
+
+def lost_and_duplicated(pids: Iterable[str], counts: Counter[str],
+                        letters: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """lost: a patient with no report and no dead letter (its task vanished); duplicated: a
+    patient with more than one of our reports."""
+    lettered = {str(d["args"][0]) for d in letters if d.get("args")}
+    pids = list(pids)
+    return ([p for p in pids if counts[p] == 0 and p not in lettered],
+            [p for p in pids if counts[p] > 1])
 
 
 def now_instant() -> str:

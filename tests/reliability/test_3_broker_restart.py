@@ -29,13 +29,13 @@ from tests.reliability.stack import (
     celery_app,
     dead_letters,
     enqueue,
+    lost_and_duplicated,
     make_patients,
     now_instant,
     queue_len,
     record,
-    reports_by_patient,
+    wait_reported,
     wait_reports,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -63,9 +63,7 @@ def test_redis_restart_mid_run_loses_no_task(hapi: Hapi, redis_server: Redis, ho
         t0 = time.monotonic()
         enqueue(app, pids)
         # restart once about a quarter of the patients have their report
-        wait_until("a quarter done", lambda: sum(
-            1 for c in reports_by_patient(hapi.url, pids, since).values() if c)
-            >= N_PATIENTS // 4, 300, 0.5)
+        wait_reported(hapi.url, pids, since, N_PATIENTS // 4, "a quarter done")
         queued_before = queue_len(redis)
         down_at = time.monotonic()
         redis.stop(hard=(how == "kill"))
@@ -78,9 +76,7 @@ def test_redis_restart_mid_run_loses_no_task(hapi: Hapi, redis_server: Redis, ho
     finally:
         worker.stop()
     letters = dead_letters(redis)
-    lettered = {str(d["args"][0]) for d in letters}
-    lost = [p for p in pids if counts[p] == 0 and p not in lettered]
-    duplicated = [p for p in pids if counts[p] > 1]
+    lost, duplicated = lost_and_duplicated(pids, counts, letters)
     record(f"broker_restart_{how}_{fsync}", {
         "patients": N_PATIENTS, "restart": how, "appendfsync": fsync,
         "queued_or_unacked_before": queued_before, "queued_or_unacked_after": queued_after,
@@ -110,9 +106,7 @@ def test_rabbitmq_restart_mid_run_loses_no_task(hapi: Hapi, clean_redis: Redis,
         app = celery_app(clean_redis, rabbitmq.url())
         t0 = time.monotonic()
         enqueue(app, pids)  # returns once RabbitMQ confirmed every message (confirm_publish)
-        wait_until("a quarter done", lambda: sum(
-            1 for c in reports_by_patient(hapi.url, pids, since).values() if c)
-            >= N_PATIENTS // 4, 300, 0.5)
+        wait_reported(hapi.url, pids, since, N_PATIENTS // 4, "a quarter done")
         before = rabbitmq.queue()
         down_at = time.monotonic()
         rabbitmq.stop(hard=(how == "kill"))
@@ -127,9 +121,7 @@ def test_rabbitmq_restart_mid_run_loses_no_task(hapi: Hapi, clean_redis: Redis,
     finally:
         worker.stop()
     letters = dead_letters(clean_redis)
-    lettered = {str(d["args"][0]) for d in letters}
-    lost = [p for p in pids if counts[p] == 0 and p not in lettered]
-    duplicated = [p for p in pids if counts[p] > 1]
+    lost, duplicated = lost_and_duplicated(pids, counts, letters)
     reconnects = sum(log.read_text(errors="replace").count("Connected to amqp://")
                      for log in worker.logs)
     record(f"broker_restart_rabbitmq_{how}", {

@@ -25,9 +25,8 @@ from tests.reliability.stack import (
     now_instant,
     outcome_figures,
     record,
-    reports_by_patient,
     wait_all_done,
-    wait_until,
+    wait_reported,
 )
 
 pytestmark = pytest.mark.integration
@@ -50,9 +49,8 @@ def test_hapi_restart_mid_run(hapi: Hapi, clean_redis: Redis) -> None:
         app = celery_app(clean_redis)
         t0 = time.monotonic()
         tasks = enqueue(app, pids)
-        wait_until("some reports", lambda: sum(
-            1 for c in reports_by_patient(hapi.url, pids, since).values() if c)
-            >= max(1, N_PATIENTS // 6), 300, 0.3)
+        wait_reported(hapi.url, pids, since, max(1, N_PATIENTS // 6), "some reports",
+                      every_s=0.3)
         down_at = time.monotonic()
         hapi.stop()
         stopped = time.monotonic() - down_at
