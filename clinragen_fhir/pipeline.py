@@ -26,7 +26,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
-from clinragen_fhir.report.build import InputRef, build_transaction
+from clinragen_fhir.report.build import InputRef, build_transaction, report_key
 from clinragen_fhir.report.faithfulness import check_report_rationale
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,7 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     started = time.perf_counter()
     prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
     base.model_seconds = time.perf_counter() - started
-    latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
-                          *(n.time for n in inputs.notes)] if t is not None]
-    effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
-    claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
-    bundle, key = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
-                                    now=now, effective=effective, labs=inputs.labs,
-                                    claims=claims)
+    key = report_key(patient_id, inputs.used, prediction)
     base.identifier, base.method = key, prediction.method
     base.diagnoses = [d.snomed for d in prediction.diagnoses]
     existing = find_report(client, patient_id, settings.identifier_system, key)
@@ -152,6 +146,13 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         base.status, base.report_id = "exists", existing
         log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
         return base
+    # only now the rationale check and the rendering: a report that exists needs neither
+    latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
+                          *(n.time for n in inputs.notes)] if t is not None]
+    effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
+    claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
+    bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
+                                  now=now, effective=effective, labs=inputs.labs, claims=claims)
     if settings.audit_events:  # in the same transaction: no report without its audit record
         written = {"type": "DiagnosticReport",
                    "identifier": {"system": settings.identifier_system, "value": key}}

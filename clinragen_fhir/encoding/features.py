@@ -53,7 +53,7 @@ class Budgets:
     max_facts: int = 32  # highest-ranked knowledge facts kept
     max_fact_tokens: int = 32  # tokens per fact text
     max_note_tokens: int = 384  # over all notes, most recent note first
-    # The newest reading of each test as text ("HbA1c 7.2 % on 2024-03-01 (high)"), ahead of
+    # The newest reading of each test as text ("HbA1c 7.2 % on 2024-03-01, high"), ahead of
     # the notes: lab tokens are embeddings the SLM cannot copy, so without this its rationales
     # cannot cite a value. 0 = off (models trained before this existed).
     max_lab_text_tokens: int = 0
