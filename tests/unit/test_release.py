@@ -130,7 +130,8 @@ def test_a_different_knowledge_graph_is_refused(run_and_artifact: tuple[Path, Pa
 
 
 def test_install_gives_a_model_dir_the_runtime_serves_and_is_skipped_when_current(
-        run_and_artifact: tuple[Path, Path], kg: KnowledgeGraph, tmp_path: Path) -> None:
+        run_and_artifact: tuple[Path, Path], kg: KnowledgeGraph, examples: list[Example],
+        tmp_path: Path) -> None:
     _, artifact = run_and_artifact
     out = install(tmp_path / "model", artifact, int8=False)
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
@@ -138,9 +139,7 @@ def test_install_gives_a_model_dir_the_runtime_serves_and_is_skipped_when_curren
     assert installed_from(out) == {"artifact_sha256": read_release(artifact)["sha256"],
                                    "int8": False}
     predictor = OnnxPredictor.load(out, kg)
-    from tests.unit.train_examples import make_examples as again
-
-    ex = again(1)[0]
+    ex = examples[0]
     prediction = predictor.predict(ex.labs, ex.notes, ex.patient)
     assert prediction.method and prediction.rationale is not None
     stamp = (out / INSTALLED).stat().st_mtime_ns
