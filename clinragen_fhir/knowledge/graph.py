@@ -7,6 +7,7 @@ graph version changes behaviour without a code change; `version` is a hash of th
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -74,10 +75,27 @@ class DisorderConcept:
     icd10: tuple[str, ...] = ()
     parents: tuple[str, ...] = ()
     uri: str = ""
+    # who it can affect, as stated on this concept (ancestors' constraints apply as well)
+    applicable_sex: str | None = None  # "female" / "male"
+    min_age_years: float | None = None  # inclusive
+    max_age_years: float | None = None  # inclusive
 
 
 def _num(value: object) -> float | None:
     return float(value.toPython()) if isinstance(value, Literal) else None
+
+
+def _age(value: object) -> float | None:
+    """A constraint's age, None when malformed (`validate` reports it; loading must not fail)."""
+    try:
+        return _num(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# Effective constraints of a disorder (its own and its ancestors'): sexes required (two: none
+# possible for a known sex), youngest and oldest possible age.
+Limits = tuple[frozenset[str], float, float]
 
 
 _LAB_Q = """
@@ -112,6 +130,7 @@ class KnowledgeGraph:
         self._disorders: dict[str, DisorderConcept] = {}
         self._icd_to_snomed: dict[str, str] = {}
         self._icd_who: dict[str, str] = {}
+        self._limits: dict[str, Limits] = {}  # only disorders with a constraint in their IS-A path
         self._index()
 
     # -- indexing ---------------------------------------------------------------------------
@@ -138,6 +157,10 @@ class KnowledgeGraph:
                 code, str(name), str(unit), "vital" if typ == CRG.VitalSign else "lab",
                 str(vtype) if vtype is not None else "quantity", convs.get(str(lab), {}),
                 tuple(ranges.get(str(lab), [])), seen)
+        # constraint triples are few: read them by predicate, not per disorder
+        sexes = {s: str(o).strip().lower() for s, o in g.subject_objects(CRG.applicableSex)}
+        min_age = {s: _age(o) for s, o in g.subject_objects(CRG.minAgeYears)}
+        max_age = {s: _age(o) for s, o in g.subject_objects(CRG.maxAgeYears)}
         for row in g.query(_DIS_Q, initNs=PREFIXES):
             d, term = row  # type: ignore[misc]
             snomed = local(d, SCT)
@@ -154,11 +177,32 @@ class KnowledgeGraph:
                 tuple(sorted(i for i in icds if i)),
                 tuple(sorted(local(p, SCT) for p in g.objects(d, RDFS.subClassOf)
                              if local(p, SCT))),
-                str(d))
-        depth = {s: len(self.ancestors(s)) for s in self._disorders}
+                str(d), sexes.get(d), min_age.get(d), max_age.get(d))
+        constrained = {local(s, SCT) for s in (*sexes, *min_age, *max_age)}
+        depth: dict[str, int] = {}
+        for s in self._disorders:
+            line = self.ancestors(s)
+            depth[s] = len(line)
+            if constrained and (line | {s}) & constrained:
+                self._limits[s] = self._combine(line | {s})
         for snomed, dis in sorted(self._disorders.items(), key=lambda kv: (depth[kv[0]], kv[0])):
             for code in dis.icd10:
                 self._icd_to_snomed.setdefault(code.upper(), snomed)
+
+    def _combine(self, codes: set[str]) -> Limits:
+        sexes: set[str] = set()
+        low, high = -math.inf, math.inf
+        for c in codes:
+            dis = self._disorders.get(c)
+            if dis is None:
+                continue
+            if dis.applicable_sex in ("female", "male"):
+                sexes.add(dis.applicable_sex)
+            if dis.min_age_years is not None:
+                low = max(low, dis.min_age_years)
+            if dis.max_age_years is not None:
+                high = min(high, dis.max_age_years)
+        return frozenset(sexes), low, high
 
     # -- lookups ----------------------------------------------------------------------------
     def lab(self, loinc: str) -> LabConcept | None:
@@ -184,6 +228,32 @@ class KnowledgeGraph:
                 if p in self._disorders:
                     todo.extend(self._disorders[p].parents)
         return seen
+
+    def limits(self, snomed: str) -> Limits | None:
+        """(sexes required, youngest, oldest age) from the disorder and its ancestors; None when
+        nothing constrains it."""
+        return self._limits.get(snomed)
+
+    def possible(self, snomed: str, sex: str | None, age_years: float | None) -> bool:
+        """False when the patient's sex or age rules the disorder out (its own constraints or an
+        ancestor's); an unknown sex ("other", "unknown", None), age or code never does."""
+        lim = self._limits.get(snomed)
+        if lim is None:
+            return True
+        sexes, low, high = lim
+        s = sex.strip().lower() if isinstance(sex, str) else None
+        if s in ("female", "male") and sexes and sexes != {s}:
+            return False
+        return age_years is None or math.isnan(age_years) or low <= age_years <= high
+
+    def most_specific(self, codes: Iterable[str]) -> list[str]:
+        """The codes that are no IS-A ancestor of another one, in their order (duplicates once):
+        a parent adds nothing beside its child."""
+        unique = list(dict.fromkeys(codes))
+        implied: set[str] = set()
+        for c in unique:
+            implied |= self.ancestors(c)
+        return [c for c in unique if c not in implied]
 
     def snomed_for_icd10(self, code: str) -> str | None:
         """SNOMED id for an ICD-10-CM code; walks up (E11.65 -> E11.6 -> E11) when unmapped."""

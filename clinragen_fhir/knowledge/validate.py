@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from rdflib import Literal
-from rdflib.namespace import RDF, RDFS, SKOS
+from rdflib.namespace import RDF, RDFS, SKOS, XSD
 
 from clinragen_fhir.knowledge import units
 from clinragen_fhir.knowledge.errors import KnowledgeError
 from clinragen_fhir.knowledge.graph import CRG, ICD, LOINC, SCT, KnowledgeGraph, local
 
 DIRECTIONS = {"high", "above", "low", "range", "rise", "fold-rise"}
+SEXES = {"female", "male"}
+NUMBERS = {XSD.decimal, XSD.integer, XSD.double, XSD.float, XSD.nonNegativeInteger}
+MAX_AGE = 130.0  # an age beyond any recorded human life is a typo
 
 
 def validate(kg: KnowledgeGraph) -> list[str]:
@@ -79,6 +82,7 @@ def validate(kg: KnowledgeGraph) -> list[str]:
         for icd_code in g.objects(d, CRG.icd10cm):
             if icd_loaded and g.value(icd_code, SKOS.prefLabel) is None:
                 problems.append(f"disorder {d} ICD-10-CM {local(icd_code, ICD)} invalid")
+    problems += _constraint_problems(kg, disorders)
     for code, lab in kg.labs().items():
         try:
             units.parse(lab.canonical_unit)
@@ -102,6 +106,42 @@ def validate(kg: KnowledgeGraph) -> list[str]:
                 problems.append(f"LOINC {code}: range sex {r.sex!r} unknown")
             if not r.source:
                 problems.append(f"LOINC {code}: range without a source")
+    return problems
+
+
+def _constraint_problems(kg: KnowledgeGraph, disorders: set[Any]) -> list[str]:
+    """Sex/age constraints: one well-formed value each, on a disorder, an age interval that is
+    not empty, and no descendant of a female-only disorder marked male-only (or vice versa)."""
+    g = kg.graph
+    problems: list[str] = []
+    for pred, name in ((CRG.applicableSex, "applicableSex"), (CRG.minAgeYears, "minAgeYears"),
+                       (CRG.maxAgeYears, "maxAgeYears")):
+        for d in set(g.subjects(pred)):
+            values = list(g.objects(d, pred))
+            if d not in disorders:
+                problems.append(f"{name} on {d}, which is not a disorder")
+            if len(values) > 1:
+                problems.append(f"disorder {d} has {len(values)} {name} values")
+            for v in values:
+                if pred == CRG.applicableSex:
+                    if not isinstance(v, Literal) or str(v) not in SEXES:
+                        problems.append(f"disorder {d} applicableSex {str(v)!r} is not "
+                                        "'female' or 'male'")
+                elif (not isinstance(v, Literal) or v.datatype not in NUMBERS or v.ill_typed
+                      or not 0 <= float(v) <= MAX_AGE):
+                    problems.append(f"disorder {d} {name} {str(v)!r} is not an age in years "
+                                    f"(a number in [0, {MAX_AGE:g}])")
+    for code in kg.disorders():
+        lim = kg.limits(code)
+        if lim is None:
+            continue
+        sexes, low, high = lim
+        if len(sexes) > 1:
+            problems.append(f"disorder {code}: its own and its ancestors' applicableSex "
+                            "contradict (female and male)")
+        if low > high:
+            problems.append(f"disorder {code}: minAgeYears {low:g} > maxAgeYears {high:g} "
+                            "(with its ancestors')")
     return problems
 
 
