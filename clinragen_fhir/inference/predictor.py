@@ -1,10 +1,11 @@
 """`OnnxPredictor`: the pipeline's Predictor on the exported model (no torch).
 
-Diagnoses are the codes of the generated diagnosis line plus any the calibrated head puts at or
-above the threshold; each carries the head's probability. Without the SLM's attention (that
-needs the torch `explain` pass), evidence comes from the lab frame through the knowledge graph:
-the readings that triggered findings supporting the disorder, else the most abnormal readings
-the model read; facts are ranked by the prefix graph's knowledge attention.
+Diagnoses are what `predict.conclude` makes of the calibrated head (per-disorder thresholds,
+sex/age, most specific, a cap); the generated text gives the rationale only. Each carries the
+head's probability. Without the SLM's attention (that needs the torch `explain` pass), evidence
+comes from the lab frame through the knowledge graph: the readings that triggered findings
+supporting the disorder, else the most abnormal readings the model read; facts are ranked by the
+prefix graph's knowledge attention.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import Retrieval
-from clinragen_fhir.predict.decode import abstain, split_output
+from clinragen_fhir.predict.conclude import conclude
+from clinragen_fhir.predict.decode import split_output
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
 METHOD = "clinragen-onnx"
@@ -44,8 +46,6 @@ class OnnxPredictor:
         self.top_facts = top_facts
         cfg = model.config
         self._index = {c: i for i, c in enumerate(cfg.disorders)}
-        self._terms = {t.lower(): c for c, t in zip(cfg.disorders, cfg.disorder_terms,
-                                                    strict=True)}
 
     @classmethod
     def load(cls, model_dir: Path | str, kg: KnowledgeGraph, precision: Precision = "fp32",
@@ -71,7 +71,7 @@ class OnnxPredictor:
     def predict_batch(self, items: Sequence[Item]) -> list[Prediction]:
         """Patients are featurised one by one, then run `batch_size` at a time."""
         results: list[Prediction | None] = [None] * len(items)
-        work: list[tuple[int, Features, Retrieval]] = []
+        work: list[tuple[int, Features, Retrieval, PatientContext]] = []
         for i, (labs, notes, patient) in enumerate(items):
             if (labs is None or labs.empty) and not notes:
                 p = self._empty()
@@ -81,15 +81,15 @@ class OnnxPredictor:
                 continue
             feats, retrieval = self.featurise(labs if labs is not None else pd.DataFrame(),
                                               notes, patient)
-            work.append((i, feats, retrieval))
+            work.append((i, feats, retrieval, patient))
         for start in range(0, len(work), self.batch_size):
             chunk = work[start:start + self.batch_size]
-            gen = self.model.generate(collate([f for _, f, _ in chunk]), self.max_new_tokens,
+            gen = self.model.generate(collate([f for _, f, _, _ in chunk]), self.max_new_tokens,
                                       constrained=self.constrained)
-            for row, (i, feats, retrieval) in enumerate(chunk):
+            for row, (i, feats, retrieval, patient) in enumerate(chunk):
                 results[i] = self._prediction(gen.texts[row], gen.probabilities[row],
                                               gen.prefix.knowledge_attention[row], feats,
-                                              retrieval)
+                                              retrieval, patient)
         return [r for r in results if r is not None]
 
     def _empty(self) -> Prediction:
@@ -97,18 +97,18 @@ class OnnxPredictor:
         return Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "")
 
     def _prediction(self, text: str, probs: np.ndarray, katt: np.ndarray, feats: Features,
-                    retrieval: Retrieval) -> Prediction:
+                    retrieval: Retrieval, patient: PatientContext) -> Prediction:
         cfg = self.model.config
         p = self._empty()
-        rationale, codes = split_output(text, self._index.keys(), self._terms)
-        codes += [c for c, pr in zip(cfg.disorders, probs, strict=True)
-                  if pr >= cfg.threshold and c not in codes]
-        p.abstained, p.abstain_reason = abstain([float(x) for x in probs], cfg.threshold,
-                                                cfg.min_confidence)
+        rationale = split_output(text)[0]  # the head decides, the text explains
+        c = conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
+                     thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
+                     sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
+        p.abstained, p.abstain_reason = c.abstained, c.abstain_reason
         p.facts_used = self._ranked_facts(katt, feats)
         if not p.abstained:
-            p.diagnoses = [self._diagnosis(c, float(probs[self._index[c]]), feats, retrieval)
-                           for c in codes]
+            p.diagnoses = [self._diagnosis(code, float(probs[self._index[code]]), feats,
+                                           retrieval) for code in c.codes]
         p.rationale = rationale
         return p
 

@@ -39,6 +39,10 @@ class RuntimeConfig:
     min_confidence: float
     max_new_tokens: int
     method_version: str
+    # per-disorder thresholds (SNOMED id -> threshold; the others use `threshold`) and the most
+    # codes a report concludes; absent from older config.json files, hence the defaults
+    thresholds: dict[str, float] = field(default_factory=dict)
+    max_codes: int = 3
 
     @classmethod
     def read(cls, path: Path) -> RuntimeConfig:
@@ -48,8 +52,10 @@ class RuntimeConfig:
                        str(d.get("knowledge_version", "")), Budgets(**d["budgets"]),
                        float(d.get("temperature", 1.0)), float(d.get("threshold", 0.5)),
                        float(d.get("min_confidence", 0.6)), int(d.get("max_new_tokens", 160)),
-                       str(d.get("method_version", "1")))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                       str(d.get("method_version", "1")),
+                       {str(k): float(v) for k, v in (d.get("thresholds") or {}).items()},
+                       int(d.get("max_codes", 3)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelUnavailable(path, f"unreadable model config ({type(exc).__name__}: "
                                    f"{exc})") from exc
 

@@ -61,11 +61,12 @@ class RuleBaseline:
             base.rationale = "Abstained: the patient has no usable lab results or notes."
             return base
         r = retrieve(self.kg, labs if labs is not None else pd.DataFrame(), notes, patient)
-        concluded = [d for d in r.disorders if d.supporting and d.score >= d.conclusion_threshold]
-        # keep the most specific: drop a concluded disorder whose descendant is also concluded
-        codes = {d.snomed for d in concluded}
-        ancestors = set().union(*(self.kg.ancestors(c) for c in codes)) if codes else set()
-        concluded = [d for d in concluded if d.snomed not in ancestors]
+        sex, age = patient.sex, patient.age_years()
+        concluded = [d for d in r.disorders if d.supporting and d.score >= d.conclusion_threshold
+                     and self.kg.possible(d.snomed, sex, age)]
+        # the same helpers as `predict.conclude`: a parent adds nothing beside its child
+        keep = set(self.kg.most_specific([d.snomed for d in concluded]))
+        concluded = [d for d in concluded if d.snomed in keep]
         findings = {f.id: f for f in r.findings}
         diagnoses = [self._diagnosis(d, findings, r) for d in concluded]
         base.diagnoses = diagnoses

@@ -1,0 +1,110 @@
+"""Head probabilities -> the codes a report concludes. Pure Python + numpy, no torch.
+
+One rule for the ONNX predictor, the torch model and evaluation, so they cannot drift apart:
+
+1. a disorder the patient's sex or age makes impossible is out first (its probability does not
+   count for abstaining either);
+2. a disorder is concluded when its head probability reaches its own threshold
+   (`thresholds.get(code, threshold)`); the generated `Diagnosis:` line adds nothing, the
+   calibrated head decides;
+3. a concluded code's IS-A ancestors are dropped (a parent adds nothing beside its child);
+4. at most `max_codes`, highest probability first.
+
+Abstention is `decode.abstain` (its band around the global threshold) on the possible
+disorders' probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from clinragen_fhir.predict.decode import abstain
+
+IMPOSSIBLE = "impossible for sex/age"
+PARENT = "parent of a concluded code"
+OVER_CAP = "over the cap"
+
+
+class Hierarchy(Protocol):
+    """What conclusion needs of the knowledge graph (`KnowledgeGraph` is one)."""
+
+    def possible(self, snomed: str, sex: str | None, age_years: float | None) -> bool: ...
+
+    def most_specific(self, codes: Sequence[str]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Conclusion:
+    """The decision for one patient. `codes` is the decision even when `abstained` (evaluation
+    scores both); a report shows no diagnosis when abstained."""
+
+    codes: list[str]  # descending probability
+    abstained: bool
+    abstain_reason: str
+    # codes that reached their threshold but are not concluded, and why (IMPOSSIBLE, PARENT,
+    # OVER_CAP)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[str],
+             kg: Hierarchy | None, *, threshold: float,
+             thresholds: Mapping[str, float] | None = None, min_confidence: float,
+             sex: str | None, age_years: float | None, max_codes: int = 3) -> Conclusion:
+    """The conclusion for one patient's head probabilities (aligned with `disorders`).
+
+    `kg` None applies no sex/age or hierarchy rule (a model used without its graph)."""
+    if len(probabilities) != len(disorders):
+        raise ValueError(f"{len(probabilities)} probabilities for {len(disorders)} disorders")
+    per_code = thresholds or {}
+    dropped: dict[str, str] = {}
+    possible: list[float] = []
+    above: list[tuple[float, int, str]] = []
+    for i, (code, raw) in enumerate(zip(disorders, probabilities, strict=True)):
+        p = float(raw)
+        reached = p >= per_code.get(code, threshold)  # False for NaN
+        if kg is not None and not kg.possible(code, sex, age_years):
+            if reached:
+                dropped[code] = IMPOSSIBLE
+            continue
+        possible.append(p)
+        if reached:
+            above.append((p, i, code))
+    above.sort(key=lambda t: (-t[0], t[1]))  # by probability, ties in vocabulary order
+    codes = [c for _, _, c in above]
+    if kg is not None:
+        keep = set(kg.most_specific(codes))
+        dropped.update((c, PARENT) for c in codes if c not in keep)
+        codes = [c for c in codes if c in keep]
+    cap = max(0, max_codes)
+    dropped.update((c, OVER_CAP) for c in codes[cap:])
+    flag, reason = abstain(possible, threshold, min_confidence)
+    return Conclusion(codes[:cap], flag, reason, dropped)
+
+
+def conclude_matrix(P: np.ndarray, disorders: Sequence[str], kg: Hierarchy | None,
+                    sexes: Sequence[str | None], ages: Sequence[float | None] | np.ndarray,
+                    threshold: float, thresholds: Mapping[str, float] | None = None,
+                    max_codes: int = 3) -> np.ndarray:
+    """Concluded codes for many patients as a [N, D] bool array, by the same rule as `conclude`
+    (row i: probabilities P[i], patient sex sexes[i], age ages[i] in years or None/NaN).
+
+    For evaluation and threshold tuning: it does not abstain (score abstention separately with
+    `conclude(...).abstained` or `decode.abstain`)."""
+    P = np.asarray(P, dtype=float)
+    if P.ndim != 2 or P.shape[1] != len(disorders):
+        raise ValueError(f"P has shape {P.shape}, want [N, {len(disorders)}]")
+    if len(sexes) != len(P) or len(ages) != len(P):
+        raise ValueError(f"{len(P)} rows but {len(sexes)} sexes and {len(ages)} ages")
+    col = {c: j for j, c in enumerate(disorders)}
+    out = np.zeros(P.shape, dtype=bool)
+    for i, row in enumerate(P):
+        age = ages[i]
+        c = conclude(row, disorders, kg, threshold=threshold, thresholds=thresholds,
+                     min_confidence=0.5, sex=sexes[i],
+                     age_years=None if age is None else float(age), max_codes=max_codes)
+        out[i, [col[code] for code in c.codes]] = True
+    return out
