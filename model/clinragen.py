@@ -31,8 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
-from model.decode import abstain, split_output
+from model.decode import split_output
 from model.features import (
     UNK_ID,
     Budgets,
@@ -90,6 +91,8 @@ class ClinRaGenConfig:
     min_confidence: float = 0.6
     max_new_tokens: int = 160
     method_version: str = "1"
+    thresholds: dict[str, float] = field(default_factory=dict)  # per disorder; else `threshold`
+    max_codes: int = 3  # the most codes a report concludes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -373,17 +376,17 @@ class ClinRaGen(nn.Module):
         probs = self.probabilities(batch)[0].tolist()
         why = self.explain(batch, ids)[0]
         index = {code: i for i, code in enumerate(cfg.disorders)}
-        terms = {t.lower(): c for c, t in zip(cfg.disorders, cfg.disorder_terms, strict=True)}
-        rationale, codes = split_output(texts[0], set(cfg.disorders), terms)
-        codes += [c for c, pr in zip(cfg.disorders, probs, strict=True)
-                  if pr >= cfg.threshold and c not in codes]
-        base.abstained, base.abstain_reason = abstain(probs, cfg.threshold, cfg.min_confidence)
+        rationale = split_output(texts[0])[0]  # the head decides, the text explains
+        c = conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
+                     thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
+                     sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
+        base.abstained, base.abstain_reason = c.abstained, c.abstain_reason
         by_obs = {r.observation_id: r for r in feats.labs}
         evidence = tuple(_evidence(by_obs[o]) for o, _, _, _ in why.labs[:3] if o in by_obs)
         facts = tuple(f for f, _, _ in why.facts)
         if not base.abstained:
-            base.diagnoses = [Diagnosis(c, cfg.disorder_terms[index[c]], probs[index[c]],
-                                        evidence, facts) for c in codes]
+            base.diagnoses = [Diagnosis(code, cfg.disorder_terms[index[code]], probs[index[code]],
+                                        evidence, facts) for code in c.codes]
         base.rationale = rationale
         base.facts_used = list(facts)
         return base
