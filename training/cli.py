@@ -112,6 +112,23 @@ def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None) -
 
 
 @main.command()
+@click.option("--patients", type=int, required=True)
+@click.option("--seed", type=int, required=True)
+@click.option("--state", default="Massachusetts", show_default=True)
+@click.option("--ages", default="", help="Synthea -a, e.g. 20-90 (default: the generator's).")
+@click.option("--chunk", default=250, show_default=True, help="Patients per resumable chunk.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Default: $CLINRAGEN_CACHE or ~/.cache/clinragen (outside the work tree).")
+def cohort(patients: int, seed: int, state: str, ages: str, chunk: int,
+           cache: Path | None) -> None:
+    """Generate (or reuse) a seeded Synthea 3.3.0 cohort from Maven Central; print its folder."""
+    from training.synthea import CohortSpec, generate
+
+    spec = CohortSpec(patients=patients, seed=seed, state=state, ages=ages, chunk=chunk)
+    click.echo(str(generate(spec, cache)))
+
+
+@main.command()
 @click.option("--config", "config", default="default", show_default=True)
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)

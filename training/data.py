@@ -64,6 +64,7 @@ from training.sources import (
     ndjson_files,
     patient_bundle_files,
 )
+from training.synthea import chunk_dirs
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class BuildConfig:
     # > 0: also labs dated in [index, index + h): the results of the visit at the index time
     # ("diagnose with this visit's results"); notes stay strictly before. 0 = strict (default)
     visit_lab_hours: float = 0.0
+    # "visit" (default): the worker's question, one example per visit with results (see
+    # `visit_examples`); "onset": anticipate a diagnosis from the history before it
+    mode: str = "visit"
+    visit_gap_hours: float = 12.0  # readings closer than this belong to one visit
+    max_visits_per_patient: int = 4  # visits kept per patient (seeded sample)
 
 
 @dataclass
@@ -105,7 +111,7 @@ class Source:
     """Where patients come from: a Bundle file/folder, an NDJSON folder, or a FHIR server."""
 
     name: str
-    kind: str  # "bundles" | "ndjson" | "fhir"
+    kind: str  # "bundles" | "ndjson" | "cohort" (a generated Synthea cohort) | "fhir"
     path: Path | None = None
     client: FhirClient | None = None
     patient_ids: list[str] | None = None
@@ -115,6 +121,9 @@ class Source:
             return iter_bundle_records([self.path])
         if self.kind == "ndjson" and self.path is not None:
             return iter_ndjson_records(self.path)
+        if self.kind == "cohort" and self.path is not None:  # training.synthea, chunk by chunk
+            return itertools.chain.from_iterable(iter_ndjson_records(d)
+                                                 for d in chunk_dirs(self.path))
         if self.kind == "fhir" and self.client is not None:
             return iter_server_records(self.client, self.patient_ids)
         raise ValueError(f"source {self.name!r} of kind {self.kind!r} has nothing to read")
@@ -124,7 +133,8 @@ class Source:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
         if self.path is not None:
             files = (ndjson_files(self.path) if self.kind == "ndjson"
-                     else patient_bundle_files([self.path]))
+                     else [f for d in chunk_dirs(self.path) for f in ndjson_files(d)]
+                     if self.kind == "cohort" else patient_bundle_files([self.path]))
             out.update(files=len(files), sha256=file_digest(files))
         if self.client is not None:
             out["server_sha256"] = hashlib.sha256(self.client.base_url.encode()).hexdigest()[:16]
@@ -141,7 +151,8 @@ def source_from_spec(spec: str | Path) -> Source:
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"data source not found: {path}")
-    kind = "ndjson" if path.is_dir() and ndjson_files(path) else "bundles"
+    kind = ("cohort" if path.is_dir() and (path / "spec.json").is_file()
+            else "ndjson" if path.is_dir() and ndjson_files(path) else "bundles")
     if not name:
         base = path.resolve()
         name = (base.parent.name if base.name in ("fhir", "fhir_r4", "ndjson", "output")
@@ -350,9 +361,87 @@ def index_times(enc: EncodedPatient, kg: KnowledgeGraph,
     return sorted(out)
 
 
+def visits(enc: EncodedPatient, gap_hours: float) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """(first, last) reading time of each visit: readings closer than `gap_hours` to the previous
+    one belong to the same visit (Synthea stamps a visit's results at its start)."""
+    if enc.labs.empty:
+        return []
+    times = sorted(pd.to_datetime(enc.labs["time"], utc=True).unique())
+    gap = timedelta(hours=gap_hours)
+    out: list[tuple[pd.Timestamp, pd.Timestamp]] = []
+    start = prev = pd.Timestamp(times[0])
+    for t in map(pd.Timestamp, times[1:]):
+        if t - prev > gap:
+            out.append((start, prev))
+            start = t
+        prev = t
+    out.append((start, prev))
+    return out
+
+
+def active_at(kg: KnowledgeGraph, events: Sequence[DisorderEvent], t: pd.Timestamp,
+              vocabulary: set[str], ancestors: bool = True) -> set[str]:
+    """Disorders recorded at or before t and not abated before t, within the vocabulary."""
+    return _closure(kg, (e.snomed for e in events
+                         if e.time <= t and (e.end is None or e.end >= t)),
+                    ancestors) & vocabulary
+
+
+def visit_examples(enc: EncodedPatient, kg: KnowledgeGraph, cfg: BuildConfig,
+                   source: str) -> list[Example]:
+    """The worker's question: at the end of a visit with results, which disorders does the record
+    support? Inputs: that visit's results plus the lookback before it, and the notes up to the
+    visit's end, every disorder name in them masked (known problems are labels here, so they are
+    hidden too). Labels: the disorders active at the visit's end, in the revealable vocabulary
+    (`training.vocabulary`); `meta["new_labels"]` are those first recorded at this visit."""
+    from training.vocabulary import revealable_disorders
+
+    vocab = set(cfg.vocabulary) if cfg.vocabulary is not None else revealable_disorders(kg)
+    vocab -= set(cfg.exclude_labels)
+    lookback = timedelta(days=cfg.lookback_days)
+    slack = timedelta(hours=1)  # a diagnosis recorded just after the visit's last result
+    split = split_of(cfg.seed, source, enc.record.patient_id, cfg.split_fractions)
+    every = visits(enc, cfg.visit_gap_hours)
+    rng = _rng(cfg.seed, "visits", enc.record.patient_id)
+    chosen = sorted(rng.sample(every, cfg.max_visits_per_patient)) \
+        if len(every) > cfg.max_visits_per_patient else every
+    times = pd.to_datetime(enc.labs["time"], utc=True) if not enc.labs.empty else None
+    mask = masked_codes(kg, [], [], "unknown")  # every disorder of the graph
+    out: list[Example] = []
+    for start, end in chosen:
+        if times is None:
+            break
+        t = end + slack
+        labs = enc.labs[(times >= start - lookback) & (times <= end)].reset_index(drop=True)
+        notes = [n for n, nt in zip(enc.notes, enc.note_times, strict=True)
+                 if start - lookback <= nt <= t]
+        masked = mask_notes(kg, notes, mask, cfg.leak_policy)
+        labels = active_at(kg, enc.events, t, vocab, cfg.include_ancestors)
+        before = active_at(kg, enc.events, start - slack, vocab, cfg.include_ancestors)
+        new = sorted(labels - before)
+        ctx = PatientContext(enc.context.patient_id, enc.context.sex, enc.context.birth_date,
+                             t.to_pydatetime())
+        visit_times = pd.to_datetime(labs["time"], utc=True)
+        out.append(Example(
+            example_id=f"{source}:{enc.record.patient_id}:{t.isoformat()}", source=source,
+            patient=ctx, labs=labs, notes=masked.notes, labels=sorted(labels), split=split,
+            meta={"index_kind": "visit", "new_labels": new,
+                  "prior_disorders": sorted(before), "n_labs": len(labs),
+                  "n_notes": len(masked.notes),
+                  "visit_labs": int((visit_times >= start).sum()),
+                  "masked_mentions": masked.masked_mentions,
+                  "masked_notes": masked.masked_notes, "dropped_notes": masked.dropped_notes,
+                  "origin": enc.record.origin, "teacher": None}))
+    return out
+
+
 def examples_for_patient(enc: EncodedPatient, kg: KnowledgeGraph, cfg: BuildConfig,
                          source: str) -> list[Example]:
     """Every example of one patient (see the module docstring for the rules)."""
+    if cfg.mode == "visit":
+        return visit_examples(enc, kg, cfg, source)
+    if cfg.mode != "onset":
+        raise ValueError(f"build mode must be 'visit' or 'onset', not {cfg.mode!r}")
     vocab = set(cfg.vocabulary) if cfg.vocabulary is not None else None
     window = timedelta(days=cfg.window_days)
     lookback = timedelta(days=cfg.lookback_days)

@@ -25,8 +25,6 @@ import numpy as np
 import torch
 
 from clinragen_fhir.knowledge import KnowledgeGraph
-from clinragen_fhir.knowledge.graph import SCT, local
-from clinragen_fhir.knowledge.retrieval import rule_index
 from clinragen_fhir.report.faithfulness import LabLexicon, check_rationale, summarise
 from model.decode import abstain, split_output
 from training.baselines import FeatureClassifier, SystemOutput, label_matrix, rule_outputs
@@ -40,19 +38,11 @@ from training.metrics import (
     classification_report,
     rouge_l,
 )
+from training.vocabulary import revealable_disorders
 
 VARIANT_TITLES = {"full": "ClinRaGen SLM (full: staged + knowledge)",
                   "no_knowledge": "SLM without knowledge (attention off)",
                   "no_staging": "SLM without staged distillation (stage 4 only)"}
-
-
-def revealable_disorders(kg: KnowledgeGraph) -> set[str]:
-    """SNOMED ids of the disorders a patient's labs or vitals can reveal: those at least one
-    crg:Finding supports through a crg:Association. (The graph has no per-disorder marker of
-    note-revealability: any disorder term can be mentioned in a note, and the dataset masks notes
-    that name a label disorder, so notes add nothing here.)"""
-    return {local(a.disorder, SCT) for assocs in rule_index(kg).assocs_by_finding.values()
-            for a in assocs if a.polarity == "supports"} & set(kg.disorders())
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from training.baselines import (
     rule_outputs,
     template_rationale,
 )
-from training.evaluate import markdown_table, revealable_disorders, score
+from training.evaluate import markdown_table, score
+from training.vocabulary import revealable_disorders
 
 ROOT = Path(__file__).resolve().parents[2]
 

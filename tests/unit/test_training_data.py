@@ -33,6 +33,7 @@ from training.data_cli import build
 from training.example import read_examples
 from training.leakage import MASK, ROOTS, descendants, leaked_terms, mask_notes
 from training.sources import iter_bundle_records, iter_ndjson_records, iter_server_records
+from training.vocabulary import revealable_disorders
 
 T2DM, DM, PREDIABETES, HTN = "44054006", "73211009", "714628002", "59621000"
 
@@ -113,7 +114,7 @@ def test_icd10_conditions_map_to_graph_disorders_dated_by_onset(kg: KnowledgeGra
 
 def test_examples_cut_inputs_before_and_labels_after(kg: KnowledgeGraph, tmp_path: Path) -> None:
     (record,) = iter_bundle_records([write_bundle(tmp_path / "p.json", patient_resources())])
-    cfg = BuildConfig(seed=3, random_per_patient=0)
+    cfg = BuildConfig(seed=3, random_per_patient=0, mode="onset")
     (ex,) = examples_for_patient(encode_record(record, kg), kg, cfg, "hand")
     index = pd.Timestamp("2023-06-01T10:00:00Z")
     assert ex.patient.index_time == index.to_pydatetime()
@@ -136,16 +137,43 @@ def test_examples_cut_inputs_before_and_labels_after(kg: KnowledgeGraph, tmp_pat
     # the diagnosing visit's results become inputs on request; its note never does
     (visit,) = examples_for_patient(encode_record(record, kg), kg,
                                     BuildConfig(seed=3, random_per_patient=0,
-                                                visit_lab_hours=1), "hand")
+                                                visit_lab_hours=1, mode="onset"), "hand")
     assert sorted(visit.labs["observation_id"])[-1] == "Observation/a3"
     assert visit.meta["visit_labs"] == 1 and len(visit.notes) == 2
     assert visit.labels == ex.labels
 
 
+def test_visit_examples_answer_the_workers_question(kg: KnowledgeGraph, tmp_path: Path) -> None:
+    """One example per visit: its own results are inputs, its labels are the revealable
+    disorders active at its end, the new ones are marked, every disorder name is masked."""
+    (record,) = iter_bundle_records([write_bundle(tmp_path / "p.json", patient_resources())])
+    examples = examples_for_patient(encode_record(record, kg), kg, BuildConfig(seed=3), "hand")
+    assert [e.meta["index_kind"] for e in examples] == ["visit"] * 3
+    last = examples[-1]
+    assert sorted(last.labs["observation_id"]) == [f"Observation/a{i}" for i in (1, 2, 3)]
+    assert last.meta["visit_labs"] == 1
+    assert [n.document_id for n in last.notes][-1] == "DocumentReference/n3"
+    assert {T2DM, DM, HTN} <= set(last.labels)
+    assert set(last.meta["new_labels"]) == {T2DM, DM}  # hypertension was known before
+    assert set(last.labels) <= revealable_disorders(kg)  # the social finding is no label
+    first = examples[0]
+    assert HTN in first.labels and T2DM not in first.labels and first.meta["new_labels"] == []
+    for ex in examples:
+        text = "\n".join(n.text for n in ex.notes)
+        assert "hypertension" not in text.lower() and "diabet" not in text.lower()
+        assert leaked_terms(kg, text, kg.disorders()) == []
+        assert all(t <= pd.Timestamp(ex.patient.index_time) for t in ex.labs["time"])
+    # a seeded sample bounds the visits per patient
+    (one,) = examples_for_patient(encode_record(record, kg), kg,
+                                  BuildConfig(seed=3, max_visits_per_patient=1), "hand")
+    assert one.example_id in {e.example_id for e in examples}
+
+
 def test_window_bounds_the_labels(kg: KnowledgeGraph, tmp_path: Path) -> None:
     (record,) = iter_bundle_records([write_bundle(tmp_path / "p.json", patient_resources())])
     enc = encode_record(record, kg)
-    cfg = BuildConfig(random_per_patient=3, window_days=30, seed=1, max_onset_per_patient=0)
+    cfg = BuildConfig(random_per_patient=3, window_days=30, seed=1, max_onset_per_patient=0,
+                      mode="onset")
     examples = examples_for_patient(enc, kg, cfg, "hand")
     assert examples and all(e.meta["index_kind"] == "random" for e in examples)
     for e in examples:
@@ -220,7 +248,8 @@ def test_splits_are_by_patient_seeded_and_stable() -> None:
 def real_dataset(kg: KnowledgeGraph, data_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ds")
-    build_dataset([data_dir], out, seed=11, kg=kg, progress=False)
+    build_dataset([data_dir], out, kg=kg, progress=False,
+                  config=BuildConfig(seed=11, mode="onset"))
     return out
 
 
