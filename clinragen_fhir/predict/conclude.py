@@ -10,8 +10,9 @@ One rule for the ONNX predictor, the torch model and evaluation, so they cannot 
 3. a concluded code's IS-A ancestors are dropped (a parent adds nothing beside its child);
 4. at most `max_codes`, highest probability first.
 
-Abstention is `decode.abstain` (its band around the global threshold) on the possible
-disorders' probabilities.
+Abstention: only a report with no concluded code can abstain ("not confident that nothing is
+present"): `decode.abstain`'s band, with each possible disorder's probability scaled to the
+global threshold by its own.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[st
         raise ValueError(f"{len(probabilities)} probabilities for {len(disorders)} disorders")
     per_code = thresholds or {}
     dropped: dict[str, str] = {}
-    possible: list[float] = []
+    possible: list[tuple[float, str]] = []
     above: list[tuple[float, int, str]] = []
     for i, (code, raw) in enumerate(zip(disorders, probabilities, strict=True)):
         p = float(raw)
@@ -70,7 +71,7 @@ def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[st
             if reached:
                 dropped[code] = IMPOSSIBLE
             continue
-        possible.append(p)
+        possible.append((p, code))
         if reached:
             above.append((p, i, code))
     above.sort(key=lambda t: (-t[0], t[1]))  # by probability, ties in vocabulary order
@@ -81,8 +82,14 @@ def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[st
         codes = [c for c in codes if c in keep]
     cap = max(0, max_codes)
     dropped.update((c, OVER_CAP) for c in codes[cap:])
-    flag, reason = abstain(possible, threshold, min_confidence)
-    return Conclusion(codes[:cap], flag, reason, dropped)
+    if codes:  # each passed a threshold tuned for precision: the report says so
+        return Conclusion(codes[:cap], False, "", dropped)
+    # nothing concluded: abstain unless the model is confident that nothing is present (each
+    # probability measured against its own threshold, on the band `decode.abstain` uses)
+    relative = [p * threshold / per_code.get(c, threshold) if per_code.get(c, threshold) > 0
+                else p for p, c in possible]
+    flag, reason = abstain(relative, threshold, min_confidence)
+    return Conclusion([], flag, reason, dropped)
 
 
 def conclude_matrix(P: np.ndarray, disorders: Sequence[str], kg: Hierarchy | None,

@@ -128,9 +128,21 @@ def test_a_man_never_gets_pre_eclampsia(kg: KnowledgeGraph) -> None:
 
 
 def test_impossible_codes_do_not_make_it_abstain(kg: KnowledgeGraph) -> None:
-    probs = {PRE_ECLAMPSIA: 0.5, T2DM: 0.1}  # 0.5 is inside the band [0.4, 0.6)
+    probs = {PRE_ECLAMPSIA: 0.45, T2DM: 0.1}  # 0.45 is inside the band [0.4, 0.6)
     assert run(kg, probs, sex="female", age_years=30).abstained
     assert not run(kg, probs, sex="male", age_years=30).abstained
+
+
+def test_only_a_report_without_codes_abstains(kg: KnowledgeGraph) -> None:
+    """A code past its (precision-tuned) threshold is an answer; with none, the model abstains
+    when some probability sits just under its own threshold."""
+    c = run(kg, {T2DM: 0.55, PRE_ECLAMPSIA: 0.45}, sex="female", age_years=30)
+    assert c.codes == [T2DM] and not c.abstained
+    # measured against its own threshold: 0.75 under a 0.8 threshold is uncertain ...
+    near = run(kg, {T2DM: 0.75}, thresholds={T2DM: 0.8})
+    assert near.codes == [] and near.abstained
+    # ... while 0.3 under 0.8 is a confident "no"
+    assert not run(kg, {T2DM: 0.3}, thresholds={T2DM: 0.8}).abstained
 
 
 def test_parent_and_child_above_threshold_give_the_child(kg: KnowledgeGraph) -> None:
@@ -194,8 +206,9 @@ def _prediction(pred: OnnxPredictor, text: str, probs: list[float],
                 patient: PatientContext) -> Any:
     feats = SimpleNamespace(facts=[], labs=[])
     retrieval = SimpleNamespace(disorders=[], findings=[])
-    return pred._prediction(text, np.array(probs), np.zeros((1, 1, 1)), feats,  # type: ignore[arg-type]
-                            retrieval, patient)  # type: ignore[arg-type]
+    p = np.array(probs)
+    return pred._prediction(text, pred._conclude(p, patient), p,
+                            np.zeros((1, 1, 1)), feats, retrieval)  # type: ignore[arg-type]
 
 
 def test_onnx_diagnosis_line_under_threshold_is_not_concluded(kg: KnowledgeGraph) -> None:
