@@ -160,7 +160,8 @@ class InferenceSettings(BaseModel):
     provider: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when present, else CPU
     threads: int = 0  # intra-op threads per session; 0 = onnxruntime's default (all cores)
     batch_size: int = 4  # patients per decoder batch (predict_batch)
-    constrained: bool = True  # diagnosis line limited to SNOMED ids of the vocabulary
+    # the old diagnosis-line constraint; off: the head concludes, the text only explains
+    constrained: bool = False
     max_new_tokens: int | None = None  # None: the model config's
     verify_hashes: bool = True  # sha256 of every graph at load (a few seconds, once)
 

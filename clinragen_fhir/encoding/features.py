@@ -57,6 +57,9 @@ class Budgets:
     # the notes: lab tokens are embeddings the SLM cannot copy, so without this its rationales
     # cannot cite a value. 0 = off (models trained before this existed).
     max_lab_text_tokens: int = 0
+    # The same readings as text after the prefix, in the decoder's prompt (`encoding.prompt`):
+    # the rationale copies from there, and the fusion and head never pay for these tokens.
+    prompt_reading_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class Features:
     labs: list[LabRef] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
+    readings: list[str] = field(default_factory=list)  # `reading_texts`, for the prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datet
             trend[i], trend_mask[i] = z[i] - z[j], 1.0
         elif value[j] != 0 and np.isfinite(value[i]) and np.isfinite(value[j]):
             trend[i], trend_mask[i] = (value[i] - value[j]) / abs(value[j]), 1.0  # relative
-    keep = slice(max(n - max_labs, 0), n)
+    keep = _kept_readings(codes, seconds, max_labs)
     known = np.isfinite(z)
     arrays = {
         "lab_code": np.array([vocab.get(c, UNK_ID) for c in codes[keep]], dtype=np.int64),
@@ -194,6 +198,22 @@ def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datet
                    pd.Timestamp(r["time"]).isoformat())
             for r in f.iloc[keep].to_dict("records")]
     return arrays, refs
+
+
+def _kept_readings(codes: np.ndarray, seconds: np.ndarray, max_labs: int) -> np.ndarray:
+    """Indices (in time order) of the readings that fit the budget: the newest reading of every
+    test first, then the next newest of each, and so on. Keeping simply the newest readings let
+    one visit's vital signs push an older HbA1c out of the input."""
+    n = len(codes)
+    if n <= max_labs:
+        return np.arange(n)
+    rank = np.zeros(n, dtype=np.int64)  # 0 = the newest reading of its test
+    seen: dict[str, int] = {}
+    for i in range(n - 1, -1, -1):
+        rank[i] = seen.get(codes[i], 0)
+        seen[codes[i]] = rank[i] + 1
+    order = np.lexsort((-seconds, rank))[:max_labs]
+    return np.sort(order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +243,12 @@ def featurise_notes(notes: Sequence[Note], tokenizer: TextTokenizer, budget: int
 def lab_readings(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
     """The newest reading of each test, furthest outside its reference range first, written as
     the teacher writes readings ("Systolic blood pressure 145 mm[Hg] on 2022-09-04, high")."""
+    return [text for _, text in reading_texts(frame, names)]
+
+
+def reading_texts(frame: pd.DataFrame, names: dict[str, str] | None = None
+                  ) -> list[tuple[str, str]]:
+    """(LOINC, text) of `lab_readings`, in order: what the prompt shows and the teacher cites."""
     if frame.empty:
         return []
     f = frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
@@ -234,8 +260,8 @@ def lab_readings(frame: pd.DataFrame, names: dict[str, str] | None = None) -> li
         flag = "" if not np.isfinite(z[i]) else \
             ", high" if z[i] > 1 else ", low" if z[i] < -1 else ", normal"
         name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
-        parts.append(f"{name} {_fmt(float(r['value']))} {r['unit']} on "
-                     f"{pd.Timestamp(r['time']).date().isoformat()}{flag}")
+        parts.append((str(r["loinc"]), f"{name} {_fmt(float(r['value']))} {r['unit']} on "
+                      f"{pd.Timestamp(r['time']).date().isoformat()}{flag}"))
     return parts
 
 
@@ -304,8 +330,11 @@ def featurise_facts(facts: Sequence[Fact], tokenizer: TextTokenizer, max_facts: 
 def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
               retrieval: Retrieval | None, tokenizer: TextTokenizer, loinc_vocab: dict[str, int],
               budgets: Budgets = Budgets(), modalities: Modalities = Modalities(),
-              redact: Callable[[Note], str] | None = None) -> Features:
-    """Everything one patient contributes; a switched-off modality gives zero-length arrays."""
+              redact: Callable[[Note], str] | None = None,
+              lab_names: dict[str, str] | None = None) -> Features:
+    """Everything one patient contributes; a switched-off modality gives zero-length arrays.
+    `lab_names` (LOINC -> the graph's short name) names the prompt's readings when no retrieval
+    ran (knowledge off)."""
     index_time = patient.index_time
     lab_arrays, lab_refs = featurise_labs(labs if modalities.labs else labs.iloc[:0],
                                           loinc_vocab, index_time, budgets.max_labs)
@@ -320,8 +349,12 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
     facts = facts[:budgets.max_facts]
     fact_ids, fact_mask = featurise_facts(facts, tokenizer, budgets.max_facts,
                                           budgets.max_fact_tokens)
+    names = retrieval.lab_names if retrieval is not None else lab_names
+    readings = [t for _, t in reading_texts(labs, names)] \
+        if modalities.labs and budgets.prompt_reading_tokens > 0 and len(labs) else []
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
-                    fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans)
+                    fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
+                    readings=readings)
 
 
 def _pad(rows: Sequence[np.ndarray], length: int, dtype: type[np.generic]) -> np.ndarray:

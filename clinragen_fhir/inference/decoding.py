@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,16 @@ EmbedFn = Callable[[np.ndarray], np.ndarray]  # token ids [B] -> embeddings [B, 
 
 _SEP = re.compile(r"[;,\s]+")
 _ALLOWED_CHARS = set("0123456789;, \t") | set("none")
+
+
+class Constraint(Protocol):
+    """What `greedy` drives: a per-batch state machine over the generated tokens."""
+
+    def start(self, batch: int) -> None: ...
+
+    def mask(self, logits: np.ndarray, remaining: int, finished: np.ndarray) -> np.ndarray: ...
+
+    def advance(self, tokens: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -170,7 +181,7 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 def greedy(step: StepFn, embed: EmbedFn, inputs_embeds: np.ndarray, mask: np.ndarray,
            max_new_tokens: int, eos_id: int, pad_id: int,
-           constraint: DiagnosisConstraint | None = None, keep_logits: bool = False,
+           constraint: Constraint | None = None, keep_logits: bool = False,
            stop_at_eos: bool = True) -> Generated:
     """Greedy decoding: one prefill over the prefix, then one cached step per token.
 

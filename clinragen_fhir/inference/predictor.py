@@ -11,6 +11,7 @@ prefix graph's knowledge attention.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import Retrieval
-from clinragen_fhir.predict.conclude import conclude
+from clinragen_fhir.predict.conclude import Conclusion, conclude
 from clinragen_fhir.predict.decode import split_output
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
@@ -36,9 +37,11 @@ class OnnxPredictor:
     name = METHOD
 
     def __init__(self, model: OnnxModel, kg: KnowledgeGraph, batch_size: int = 4,
-                 constrained: bool = True, max_new_tokens: int | None = None,
-                 top_facts: int = 5) -> None:
+                 constrained: bool = False, max_new_tokens: int | None = None,
+                 top_facts: int = 5, grounded: bool = True) -> None:
         self.model = model
+        # every reading the rationale writes is one of this patient's (inference.grounding)
+        self.grounded = grounded
         self.kg = kg
         self.batch_size = max(1, batch_size)
         self.constrained = constrained
@@ -50,7 +53,7 @@ class OnnxPredictor:
     @classmethod
     def load(cls, model_dir: Path | str, kg: KnowledgeGraph, precision: Precision = "fp32",
              provider: Provider = "auto", threads: int = 0, batch_size: int = 4,
-             constrained: bool = True, max_new_tokens: int | None = None,
+             constrained: bool = False, max_new_tokens: int | None = None,
              verify_hashes: bool = True) -> OnnxPredictor:
         model = OnnxModel(model_dir, precision, provider, threads, verify_hashes)
         return cls(model, kg, batch_size, constrained, max_new_tokens)
@@ -84,26 +87,44 @@ class OnnxPredictor:
             work.append((i, feats, retrieval, patient))
         for start in range(0, len(work), self.batch_size):
             chunk = work[start:start + self.batch_size]
+            conclusions: list[Conclusion] = []
+            patients = [patient for _, _, _, patient in chunk]
             gen = self.model.generate(collate([f for _, f, _, _ in chunk]), self.max_new_tokens,
-                                      constrained=self.constrained)
-            for row, (i, feats, retrieval, patient) in enumerate(chunk):
-                results[i] = self._prediction(gen.texts[row], gen.probabilities[row],
+                                      constrained=self.constrained, grounded=self.grounded,
+                                      conclude=partial(self._conclude_rows, patients,
+                                                       conclusions),
+                                      readings=[f.readings for _, f, _, _ in chunk])
+            for row, (i, feats, retrieval, _) in enumerate(chunk):
+                results[i] = self._prediction(gen.texts[row], conclusions[row],
+                                              gen.probabilities[row],
                                               gen.prefix.knowledge_attention[row], feats,
-                                              retrieval, patient)
+                                              retrieval)
         return [r for r in results if r is not None]
+
+    def _conclude_rows(self, patients: Sequence[PatientContext], out: list[Conclusion],
+                       probs: np.ndarray) -> list[list[str]]:
+        """The head concludes first (into `out`); the rationale is then generated for the terms
+        returned (none when abstaining)."""
+        out[:] = [self._conclude(probs[row], patient) for row, patient in enumerate(patients)]
+        return [[] if c.abstained else [self._term(code) for code in c.codes] for c in out]
+
+    def _conclude(self, probs: np.ndarray, patient: PatientContext) -> Conclusion:
+        cfg = self.model.config
+        return conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
+                        thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
+                        sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
+
+    def _term(self, code: str) -> str:
+        return self.model.config.disorder_terms[self._index[code]]
 
     def _empty(self) -> Prediction:
         cfg = self.model.config
         return Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "")
 
-    def _prediction(self, text: str, probs: np.ndarray, katt: np.ndarray, feats: Features,
-                    retrieval: Retrieval, patient: PatientContext) -> Prediction:
-        cfg = self.model.config
+    def _prediction(self, text: str, c: Conclusion, probs: np.ndarray, katt: np.ndarray,
+                    feats: Features, retrieval: Retrieval) -> Prediction:
         p = self._empty()
         rationale = split_output(text)[0]  # the head decides, the text explains
-        c = conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
-                     thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
-                     sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
         p.abstained, p.abstain_reason = c.abstained, c.abstain_reason
         p.facts_used = self._ranked_facts(katt, feats)
         if not p.abstained:

@@ -1,10 +1,11 @@
-"""The exported model on onnxruntime: prefix graph -> calibrated probabilities and a KV-cached
-greedy decode of the rationale and diagnosis line. numpy in, numpy out."""
+"""The exported model on onnxruntime: prefix graph -> calibrated probabilities, then a KV-cached
+greedy decode of the rationale for the concluded diagnoses. numpy in, numpy out."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +14,16 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import BATCH_KEYS, Budgets, loinc_vocabulary
-from clinragen_fhir.inference.decoding import DiagnosisConstraint, Generated, greedy, token_pieces
+from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_ids, shown_readings
+from clinragen_fhir.inference.decoding import (
+    Constraint,
+    DiagnosisConstraint,
+    Generated,
+    greedy,
+    token_pieces,
+)
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
+from clinragen_fhir.inference.grounding import RationaleConstraint
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
 from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
@@ -111,6 +120,7 @@ class OnnxModel:
         self.provider = provider_in_use(self.decoder_session)
         self._pieces: list[str] | None = None
         self._constraint: DiagnosisConstraint | None = None
+        self._grounding: RationaleConstraint | None = None
         log.info("clinragen onnx model on %s", self.provider, extra={"fields": {
             "provider": self.provider, "precision": precision, "threads": threads or "default",
             "model": self.model_dir.name}})
@@ -210,22 +220,62 @@ class OnnxModel:
                                                    label_ids=label)
         return self._constraint
 
+    def grounding(self) -> RationaleConstraint:
+        """Built once (its piece index is reused); `start_rows` sets each batch's lines."""
+        if self._grounding is None:
+            self._grounding = RationaleConstraint(self.pieces(),
+                                                  self.manifest.decoder.eos_token_id)
+        return self._grounding
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def condition(self, terms: Sequence[Sequence[str]],
+                  readings: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Per row, the token ids after the prefix (`encoding.prompt.condition_ids`): the
+        readings as text and the diagnoses the rationale explains."""
+        budget = self.config.budgets.prompt_reading_tokens
+        return [condition_ids(self._encode, row, shown, budget)
+                for row, shown in zip(terms, readings, strict=True)]
+
     def generate(self, arrays: dict[str, np.ndarray], max_new_tokens: int | None = None,
-                 constrained: bool = True, keep_logits: bool = False,
-                 stop_at_eos: bool = True) -> Generation:
-        """Texts, new ids, prefix outputs and calibrated probabilities for a collated batch."""
+                 constrained: bool = False, keep_logits: bool = False, grounded: bool = False,
+                 stop_at_eos: bool = True,
+                 conclude: Callable[[np.ndarray], Sequence[Sequence[str]]] | None = None,
+                 readings: Sequence[Sequence[str]] | None = None) -> Generation:
+        """Texts, new ids, prefix outputs and calibrated probabilities for a collated batch.
+
+        The head runs first; `conclude(probabilities) -> terms per row` names the diagnoses the
+        rationale is written for (none without it), as training put the labels there."""
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        self.check(arrays, n)
+        self.check(arrays, n + MAX_CONDITION_TOKENS + self.config.budgets.prompt_reading_tokens)
         prefix = self.run_prefix(arrays)
+        probs = self.probabilities(prefix.diagnosis_logits)
+        b = probs.shape[0]
+        terms = conclude(probs) if conclude is not None else [[]] * b
+        shown = readings if readings is not None else [[]] * b
+        cond = self.condition(terms, shown)
+        width = max(len(c) for c in cond)
+        cond_ids = np.full((b, width), self.manifest.decoder.pad_token_id, dtype=np.int64)
+        cond_mask = np.zeros((b, width), dtype=prefix.attention_mask.dtype)
+        for i, c in enumerate(cond):  # left-padded: every row's condition ends in the last
+            cond_ids[i, width - len(c):] = c  # column, from which the first token is predicted
+            cond_mask[i, width - len(c):] = 1
+        embeds = np.concatenate([prefix.inputs_embeds, self.embed(cond_ids)], 1)
+        mask = np.concatenate([prefix.attention_mask, cond_mask], 1)
         spec = self.manifest.decoder
-        gen: Generated = greedy(self.step, self.embed, prefix.inputs_embeds,
-                                prefix.attention_mask, n, spec.eos_token_id, spec.pad_token_id,
-                                self.constraint() if constrained else None, keep_logits,
-                                stop_at_eos)
+        constraint: Constraint | None = None
+        if grounded:
+            constraint = self.grounding()
+            budget = self.config.budgets.prompt_reading_tokens
+            constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown])
+        elif constrained:
+            constraint = self.constraint()
+        gen: Generated = greedy(self.step, self.embed, embeds, mask, n, spec.eos_token_id,
+                                spec.pad_token_id, constraint, keep_logits, stop_at_eos)
         texts = [self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True).strip()
                  for row in gen.ids]
-        return Generation(texts, gen.ids, prefix, self.probabilities(prefix.diagnosis_logits),
-                          gen.logits)
+        return Generation(texts, gen.ids, prefix, probs, gen.logits)
 
 
 def describe(model: OnnxModel) -> dict[str, Any]:

@@ -311,3 +311,33 @@ def summarise(checks: Sequence[Sequence[ClaimCheck]]) -> FaithfulnessSummary:
     return FaithfulnessSummary(
         claims=sum(len(c) for c in checks), matched=sum(x.matched for c in checks for x in c),
         rationales=len(checks), rationales_with_claims=sum(1 for c in checks if c))
+
+
+@dataclass(frozen=True)
+class DiagnosisClaims:
+    """The claims of one concluded diagnosis's line ("Prediabetes: HbA1c 6.1 % on ..., high.")."""
+
+    term: str
+    line: str  # "" when the rationale has no line for this diagnosis
+    checks: tuple[ClaimCheck, ...]
+
+    @property
+    def cited(self) -> bool:
+        """True when the line makes at least one lab claim."""
+        return bool(self.checks)
+
+
+def diagnosis_claims(text: str, terms: Sequence[str], labs: pd.DataFrame,
+                     lexicon: LabLexicon) -> list[DiagnosisClaims]:
+    """Per concluded diagnosis (by term), its line of the rationale and that line's checked
+    claims. The model writes one line per diagnosis it was given (`encoding.prompt`); a line
+    starts with the term and a colon."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    out = []
+    for term in terms:
+        key = term.strip().lower() + ":"
+        line = next((ln for ln in lines if ln.lower().startswith(key)), "")
+        body = line[len(key):] if line else ""
+        checks = tuple(check_rationale(body, labs, lexicon)) if body else ()
+        out.append(DiagnosisClaims(term, line, checks))
+    return out
