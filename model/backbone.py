@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
 
@@ -69,17 +70,21 @@ def convert(dest: Path = DEFAULT_DIR, gguf: Path | None = None) -> Path:
     return dest
 
 
-def load_backbone(path: Path | str | None = None, attn_implementation: str = "sdpa"
-                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """(model, tokenizer) from a local directory; the default SLM is converted on first use."""
+def load_backbone(path: Path | str | None = None, attn_implementation: str = "sdpa",
+                  layers: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model, tokenizer) from a local directory; the default SLM is converted on first use.
+    `layers` > 0 keeps only the first decoder layers (a smaller student, as the paper's ~80 M
+    Flan-T5-small; the final norm and LM head stay)."""
     directory = Path(path) if path is not None else DEFAULT_DIR
     if path is None and not (directory / "config.json").is_file():
         convert(directory)
     tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
         directory, local_files_only=True)
+    extra: dict[str, Any] = {"num_hidden_layers": layers} if layers > 0 else {}
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                  dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+                                                 attn_implementation=attn_implementation,
+                                                 **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

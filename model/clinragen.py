@@ -15,7 +15,7 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_ids, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.inference.decoding import greedy, token_pieces
+from clinragen_fhir.inference.grounding import RationaleConstraint
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
@@ -58,8 +61,7 @@ class Prompt:
     lab_header: str = "Lab results:"
     fact_header: str = "\nMedical knowledge:"
     note_header: str = "\nClinical notes:"
-    post: str = ("\nExplain the likely diagnoses step by step, then end with one line "
-                 "'Diagnosis: <SNOMED CT codes>'.<|im_end|>\n<|im_start|>assistant\n")
+    post: str = PROMPT_POST  # then `condition_text` (the concluded diagnoses)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class ClinRaGen(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.kg = kg
+        self._pieces: list[str] | None = None
         self.loinc_vocab = loinc_vocabulary(config.loinc_codes)
         self._freeze_backbone()
         lm_cfg = self.base_lm().config
@@ -158,13 +161,16 @@ class ClinRaGen(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def build(cls, slm: PreTrainedModel, tokenizer: Any, kg: KnowledgeGraph, lora: bool = True,
-              **overrides: Any) -> ClinRaGen:
-        """A fresh model over the graph's labs and disorders; lab codes start as their names."""
+              disorders: Collection[str] | None = None, **overrides: Any) -> ClinRaGen:
+        """A fresh model over the graph's labs and disorders (or the given subset of them, the
+        head's outputs); lab codes start as their names."""
         labs = kg.labs()
-        disorders = sorted(kg.disorders().values(), key=lambda d: d.snomed)
+        concepts = sorted((d for d in kg.disorders().values()
+                           if disorders is None or d.snomed in disorders),
+                          key=lambda d: d.snomed)
         config = ClinRaGenConfig(
-            loinc_codes=sorted(labs), disorders=[d.snomed for d in disorders],
-            disorder_terms=[d.term for d in disorders], knowledge_version=kg.version,
+            loinc_codes=sorted(labs), disorders=[d.snomed for d in concepts],
+            disorder_terms=[d.term for d in concepts], knowledge_version=kg.version,
             backbone=str(getattr(slm.config, "_name_or_path", "")), **overrides)
         model = cls(slm, tokenizer, config, kg)
         model.init_lab_codes({code: lab.name for code, lab in labs.items()})
@@ -222,8 +228,9 @@ class ClinRaGen(nn.Module):
             if self.kg is None:
                 raise ValueError("knowledge is on but the model has no knowledge graph")
             retrieval = retrieve(self.kg, labs, notes, patient)
+        names = {c: lab.name for c, lab in self.kg.labs().items()} if self.kg else None
         return featurise(labs, notes, patient, retrieval, self.tokenizer.backend_tokenizer,
-                         self.loinc_vocab, self.config.budgets, modalities, redact)
+                         self.loinc_vocab, self.config.budgets, modalities, redact, names)
 
     def batch(self, features: Sequence[Features]) -> Batch:
         device = self.prefix.labs.code.weight.device
@@ -231,34 +238,62 @@ class ClinRaGen(nn.Module):
         return Batch(list(features), tensors)
 
     # -- forward ------------------------------------------------------------------------------
-    def _targets(self, texts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        eos = self.tokenizer.eos_token or ""
-        rows = [self._ids(t + eos) for t in texts]
+    def _rows(self, rows: Sequence[Sequence[int]], device: torch.device,
+              left: bool = False) -> tuple[Tensor, Tensor]:
+        """Padded ids and their mask: right-padded, or left-padded (the condition: every row's
+        then ends in the last column, from which the first generated token is predicted)."""
         n = max(1, *(len(r) for r in rows))
         ids = torch.full((len(rows), n), int(self.tokenizer.pad_token_id or 0), device=device)
         mask = torch.zeros(len(rows), n, device=device)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, device=device)
-            mask[i, :len(r)] = 1.0
+            if r:
+                span = slice(n - len(r), n) if left else slice(0, len(r))
+                ids[i, span] = torch.tensor(list(r), device=device)
+                mask[i, span] = 1.0
         return ids, mask
 
+    def condition(self, terms: Sequence[Sequence[str]],
+                  readings: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Per row, the token ids after the prefix (`encoding.prompt.condition_ids`): the
+        readings as text and the diagnoses the rationale explains."""
+        budget = self.config.budgets.prompt_reading_tokens
+        return [condition_ids(self._ids, t, r, budget)
+                for t, r in zip(terms, readings, strict=True)]
+
+    def with_condition(self, embeds: Tensor, mask: Tensor, terms: Sequence[Sequence[str]] | None,
+                       readings: Sequence[Sequence[str]] | None = None) -> tuple[Tensor, Tensor]:
+        n = len(embeds)
+        cond = self.condition(terms if terms is not None else [[]] * n,
+                              readings if readings is not None else [[]] * n)
+        ids, cmask = self._rows(cond, embeds.device, left=True)
+        return torch.cat([embeds, self.prefix.embed(ids)], 1), torch.cat([mask, cmask], 1)
+
     def forward(self, batch: Batch, targets: Sequence[str] | None = None,
-                disorder_targets: Tensor | None = None) -> Output:
-        """Teacher-forced LM loss on `targets` (rationale + diagnosis line) and/or the head's
-        multi-label loss on `disorder_targets` ([B, n_disorders] of 0/1)."""
+                disorder_targets: Tensor | None = None,
+                terms: Sequence[Sequence[str]] | None = None) -> Output:
+        """Teacher-forced LM loss on `targets` (the rationale of the diagnoses in `terms`, which
+        follow the prefix as text) and/or the head's multi-label loss on `disorder_targets`."""
         embeds, mask, attention, diag_logits = self.prefix(**batch.tensors)
-        labels = None
+        ids: Tensor | None = None
+        tmask: Tensor | None = None
+        keep = 1  # without targets only the next-token logits are useful ([B, 1, V])
         if targets is not None:
-            ids, tmask = self._targets(targets, embeds.device)
+            embeds, mask = self.with_condition(embeds, mask, terms,
+                                               [f.readings for f in batch.features])
+            eos = self.tokenizer.eos_token or ""
+            ids, tmask = self._rows([self._ids(t + eos) for t in targets], embeds.device)
             embeds = torch.cat([embeds, self.prefix.embed(ids)], 1)
-            ignore = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
-            labels = torch.cat([ignore, ids.masked_fill(tmask == 0, -100)], 1)
             mask = torch.cat([mask, tmask], 1)
-        # without targets only the next-token logits are useful ([B, 1, V], not [B, P, V])
+            keep = ids.shape[1] + 1  # logits only where a target token is predicted: the LM
+            # head over 49k tokens at every prefix position cost more than the decoder layers
         out = self.slm(inputs_embeds=embeds, attention_mask=mask.long(),
-                       position_ids=positions(mask), labels=labels,
-                       logits_to_keep=0 if targets is not None else 1)
-        lm_loss = out.loss if targets is not None else None
+                       position_ids=positions(mask), logits_to_keep=keep)
+        lm_loss = None
+        if ids is not None and tmask is not None:
+            logits = out.logits[:, :-1].float()  # column k predicts target token k
+            per = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                              ids.reshape(-1), reduction="none")
+            lm_loss = (per * tmask.reshape(-1)).sum() / tmask.sum().clamp(min=1.0)
         diag_loss = None
         if disorder_targets is not None:
             diag_loss = nn.functional.binary_cross_entropy_with_logits(
@@ -268,15 +303,59 @@ class ClinRaGen(nn.Module):
                       out.logits, diag_logits, attention)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int | None = None) -> tuple[list[str], Tensor]:
-        """Greedy rationale + diagnosis line per patient: (texts, new token ids [B, G])."""
+    def generate(self, batch: Batch, max_new_tokens: int | None = None,
+                 terms: Sequence[Sequence[str]] | None = None) -> tuple[list[str], Tensor]:
+        """Greedy rationale per patient for the diagnoses in `terms` (the head's conclusions):
+        (texts, new token ids [B, G])."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
+        embeds, mask = self.with_condition(embeds, mask, terms,
+                                           [f.readings for f in batch.features])
         ids = self.slm.generate(
             inputs_embeds=embeds, attention_mask=mask.long(), do_sample=False,
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts], ids
+
+    def pieces(self) -> list[str]:
+        """Per-token appended text (built once): what grounded decoding matches readings with."""
+        if self._pieces is None:
+            anchor = self.tokenizer.convert_tokens_to_ids("a")
+            if not isinstance(anchor, int) or anchor == self.tokenizer.unk_token_id:
+                anchor = 0
+            self._pieces = token_pieces(
+                lambda rows: self.tokenizer.batch_decode(rows, skip_special_tokens=False),
+                len(self.tokenizer), anchor)
+        return self._pieces
+
+    @torch.no_grad()
+    def generate_grounded(self, batch: Batch, terms: Sequence[Sequence[str]],
+                          max_new_tokens: int | None = None) -> list[str]:
+        """What the runtime writes (`inference.grounding`): one line per concluded diagnosis,
+        each reading copied from the prompt's readings, decoded by the runtime's own `greedy`
+        with this model's decoder as the step function."""
+        embeds, mask, _, _ = self.prefix(**batch.tensors)
+        readings = [f.readings for f in batch.features]
+        embeds, mask = self.with_condition(embeds, mask, terms, readings)
+        budget = self.config.budgets.prompt_reading_tokens
+        eos = int(self.tokenizer.eos_token_id)
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
+        constraint = RationaleConstraint(self.pieces(), eos)
+        constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings])
+
+        def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
+            out = self.slm(inputs_embeds=torch.from_numpy(e), attention_mask=torch.from_numpy(m),
+                           position_ids=torch.from_numpy(p), past_key_values=past,
+                           use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].float().numpy(), out.past_key_values
+
+        def embed(ids: np.ndarray) -> np.ndarray:
+            return self.prefix.embed(torch.from_numpy(ids)).numpy()
+
+        gen = greedy(step, embed, embeds.numpy(), mask.numpy(),
+                     max_new_tokens or self.config.max_new_tokens, eos, pad, constraint)
+        texts = self.tokenizer.batch_decode(gen.ids, skip_special_tokens=True)
+        return [str(t).strip() for t in texts]
 
     @torch.no_grad()
     def probabilities(self, batch: Batch) -> Tensor:
@@ -372,15 +451,17 @@ class ClinRaGen(nn.Module):
         self.eval()
         feats = self.featurise(labs, notes, patient)
         batch = self.batch([feats])
-        texts, ids = self.generate(batch)
         probs = self.probabilities(batch)[0].tolist()
-        why = self.explain(batch, ids)[0]
         index = {code: i for i, code in enumerate(cfg.disorders)}
-        rationale = split_output(texts[0])[0]  # the head decides, the text explains
         c = conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
                      thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
                      sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
         base.abstained, base.abstain_reason = c.abstained, c.abstain_reason
+        # the head decides; the rationale is written for what it concluded
+        terms = [] if c.abstained else [cfg.disorder_terms[index[code]] for code in c.codes]
+        texts, ids = self.generate(batch, terms=[terms])
+        why = self.explain(batch, ids)[0]
+        rationale = split_output(texts[0])[0]
         by_obs = {r.observation_id: r for r in feats.labs}
         evidence = tuple(_evidence(by_obs[o]) for o, _, _, _ in why.labs[:3] if o in by_obs)
         facts = tuple(f for f, _, _ in why.facts)

@@ -265,6 +265,7 @@ def torch_greedy(model: ClinRaGen, features: Sequence[Features], new_tokens: int
     batch = model.batch(list(features))
     with torch.no_grad():
         embeds, mask, _, diag = model.prefix(**batch.tensors)
+        embeds, mask = model.with_condition(embeds, mask, None)  # as the runtime: "none"
         eos = int(model.tokenizer.eos_token_id)
         pad = int(model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
                   else eos)

@@ -133,26 +133,34 @@ class GatedCrossAttention(nn.Module):
 
 
 class DiagnosisHead(nn.Module):
-    """Multi-label logits over the disorder set from an attention pool of the fused tokens.
+    """Multi-label logits from label-wise attention over the fused tokens (as in CAML): every
+    disorder has its own query, so diabetes can look at the HbA1c token while anaemia looks at
+    haemoglobin, instead of all disorders sharing one pooled summary.
 
     It lives in the prefix builder (not on the SLM's hidden states) so the ONNX prefix graph gives
     the calibrated probabilities without running the decoder.
     """
 
-    def __init__(self, d_model: int, n_disorders: int) -> None:
+    def __init__(self, d_model: int, n_disorders: int, d_attn: int = 64) -> None:
         super().__init__()
-        self.query = nn.Parameter(torch.randn(d_model) * 0.02)
-        self.null = nn.Parameter(torch.zeros(1, 1, d_model))  # pools something when all masked
+        self.d_attn = d_attn
         self.norm = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, n_disorders)
+        self.key = nn.Linear(d_model, d_attn)
+        self.value = nn.Linear(d_model, d_attn)
+        self.queries = nn.Parameter(torch.randn(n_disorders, d_attn) * 0.02)
+        self.null = nn.Parameter(torch.zeros(1, 1, d_model))  # attended when all is masked
+        self.weight = nn.Parameter(torch.randn(n_disorders, d_attn) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(n_disorders))
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         b, _, d = tokens.shape
-        tokens = torch.cat([self.null.expand(b, 1, d), self.norm(tokens)], 1)
+        tokens = self.norm(torch.cat([self.null.expand(b, 1, d), tokens], 1))
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
-        scores = tokens @ self.query / math.sqrt(d) + (1.0 - mask) * NEG_INF
-        pooled = (torch.softmax(scores, -1).unsqueeze(-1) * tokens).sum(1)
-        logits: Tensor = self.out(pooled)
+        keys, values = self.key(tokens), self.value(tokens)  # [B, 1+T, A]
+        scores = torch.einsum("bta,ja->bjt", keys, self.queries) / math.sqrt(self.d_attn)
+        scores = scores + (1.0 - mask)[:, None, :] * NEG_INF
+        pooled = torch.einsum("bjt,bta->bja", torch.softmax(scores, -1), values)
+        logits: Tensor = (pooled * self.weight).sum(-1) + self.bias
         return logits
 
 

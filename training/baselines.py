@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.predict.conclude import conclude_matrix
 from clinragen_fhir.predict.rules import RuleBaseline
 from model.decode import abstain
 from training.example import Example
-from training.metrics import tune_threshold
+from training.metrics import tune_thresholds
 
 
 @dataclass
@@ -35,14 +36,54 @@ class SystemOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.ndarray:
+def label_matrix(examples: Sequence[Example], disorders: Sequence[str],
+                 key: str = "labels") -> np.ndarray:
+    """[n, D] 0/1 of the examples' labels (`key="new_labels"`: the disorders first recorded at
+    the example's visit, from its meta)."""
     index = {d: j for j, d in enumerate(disorders)}
     y = np.zeros((len(examples), len(disorders)), dtype=int)
     for i, ex in enumerate(examples):
-        for code in ex.labels:
+        codes = ex.labels if key == "labels" else ex.meta.get(key, [])
+        for code in codes:
             if code in index:
                 y[i, index[code]] = 1
     return y
+
+
+def sexes_and_ages(examples: Sequence[Example]) -> tuple[list[str | None], list[float | None]]:
+    """Each example's patient sex and age in years at its index time (None when unknown)."""
+    sexes: list[str | None] = []
+    ages: list[float | None] = []
+    for ex in examples:
+        p = ex.patient
+        sexes.append(p.sex)
+        ages.append((p.index_time - p.birth_date).days / 365.25
+                    if p.birth_date is not None and p.index_time is not None else None)
+    return sexes, ages
+
+
+def closure(kg: KnowledgeGraph, concluded: np.ndarray, disorders: Sequence[str]) -> np.ndarray:
+    """Concluded codes plus their IS-A ancestors in the list: concluding type 2 diabetes says
+    diabetes mellitus too, as the labels do (scoring needs the same closure on both sides)."""
+    col = {d: j for j, d in enumerate(disorders)}
+    up = np.eye(len(disorders), dtype=int)
+    for j, d in enumerate(disorders):
+        for a in kg.ancestors(d):
+            if a in col:
+                up[j, col[a]] = 1
+    return ((np.asarray(concluded, dtype=int) @ up) > 0).astype(int)
+
+
+def decide(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
+           examples: Sequence[Example], threshold: float,
+           thresholds: dict[str, float] | None = None, max_codes: int = 3
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(concluded [n, D] most specific codes as a report lists them, pred = their closure): every
+    system's probabilities go through the worker's own rule (`predict.conclude`)."""
+    sexes, ages = sexes_and_ages(examples)
+    concluded = conclude_matrix(probs, disorders, kg, sexes, ages, threshold, thresholds,
+                                max_codes).astype(int)
+    return concluded, closure(kg, concluded, disorders)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +91,8 @@ def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.nd
 
 
 def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
-                 disorders: Sequence[str], min_confidence: float = 0.6) -> SystemOutput:
+                 disorders: Sequence[str], min_confidence: float = 0.6,
+                 max_codes: int = 3) -> SystemOutput:
     """Decisions = what the rules conclude; probabilities = the graph's support scores (not
     calibrated: they are sums of association strengths, capped at 1). Abstention is the rules'
     own (no input) or the shared rule (`abstain`) on the support scores around the graph's
@@ -74,7 +116,11 @@ def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
                 pred[i, index[dx.snomed]] = 1
         abstained.append(p.abstained or abstain(probs[i].tolist(), conclude, min_confidence)[0])
         rationales.append(p.rationale)
-    return SystemOutput("rule baseline", probs, pred, abstained, rationales, "rule")
+    # what the rules concluded, through the worker's rule (sex/age, most specific, cap)
+    support = np.where(pred == 1, np.maximum(probs, 1e-6), 0.0)
+    concluded, closed = decide(kg, support, disorders, examples, 1e-6, None, max_codes)
+    return SystemOutput("rule baseline", probs, closed, abstained, rationales, "rule",
+                        {"concluded": concluded})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +254,7 @@ class FeatureClassifier:
         return np.hstack([lab, self.svd.transform(text)])
 
     def fit(self, train: Sequence[Example], valid: Sequence[Example],
-            disorders: Sequence[str]) -> FeatureClassifier:
+            disorders: Sequence[str], min_precision: float = 0.8) -> FeatureClassifier:
         from sklearn.ensemble import HistGradientBoostingClassifier
         from sklearn.linear_model import LogisticRegression
 
@@ -230,7 +276,9 @@ class FeatureClassifier:
         if valid:
             yv = label_matrix(valid, disorders)
             cols = yv.sum(0) > 0
-            self.threshold = tune_threshold(yv[:, cols], self.proba(valid)[:, cols])
+            self.threshold, self.thresholds = tune_thresholds(
+                yv[:, cols], self.proba(valid)[:, cols],
+                [d for d, k in zip(disorders, cols, strict=True) if k], min_precision)
         return self
 
     def proba(self, examples: Sequence[Example]) -> np.ndarray:
@@ -243,9 +291,11 @@ class FeatureClassifier:
         return out
 
     def outputs(self, examples: Sequence[Example], kg: KnowledgeGraph,
-                min_confidence: float) -> SystemOutput:
+                min_confidence: float, max_codes: int = 3) -> SystemOutput:
         probs = self.proba(examples)
-        pred = (probs >= self.threshold).astype(int)
+        concluded, closed = decide(kg, probs, self.disorders, examples, self.threshold,
+                                   self.thresholds, max_codes)
+        pred = concluded
         abstained, rationales = [], []
         trained = sorted(self.models)
         for i, ex in enumerate(examples):
@@ -258,5 +308,6 @@ class FeatureClassifier:
                 d = kg.disorder(self.disorders[j])
                 names.append((self.disorders[j], d.term if d else self.disorders[j]))
             rationales.append(template_rationale(ex, names))
-        return SystemOutput(self.name, probs, pred, abstained, rationales, "template",
-                            {"threshold": self.threshold})
+        return SystemOutput(self.name, probs, closed, abstained, rationales, "template",
+                            {"threshold": self.threshold, "thresholds": self.thresholds,
+                             "concluded": concluded})

@@ -107,7 +107,8 @@ def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None) -
     from training.evaluate import markdown_table
 
     cfg = load_config(config)
-    results = run_evaluation(cfg, run_dir, _examples(data_dir), _kg(), out_dir or run_dir)
+    results = run_evaluation(cfg, run_dir, _examples(data_dir), _kg(), out_dir or run_dir,
+                             external=external_examples(run_dir))
     click.echo(markdown_table(results))
 
 
@@ -225,18 +226,45 @@ def _clinosim(out: Path, population: int, seed: int, end: str) -> Path:
     return folder
 
 
+def _synthea(d: dict[str, Any], prefix: str) -> Path | None:
+    """The config's generated Synthea cohort (`{prefix}_patients`, `_seed`, `_state`, `_ages`),
+    generated once and cached outside the work tree (training.synthea)."""
+    n = int(d.get(f"{prefix}_patients", 0))
+    if n <= 0:
+        return None
+    from training.synthea import CohortSpec, generate
+
+    spec = CohortSpec(patients=n, seed=int(d[f"{prefix}_seed"]),
+                      state=str(d.get(f"{prefix}_state", "Massachusetts")),
+                      ages=str(d.get(f"{prefix}_ages", "")))
+    click.echo(f"Synthea cohort {spec.name} ...")
+    return generate(spec)
+
+
+def _build_config(cfg: TrainConfig, d: dict[str, Any], **extra: Any) -> Any:
+    from training.data import BuildConfig
+
+    return BuildConfig(seed=cfg.seed, max_patients=d.get("max_patients"),
+                       max_onset_per_patient=int(d.get("max_onset_per_patient", 6)),
+                       mode=str(d.get("mode", "visit")),
+                       max_visits_per_patient=int(d.get("max_visits_per_patient", 4)), **extra)
+
+
 def prepare_data(cfg: TrainConfig, out_root: Path, run_dir: Path,
                  data_sources: tuple[Path, ...], kg: Any) -> tuple[Path, dict[str, float]]:
-    """The config's dataset under run_dir/data (clinosim cohort, build, teacher), once."""
+    """The config's dataset under run_dir/data (clinosim and Synthea cohorts, build, teacher),
+    once; and the external cohort's under run_dir/external when the config names one."""
     from training.annotate import annotate_dataset
-    from training.data import BuildConfig, build_dataset
+    from training.data import build_dataset
     from training.teacher import KnowledgeTeacher
 
     timings: dict[str, float] = {}
     data_dir = run_dir / "data"
     d = cfg.data
+    teacher = KnowledgeTeacher(kg, readings_first=bool(d.get("teacher_readings_first", False)))
     if not (data_dir / "manifest.json").is_file():
-        sources: list[Any] = [str(p) for p in data_sources] or [str(SHARED)]
+        shared = [SHARED / str(x) for x in d.get("shared_subsets", [])] or [SHARED]
+        sources: list[Any] = [str(p) for p in data_sources] or [str(p) for p in shared]
         if int(d.get("clinosim_population", 0)) > 0:
             t = time.perf_counter()
             click.echo(f"clinosim cohort (population {d['clinosim_population']}) ...")
@@ -247,17 +275,38 @@ def prepare_data(cfg: TrainConfig, out_root: Path, run_dir: Path,
                           str(d.get("clinosim_end", "2025-06-30")))))
             timings["clinosim"] = time.perf_counter() - t
         t = time.perf_counter()
-        build_dataset(sources, data_dir, config=BuildConfig(
-            seed=cfg.seed, max_patients=d.get("max_patients"),
-            max_onset_per_patient=int(d.get("max_onset_per_patient", 6))), kg=kg)
+        cohort = _synthea(d, "synthea")
+        if cohort is not None:
+            sources.append(f"synthea-{d.get('synthea_state', 'Massachusetts')}={cohort}")
+            timings["synthea"] = time.perf_counter() - t
+        t = time.perf_counter()
+        build_dataset(sources, data_dir, config=_build_config(cfg, d), kg=kg)
         timings["build"] = time.perf_counter() - t
         t = time.perf_counter()
-        annotate_dataset(data_dir, KnowledgeTeacher(
-            kg, readings_first=bool(d.get("teacher_readings_first", False))), progress=False)
+        annotate_dataset(data_dir, teacher, progress=False)
         timings["annotate"] = time.perf_counter() - t
+    external_dir = run_dir / "external"
+    if not (external_dir / "manifest.json").is_file():
+        t = time.perf_counter()
+        ext: list[Any] = [str(SHARED / str(x)) for x in d.get("external_shared_subsets", [])]
+        cohort = _synthea(d, "external")
+        if cohort is not None:
+            ext.append(f"external-synthea-{d.get('external_state', '')}={cohort}")
+        if ext:
+            build_dataset(ext, external_dir, kg=kg, config=_build_config(
+                cfg, {**d, "max_patients": d.get("external_max_patients")},
+                split_fractions=(0.0, 0.0, 1.0)))  # every patient is a test patient
+            annotate_dataset(external_dir, teacher, progress=False)
+            timings["external"] = time.perf_counter() - t
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data_dir / "manifest.json", run_dir / "data_manifest.json")
     return data_dir, timings
+
+
+def external_examples(run_dir: Path) -> list[Any]:
+    """The external cohort's examples (all test), or none when the config has no external."""
+    folder = run_dir / "external"
+    return _examples(folder) if (folder / "manifest.json").is_file() else []
 
 
 @main.command()
@@ -292,7 +341,8 @@ def reproduce(quick: bool, config: str | None, out_root: Path, data_sources: tup
         train_variant(cfg, v, examples, kg, run_dir)
         timings[f"train {v.name}"] = time.perf_counter() - t
     t = time.perf_counter()
-    results = run_evaluation(cfg, run_dir, examples, kg, run_dir)
+    results = run_evaluation(cfg, run_dir, examples, kg, run_dir,
+                             external=external_examples(run_dir))
     timings["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     export_model(cfg, run_dir, run_dir / "model")

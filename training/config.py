@@ -46,6 +46,7 @@ class TrainConfig:
     tiny_vocab: int = 4000  # words kept for the tiny word-level tokenizer
     threads: int = 2
     batch_size: int = 4
+    head_batch_size: int = 0  # stage 4's head-only steps (prefix only, cheap); 0 = batch_size
     max_target_tokens: int = 48  # rationale tokens per target (the diagnosis line is added)
     max_new_tokens: int = 64  # evaluation generation
     eval_batch_size: int = 8
@@ -54,6 +55,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     save_every: int = 25
     lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    eval_rationale_examples: int = 0  # > 0: rationales generated for a seeded sample per cohort
+    backbone_layers: int = 0  # > 0: only the SLM's first N decoder layers (a smaller student)
+    vocabulary: str = "all"  # the head's disorders: "all" graph disorders or the "revealable"
     budgets: Budgets = field(default_factory=lambda: Budgets(
         max_labs=32, max_facts=12, max_fact_tokens=16, max_note_tokens=96))
     stages: dict[str, StageConfig] = field(default_factory=lambda: {s: StageConfig(20)
@@ -62,6 +67,8 @@ class TrainConfig:
         VariantConfig("full"), VariantConfig("no_knowledge", knowledge=False),
         VariantConfig("no_staging", staged=False)])
     min_confidence: float = 0.6
+    min_precision: float = 0.8  # the operating point the thresholds are tuned for
+    max_codes: int = 3  # the most codes a report concludes (every system alike)
     # dataset (used by `reproduce`)
     data: dict[str, Any] = field(default_factory=dict)
 

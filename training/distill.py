@@ -37,12 +37,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from clinragen_fhir.encoding.prompt import condition_text
 from clinragen_fhir.knowledge import KnowledgeGraph
 from model.clinragen import ClinRaGen, LoraSettings
 from model.decode import format_target, split_output
 from model.features import Features, Modalities
 from training.config import STAGES, StageConfig, TrainConfig, VariantConfig, stage_modalities
 from training.example import Example
+from training.teacher import most_specific, ordered_diagnoses
+from training.vocabulary import revealable_disorders
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ def tiny_words(examples: Sequence[Example], kg: KnowledgeGraph, limit: int) -> l
     for d in kg.disorders().values():
         fixed += [d.snomed, *d.term.split()]
     fixed += ["Diagnosis:", "none", "supports", "opposes", "observed", "as", "mentions", "on"]
+    fixed += condition_text(["none"]).split()
     common = [w for w, _ in counts.most_common(limit)]
     return list(dict.fromkeys([*fixed, *common]))
 
@@ -114,11 +118,15 @@ def build_model(cfg: TrainConfig, kg: KnowledgeGraph, run_dir: Path,
         slm, tok = tiny_backbone(words, seed=cfg.seed, hidden=cfg.tiny_hidden,
                                  layers=cfg.tiny_layers)
     else:
-        slm, tok = load_backbone(None if cfg.backbone == "smollm2" else cfg.backbone)
+        slm, tok = load_backbone(None if cfg.backbone == "smollm2" else cfg.backbone,
+                                 layers=cfg.backbone_layers)
     torch.manual_seed(cfg.seed)
-    model = ClinRaGen.build(slm, tok, kg, lora=False, budgets=cfg.budgets,
-                            max_new_tokens=cfg.max_new_tokens, min_confidence=cfg.min_confidence)
-    model.config.lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r)  # `lora=` is build's flag
+    disorders = revealable_disorders(kg) if cfg.vocabulary == "revealable" else None
+    model = ClinRaGen.build(slm, tok, kg, lora=False, disorders=disorders, budgets=cfg.budgets,
+                            max_new_tokens=cfg.max_new_tokens, min_confidence=cfg.min_confidence,
+                            max_codes=cfg.max_codes)
+    model.config.lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r,  # `lora=`: build's flag
+                                     targets=tuple(cfg.lora_targets))
     model.add_lora()
     return model
 
@@ -151,13 +159,25 @@ class Encoded:
     features: Features
     target: str | None  # None: the teacher gave no rationale for this stage
     labels: np.ndarray  # float32 [n_disorders]
+    terms: list[str] = field(default_factory=list)  # the diagnoses the target explains
 
 
 def truncate(model: ClinRaGen, text: str, max_tokens: int) -> str:
-    """The first `max_tokens` tokens of a rationale (cut at a word boundary when possible)."""
+    """The first `max_tokens` tokens of a rationale: whole lines while they fit (a per-diagnosis
+    rationale is never cut inside a line), else cut at a word boundary."""
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return text.strip()
+    lines = text.strip().split("\n")
+    if len(lines) > 1:
+        kept: list[str] = []
+        for line in lines:
+            if len(model.tokenizer("\n".join([*kept, line]), add_special_tokens=False)
+                   ["input_ids"]) > max_tokens:
+                break
+            kept.append(line)
+        if kept:
+            return "\n".join(kept).strip()
     cut = str(model.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True))
     return (cut.rsplit(" ", 1)[0] if " " in cut else cut).strip()
 
@@ -165,12 +185,13 @@ def truncate(model: ClinRaGen, text: str, max_tokens: int) -> str:
 def stage_target(model: ClinRaGen, ex: Example, stage: str, kg: KnowledgeGraph,
                  max_tokens: int) -> str | None:
     """Stages 1-3: the teacher's stage rationale; stage 4: its diagnosis rationale + the line."""
-    rationale = ex.rationales.get(stage, "")
-    if stage != "diagnosis":
-        return truncate(model, rationale, max_tokens) if rationale.strip() else None
-    # the teacher may end its rationale with the line already: cut it, truncate, add it back
-    rationale = teacher_rationale(rationale)
-    return format_target(truncate(model, rationale, max_tokens), diagnoses(ex, kg))
+    rationale = teacher_rationale(ex.rationales.get(stage, ""))  # no diagnosis line: the head
+    return truncate(model, rationale, max_tokens) if rationale.strip() else None  # decides
+
+
+def condition_terms(ex: Example, kg: KnowledgeGraph) -> list[str]:
+    """The terms of the most specific labels: what the rationale is written for."""
+    return [t for _, t in ordered_diagnoses(kg, most_specific(kg, ex.labels))]
 
 
 def teacher_rationale(text: str) -> str:
@@ -207,7 +228,7 @@ def encode(model: ClinRaGen, examples: Sequence[Example], modalities: Modalities
         if feats is None:
             feats = _FEATURES[k] = model.featurise(ex.labs, ex.notes, ex.patient, modalities)
         target = stage_target(model, ex, stage, kg, max_tokens) if stage else None
-        out.append(Encoded(feats, target, y[i]))
+        out.append(Encoded(feats, target, y[i], condition_terms(ex, kg)))
     return out
 
 
@@ -316,7 +337,8 @@ def train_stage(model: ClinRaGen, stage: str, sc: StageConfig, data: list[Encode
             break
         lm: Tensor | None
         bce: Tensor | None
-        idx = [pool[i] for i in batch_indices(len(pool), cfg.batch_size, cfg.seed, stage, step,
+        size = cfg.head_batch_size or cfg.batch_size if head_only else cfg.batch_size
+        idx = [pool[i] for i in batch_indices(len(pool), size, cfg.seed, stage, step,
                                               rank, world)]
         batch = model.batch([data[i].features for i in idx])
         y = torch.from_numpy(np.stack([data[i].labels for i in idx])).to(accelerator.device)
@@ -325,7 +347,8 @@ def train_stage(model: ClinRaGen, stage: str, sc: StageConfig, data: list[Encode
             bce = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
             lm, loss = None, bce
         else:
-            out = wrapped(batch, targets=[data[i].target for i in idx])
+            out = wrapped(batch, targets=[data[i].target for i in idx],
+                          terms=[data[i].terms for i in idx])
             lm = out.lm_loss
             bce = nn.functional.binary_cross_entropy_with_logits(
                 out.diagnosis_logits, y, pos_weight=pos_weight) if head else None
@@ -431,6 +454,7 @@ def train_variant(cfg: TrainConfig, variant: VariantConfig, examples: Sequence[E
         if accelerator.is_main_process:
             final_file.write_text(json.dumps({"temperature": result.temperature,
                                               "threshold": result.threshold,
+                                              "thresholds": model.config.thresholds,
                                               "valid_examples": len(valid)}))
     if accelerator.is_main_process:
         plot_losses(history, vdir / "losses.png", f"{cfg.name}: {variant.name}")
@@ -448,9 +472,10 @@ def head_logits(model: ClinRaGen, data: Sequence[Encoded], batch_size: int) -> T
 
 def calibrate(model: ClinRaGen, valid: Sequence[Example], modalities: Modalities,
               kg: KnowledgeGraph, cfg: TrainConfig) -> tuple[float, float]:
-    """Temperature scaling, then the global decision threshold, both on the valid split (over
-    the disorders that occur there: the never-seen ones would only teach 'always no')."""
-    from training.metrics import tune_threshold
+    """Temperature scaling, then the decision thresholds (`tune_thresholds`: a precision
+    operating point, global and per disorder), both on the valid split (over the disorders that
+    occur there: the never-seen ones would only teach 'always no')."""
+    from training.metrics import tune_thresholds
 
     if not valid:
         return model.config.temperature, model.config.threshold
@@ -466,7 +491,9 @@ def calibrate(model: ClinRaGen, valid: Sequence[Example], modalities: Modalities
         temperature = 1.0
     temperature = model.config.temperature = float(np.clip(temperature, 0.05, 20.0))
     probs = torch.sigmoid(logits[:, cols] / temperature).numpy()
-    model.config.threshold = tune_threshold(y[:, cols].numpy(), probs)
+    model.config.threshold, model.config.thresholds = tune_thresholds(
+        y[:, cols].numpy(), probs, [model.config.disorders[int(c)] for c in cols],
+        cfg.min_precision)
     return temperature, model.config.threshold
 
 
@@ -483,6 +510,7 @@ def assemble(cfg: TrainConfig, kg: KnowledgeGraph, vocab_dir: Path, weights: Pat
     load_trainable(model, load_file(str(weights)))
     info = json.loads(calibration.read_text())
     model.config.temperature, model.config.threshold = info["temperature"], info["threshold"]
+    model.config.thresholds = {str(k): float(v) for k, v in info.get("thresholds", {}).items()}
     return model.eval()
 
 

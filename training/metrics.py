@@ -102,6 +102,40 @@ def tune_threshold(y: np.ndarray, prob: np.ndarray,
     return best_t
 
 
+def tune_thresholds(y: np.ndarray, prob: np.ndarray, codes: Sequence[str],
+                    min_precision: float = 0.8, min_positives: int = 5,
+                    grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.99, 0.01), 2))
+                    ) -> tuple[float, dict[str, float]]:
+    """(global threshold, per-disorder thresholds) for a precision operating point, on
+    validation data. Per disorder with at least `min_positives` positives: the threshold with the
+    best F1 among those whose precision reaches `min_precision`; when none reaches it, the best
+    F0.5 (precision weighted). Rarer disorders use the global threshold: the best micro-F1 among
+    thresholds whose pooled precision reaches `min_precision` (else the best pooled F0.5).
+    Every learned system gets the same treatment."""
+    y = np.asarray(y, dtype=int)
+    grid_a = np.asarray(grid, dtype=float)
+    pred = prob[None, :, :] >= grid_a[:, None, None]  # [G, N, D]
+    tp = (pred & (y[None] == 1)).sum(1).astype(float)  # [G, D]
+    fp = (pred & (y[None] == 0)).sum(1).astype(float)
+    fn = ((~pred) & (y[None] == 1)).sum(1).astype(float)
+
+    def pick(tp_: np.ndarray, fp_: np.ndarray, fn_: np.ndarray) -> float:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(tp_ + fp_ > 0, tp_ / (tp_ + fp_), 0.0)
+            f1 = np.where(tp_ > 0, 2 * tp_ / (2 * tp_ + fp_ + fn_), 0.0)
+            f05 = np.where(tp_ > 0, 1.25 * tp_ / (1.25 * tp_ + fp_ + 0.25 * fn_), 0.0)
+        ok = precision >= min_precision
+        score = np.where(ok, f1, -1.0) if ok.any() else f05
+        return float(grid_a[int(np.argmax(score))])
+
+    if y.sum() == 0:
+        return 0.5, {}
+    overall = pick(tp.sum(1), fp.sum(1), fn.sum(1))
+    per = {str(code): pick(tp[:, j], fp[:, j], fn[:, j])
+           for j, code in enumerate(codes) if y[:, j].sum() >= min_positives}
+    return overall, per
+
+
 # ---------------------------------------------------------------------------------------------
 # rationale overlap with the teacher
 

@@ -69,7 +69,8 @@ def release(cfg: TrainConfig, run_dir: Path, out_dir: Path = ARTIFACT,
         files.append(TINY_VOCAB)
     final = json.loads((vdir / "final.json").read_text())
     (out_dir / CALIBRATION).write_text(json.dumps(
-        {"temperature": final["temperature"], "threshold": final["threshold"]}, indent=1) + "\n")
+        {"temperature": final["temperature"], "threshold": final["threshold"],
+         "thresholds": final.get("thresholds", {})}, indent=1) + "\n")
     # the config the run really used (reproduce/rebuild write it; --threads may differ from TOML)
     trained = config_from_dict(json.loads((run_dir / "config.json").read_text())) \
         if (run_dir / "config.json").is_file() else cfg

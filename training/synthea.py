@@ -14,6 +14,7 @@ once every chunk is done.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -114,6 +115,12 @@ def generate(spec: CohortSpec, cache: Path | None = None, java_heap: str = "2g",
     lib = generator(root)
     out = root / "cohorts" / spec.name
     out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as lock:  # a second session waits instead of regenerating
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _generate(spec, lib, out, java_heap, threads)
+
+
+def _generate(spec: CohortSpec, lib: Path, out: Path, java_heap: str, threads: int) -> Path:
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     if (out / "cohort.json").is_file():
         return out

@@ -19,9 +19,11 @@ from typing import Protocol
 
 import pandas as pd
 
+from clinragen_fhir.encoding.features import reading_texts
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval, retrieve
-from clinragen_fhir.knowledge.retrieval import find_mentions
+from clinragen_fhir.knowledge.graph import SCT, local
+from clinragen_fhir.knowledge.retrieval import find_mentions, rule_index
 from model.decode import format_target
 from training.example import Example
 from training.leakage import ROOTS, descendants, occurrences
@@ -79,6 +81,19 @@ def ordered_diagnoses(kg: KnowledgeGraph, labels: Collection[str]) -> list[tuple
     return out
 
 
+MAX_CITED_PER_DIAGNOSIS = 2
+
+
+def supporting_tests(kg: KnowledgeGraph, code: str) -> set[str]:
+    """LOINC codes of the findings that support the disorder or one of its descendants."""
+    index = rule_index(kg)
+    related = {code} | descendants(kg, code)
+    return {loinc for f in index.findings
+            for a in index.assocs_by_finding.get(f.uri, [])
+            if a.polarity == "supports" and local(a.disorder, SCT) in related
+            for loinc in f.observables}
+
+
 def _related(kg: KnowledgeGraph, code: str) -> set[str]:
     return {code} | kg.ancestors(code) | descendants(kg, code)
 
@@ -130,8 +145,12 @@ class KnowledgeTeacher:
 
     name = KNOWLEDGE_TEACHER
 
-    def __init__(self, kg: KnowledgeGraph, readings_first: bool = False) -> None:
+    def __init__(self, kg: KnowledgeGraph, readings_first: bool = False,
+                 cite_top: int = 10) -> None:
         self.kg = kg
+        # visit rationales cite only readings among the first `cite_top` the prompt's lab text
+        # shows (`reading_texts` order): what the student can see, it can learn to copy
+        self.cite_top = cite_top
         # Open the labs and multimodal rationales with the patient's abnormal latest readings:
         # a truncated target (max_target_tokens) then still carries values a student can learn
         # to cite. Off by default: the shipped model's data were annotated without it.
@@ -142,6 +161,8 @@ class KnowledgeTeacher:
 
     def rationales(self, ex: Example) -> dict[str, str]:
         r = retrieve(self.kg, ex.labs, ex.notes, ex.patient)
+        if ex.meta.get("index_kind") == "visit":
+            return self.visit_rationales(ex, r)
         targets = most_specific(self.kg, ex.labels)
         prior = [str(c) for c in ex.meta.get("prior_disorders", [])]
         notes = self.notes_rationale(ex, r, targets, prior)
@@ -149,6 +170,28 @@ class KnowledgeTeacher:
         multi = self.multimodal_rationale(ex, r, targets, prior)
         return {"notes": notes, "labs": labs, "multimodal": multi,
                 "diagnosis": format_target(multi, ordered_diagnoses(self.kg, ex.labels))}
+
+    # -- the visit question (training.data.visit_examples) ----------------------------------
+    def visit_rationales(self, ex: Example, r: Retrieval) -> dict[str, str]:
+        """Short targets a small student can learn: stage 1 what the notes hold, stage 2 the
+        abnormal readings, stages 3-4 one line per diagnosis naming the readings behind it,
+        written exactly as the prompt shows them (`reading_texts`), so citing is copying."""
+        readings = reading_texts(ex.labs, r.lab_names)
+        notes = self.notes_rationale(ex, r, [], [])
+        abnormal = [t for _, t in readings if t.endswith((", high", ", low"))][:MAX_OTHER_ABNORMAL]
+        labs = ("Abnormal latest results: " + "; ".join(abnormal) + "." if abnormal else
+                "The latest results are within their reference ranges." if readings else
+                "No lab results.")
+        lines = []
+        for code, _ in ordered_diagnoses(self.kg, most_specific(self.kg, ex.labels)):
+            tests = supporting_tests(self.kg, code)
+            cited = [t for loinc, t in readings[:self.cite_top]
+                     if loinc in tests][:MAX_CITED_PER_DIAGNOSIS]
+            lines.append(f"{_term(self.kg, code)}: " + ("; ".join(cited) if cited else
+                                                       "no supporting reading") + ".")
+        per_diagnosis = "\n".join(lines) or "No disorder is supported by these results."
+        return {"notes": notes, "labs": labs, "multimodal": per_diagnosis,
+                "diagnosis": per_diagnosis}
 
     # -- pieces -----------------------------------------------------------------------------
     def _index_day(self, ex: Example) -> str:

@@ -27,11 +27,14 @@ from training.config import (  # noqa: E402
 from training.distill import (  # noqa: E402
     batch_indices,
     build_model,
+    condition_terms,
     stage_target,
+    teacher_rationale,
     train_variant,
     trainable_state,
 )
 from training.example import Example  # noqa: E402
+from training.teacher import most_specific, ordered_diagnoses  # noqa: E402
 
 
 class Crash(RuntimeError):
@@ -92,8 +95,16 @@ def test_stage_targets(kg: KnowledgeGraph, examples: list[Example], tmp_path: Pa
     model = build_model(config(), kg, tmp_path, examples)
     ex = next(e for e in examples if e.labels)
     target = stage_target(model, ex, "diagnosis", kg, 200)
-    assert target is not None and target.splitlines()[-1].startswith("Diagnosis: ")
-    assert all(code in target.splitlines()[-1] for code in ex.labels)
+    # the head decides: the target is the rationale alone, no diagnosis line to learn
+    assert target is not None and "Diagnosis:" not in target
+    assert target == teacher_rationale(ex.rationales["diagnosis"]).strip()
+    # the diagnoses it explains come first, as text after the prefix
+    assert condition_terms(ex, kg) == [t for _, t in ordered_diagnoses(
+        kg, most_specific(kg, ex.labels))]
+    lines = "A: a.\nB: b.\nC: c."
+    ex.rationales["diagnosis"] = lines
+    cut = stage_target(model, ex, "diagnosis", kg, len(model._ids("A: a.\nB: b.")))
+    assert cut == "A: a.\nB: b."  # whole lines only
     notes = stage_target(model, ex, "notes", kg, 3)
     assert notes is not None and len(notes.split()) <= 3
     ex.rationales.pop("labs")

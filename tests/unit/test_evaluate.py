@@ -74,20 +74,28 @@ def test_template_rationale_cites_abnormal_readings_only() -> None:
 
 
 def test_markdown_table_marks_template_faithfulness_and_missing_values() -> None:
-    rows = [{"system": "a", "rationale_kind": "template", "micro_f1": 0.5, "macro_f1": 0.25,
-             "micro_f1_revealable": 0.4, "macro_f1_revealable": float("nan"),
-             "macro_auroc": float("nan"), "macro_auroc_revealable": 0.75, "ece": 0.1,
-             "abstention_rate": 0.0, "bleu4": 1.0, "rouge_l": 2.0, "faithfulness": 1.0,
-             "claims": 3, "micro_f1_vocabulary": 0.125}]
-    md = markdown_table({"systems": rows, "test_examples": 4, "test_patients": 2,
-                         "train_examples": 8, "valid_examples": 2, "disorders_in_macro": 5,
-                         "positives_in_macro": 9, "revealable_in_macro": 2,
-                         "revealable_positives": 3, "backbone": "tiny", "config": "quick"})
-    assert "| a | 0.500 | 0.250 | 0.400 | n/a | 0.125 | n/a | 0.750 | 0.100 | 0.0 % | 1.0 | " \
-        "2.0 | " \
-        "100.0 % (3) by construction" in md
-    assert "(a) = the 5 disorders with a positive in the test split (9 positives)" in md
-    assert "(b) = the 2 of them a lab finding supports in the knowledge graph (3 positives)" in md
+    base = {"macro_f1_revealable": 0.25, "macro_f1_revealable20": float("nan"),
+            "micro_precision": 0.8, "micro_recall": 0.5, "new_recall": float("nan"),
+            "macro_auroc_revealable": 0.75, "codes_per_report": 1.5, "abstention_rate": 0.0,
+            "rouge_l": 2.0, "faithfulness": 1.0, "claims": 3}
+    rows = [{"system": "a", "rationale_kind": "template", **base,
+             "macro_f1_ci": {"low": 0.1, "high": 0.4}},
+            {"system": "b", "rationale_kind": "generated", **base, "diagnoses": 4,
+             "diagnoses_cited": 3, "diagnoses_cited_share": 0.75, "diagnosis_claims": 5,
+             "diagnosis_claims_held": 1.0,
+             "macro_f1_ci": {"low": 0.1, "high": 0.4, "diff_low": -0.05, "diff_high": 0.02}}]
+    cohort = {"systems": rows, "test_examples": 4, "test_patients": 2, "sources": ["s"],
+              "revealable_in_macro": 2, "revealable_positives": 3, "new_positives": 1,
+              "revealable20": []}
+    md = markdown_table({**cohort, "train_examples": 8, "valid_examples": 2,
+                         "backbone": "tiny", "config": "quick", "external": cohort})
+    assert "| a | 0.250 [0.100, 0.400] | reference | n/a | 0.800 | 0.500 | n/a | 0.750 | " \
+        "1.50 | 0.0 % | n/a | 100.0 % (3) by construction | 2.0 | template |" in md
+    assert "| b | 0.250 [0.100, 0.400] | [-0.050, +0.020] |" in md
+    assert "| 75.0 % (3/4) | 100.0 % (5) |" in md  # diagnoses with a claim, claims that hold
+    assert "(b) = the 2 revealable disorders with a positive here (3 positives, 1 of them new" \
+        in md
+    assert md.count("| system |") == 2 and "External test" in md
 
 
 def test_revealable_set_is_what_lab_findings_support(kg: KnowledgeGraph) -> None:

@@ -111,7 +111,7 @@ def test_gradients_reach_encoder_fusion_and_lora_but_not_frozen_weights() -> Non
     assert grads["prefix.labs.value.weight"].abs().sum() > 0
     assert grads["prefix.fusion.0.attn_gate"].abs() > 0
     assert grads["prefix.fusion.0.q.weight"].abs().sum() > 0
-    assert grads["prefix.head.out.weight"].abs().sum() > 0
+    assert grads["prefix.head.weight"].abs().sum() > 0
     lora_b = [g for n, g in grads.items() if "lora_B" in n]
     assert lora_b and all(g.abs().sum() > 0 for g in lora_b)
     frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
@@ -132,7 +132,7 @@ def test_same_seed_same_model_and_outputs() -> None:
     with torch.no_grad():
         assert torch.equal(a(model_batch(a)).logits, b(model_batch(b)).logits)
     assert a.generate(model_batch(a))[0] == b.generate(model_batch(b))[0]
-    assert not torch.equal(build(seed=4).prefix.head.query, a.prefix.head.query)
+    assert not torch.equal(build(seed=4).prefix.head.queries, a.prefix.head.queries)
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -194,8 +194,52 @@ def small_dataset(kg: KnowledgeGraph, data_dir: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small")
     build_dataset([data_dir / "new_york"], out, kg=kg, progress=False,
+                  config=BuildConfig(seed=2, max_patients=14, mode="onset"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def visit_dataset(kg: KnowledgeGraph, data_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("visits")
+    build_dataset([data_dir / "new_york"], out, kg=kg, progress=False,
                   config=BuildConfig(seed=2, max_patients=14))
     return out
+
+
+def test_visit_rationales_cite_the_shown_readings_per_diagnosis(kg: KnowledgeGraph,
+                                                                visit_dataset: Path) -> None:
+    """One line per most specific label, each citing readings exactly as the prompt shows them
+    (copyable) and only readings of tests whose findings support that disorder."""
+    from clinragen_fhir.encoding.features import reading_texts
+    from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING
+    from clinragen_fhir.knowledge import retrieve
+    from clinragen_fhir.report.faithfulness import LabLexicon, diagnosis_claims
+    from training.teacher import ordered_diagnoses, supporting_tests
+
+    teacher = KnowledgeTeacher(kg)
+    examples = all_examples(visit_dataset)
+    lexicon = LabLexicon.build(kg, [e.labs for e in examples])
+    cited = lines = 0
+    for ex in examples:
+        out = teacher.rationales(ex)
+        terms = [t for _, t in ordered_diagnoses(kg, most_specific(kg, ex.labels))]
+        if not terms:
+            assert out["diagnosis"] == NOTHING
+            continue
+        names = retrieve(kg, ex.labs, ex.notes, ex.patient).lab_names
+        shown = dict((t, c) for c, t in reading_texts(ex.labs, names)[:teacher.cite_top])
+        text = out["diagnosis"]
+        assert [ln.split(":")[0] for ln in text.split("\n")] == terms
+        for (code, _), dc in zip(ordered_diagnoses(kg, most_specific(kg, ex.labels)),
+                                 diagnosis_claims(text, terms, ex.labs, lexicon), strict=True):
+            lines += 1
+            clauses = dc.line.split(": ", 1)[1].rstrip(".").split("; ")
+            for c in clauses:
+                assert c == NO_SUPPORT or shown[c] in supporting_tests(kg, code), dc.line
+            assert all(x.matched for x in dc.checks), dc.line
+            cited += dc.cited
+    assert lines > 20 and cited > lines / 2
 
 
 def all_examples(folder: Path) -> list[Example]:
