@@ -210,6 +210,33 @@ def model_identity(model_dir: Path | None) -> str:
     return "onnx:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
 
 
+def report_figures(outcomes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """What the reports say, over those written or found: codes per report, and for the written
+    ones the rationale check (diagnoses citing a reading, claims that hold)."""
+    reports = [o for o in outcomes if o.get("status") in ("written", "exists")]
+    if not reports:
+        return []
+    n = sorted(len(o.get("diagnoses", [])) for o in reports)
+    rows = [("codes per report: mean / median / max",
+             f"{sum(n) / len(n):.2f} / {n[len(n) // 2]} / {n[-1]}"),
+            ("reports concluding nothing", str(sum(1 for x in n if x == 0)))]
+    written = [o for o in reports if o.get("status") == "written"]
+    dx = sum(len(o.get("diagnoses", [])) for o in written)
+    if written and dx:
+        cited = sum(int(o.get("diagnoses_cited", 0)) for o in written)
+        with_cited = sum(1 for o in written if int(o.get("diagnoses_cited", 0)) > 0)
+        with_dx = sum(1 for o in written if o.get("diagnoses"))
+        claims = sum(int(o.get("claims", 0)) for o in written)
+        held = sum(int(o.get("claims_held", 0)) for o in written)
+        rows += [("diagnoses citing a reading (written reports)", f"{cited} of {dx} "
+                  f"({100 * cited / dx:.1f} %)"),
+                 ("reports with a cited reading (of those concluding something)",
+                  f"{with_cited} of {with_dx}"),
+                 ("lab claims that hold (claim check)", f"{held} of {claims}" + (
+                     f" ({100 * held / claims:.1f} %)" if claims else ""))]
+    return rows
+
+
 def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
     status = Counter(str(o.get("status")) for o in outcomes)
     reasons = Counter(str(o.get("reason")) for o in outcomes if o.get("status") in
@@ -225,6 +252,8 @@ def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
         click.echo(f"| skipped/failed: {reason} | {n} |")
     for method, n in Counter(str(o["method"]) for o in outcomes if o.get("method")).items():
         click.echo(f"| method: {method} | {n} |")  # which model wrote them (model vs fallback)
+    for name, value in report_figures(outcomes):
+        click.echo(f"| {name} | {value} |")
     if codes:
         from clinragen_fhir.knowledge import load_graph
 

@@ -27,7 +27,11 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import InputRef, build_transaction, report_key
-from clinragen_fhir.report.faithfulness import check_report_rationale
+from clinragen_fhir.report.faithfulness import (
+    LabLexicon,
+    check_report_rationale,
+    diagnosis_claims,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,11 @@ class Outcome:
     n_notes: int = 0
     n_skipped_inputs: int = 0
     model_seconds: float = 0.0
+    # the rationale check of a written report: lab claims made / holding, and how many of the
+    # concluded diagnoses have a line citing at least one reading
+    claims: int = 0
+    claims_held: int = 0
+    diagnoses_cited: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -151,6 +160,10 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
                           *(n.time for n in inputs.notes)] if t is not None]
     effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
     claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
+    base.claims, base.claims_held = len(claims), sum(c.matched for c in claims)
+    base.diagnoses_cited = sum(dc.cited for dc in diagnosis_claims(
+        prediction.rationale, [d.term for d in prediction.diagnoses], inputs.labs,
+        LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])))
     bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
                                   now=now, effective=effective, labs=inputs.labs, claims=claims)
     if settings.audit_events:  # in the same transaction: no report without its audit record

@@ -334,15 +334,15 @@ def compare_variants(reference: Any, candidate: Any, features: Sequence[Features
                      batch_size: int = 8) -> dict[str, Any]:
     """What int8 costs against fp32 on the same patients (both through the runtime).
 
-    * macro-F1 of each variant's decisions (head at threshold, plus diagnosis-line codes)
-      against `gold` labels when given;
+    * macro-F1 of each variant's decisions (`predict.conclude` on the head: per-disorder
+      thresholds, most specific, the cap; no patient sex/age here) against `gold` when given;
     * agreement: macro-F1 of int8's decisions taking fp32's as the truth, the share of
       patients with identical decisions, the largest head-probability shift;
-    * faithfulness: the share of patients whose constrained generation is token-for-token the
+    * faithfulness: the share of patients whose generation is token-for-token the
       same, and per variant the share of concluded codes that the knowledge facts the model
       read name (a disorder it was shown evidence for, not one it made up).
     """
-    from clinragen_fhir.predict.decode import split_output
+    from clinragen_fhir.predict.conclude import conclude
 
     cfg = reference.config
     decisions: dict[str, list[set[str]]] = {"fp32": [], "int8": []}
@@ -352,12 +352,13 @@ def compare_variants(reference: Any, candidate: Any, features: Sequence[Features
         arrays = collate(list(features[start:start + batch_size]))
         probs = {}
         for key, m in (("fp32", reference), ("int8", candidate)):
-            g = m.generate(arrays, new_tokens, constrained=True)
+            g = m.generate(arrays, new_tokens)
             probs[key] = g.probabilities
-            for row, text in zip(g.probabilities, g.texts, strict=True):
-                codes = {c for c, p in zip(cfg.disorders, row, strict=True)
-                         if p >= cfg.threshold}
-                decisions[key].append(codes | set(split_output(text, set(cfg.disorders))[1]))
+            for row in g.probabilities:
+                decisions[key].append(set(conclude(
+                    row, cfg.disorders, None, threshold=cfg.threshold, thresholds=cfg.thresholds,
+                    min_confidence=cfg.min_confidence, sex=None, age_years=None,
+                    max_codes=cfg.max_codes).codes))
             texts[key] += [r.tolist() for r in g.ids]
         max_shift = max(max_shift, float(np.abs(probs["fp32"] - probs["int8"]).max()))
     out: dict[str, Any] = {

@@ -140,8 +140,9 @@ class OnnxModel:
         self._past_names = want[3:]
 
     # -- limits -------------------------------------------------------------------------------
-    def check(self, arrays: dict[str, np.ndarray], new_tokens: int) -> None:
-        """Refuse inputs the graphs were not exported for, naming the file and the limit."""
+    def check(self, arrays: dict[str, np.ndarray], new_tokens: int, condition: int = 0) -> None:
+        """Refuse inputs the graphs were not exported for, naming the file and the limit
+        (`condition`: the most tokens placed after the prefix, `encoding.prompt`)."""
         lim = self.manifest.limits
         sizes = {"lab readings": (arrays["lab_code"].shape[1], lim.max_labs),
                  "knowledge facts": (arrays["fact_ids"].shape[1], lim.max_facts),
@@ -151,7 +152,7 @@ class OnnxModel:
         for what, (size, limit) in sizes.items():
             if size > limit:
                 raise InputTooLong(self.manifest.path, what, size, limit)
-        positions = self.prefix_length(arrays) + new_tokens
+        positions = self.prefix_length(arrays) + condition + new_tokens
         if positions > lim.max_positions:
             raise InputTooLong(self.decoder_path, "prefix + new tokens", positions,
                                lim.max_positions)
@@ -248,7 +249,7 @@ class OnnxModel:
         The head runs first; `conclude(probabilities) -> terms per row` names the diagnoses the
         rationale is written for (none without it), as training put the labels there."""
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        self.check(arrays, n + MAX_CONDITION_TOKENS + self.config.budgets.prompt_reading_tokens)
+        self.check(arrays, n, MAX_CONDITION_TOKENS + self.config.budgets.prompt_reading_tokens)
         prefix = self.run_prefix(arrays)
         probs = self.probabilities(prefix.diagnosis_logits)
         b = probs.shape[0]
