@@ -218,7 +218,7 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
         f"<title>ClinRaGen report (preliminary)</title><style>{CSS}</style></head><body>"
         f'<div class="banner" role="alert">{esc(BANNER)}<span>{esc(BANNER_DETAIL)}</span></div>'
         f"<h1>Diagnostic decision support</h1>{conclusion}"
-        f"<h2>Rationale</h2><p>{esc(prediction.rationale)}</p>"
+        f"<h2>Rationale</h2><p>{_lines(prediction.rationale)}</p>"
         + (f"<p><small>Checked: {esc(claims)}</small></p>" if claims else "") + f"{sections}"
         + (f"<h2>All knowledge facts used</h2><ul>{facts}</ul>" if facts else "")
         + f"<footer><p>Method {esc(prediction.method)} version {esc(prediction.method_version)}; "
@@ -250,7 +250,7 @@ def narrative_div(prediction: Prediction, claims: str = "") -> str:
                   ) if cited else ""
     return ('<div xmlns="http://www.w3.org/1999/xhtml">'
             f'<p style="font-weight:bold">{esc(BANNER)}. {esc(BANNER_DETAIL)}</p>'
-            f"{conclusion}<p>{esc(prediction.rationale)}</p>"
+            f"{conclusion}<p>{_lines(prediction.rationale, '<br/>')}</p>"
             + (f"<p>Checked: {esc(claims)}</p>" if claims else "") + f"{cited_html}"
             f"<p>Knowledge facts used: {len(prediction.facts_used)}. Method "
             f"{esc(prediction.method)} {esc(prediction.method_version)}; knowledge "
@@ -272,3 +272,8 @@ def decode_presented_form(report: Mapping[str, Any]) -> str | None:
         if str(form.get("contentType", "")).startswith("text/html") and form.get("data"):
             return base64.b64decode(form["data"]).decode("utf-8")
     return None
+
+
+def _lines(text: str, br: str = "<br>") -> str:
+    """Escaped text with its line breaks kept: the rationale has one line per diagnosis."""
+    return br.join(esc(line) for line in text.split("\n"))
