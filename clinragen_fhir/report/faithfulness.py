@@ -32,8 +32,10 @@ _DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:T[\d:.+Z-]*)?")
 _LOINC = re.compile(r"\(?\bLOINC\s+\d{1,7}-\d\)?|\b\d{3,7}-\d\b")
 _SCTID = re.compile(r"(?<![\d.])\d{6,18}(?![\d.])")
 # a number token; not part of a longer number (no backtracking into "30.0"), a range ("60-89",
-# "5.7\u20136.4"), a unit ("10*3/uL", "{1.73_m2}") or an open bound ("30+")
-_NUMBER = re.compile(r"(?<!\d-)(?<![\w./{^*])-?\d+(?:\.\d+)?(?![\w.]*\d{2}-)(?![_}*^\d])"
+# "5.7\u20136.4"), a unit ("10*3/uL", "{1.73_m2}") or an open bound ("30+"). The number is an
+# atomic group: a shorter digit run is always refused by the lookaheads, and backtracking into
+# it made a digit run quadratic (a 32k-digit Observation display took 64 s).
+_NUMBER = re.compile(r"(?<!\d-)(?<![\w./{^*])(?>-?\d+(?:\.\d+)?)(?![\w.]*\d{2}-)(?![_}*^\d])"
                      r"(?!\.\d)(?!\s?[-\u2013\u2014]\s?\d)(?!\s?\+)")
 # what makes a number a criterion, not a reading: a comparator or bound word right before it
 # (">= 126 mg/dL", "threshold of 6.5 %", "above 6.5", "stage 3"), the far end of a range
@@ -44,7 +46,8 @@ _CRITERION = re.compile(
     r"target(?: of)?|goal(?: of)?|limit(?: of)?|stage|grade|type|class|between)|"
     r"\d\s?[-\u2013\u2014]|\bbetween\s+-?\d+(?:\.\d+)?\s*\S{0,8}\s+and)\s*$",
     re.IGNORECASE)
-_NOT_A_VALUE = re.compile(r"^\s*(?:readings?|results?|tests?|days?|times?|weeks?|months?|"
+# matched at the number's end (`match(text, pos)`: no slice copied per number)
+_NOT_A_VALUE = re.compile(r"\s*(?:readings?|results?|tests?|days?|times?|weeks?|months?|"
                           r"years?|hours?|h\b|hrs?\b|x\b|fold|occasions?)", re.IGNORECASE)
 _ON_DATE = re.compile(r"^\s*[^\s;,]{0,24}\s*(?:on|dated|at|,|from)?\s*$", re.IGNORECASE)
 _HIGH = {"high", "elevated", "raised", "above", "increased level", "hyper"}
@@ -54,6 +57,13 @@ _DOWN = {"falling", "fell", "decreased", "decreasing", "declining", "dropped", "
 _NORMAL = {"normal", "within range", "within the reference range", "unremarkable"}
 _DIRECTION = re.compile(r"\b(" + "|".join(sorted(_HIGH | _LOW | _UP | _DOWN | _NORMAL, key=len,
                                                      reverse=True)) + r")\b", re.IGNORECASE)
+# Bounds on the work per rationale: it may quote server-controlled text (display names), and a
+# check must not be what makes a task hit its time limit. Past them the rest goes unchecked.
+MAX_CHECKED_CHARS = 20_000  # of one rationale or line (a model's is a few hundred words)
+MAX_CLAIMS = 200  # per rationale or line: each check is a frame lookup (about 1 ms)
+MAX_NAME_CHARS = 120  # a longer display text is no test name anyone writes out
+MAX_DISPLAYS_PER_CODE = 8  # distinct display texts per LOINC code taken from the frames
+_CRITERION_LOOKBACK = 64  # characters before a number (past blanks) where a comparator counts
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,8 @@ class LabLexicon:
     """Test names -> LOINC codes, longest name first (so "LDL cholesterol (direct)" wins)."""
 
     def __init__(self, names: dict[str, set[str]], disorder_terms: Iterable[str] = ()) -> None:
-        self.names = {k: frozenset(v) for k, v in names.items() if len(k) >= 3 or k.isupper()}
+        self.names = {k: frozenset(v) for k, v in names.items()
+                      if (len(k) >= 3 or k.isupper()) and len(k) <= MAX_NAME_CHARS}
         # disorder names and finding labels are not lab claims ("Body mass index 30+ - obesity",
         # "type 2 diabetes", "eGFR < 60 for >= 90 days")
         terms = sorted({t for t in disorder_terms if len(t) >= 4}, key=len, reverse=True)
@@ -116,9 +127,13 @@ class LabLexicon:
                 add(lab.name, code)
                 add(re.sub(r"\s*\([^)]*\)\s*$", "", lab.name), code)  # "Glucose (blood)"
                 add(code, code)
+        displays: dict[str, int] = {}  # per code: a server can send a new text per reading
         for frame in frames:
             for code, display in frame[["loinc", "display"]].drop_duplicates().itertuples(
                     index=False):
+                if displays.get(str(code), 0) >= MAX_DISPLAYS_PER_CODE:
+                    continue
+                displays[str(code)] = displays.get(str(code), 0) + 1
                 add(str(display), str(code))
                 add(str(code), str(code))
                 # "Hemoglobin A1c/Hemoglobin.total in Blood" is also called "Hemoglobin A1c"
@@ -144,10 +159,23 @@ def _direction(word: str) -> str:
     return "up" if w in _UP else "down"
 
 
+def _criterion_before(text: str, end: int) -> bool:
+    """`_CRITERION` right before `end`, searched in a short stretch (past blanked codes) instead
+    of the whole prefix: one search per number over the prefix was quadratic."""
+    start = end
+    while start > 0 and text[start - 1].isspace():
+        start -= 1
+    return _CRITERION.search(text, max(0, start - _CRITERION_LOOKBACK), end) is not None
+
+
 def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
-    """Every (test, value?, date?, direction?) statement in the text with at least one part."""
+    """Every (test, value?, date?, direction?) statement in the text with at least one part
+    (within the first MAX_CHECKED_CHARS characters, at most MAX_CLAIMS)."""
     if lexicon.pattern is None:
         return []
+    if len(text) > MAX_CHECKED_CHARS:  # cut at a blank: a number cut short is a made-up claim
+        head = text[:MAX_CHECKED_CHARS]
+        text = head[:max(head.rfind(" "), head.rfind("\n"), 0)]
     # disorder names, SNOMED codes and LOINC codes ("4548-4") are blanked (offsets kept)
     def blank(m: re.Match[str]) -> str:
         return " " * len(m.group(0))
@@ -158,6 +186,8 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
     mentions = list(lexicon.pattern.finditer(plain))
     claims: list[Claim] = []
     for i, m in enumerate(mentions):
+        if len(claims) >= MAX_CLAIMS:
+            break
         if _LOINC.fullmatch(m.group(0)) and i + 1 < len(mentions) \
                 and mentions[i + 1].start() - m.end() <= 3:
             continue  # "4548-4 HbA1c": the code names the same test as the next mention
@@ -178,22 +208,24 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
                 if len(before[w.end():].split()) <= 1 and not re.search(r"[():]", before[w.end():])]
         # a word right before the next test's name is that test's ("HbA1c, elevated glucose")
         tail = masked[m.end():end]
-        after = [w.group(1) for w in _DIRECTION.finditer(window)
+        after = (w.group(1) for w in _DIRECTION.finditer(window)
                  if i + 1 >= len(mentions) or len(tail[w.end():].split()) > 1
-                 or re.search(r"[():,;]", tail[w.end():])]
-        words = near or after
-        direction = _direction(words[0]) if words else None
+                 or re.search(r"[():,;]", tail[w.end():]))
+        word = near[0] if near else next(after, None)  # lazily: each test scans the tail
+        direction = _direction(word) if word else None
         loincs = tuple(sorted(lexicon.codes(m.group(0))))
         # value tokens (not dates, not counts like "2 readings"), each with the date after it
         dates = [(d.start(), date(int(d.group(1)), int(d.group(2)), int(d.group(3))))
                  for d in _DATE.finditer(window)]
         no_dates = _DATE.sub(lambda d: " " * len(d.group(0)), window)
         values = [(n.start(), n.group(0)) for n in _NUMBER.finditer(no_dates)
-                  if not _NOT_A_VALUE.match(no_dates[n.end():])
-                  and not _CRITERION.search(no_dates[:n.start()])]
+                  if not _NOT_A_VALUE.match(no_dates, n.end())
+                  and not _criterion_before(no_dates, n.start())]
         used: set[int] = set()
         made = 0
         for k, (pos, token) in enumerate(values):
+            if len(claims) >= MAX_CLAIMS:
+                break
             nxt = values[k + 1][0] if k + 1 < len(values) else len(window)
             day = next((d for p, d in dates if pos < p < nxt and p not in used
                         and _ON_DATE.match(no_dates[pos + len(token):p])), None)
@@ -204,11 +236,11 @@ def extract_claims(text: str, lexicon: LabLexicon) -> list[Claim]:
                                 (m.start(), m.end() + pos + len(token))))
             made += 1
         for p, d in dates:
-            if p not in used:
+            if p not in used and len(claims) < MAX_CLAIMS:
                 claims.append(Claim(m.group(0), loincs, None, 0, d,
                                     direction if made == 0 else None, (m.start(), m.end() + p)))
                 made += 1
-        if made == 0 and direction is not None:
+        if made == 0 and direction is not None and len(claims) < MAX_CLAIMS:
             claims.append(Claim(m.group(0), loincs, None, 0, None, direction,
                                 (m.start(), m.end())))
     return claims
