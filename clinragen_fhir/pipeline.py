@@ -26,7 +26,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
-from clinragen_fhir.report.build import InputRef, build_transaction, report_key
+from clinragen_fhir.report.build import InputRef, build_transaction, input_stamp, report_key
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
     check_report_rationale,
@@ -106,9 +106,14 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
     documents = list(client.search("DocumentReference", {"patient": patient_id}))
     labs, lab_skips = build_lab_frame(observations, kg, patient, now)
     notes, note_skips = decode_notes(documents)
-    used = [InputRef(r, v) for r, v in
+    # the reference the encoders give each input -> its version for the report key
+    stamps = {f"{rtype}/{r.get('id', '?')}": input_stamp(r)
+              for rtype, read in (("Observation", observations), ("DocumentReference", documents))
+              for r in read if isinstance(r, dict)}
+    used = [InputRef(r, v, stamps.get(r, "")) for r, v in
             labs[["observation_id", "version_id"]].drop_duplicates().itertuples(index=False)]
-    used += [InputRef(n.document_id, n.version_id) for n in notes]
+    used += [InputRef(n.document_id, n.version_id, stamps.get(n.document_id, ""))
+             for n in notes]
     return PatientInputs(patient, labs, notes, lab_skips + note_skips, used,
                          {"Observation": len(observations), "DocumentReference": len(documents)})
 

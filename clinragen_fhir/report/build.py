@@ -9,7 +9,8 @@ from the same hash and is written by PUT, so it is never duplicated either.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,19 +38,37 @@ class InputRef:
     """An input resource and the version that was read."""
 
     reference: str  # "Observation/<id>"
-    version_id: str
+    version_id: str  # meta.versionId ("" when the server gave none): for `_history` references
+    stamp: str = ""  # input_stamp(): tells versions apart in the report key without a versionId
 
     def versioned(self) -> str:
         return f"{self.reference}/_history/{self.version_id}" if self.version_id \
             else self.reference
 
 
+def input_stamp(resource: Mapping[str, Any]) -> str:
+    """The version of an input as read: meta.versionId, else meta.lastUpdated, else a hash of
+    its content. Servers without versioning would otherwise give an edited input the same report
+    key as before, so the edit never got a report."""
+    meta = resource.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("versionId"):
+        return str(meta["versionId"])
+    if meta.get("lastUpdated"):
+        return f"lastUpdated:{meta['lastUpdated']}"
+    blob = json.dumps(resource, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
 def report_key(patient_id: str, inputs: Sequence[InputRef], prediction: Prediction) -> str:
-    """Deterministic identity of a report: same patient, inputs and method -> same key."""
+    """Deterministic identity of a report: same patient, inputs and method -> same key.
+
+    An input's version is its versionId (keys stay as they were where servers send one), else
+    its stamp."""
     h = hashlib.sha256()
     h.update(f"Patient/{patient_id}\n".encode())
     for ref in sorted(inputs, key=lambda r: r.reference):
-        h.update(f"{ref.reference}|{ref.version_id}\n".encode())
+        h.update(f"{ref.reference}|{ref.version_id or ref.stamp}\n".encode())
     h.update(f"{prediction.method}|{prediction.method_version}|"
              f"{prediction.knowledge_version}".encode())
     return h.hexdigest()
