@@ -515,7 +515,7 @@ cases, a 50,000-point series.
 def main() -> None:
     parts = [HEADER, "## Test results\n", junit_summary(), section_kill(), section_faults(),
              section_broker(), section_hapi(), section_bad_input(), section_load(),
-             section_security(), FOOTER]
+             section_security(), FOOTER, SECURITY_REVIEW]
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT.relative_to(ROOT)}")
 
@@ -548,6 +548,80 @@ FOOTER = """## Not covered, and why
   reported as an error and the other patients of its transaction are loaded (it retries unit
   by unit). The load bench reads only Patient, Observation and DocumentReference, which is
   all the worker reads.
+"""
+
+
+# not figures of a run: what issue 13 found, the fix and its unit test
+SECURITY_REVIEW = """## Security review fixes (issue 13)
+
+What the review found, the fix, and the unit test that fails before the fix and passes after
+(fake transports, no servers), per item done so far.
+
+* **3. Tokens in logs.** Found: A bearer token read from an env var or file with a trailing
+  newline was echoed in httpx's "Illegal header value" error; that error is retryable, so the
+  retry line, the task log and the dead letter held the token. Transport errors' texts went into
+  `FhirUnavailable`. A relative `next` link was logged raw (patient id and page token in its
+  query), and page-2 error texts echoing them were not redacted. Fix: Tokens (and secrets) from
+  env or file are stripped; a token that cannot be a header value is refused when read, without
+  quoting it (also the token endpoint's `access_token`). A transport exception is named by its
+  type only (plus OpenSSL's reason code, e.g. `CERTIFICATE_VERIFY_FAILED`); log lines and dead
+  letters carry our own errors' redacted text, any other exception by type. Request URLs are
+  logged with the path redacted and every query value hashed; the values of a `next` link's
+  query are redacted in server texts. Test: `tests/unit/test_log_grep.py` (the `diagnose` task
+  run eagerly: logs, Celery retry reasons, dead letters and the traceback grepped for the token,
+  the patient id and the page token):
+  `::test_page_two_errors_are_redacted_and_a_trailing_newline_is_stripped[*]`,
+  `::test_a_failing_transport_is_named_by_type_only`,
+  `::test_a_token_that_cannot_be_a_header_is_refused_without_quoting_it`
+* **4. Plain http.** Found: Refused only for `base_url`. Fix: The same rule (plain http only to
+  loopback unless `allow_insecure_http`) for `token_url` (the endpoint's `allow_insecure_http`),
+  the teacher's `base_url` (`LLMConfig.allow_insecure_http`) and `subscribe --endpoint`
+  (`--allow-insecure-http`). Test:
+  `tests/unit/test_insecure_http.py::test_plain_http_token_url_is_refused_unless_allowed`,
+  `::test_plain_http_teacher_base_url_is_refused_unless_allowed`,
+  `::test_plain_http_subscribe_endpoint_is_refused_unless_allowed`
+* **7. Token endpoint blips.** Found: Every `TokenError` was final: a token endpoint restart
+  dead-lettered every task meanwhile. Fix: The retry decision is on the error
+  (`fhir/errors.py::TokenError`): no answer, timeouts, 408, 429 (with Retry-After) and 5xx are
+  retryable, other refusals and malformed answers final; the FHIR client retries a retryable
+  token error like its own blips, then the task's retry takes over. Test:
+  `tests/unit/test_token_retry.py::test_blips_are_retryable[*]`,
+  `::test_refusals_and_bad_answers_are_final[*]`,
+  `::test_the_fhir_client_retries_a_token_blip_then_succeeds`,
+  `::test_a_token_outage_longer_than_the_client_retries_is_left_to_the_task`
+* **8. Regex cost.** Found: `_NUMBER` backtracked into digit runs (quadratic: 100k digits before
+  `_` did not finish); every number also searched the whole text before it; 20,000 distinct
+  displays became 20,000 lexicon names. Fix: `_NUMBER`'s number is an atomic group (same
+  matches, checked against the old pattern on 200,000 random strings); the criterion check looks
+  back 64 characters past blanks; names longer than 120 characters and more than 8 displays per
+  LOINC code are not lexicon names; at most 20,000 characters (cut at a blank) and 200 claims
+  are checked per rationale or line. Test:
+  `tests/unit/test_faithfulness_cost.py::test_number_pattern_is_linear_on_a_100k_digit_run[*]`,
+  `::test_a_100k_digit_display_is_checked_quickly`,
+  `::test_a_100k_char_rationale_is_bounded[*]`,
+  `::test_twenty_thousand_distinct_displays_are_bounded` (each under 2 s, with a deadline;
+  `tests/unit/test_faithfulness.py` unchanged and passing)
+* **11. Secrets that fail open.** Found: The log-id hash key defaulted to a public constant; the
+  example configs' placeholder secrets were accepted; unknown config keys were ignored (`auht =
+  "smart-backend"` left auth off). Fix: `Settings.check_site_secrets()` (worker, CLI, webhook
+  receiver at start): with any service off loopback `CLINRAGEN_LOG_ID_KEY` must be set (>= 16
+  characters); a placeholder (`change-me-...`, `replace-with-...`, a PEM whose body is
+  `REPLACE`) is refused as log key, webhook secret, token, client secret or private key. Unknown
+  keys, in the TOML or as `CLINRAGEN_<SECTION>__<KEY>`, are a `FhirConfigError` naming them
+  (never their values). Test:
+  `tests/unit/test_config_secrets.py::test_off_loopback_the_log_id_key_is_required`,
+  `::test_the_cli_and_the_worker_refuse_to_start_without_a_site_key`,
+  `::test_every_placeholder_in_the_example_configs_is_refused` (read from
+  deploy/compose/site.env and deploy/k8s/clinragen.yaml),
+  `::test_unknown_config_keys_are_named`, `::test_the_shipped_configs_have_only_known_keys`
+* **12. Servers without versionId.** Found: The report key used `versionId`, or "" when missing,
+  so a changed input kept its key and never got a new report. Fix: An input's version in the key
+  is `versionId`, else `meta.lastUpdated`, else a sha256 of its content
+  (`report.build.input_stamp`); keys where servers send `versionId` are unchanged, and
+  `_history` references still use `versionId` only. Test:
+  `tests/unit/test_report_key_versions.py::test_an_edited_input_without_version_id_gives_a_new_report_key`,
+  `::test_version_id_keeps_the_key_it_always_had`,
+  `::test_input_stamp_prefers_version_id_then_last_updated_then_content`
 """
 
 

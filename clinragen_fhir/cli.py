@@ -22,6 +22,7 @@ from clinragen_fhir.knowledge.cli import knowledge
 
 def _settings() -> Settings:
     settings = Settings()
+    settings.check_site_secrets()
     logs.configure(settings.log_level)
     return settings
 
@@ -352,11 +353,14 @@ def webhook(host: str, port: int) -> None:
 
 
 @main.command()
-@click.option("--endpoint", required=True, help="Our receiver's URL, e.g. http://host:8090/notify")
+@click.option("--endpoint", required=True,
+              help="Our receiver's URL, e.g. https://host:8090/notify")
 @click.option("--criteria", multiple=True,
               default=("Observation?category=laboratory", "Observation?category=vital-signs",
                        "DocumentReference?status=current"), show_default=True)
-def subscribe(endpoint: str, criteria: tuple[str, ...]) -> None:
+@click.option("--allow-insecure-http", is_flag=True,
+              help="Allow a plain http endpoint off loopback (the secret travels in the clear).")
+def subscribe(endpoint: str, criteria: tuple[str, ...], allow_insecure_http: bool) -> None:
     """Register R4 rest-hook Subscriptions on the FHIR server (idempotent: PUT by a fixed id).
 
     The shared secret travels as a channel header, read from CLINRAGEN_WEBHOOK_SECRET.
@@ -364,9 +368,18 @@ def subscribe(endpoint: str, criteria: tuple[str, ...]) -> None:
     import hashlib
     import os
 
-    secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "")
-    if len(secret) < 16:
-        raise click.UsageError("set CLINRAGEN_WEBHOOK_SECRET (>= 16 characters)")
+    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.site_secrets import is_placeholder
+
+    try:  # every notification carries the secret to this URL
+        check_url(endpoint, "--endpoint", allow_insecure_http)
+    except FhirError as exc:
+        raise click.UsageError(str(exc).replace("allow_insecure_http = true for this endpoint",
+                                                "--allow-insecure-http")) from None
+    secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "").strip()
+    if len(secret) < 16 or is_placeholder(secret):
+        raise click.UsageError("set CLINRAGEN_WEBHOOK_SECRET (>= 16 characters, not the "
+                               "example configs' placeholder)")
     settings = _settings()
     with settings.fhir.client() as client:
         for crit in criteria:

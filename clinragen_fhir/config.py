@@ -2,7 +2,8 @@
 
 Precedence: explicit arguments > environment (CLINRAGEN_*, nested with "__") > TOML file >
 defaults. The TOML file is found through CLINRAGEN_CONFIG. Secrets never live in the TOML: it
-names an environment variable or a file that holds them.
+names an environment variable or a file that holds them. An unknown key is an error: a typo such
+as `auht = "smart-backend"` would otherwise leave auth off without a word.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,22 +24,39 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from clinragen_fhir.fhir.auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth
-from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.auth import (
+    BearerAuth,
+    ClientCredentialsAuth,
+    SmartBackendAuth,
+    header_safe,
+)
+from clinragen_fhir.fhir.client import FhirClient, is_loopback
 from clinragen_fhir.fhir.errors import FhirConfigError
+from clinragen_fhir.logs import KEY_ENV as LOG_ID_KEY_ENV
+from clinragen_fhir.site_secrets import is_placeholder
+
+MIN_SITE_KEY_CHARS = 16
 
 
-def _secret(env_name: str | None, file: Path | None) -> SecretStr | None:
-    """A secret from the named environment variable, else from a file; None if neither."""
-    if env_name and os.environ.get(env_name):
-        return SecretStr(os.environ[env_name])
-    if file:
-        return SecretStr(file.read_text().strip())
-    return None
+def _secret(env_name: str | None, file: Path | None, what: str) -> SecretStr | None:
+    """A secret from the named environment variable, else from a file; None if neither.
+
+    Stripped (a file's or `$(cat ...)`'s trailing newline), and refused when it is a placeholder
+    from the example configs; errors name `what`, never the value."""
+    value = os.environ.get(env_name, "") if env_name else ""
+    if not value.strip() and file:
+        value = file.read_text()
+    if not value.strip():
+        return None
+    if is_placeholder(value):
+        raise FhirConfigError(f"{what} holds the example configs' placeholder: set the real one")
+    return SecretStr(value.strip())
 
 
 class FhirEndpoint(BaseModel):
     """One FHIR server and how to reach it."""
+
+    model_config = ConfigDict(extra="forbid")
 
     base_url: str = "http://127.0.0.1:8080/fhir"
     auth: Literal["none", "bearer", "client-credentials", "smart-backend"] = "none"
@@ -64,8 +83,16 @@ class FhirEndpoint(BaseModel):
     rate_limit_burst: int = 0  # requests allowed at once; 0: max(1, rate)
 
     def token(self) -> SecretStr | None:
-        """The bearer token, read at use time from env or file (never from the TOML)."""
-        return _secret(self.token_env, self.token_file)
+        """The bearer token, read at use time from env or file (never from the TOML); one that
+        cannot go in a header is refused here, before httpx quotes it in an error."""
+        token = _secret(self.token_env, self.token_file, "the bearer token (token_env/file)")
+        if token is None:
+            return None
+        try:
+            return header_safe(token)
+        except ValueError as exc:
+            raise FhirConfigError(f"the bearer token (token_env/file) is unusable: {exc}"
+                                  ) from None
 
     def _need(self, value: Any, what: str) -> Any:
         if not value:
@@ -80,16 +107,19 @@ class FhirEndpoint(BaseModel):
         if self.auth == "client-credentials":
             return ClientCredentialsAuth(
                 self._need(self.token_url, "token_url"), self._need(self.client_id, "client_id"),
-                self._need(_secret(self.client_secret_env, self.client_secret_file),
+                self._need(_secret(self.client_secret_env, self.client_secret_file,
+                                   "the client secret"),
                            "client_secret_env or client_secret_file"),
-                scope=self.scope, verify=verify, timeout=self.timeout_s)
+                scope=self.scope, verify=verify, timeout=self.timeout_s,
+                allow_insecure_http=self.allow_insecure_http)
         if self.auth == "smart-backend":
             return SmartBackendAuth(
                 self._need(self.token_url, "token_url"), self._need(self.client_id, "client_id"),
-                self._need(_secret(self.private_key_env, self.private_key_file),
+                self._need(_secret(self.private_key_env, self.private_key_file,
+                                   "the private key"),
                            "private_key_file or private_key_env"),
                 algorithm=self.jwt_alg, kid=self.jwt_kid, scope=self.scope, verify=verify,
-                timeout=self.timeout_s)
+                timeout=self.timeout_s, allow_insecure_http=self.allow_insecure_http)
         return None
 
     def verify(self) -> ssl.SSLContext | bool:
@@ -117,6 +147,8 @@ class FhirEndpoint(BaseModel):
 class ReportSettings(BaseModel):
     """How reports are coded and identified."""
 
+    model_config = ConfigDict(extra="forbid")
+
     identifier_system: str = "urn:clinragen-fhir:report"
     code_system: str = "http://loinc.org"
     code: str = "51848-0"
@@ -128,6 +160,8 @@ class ReportSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     """Celery behaviour; the broker URLs live at the top level to be set by env easily."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_retries: int = 5
     retry_backoff_s: float = 5.0
@@ -156,6 +190,8 @@ class WorkerSettings(BaseModel):
 class InferenceSettings(BaseModel):
     """The ONNX model runtime (used when `model_dir` is set)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     precision: Literal["fp32", "int8"] = "fp32"  # int8: the dynamically quantised graphs
     provider: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when present, else CPU
     threads: int = 0  # intra-op threads per session; 0 = onnxruntime's default (all cores)
@@ -169,8 +205,10 @@ class InferenceSettings(BaseModel):
 class Settings(BaseSettings):
     """Everything the CLI and the worker read."""
 
+    # forbid: an unknown key in the TOML (or CLINRAGEN_FHIR__<unknown>) is an error; other
+    # CLINRAGEN_* variables (CLINRAGEN_CONFIG, the secrets) are not settings and stay ignored
     model_config = SettingsConfigDict(env_prefix="CLINRAGEN_", env_nested_delimiter="__",
-                                      extra="ignore")
+                                      extra="forbid")
 
     fhir: FhirEndpoint = Field(default_factory=FhirEndpoint)
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -182,6 +220,37 @@ class Settings(BaseSettings):
     report: ReportSettings = Field(default_factory=ReportSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log_level: str = "INFO"
+
+    def __init__(self, **values: Any) -> None:
+        """As BaseSettings, with unknown keys named in a FhirConfigError (pydantic's own error
+        would also print each value given, and a value can be a secret)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors()
+                       if e["type"] == "extra_forbidden"]
+            if not unknown:
+                raise
+            raise FhirConfigError(
+                f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
+                "(misspelt? the keys are in deploy/config.example.toml)") from None
+
+    def check_site_secrets(self) -> None:
+        """Refuse to start with a secret that fails open: the log-id hash key a placeholder, or,
+        with any service off loopback, unset or short (the public default key lets anyone
+        recover a logged patient hash by hashing candidate ids)."""
+        key = os.environ.get(LOG_ID_KEY_ENV, "").strip()
+        if key and is_placeholder(key):
+            raise FhirConfigError(f"{LOG_ID_KEY_ENV} is the example configs' placeholder: set "
+                                  "a site key (e.g. `openssl rand -hex 32`)")
+        remote = [h for h in (urlsplit(u).hostname for u in (
+            self.fhir.base_url, self.broker_url, self.result_backend, self.state_url))
+            if h and not is_loopback(h)]
+        if remote and len(key) < MIN_SITE_KEY_CHARS:
+            raise FhirConfigError(
+                f"{LOG_ID_KEY_ENV} must be a site key of >= {MIN_SITE_KEY_CHARS} characters "
+                f"when a service is off loopback ({remote[0]}): log lines hash patient ids "
+                "with it")
 
     @classmethod
     def settings_customise_sources(

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-_KEY_ENV = "CLINRAGEN_LOG_ID_KEY"
+KEY_ENV = "CLINRAGEN_LOG_ID_KEY"  # checked at start: config.Settings.check_site_secrets
 
 
 def hash_id(identifier: str) -> str:
@@ -18,8 +18,21 @@ def hash_id(identifier: str) -> str:
 
     With CLINRAGEN_LOG_ID_KEY set, ids cannot be recovered by hashing a list of candidates.
     """
-    key = os.environ.get(_KEY_ENV, "clinragen-fhir").encode()
+    key = os.environ.get(KEY_ENV, "clinragen-fhir").encode()
     return hmac.new(key, identifier.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception for a log line or a dead letter: our own errors (FhirError, whose texts are
+    redacted) in full, anything else by its type only, since a library's text can quote the
+    request it failed on (httpx's "Illegal header value b'Bearer ...'")."""
+    from clinragen_fhir.fhir.errors import FhirError
+
+    if isinstance(exc, FhirError):
+        return f"{type(exc).__name__}: {exc}"
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else \
+        f"{kind.__module__}.{kind.__qualname__}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,8 +48,8 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
-        if record.exc_info and record.exc_info[0] is not None:
-            out["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        if record.exc_info and record.exc_info[1] is not None:
+            out["error"] = error_text(record.exc_info[1])
         return json.dumps(out, default=str)
 
 

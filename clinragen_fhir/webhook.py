@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from clinragen_fhir.logs import hash_id
+from clinragen_fhir.site_secrets import is_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class WebhookConfig:
 
     @classmethod
     def from_env(cls) -> WebhookConfig:
-        secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "")
+        secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "").strip()  # as `subscribe` sends it
         debounce = int(os.environ.get("CLINRAGEN_WEBHOOK_DEBOUNCE_S", "30"))
         path = os.environ.get("CLINRAGEN_WEBHOOK_SECRET_FILE")
         if not secret and path:
@@ -62,6 +63,9 @@ class WebhookConfig:
                 secret = fh.read().strip()
         if len(secret) < 16:
             raise ValueError("set CLINRAGEN_WEBHOOK_SECRET(_FILE) to a secret of >= 16 chars")
+        if is_placeholder(secret):
+            raise ValueError("CLINRAGEN_WEBHOOK_SECRET(_FILE) is the example configs' "
+                             "placeholder: set a real secret")
         return cls(secret=secret.encode(), debounce_s=debounce)
 
 
@@ -215,6 +219,7 @@ def create_app() -> Starlette:
     from clinragen_fhir.worker.tasks import diagnose
 
     settings = Settings()
+    settings.check_site_secrets()
 
     def enqueue(patient_id: str, countdown: int) -> None:
         diagnose.apply_async((patient_id,), countdown=countdown)

@@ -4,6 +4,8 @@ bounded retries honouring Retry-After, token accounting.
 
 The API key is read from the environment at each request and never logged or cached; cache
 entries are keyed by sha256 of (model, messages, parameters), never by the endpoint or key.
+Plain http is refused to a non-loopback host (the key and the patients' notes travel there)
+unless `allow_insecure_http` is set, as for the FHIR endpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from clinragen_fhir.fhir.client import parse_retry_after
+from clinragen_fhir.fhir.client import check_url, parse_retry_after
+from clinragen_fhir.fhir.errors import FhirConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class LLMConfig:
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     cache_dir: Path | None = None
+    allow_insecure_http: bool = False  # plain http to a non-loopback host
 
 
 @dataclass
@@ -110,6 +114,10 @@ class LLMClient:
     """Thread-safe; `complete_many` runs up to `concurrency` requests at once."""
 
     def __init__(self, config: LLMConfig, transport: httpx.BaseTransport | None = None) -> None:
+        try:
+            check_url(config.base_url, "teacher base_url", config.allow_insecure_http)
+        except FhirConfigError as exc:
+            raise LLMError(str(exc)) from None
         self.config = config
         self.stats = UsageStats()
         self._limiter = RateLimiter(config.rate_per_s)
@@ -176,7 +184,7 @@ class LLMClient:
 
     def _headers(self) -> dict[str, str]:
         env = self.config.api_key_env
-        key = os.environ.get(env) if env else None
+        key = (os.environ.get(env) or "").strip() if env else ""  # a file's trailing newline
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:

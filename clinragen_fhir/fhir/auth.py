@@ -2,11 +2,13 @@
 and SMART Backend Services (a signed JWT client assertion, RS384 or ES384).
 
 Tokens are cached until shortly before they expire and fetched again on expiry or on a 401.
-Secrets are held as SecretStr and never appear in reprs, errors or logs.
+Secrets are held as SecretStr and never appear in reprs, errors or logs. A token that cannot be
+sent in a header is refused when read: httpx's "Illegal header value" error quotes it.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
@@ -18,20 +20,33 @@ import httpx
 import jwt
 from pydantic import SecretStr
 
-from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.client import check_url, parse_retry_after
+from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
+
+__all__ = ["BearerAuth", "ClientCredentialsAuth", "SmartBackendAuth", "TokenError",
+           "header_safe"]
 
 EXPIRY_SKEW_S = 30.0  # refresh this long before the server says the token expires
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value can carry
 
 
-class TokenError(FhirError):
-    """The token endpoint refused us or answered nonsense (never retried blindly)."""
+def header_safe(token: SecretStr) -> SecretStr:
+    """The token without surrounding whitespace (a file's trailing newline), or ValueError if
+    what is left cannot go in an Authorization header (the error never quotes it)."""
+    value = token.get_secret_value().strip()
+    if not _HEADER_TOKEN.fullmatch(value):
+        raise ValueError("empty, or has a space, newline or non-ASCII character")
+    return SecretStr(value)
 
 
 class BearerAuth(httpx.Auth):
     """A static bearer token."""
 
     def __init__(self, token: SecretStr) -> None:
-        self._token = token
+        try:
+            self._token = header_safe(token)
+        except ValueError as exc:
+            raise FhirConfigError(f"bearer token unusable: {exc}") from None
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
@@ -44,8 +59,11 @@ class _CachedTokenAuth(httpx.Auth):
     requires_response_body = False
 
     def __init__(self, token_url: str, scope: str | None, verify: bool | ssl.SSLContext = True,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, allow_insecure_http: bool = False,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        check_url(token_url, "token_url", allow_insecure_http)  # the client secret goes there
         self.token_url = token_url
+        self._transport = transport
         self.scope = scope
         self._verify = verify
         self._timeout = timeout
@@ -65,20 +83,23 @@ class _CachedTokenAuth(httpx.Auth):
         if self.scope:
             form["scope"] = self.scope
         try:
-            response = httpx.post(self.token_url, data=form, auth=self._basic_auth(),
-                                  headers={"Accept": "application/json"},
-                                  verify=self._verify, timeout=self._timeout)
-        except httpx.HTTPError as exc:
-            raise TokenError(f"token endpoint unreachable: {type(exc).__name__}") from exc
+            with httpx.Client(auth=self._basic_auth(), verify=self._verify,
+                              timeout=self._timeout, transport=self._transport) as http:
+                response = http.post(self.token_url, data=form,
+                                     headers={"Accept": "application/json"})
+        except httpx.HTTPError as exc:  # its text can quote what was sent: only the type
+            raise TokenError(f"token endpoint unreachable: {type(exc).__name__}",
+                             unreachable=True) from None
         if response.status_code != 200:
             raise TokenError(f"token endpoint answered HTTP {response.status_code}: "
-                             f"{_oauth_error(response)}")
+                             f"{_oauth_error(response)}", status=response.status_code,
+                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
         try:
             body: dict[str, Any] = response.json()
-            token = str(body["access_token"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TokenError("token endpoint answer has no access_token") from exc
-        self._token = SecretStr(token)
+            token = header_safe(SecretStr(str(body["access_token"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TokenError("token endpoint answer has no usable access_token") from None
+        self._token = token
         self._expires_at = time.monotonic() + float(body.get("expires_in", 300)) - EXPIRY_SKEW_S
         self.fetches += 1
 
@@ -101,7 +122,7 @@ def _oauth_error(response: httpx.Response) -> str:
     try:
         body = response.json()
         return str(body.get("error_description") or body.get("error"))[:200]
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         return response.text[:200]
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
@@ -30,7 +30,8 @@ FHIR_JSON = "application/fhir+json"
 JsonDict = dict[str, Any]
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address: traffic that never leaves the machine."""
     if host == "localhost":
         return True
     try:
@@ -39,17 +40,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
-    """Refuse plain http to a non-loopback host unless explicitly allowed (PHI in transit)."""
-    parts = urlsplit(base_url)
+def check_url(url: str, what: str, allow_insecure_http: bool = False) -> None:
+    """Refuse plain http to a non-loopback host unless explicitly allowed: PHI, tokens and
+    client secrets would cross the network in the clear."""
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FhirConfigError(f"FHIR base URL must be http(s)://host/...: {base_url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not allow_insecure_http:
+        raise FhirConfigError(f"{what} must be http(s)://host/...: {parts.scheme}://"
+                              f"{parts.hostname or ''}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_insecure_http:
         raise FhirConfigError(
-            f"refusing plain http to non-loopback host {parts.hostname}: use https, "
+            f"refusing plain http to non-loopback host {parts.hostname} ({what}): use https, "
             "or set allow_insecure_http = true for this endpoint"
         )
+
+
+def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
+    """The FHIR base URL without a trailing slash, if it passes `check_url`."""
+    check_url(base_url, "FHIR base URL", allow_insecure_http)
     return base_url.rstrip("/")
+
+
+def redact_url(url: str) -> str:
+    """A request URL safe for logs and errors: the path as `redact_path`, every query value
+    hashed (a server's `next` link can carry the patient id, or an opaque page token)."""
+    parts = urlsplit(url)
+    query = "&".join(f"{k}=#{hash_id(v)[:10]}" for k, v in parse_qsl(parts.query, True))
+    return redact_path(parts.path) + (f"?{query}" if query else "")
 
 
 def redact_path(path: str) -> str:
@@ -73,10 +89,14 @@ def redact_text(text: str, known: Iterable[str] = ()) -> str:
 
 
 def _sent_tokens(url: str, params: Mapping[str, Any] | None) -> list[str]:
-    """Ids in the path and values of the (non `_`) search parameters of a request."""
-    parts = (urlsplit(url).path or url).split("/")
+    """Ids in the path, values of the (non `_`) search parameters of a request, and the values
+    in the URL's own query (a `next` link's: the patient id, an opaque page token), but for
+    plain numbers in `_` parameters (`_count=200`)."""
+    split = urlsplit(url)
+    parts = split.path.split("/")
     tokens = [p for i, p in enumerate(parts)
               if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")]
+    tokens += [v for k, v in parse_qsl(split.query, True) if not (k[:1] == "_" and v.isdigit())]
     for key, value in (params or {}).items():
         if not str(key).startswith("_"):
             tokens += [str(value), *re.split(r"[,|/]", str(value))]
@@ -120,6 +140,19 @@ def _searchset(bundle: JsonDict) -> JsonDict:
                                   or not all(isinstance(i, dict) for i in items)):
             raise FhirError(f"search answer's {key} is not a list of objects")
     return bundle
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason code from the exception chain ("CERTIFICATE_VERIFY_FAILED"): a fixed
+    name that says what to fix, unlike the exception's text."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError) and isinstance(cause.reason, str):
+            return f" ({cause.reason})"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 class TokenBucket:
@@ -208,8 +241,12 @@ class FhirClient:
     # -- transport -------------------------------------------------------------------------
     def _send(self, method: str, url: str, *, params: Mapping[str, Any] | None = None,
               json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
-        """One request with bounded retries on transient failures (honours Retry-After)."""
-        path = redact_path(urlsplit(url).path or url)
+        """One request with bounded retries on transient failures (honours Retry-After).
+
+        A transport error's text is never kept: it can quote the request (httpx's "Illegal
+        header value" quotes the Authorization header), and errors end in logs and dead letters.
+        """
+        path = redact_url(url)
         attempt = 0
         while True:
             try:
@@ -220,11 +257,16 @@ class FhirClient:
                     self.bucket.acquire()
                 response = self._http.request(method, url, params=params, json=json, headers=hdrs)
             except httpx.TimeoutException as exc:
-                error: FhirError = FhirUnavailable(f"{method} {path}: timed out ({exc})")
+                error: FhirError = FhirUnavailable(f"{method} {path}: timed out "
+                                                   f"({type(exc).__name__})")
                 self._observe(method, None)
             except httpx.TransportError as exc:
-                error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")
+                error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}{_tls_reason(exc)}")
                 self._observe(method, None)
+            except FhirError as exc:  # from the auth flow: the token endpoint (TokenError)
+                error = exc
+            except httpx.HTTPError as exc:  # not transport (a body that does not decode): final
+                raise FhirError(f"{method} {path}: {type(exc).__name__}") from None
             else:
                 self._observe(method, response.status_code)
                 if response.status_code < 400:
@@ -308,4 +350,4 @@ class FhirClient:
         """Paging links must stay on our server: credentials are never sent elsewhere."""
         ours, theirs = urlsplit(self.base_url), urlsplit(url)
         if theirs.scheme and (theirs.scheme, theirs.netloc) != (ours.scheme, ours.netloc):
-            raise FhirError(f"server sent a paging link to another origin: {theirs.netloc}")
+            raise FhirError(f"server sent a paging link to another origin: {theirs.hostname}")

@@ -35,5 +35,18 @@ class FhirHTTPError(FhirError):
         super().__init__(f"{method} {path}: HTTP {status}: {detail}")
 
 
+class TokenError(FhirError):
+    """The token endpoint gave no usable token. The retry decision is made here: no answer, a
+    timeout, 408, 429 and 5xx are blips (retried, else one outage dead-letters every task); any
+    other refusal or a malformed answer is final."""
+
+    def __init__(self, message: str, status: int | None = None, unreachable: bool = False,
+                 retry_after: float | None = None) -> None:
+        self.status = status
+        self.retryable = unreachable or status in (408, 429) or (status or 0) >= 500
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class FhirConfigError(FhirError):
     """The endpoint configuration is unsafe or incomplete (e.g. plain http to a remote host)."""

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     """Settings, graph and predictor, loaded once per worker process."""
     settings = Settings()
+    settings.check_site_secrets()
     logs.configure(settings.log_level)
     kg = load_graph(settings.knowledge_path)
     return settings, kg, build_predictor(settings.model_dir, kg, settings.inference)
@@ -44,7 +45,7 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
         settings = _runtime()[0]
         try:
             letter = WorkerState(settings.state_url).dead_letter(
-                self.name, list(args), f"{type(exc).__name__}: {exc}", self.request.retries)
+                self.name, list(args), logs.error_text(exc), self.request.retries)
             log.error("task dead-lettered", extra={"fields": {
                 "task": self.name, "dead_letter": letter.id, "error": type(exc).__name__}})
         except Exception:  # the state store is down too: the failure is still in the logs
@@ -84,7 +85,8 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
                 "error": type(exc).__name__}})
             outcome_label = "retry"
             raise self.retry(exc=exc, countdown=delay) from exc
-        log.error("diagnose failed", extra={"fields": {"patient": phash, "error": str(exc)}})
+        log.error("diagnose failed", extra={"fields": {"patient": phash,
+                                                        "error": logs.error_text(exc)}})
         raise
     except SoftTimeLimitExceeded:
         outcome_label = "timeout"

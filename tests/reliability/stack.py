@@ -310,7 +310,9 @@ def base_env(fhir_url: str, redis: Redis, **extra: str) -> dict[str, str]:
         # The token goes to HAPI (which ignores it) on every request: the log grep proves it
         # never reaches a log line.
         "CLINRAGEN_FHIR__AUTH": "bearer", "CLINRAGEN_FHIR__TOKEN_ENV": "RELIABILITY_TOKEN",
-        "RELIABILITY_TOKEN": BEARER_TOKEN,
+        # with a file's trailing newline: stripped when read, so httpx never quotes it in an
+        # "Illegal header value" error (issue 13; tests/unit/test_log_grep.py)
+        "RELIABILITY_TOKEN": BEARER_TOKEN + "\n",
         "CLINRAGEN_BROKER_URL": redis.url(0), "CLINRAGEN_RESULT_BACKEND": redis.url(1),
         "CLINRAGEN_STATE_URL": redis.url(2), "CLINRAGEN_LOG_ID_KEY": LOG_ID_KEY,
         "CLINRAGEN_WORKER__SOFT_TIME_LIMIT_S": "40", "CLINRAGEN_WORKER__TIME_LIMIT_S": "50",

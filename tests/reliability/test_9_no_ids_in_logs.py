@@ -2,7 +2,9 @@
 
 Runs last (file order): greps every log line of every worker and receiver process the suite
 ran in this session (.run/reliability/logs/) for every patient id the suite created and every
-secret it handed out (bearer token, webhook secret, log-hash key).
+secret it handed out (bearer token, webhook secret, log-hash key). The bearer token is handed
+out with a trailing newline, as a token file has one. The same grep over a token with a newline,
+a failing transport and page-2 errors, at the unit level: tests/unit/test_log_grep.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,14 @@
+"""Secrets that must not fail open: placeholders copied from the example configs in deploy/
+(site.env, the k8s Secret), which look like secrets and so would be used as such."""
+
+from __future__ import annotations
+
+# what the placeholders in deploy/compose/site.env and deploy/k8s/clinragen.yaml contain
+_MARKERS = ("change-me", "changeme", "replace-with", "replace-me")
+
+
+def is_placeholder(value: str) -> bool:
+    """True for `change-me-...`, `replace-with-...`, or a PEM whose body is `REPLACE`."""
+    text = value.strip().lower()
+    return any(m in text for m in _MARKERS) or "replace" in (
+        line.strip() for line in text.splitlines())
