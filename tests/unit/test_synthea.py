@@ -48,13 +48,14 @@ def test_a_generated_cohort_is_reused_resumed_and_builds_examples(tmp_path: Path
     spec = CohortSpec(patients=6, seed=5, ages="40-80", chunk=3)
     folder = generate(spec, cache)
     assert (folder / "cohort.json").is_file() and len(chunk_dirs(folder)) == 2
-    first = {p.name: p.stat().st_mtime for d in chunk_dirs(folder) for p in d.iterdir()}
+    first = {p.name: p.stat().st_mtime_ns for p in (folder / "chunk-000" / "fhir").iterdir()}
     # a stopped run: the second chunk lost its marker; only it is generated again
     (folder / "chunk-001" / "done.json").unlink()
     (folder / "cohort.json").unlink()
     generate(spec, cache)
-    again = {p.name: p.stat().st_mtime for p in (folder / "chunk-000" / "fhir").iterdir()}
-    assert all(first[k] == v for k, v in again.items())
+    again = {p.name: p.stat().st_mtime_ns for p in (folder / "chunk-000" / "fhir").iterdir()}
+    assert again == first  # the finished chunk was not touched
+    assert (folder / "chunk-001" / "done.json").is_file()
     assert json.loads((folder / "cohort.json").read_text())["chunks"] == 2
     source = source_from_spec(folder)
     assert source.kind == "cohort"
