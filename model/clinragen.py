@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_ids, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
-from clinragen_fhir.inference.decoding import greedy, token_pieces
-from clinragen_fhir.inference.grounding import RationaleConstraint
+from clinragen_fhir.inference.decoding import greedy
+from clinragen_fhir.inference.grounding import RationaleConstraint, token_budget
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
@@ -146,7 +146,6 @@ class ClinRaGen(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.kg = kg
-        self._pieces: list[str] | None = None
         self.loinc_vocab = loinc_vocabulary(config.loinc_codes)
         self._freeze_backbone()
         lm_cfg = self.base_lm().config
@@ -317,17 +316,6 @@ class ClinRaGen(nn.Module):
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts], ids
 
-    def pieces(self) -> list[str]:
-        """Per-token appended text (built once): what grounded decoding matches readings with."""
-        if self._pieces is None:
-            anchor = self.tokenizer.convert_tokens_to_ids("a")
-            if not isinstance(anchor, int) or anchor == self.tokenizer.unk_token_id:
-                anchor = 0
-            self._pieces = token_pieces(
-                lambda rows: self.tokenizer.batch_decode(rows, skip_special_tokens=False),
-                len(self.tokenizer), anchor)
-        return self._pieces
-
     @torch.no_grad()
     def generate_grounded(self, batch: Batch, terms: Sequence[Sequence[str]],
                           max_new_tokens: int | None = None) -> list[str]:
@@ -340,7 +328,7 @@ class ClinRaGen(nn.Module):
         budget = self.config.budgets.prompt_reading_tokens
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
-        constraint = RationaleConstraint(self.pieces(), eos)
+        constraint = RationaleConstraint(self._ids, eos)
         constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings])
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
@@ -352,8 +340,8 @@ class ClinRaGen(nn.Module):
         def embed(ids: np.ndarray) -> np.ndarray:
             return self.prefix.embed(torch.from_numpy(ids)).numpy()
 
-        gen = greedy(step, embed, embeds.numpy(), mask.numpy(),
-                     max_new_tokens or self.config.max_new_tokens, eos, pad, constraint)
+        n = token_budget(terms, max_new_tokens or self.config.max_new_tokens)
+        gen = greedy(step, embed, embeds.numpy(), mask.numpy(), n, eos, pad, constraint)
         texts = self.tokenizer.batch_decode(gen.ids, skip_special_tokens=True)
         return [str(t).strip() for t in texts]
 

@@ -4,7 +4,7 @@ The rationale is one line per concluded diagnosis, `<term>: <clause>[; <clause>]
 is one of the readings the prompt showed (`encoding.prompt.shown_readings`, written by
 `encoding.features.reading_texts`) or "no supporting reading". The model chooses; decoding only
 lets through tokens that keep the current line a prefix of one of its allowed lines (a trie over
-the patient's readings, as text). Values, units and dates are then copied from the record by
+the tokens of the patient's readings). Values, units and dates are then copied from the record by
 construction, and the claim check (`report.faithfulness`) can only confirm them.
 
 Pure numpy/Python, driven by `inference.decoding.greedy` with any step function.
@@ -12,14 +12,23 @@ Pure numpy/Python, driven by `inference.decoding.greedy` with any step function.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 NO_SUPPORT = "no supporting reading"
 NOTHING = "No disorder is supported by these results."
 MAX_CLAUSES = 2
+
+
+TOKENS_PER_LINE = 64  # a term and two readings ("...: HbA1c 6.1 % on 2024-03-02, high; ...")
+
+
+def token_budget(terms: Sequence[Sequence[str]], floor: int) -> int:
+    """New tokens for a batch: enough to finish every row's lines (a line cut at the token limit
+    would end mid-reading), and at least `floor`."""
+    return max(floor, TOKENS_PER_LINE * max((len(t) for t in terms), default=0) + 8)
 
 
 def allowed_lines(term: str, readings: Sequence[str], last: bool) -> list[str]:
@@ -34,53 +43,58 @@ def allowed_lines(term: str, readings: Sequence[str], last: bool) -> list[str]:
 
 @dataclass
 class _Row:
-    lines: list[list[str]]  # per diagnosis, its allowed lines
+    lines: list[dict[tuple[int, ...], set[int]]]  # per diagnosis: token prefix -> next tokens
+    ends: list[set[tuple[int, ...]]]  # per diagnosis: its complete lines, as token tuples
     at: int = 0  # the line being written
-    text: str = ""  # what is written of it
+    ids: tuple[int, ...] = ()  # its tokens so far
     done: bool = False
 
 
-@dataclass
 class RationaleConstraint:
     """Constrained greedy decoding of per-diagnosis lines (a per-batch state machine, the same
-    interface as `decoding.DiagnosisConstraint`: start, mask, advance)."""
+    interface as `decoding.DiagnosisConstraint`: start, mask, advance).
 
-    pieces: Sequence[str]  # pieces[i]: the text token i appends
-    eos_id: int
-    rows: list[_Row] = field(default_factory=list)
+    Lines are tokenized the way training tokenized its targets (`encode`), and decoding follows
+    that tokenization: the model chooses among whole readings, not among ways to spell one (an
+    untrained or unsure model would otherwise spell a reading character by character)."""
 
-    def __post_init__(self) -> None:
-        self._by_piece: dict[str, list[int]] = {}
-        for i, p in enumerate(self.pieces):
-            if p and i != self.eos_id:
-                self._by_piece.setdefault(p, []).append(i)
-        self._longest = max((len(p) for p in self._by_piece), default=1)
+    def __init__(self, encode: Callable[[str], Sequence[int]], eos_id: int) -> None:
+        self.encode = encode
+        self.eos_id = eos_id
+        self.rows: list[_Row] = []
+        self._pending: list[_Row] | None = None
+
+    def _trie(self, lines: Sequence[str]) -> tuple[dict[tuple[int, ...], set[int]],
+                                                   set[tuple[int, ...]]]:
+        trie: dict[tuple[int, ...], set[int]] = {}
+        ends: set[tuple[int, ...]] = set()
+        for line in lines:
+            ids = tuple(int(t) for t in self.encode(line))
+            for k in range(len(ids)):
+                trie.setdefault(ids[:k], set()).add(ids[k])
+            ends.add(ids)
+        return trie, ends
 
     def start_rows(self, terms: Sequence[Sequence[str]],
                    readings: Sequence[Sequence[str]]) -> None:
         """Per row: the concluded terms (in the order the prompt lists them) and the readings
         the prompt showed."""
-        self._pending = [
-            [allowed_lines(t, r, k == len(ts) - 1) for k, t in enumerate(ts)] or [[NOTHING]]
-            for ts, r in zip(terms, readings, strict=True)]
+        rows = []
+        for ts, shown in zip(terms, readings, strict=True):
+            per_line = [allowed_lines(t, shown, k == len(ts) - 1) for k, t in enumerate(ts)]
+            built = [self._trie(lines) for lines in per_line or [[NOTHING]]]
+            rows.append(_Row([t for t, _ in built], [e for _, e in built]))
+        self._pending = rows
 
     def start(self, batch: int) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is None or len(pending) != batch:
+        if self._pending is None or len(self._pending) != batch:
             raise ValueError("call start_rows with one entry per row before decoding")
-        self.rows = [_Row(lines) for lines in pending]
+        self.rows, self._pending = self._pending, None
 
     def _allowed(self, row: _Row) -> list[int]:
         if row.done:
             return [self.eos_id]
-        out: set[int] = set()
-        for line in row.lines[row.at]:
-            if not line.startswith(row.text):
-                continue
-            rest = line[len(row.text):]
-            for n in range(1, min(len(rest), self._longest) + 1):
-                out.update(self._by_piece.get(rest[:n], ()))
-        return sorted(out) or [self.eos_id]
+        return sorted(row.lines[row.at].get(row.ids, ())) or [self.eos_id]
 
     def mask(self, logits: np.ndarray, remaining: int, finished: np.ndarray) -> np.ndarray:
         """Logits with every token that leaves the allowed lines at -inf."""
@@ -97,10 +111,10 @@ class RationaleConstraint:
     def advance(self, tokens: np.ndarray) -> None:
         for b, row in enumerate(self.rows):
             t = int(tokens[b])
-            if row.done or t == self.eos_id or not 0 <= t < len(self.pieces):
+            if row.done or t == self.eos_id:
                 row.done = True
                 continue
-            row.text += self.pieces[t]
-            if row.text in row.lines[row.at]:  # the line is complete
-                row.at, row.text = row.at + 1, ""
+            row.ids = (*row.ids, t)
+            if row.ids in row.ends[row.at]:  # the line is complete
+                row.at, row.ids = row.at + 1, ()
                 row.done = row.at >= len(row.lines)

@@ -23,7 +23,7 @@ from clinragen_fhir.inference.decoding import (
     token_pieces,
 )
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
-from clinragen_fhir.inference.grounding import RationaleConstraint
+from clinragen_fhir.inference.grounding import RationaleConstraint, token_budget
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
 from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
@@ -222,9 +222,9 @@ class OnnxModel:
         return self._constraint
 
     def grounding(self) -> RationaleConstraint:
-        """Built once (its piece index is reused); `start_rows` sets each batch's lines."""
+        """Built once; `start_rows` sets each batch's lines."""
         if self._grounding is None:
-            self._grounding = RationaleConstraint(self.pieces(),
+            self._grounding = RationaleConstraint(self._encode,
                                                   self.manifest.decoder.eos_token_id)
         return self._grounding
 
@@ -249,6 +249,8 @@ class OnnxModel:
         The head runs first; `conclude(probabilities) -> terms per row` names the diagnoses the
         rationale is written for (none without it), as training put the labels there."""
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if grounded:  # room for a line per concluded code (at most max_codes of them)
+            n = token_budget([[""] * self.config.max_codes], n)
         self.check(arrays, n, MAX_CONDITION_TOKENS + self.config.budgets.prompt_reading_tokens)
         prefix = self.run_prefix(arrays)
         probs = self.probabilities(prefix.diagnosis_logits)

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import reading_texts
-from clinragen_fhir.inference.decoding import greedy, token_pieces
+from clinragen_fhir.inference.decoding import greedy
 from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING, RationaleConstraint
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.report.faithfulness import LabLexicon, diagnosis_claims
@@ -46,10 +46,9 @@ def _frame() -> pd.DataFrame:
 def _decode(tokenizer: Tokenizer, terms: list[list[str]], readings: list[list[str]],
             seed: int, max_new: int = 120) -> list[str]:
     vocab = tokenizer.get_vocab_size()
-    pieces = token_pieces(lambda rows: tokenizer.decode_batch(rows, skip_special_tokens=False),
-                          vocab, tokenizer.token_to_id("a"))
     eos = tokenizer.token_to_id("<|im_end|>")
-    constraint = RationaleConstraint(pieces, eos)
+    constraint = RationaleConstraint(
+        lambda text: tokenizer.encode(text, add_special_tokens=False).ids, eos)
     constraint.start_rows(terms, readings)
     rng = np.random.default_rng(seed)
 
