@@ -101,14 +101,17 @@ def train(config: str, data_dir: Path, run_dir: Path, variants: tuple[str, ...])
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Where results.{json,md} and per_disorder_f1.png go (default: the run).")
-def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None) -> None:
+@click.option("--variant", "variants", multiple=True,
+              help="Only these SLM variants (default: every finished one).")
+def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None,
+             variants: tuple[str, ...]) -> None:
     """Score the baselines and the trained variants on the test split; print the table."""
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import markdown_table
 
     cfg = load_config(config)
     results = run_evaluation(cfg, run_dir, _examples(data_dir), _kg(), out_dir or run_dir,
-                             external=external_examples(run_dir))
+                             variants=list(variants) or None, external=external_examples(run_dir))
     click.echo(markdown_table(results))
 
 
