@@ -102,6 +102,9 @@ def tune_threshold(y: np.ndarray, prob: np.ndarray,
     return best_t
 
 
+NEVER = 1.01  # a threshold no probability reaches
+
+
 def tune_thresholds(y: np.ndarray, prob: np.ndarray, codes: Sequence[str],
                     min_precision: float = 0.8, min_positives: int = 5,
                     grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.99, 0.01), 2))
@@ -109,8 +112,10 @@ def tune_thresholds(y: np.ndarray, prob: np.ndarray, codes: Sequence[str],
     """(global threshold, per-disorder thresholds) for a precision operating point, on
     validation data. Per disorder with at least `min_positives` positives: the threshold with the
     best F1 among those whose precision reaches `min_precision`; when none reaches it, the best
-    F0.5 (precision weighted). Rarer disorders use the global threshold: the best micro-F1 among
-    thresholds whose pooled precision reaches `min_precision` (else the best pooled F0.5).
+    F0.5 (precision weighted) among those reaching half of it; else `NEVER` (the system cannot
+    recognise the disorder at a usable precision: concluding it would add false positives). Rarer disorders
+    use the global threshold: the best micro-F1 among thresholds whose pooled precision reaches
+    `min_precision` (else the best pooled F0.5).
     Every learned system gets the same treatment."""
     y = np.asarray(y, dtype=int)
     grid_a = np.asarray(grid, dtype=float)
@@ -124,8 +129,11 @@ def tune_thresholds(y: np.ndarray, prob: np.ndarray, codes: Sequence[str],
             precision = np.where(tp_ + fp_ > 0, tp_ / (tp_ + fp_), 0.0)
             f1 = np.where(tp_ > 0, 2 * tp_ / (2 * tp_ + fp_ + fn_), 0.0)
             f05 = np.where(tp_ > 0, 1.25 * tp_ / (1.25 * tp_ + fp_ + 0.25 * fn_), 0.0)
-        ok = precision >= min_precision
-        score = np.where(ok, f1, -1.0) if ok.any() else f05
+        ok = (precision >= min_precision) & (tp_ > 0)
+        fallback = (precision >= min_precision / 2) & (tp_ > 0)
+        score = np.where(ok, f1, -1.0) if ok.any() else np.where(fallback, f05, -1.0)
+        if score.max() <= 0:  # no threshold is even half as precise: never conclude it
+            return NEVER
         return float(grid_a[int(np.argmax(score))])
 
     if y.sum() == 0:
