@@ -78,3 +78,25 @@ def test_bootstrap_intervals_are_over_patients_and_paired() -> None:
     assert out["same"]["diff_low"] == out["same"]["diff_high"] == 0
     again = bootstrap_macro_f1(y, {"noisy": noisy}, groups, n=200, seed=1)
     assert again["noisy"] == {k: out["noisy"][k] for k in ("low", "high")}  # seeded
+
+
+def test_thresholds_for_a_precision_operating_point() -> None:
+    """Per disorder: the best F1 among thresholds with precision >= 0.8; a disorder nothing
+    recognises at even half that precision is never concluded (not concluded at the grid's
+    first threshold)."""
+    from training.metrics import NEVER, tune_thresholds
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((600, 3)) < 0.2).astype(int)
+    p = np.clip(y * 0.6 + rng.random((600, 3)) * 0.5, 0, 1)  # a, b: separable above 0.5
+    p[:, 2] = rng.random(600)  # c: noise
+    _, per = tune_thresholds(y, p, ["a", "b", "c"], min_precision=0.8)
+    for j, code in enumerate("ab"):
+        pred = p[:, j] >= per[code]
+        assert (y[pred, j] == 1).mean() >= 0.8 and pred.sum() > 0
+    assert per["c"] == NEVER and not (p[:, 2] >= NEVER).any()
+    # rarer than min_positives: left to the global threshold
+    y_rare = y.copy()
+    y_rare[:, 1] = 0
+    y_rare[:3, 1] = 1
+    assert "b" not in tune_thresholds(y_rare, p, ["a", "b", "c"], min_positives=5)[1]
