@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_ids, shown_readings
+from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.decoding import greedy
 from clinragen_fhir.inference.grounding import RationaleConstraint, token_budget
@@ -255,9 +255,8 @@ class ClinRaGen(nn.Module):
                   readings: Sequence[Sequence[str]]) -> list[list[int]]:
         """Per row, the token ids after the prefix (`encoding.prompt.condition_ids`): the
         readings as text and the diagnoses the rationale explains."""
-        budget = self.config.budgets.prompt_reading_tokens
-        return [condition_ids(self._ids, t, r, budget)
-                for t, r in zip(terms, readings, strict=True)]
+        return condition_rows(self._ids, terms, readings,
+                              self.config.budgets.prompt_reading_tokens)
 
     def with_condition(self, embeds: Tensor, mask: Tensor, terms: Sequence[Sequence[str]] | None,
                        readings: Sequence[Sequence[str]] | None = None) -> tuple[Tensor, Tensor]:

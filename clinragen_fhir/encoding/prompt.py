@@ -52,3 +52,10 @@ def condition_ids(encode: Encode, terms: Sequence[str], readings: Sequence[str] 
         if len(tail) <= MAX_CONDITION_TOKENS or not kept:
             return head + tail[:MAX_CONDITION_TOKENS]
         kept.pop()
+
+
+def condition_rows(encode: Encode, terms: Sequence[Sequence[str]],
+                   readings: Sequence[Sequence[str]], reading_budget: int) -> list[list[int]]:
+    """`condition_ids` per row of a batch (the torch model and the ONNX runtime both call it)."""
+    return [condition_ids(encode, t, r, reading_budget)
+            for t, r in zip(terms, readings, strict=True)]

@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import BATCH_KEYS, Budgets, loinc_vocabulary
-from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_ids, shown_readings
+from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows, shown_readings
 from clinragen_fhir.inference.decoding import (
     Constraint,
     DiagnosisConstraint,
@@ -235,9 +235,8 @@ class OnnxModel:
                   readings: Sequence[Sequence[str]]) -> list[list[int]]:
         """Per row, the token ids after the prefix (`encoding.prompt.condition_ids`): the
         readings as text and the diagnoses the rationale explains."""
-        budget = self.config.budgets.prompt_reading_tokens
-        return [condition_ids(self._encode, row, shown, budget)
-                for row, shown in zip(terms, readings, strict=True)]
+        return condition_rows(self._encode, terms, readings,
+                              self.config.budgets.prompt_reading_tokens)
 
     def generate(self, arrays: dict[str, np.ndarray], max_new_tokens: int | None = None,
                  constrained: bool = False, keep_logits: bool = False, grounded: bool = False,
