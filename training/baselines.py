@@ -156,8 +156,12 @@ class LabFeatures:
         return self
 
     def transform(self, examples: Sequence[Example]) -> np.ndarray:
+        """[n, 5 * codes + 3]; numpy per example (a pandas groupby per example took minutes
+        over ten thousand visits)."""
         out = np.zeros((len(examples), 5 * len(self.codes) + 3), dtype=np.float32)
         col = {c: k for k, c in enumerate(self.codes)}
+        mean = np.array([self.mean[c] for c in self.codes] or [0.0])
+        std = np.array([self.std[c] for c in self.codes] or [1.0])
         for i, ex in enumerate(examples):
             p = ex.patient
             age = p.age_years()
@@ -167,17 +171,26 @@ class LabFeatures:
             f = ex.labs
             if not len(f):
                 continue
-            f = f.sort_values("time", kind="stable")
-            for code, g in f.groupby("loinc", sort=False):
-                k = col.get(str(code))
-                if k is None:
-                    continue
-                v = g["value"].to_numpy(dtype=float)
-                z = _z(v, g["ref_low"].to_numpy(float), g["ref_high"].to_numpy(float))
-                z = np.where(np.isfinite(z), z, (v - self.mean[str(code)]) / self.std[str(code)])
-                z = np.clip(z, -20, 20)
-                out[i, 5 * k:5 * k + 5] = [z[-1], z.min(), z.max(), np.log1p(len(z)),
-                                           z[-1] - z[0]]
+            k = np.fromiter((col.get(str(c), -1) for c in f["loinc"].to_numpy()),
+                            dtype=np.int64, count=len(f))
+            keep = k >= 0
+            if not keep.any():
+                continue
+            k = k[keep]
+            v = f["value"].to_numpy(dtype=float)[keep]
+            z = _z(v, f["ref_low"].to_numpy(float)[keep], f["ref_high"].to_numpy(float)[keep])
+            z = np.clip(np.where(np.isfinite(z), z, (v - mean[k]) / std[k]), -20, 20)
+            t = f["time"].to_numpy(dtype="datetime64[ns]").astype(np.int64)[keep]
+            order = np.lexsort((np.arange(len(k)), t, k))  # by test, then time (stable)
+            ks, zs = k[order], z[order]
+            starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+            ends = np.r_[starts[1:], len(ks)] - 1
+            base = 5 * ks[starts]
+            out[i, base] = zs[ends]
+            out[i, base + 1] = np.minimum.reduceat(zs, starts)
+            out[i, base + 2] = np.maximum.reduceat(zs, starts)
+            out[i, base + 3] = np.log1p(ends - starts + 1)
+            out[i, base + 4] = zs[ends] - zs[starts]
         return np.nan_to_num(out, nan=0.0, posinf=20.0, neginf=-20.0)
 
 
@@ -243,8 +256,10 @@ class FeatureClassifier:
                 self.tfidf.fit(texts)
             except ValueError:  # no vocabulary (no notes at all)
                 self.tfidf = TfidfVectorizer(min_df=1).fit([*texts, "empty"])
-            self.scaler = StandardScaler().fit(self.labs.transform(examples))
-        lab = self.scaler.transform(self.labs.transform(examples))
+        raw = self.labs.transform(examples)
+        if fit:
+            self.scaler = StandardScaler().fit(raw)
+        lab = self.scaler.transform(raw)
         text = self.tfidf.transform(texts)
         if self.kind == "logistic":
             return sparse.hstack([sparse.csr_matrix(lab), text]).tocsr()
