@@ -113,9 +113,9 @@ def tune_thresholds(y: np.ndarray, prob: np.ndarray, codes: Sequence[str],
     validation data. Per disorder with at least `min_positives` positives: the threshold with the
     best F1 among those whose precision reaches `min_precision`; when none reaches it, the best
     F0.5 (precision weighted) among those reaching half of it; else `NEVER` (the system cannot
-    recognise the disorder at a usable precision: concluding it would add false positives). Rarer disorders
-    use the global threshold: the best micro-F1 among thresholds whose pooled precision reaches
-    `min_precision` (else the best pooled F0.5).
+    recognise the disorder at a usable precision: concluding it would add false positives).
+    Rarer disorders use the global threshold: the best micro-F1 among thresholds whose pooled
+    precision reaches `min_precision` (else the best pooled F0.5).
     Every learned system gets the same treatment."""
     y = np.asarray(y, dtype=int)
     grid_a = np.asarray(grid, dtype=float)
