@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.decoding import greedy
-from clinragen_fhir.inference.grounding import RationaleConstraint, token_budget
+from clinragen_fhir.inference.grounding import RationaleConstraint, Tests, token_budget
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
@@ -317,10 +317,12 @@ class ClinRaGen(nn.Module):
 
     @torch.no_grad()
     def generate_grounded(self, batch: Batch, terms: Sequence[Sequence[str]],
-                          max_new_tokens: int | None = None) -> list[str]:
+                          max_new_tokens: int | None = None,
+                          tests: Tests | None = None) -> list[str]:
         """What the runtime writes (`inference.grounding`): one line per concluded diagnosis,
-        each reading copied from the prompt's readings, decoded by the runtime's own `greedy`
-        with this model's decoder as the step function."""
+        each reading copied from the prompt's readings (with `tests`, term -> supporting LOINC
+        codes, only its own diagnosis's), decoded by the runtime's own `greedy` with this
+        model's decoder as the step function."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
         readings = [f.readings for f in batch.features]
         embeds, mask = self.with_condition(embeds, mask, terms, readings)
@@ -328,7 +330,8 @@ class ClinRaGen(nn.Module):
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
         constraint = RationaleConstraint(self._ids, eos)
-        constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings])
+        constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings],
+                              [f.reading_codes for f in batch.features], tests)
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
             out = self.slm(inputs_embeds=torch.from_numpy(e), attention_mask=torch.from_numpy(m),

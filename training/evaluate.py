@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
@@ -70,6 +71,7 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
     mc = model.config
     col = {d: j for j, d in enumerate(disorders)}
     term = {c: t for c, t in zip(mc.disorders, mc.disorder_terms, strict=True)}
+    code_of = {t: c for c, t in term.items()}
     data = encode(model, examples, stage_modalities("diagnosis", variant.knowledge), None, kg,
                   cfg.max_target_tokens, "test features")
     n, d = len(examples), len(disorders)
@@ -109,7 +111,8 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
                   disable=not progress, leave=False):
         idx = chosen[s:s + bs]
         batch = model.batch([data[i].features for i in idx])
-        out = model.generate_grounded(batch, [terms[i] for i in idx], cfg.max_new_tokens)
+        out = model.generate_grounded(batch, [terms[i] for i in idx], cfg.max_new_tokens,
+                                      lambda t: supporting_tests(kg, code_of[t]))
         for i, text in zip(idx, out, strict=True):
             texts[i] = text
     seconds = time.perf_counter() - t1

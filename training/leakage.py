@@ -32,28 +32,6 @@ class MaskResult:
     dropped_notes: int = 0  # notes removed (policy "drop")
 
 
-@lru_cache(maxsize=4)
-def _children(kg: KnowledgeGraph) -> dict[str, frozenset[str]]:
-    kids: dict[str, set[str]] = {}
-    for code, dis in kg.disorders().items():
-        for parent in dis.parents:
-            kids.setdefault(parent, set()).add(code)
-    return {k: frozenset(v) for k, v in kids.items()}
-
-
-def descendants(kg: KnowledgeGraph, code: str) -> set[str]:
-    """All IS-A descendants of a disorder inside the graph (not the concept itself)."""
-    kids = _children(kg)
-    seen: set[str] = set()
-    todo = list(kids.get(code, ()))
-    while todo:
-        c = todo.pop()
-        if c not in seen:
-            seen.add(c)
-            todo.extend(kids.get(c, ()))
-    return seen
-
-
 def label_terms(kg: KnowledgeGraph, labels: Iterable[str]) -> list[str]:
     """Every term that names one of the labels or a descendant of one, longest first."""
     codes: set[str] = set()
@@ -61,7 +39,7 @@ def label_terms(kg: KnowledgeGraph, labels: Iterable[str]) -> list[str]:
         if code in ROOTS:
             continue
         codes.add(code)
-        codes |= descendants(kg, code)
+        codes |= kg.descendants(code)
     terms: set[str] = set()
     for code in codes:
         dis = kg.disorder(code)
@@ -93,7 +71,7 @@ def masked_codes(kg: KnowledgeGraph, labels: Collection[str], known: Collection[
     or not; what is hidden then depends only on the history before the index time.
     """
     if scope == "labels":
-        return set(labels).union(*(descendants(kg, c) for c in labels))
+        return set(labels).union(*(kg.descendants(c) for c in labels))
     if scope == "unknown":
         return (set(kg.disorders()) - set(known) - ROOTS) | set(labels)
     raise ValueError(f"mask scope must be 'labels' or 'unknown', not {scope!r}")

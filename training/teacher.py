@@ -22,11 +22,10 @@ import pandas as pd
 from clinragen_fhir.encoding.features import reading_texts
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval, retrieve
-from clinragen_fhir.knowledge.graph import SCT, local
-from clinragen_fhir.knowledge.retrieval import find_mentions, rule_index
+from clinragen_fhir.knowledge.retrieval import find_mentions, supporting_tests
 from model.decode import format_target
 from training.example import Example
-from training.leakage import ROOTS, descendants, occurrences
+from training.leakage import ROOTS, occurrences
 from training.llm import LLMClient
 from training.prompts import (
     STAGES,
@@ -84,18 +83,8 @@ def ordered_diagnoses(kg: KnowledgeGraph, labels: Collection[str]) -> list[tuple
 MAX_CITED_PER_DIAGNOSIS = 2
 
 
-def supporting_tests(kg: KnowledgeGraph, code: str) -> set[str]:
-    """LOINC codes of the findings that support the disorder or one of its descendants."""
-    index = rule_index(kg)
-    related = {code} | descendants(kg, code)
-    return {loinc for f in index.findings
-            for a in index.assocs_by_finding.get(f.uri, [])
-            if a.polarity == "supports" and local(a.disorder, SCT) in related
-            for loinc in f.observables}
-
-
 def _related(kg: KnowledgeGraph, code: str) -> set[str]:
-    return {code} | kg.ancestors(code) | descendants(kg, code)
+    return {code} | kg.ancestors(code) | kg.descendants(code)
 
 
 def _term(kg: KnowledgeGraph, code: str) -> str:
@@ -114,7 +103,7 @@ def check_agreement(kg: KnowledgeGraph, text: str, labels: Collection[str],
     for _, _, codes in occurrences(kg, text):
         named |= codes
     missing = [c for c in most_specific(kg, labels)
-               if not ({c} | descendants(kg, c)) & named]
+               if not ({c} | kg.descendants(c)) & named]
     if missing:
         return False, "does not address " + ", ".join(_term(kg, c) for c in missing)
     # a narrower term of a most-specific label is fine; groupings and known problems admit

@@ -117,6 +117,7 @@ class Features:
     facts: list[Fact] = field(default_factory=list)
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
     readings: list[str] = field(default_factory=list)  # `reading_texts`, for the prompt
+    reading_codes: list[str] = field(default_factory=list)  # the LOINC code of each reading
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,11 +351,11 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
     fact_ids, fact_mask = featurise_facts(facts, tokenizer, budgets.max_facts,
                                           budgets.max_fact_tokens)
     names = retrieval.lab_names if retrieval is not None else lab_names
-    readings = [t for _, t in reading_texts(labs, names)] \
+    shown = reading_texts(labs, names) \
         if modalities.labs and budgets.prompt_reading_tokens > 0 and len(labs) else []
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
                     fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
-                    readings=readings)
+                    readings=[t for _, t in shown], reading_codes=[c for c, _ in shown])
 
 
 def _pad(rows: Sequence[np.ndarray], length: int, dtype: type[np.generic]) -> np.ndarray:

@@ -2,17 +2,20 @@
 
 The rationale is one line per concluded diagnosis, `<term>: <clause>[; <clause>].` where a clause
 is one of the readings the prompt showed (`encoding.prompt.shown_readings`, written by
-`encoding.features.reading_texts`) or "no supporting reading". The model chooses; decoding only
-lets through tokens that keep the current line a prefix of one of its allowed lines (a trie over
-the tokens of the patient's readings). Values, units and dates are then copied from the record by
-construction, and the claim check (`report.faithfulness`) can only confirm them.
+`encoding.features.reading_texts`). Given the tests that support each diagnosis (the graph's
+`knowledge.retrieval.supporting_tests`), a line may cite only readings of those tests, and says
+"no supporting reading" only when the prompt shows none: a diagnosis whose evidence is on the
+screen is never left uncited. The model chooses which readings; decoding only lets through tokens
+that keep the current line a prefix of one of its allowed lines (a trie over the tokens of the
+patient's readings). Values, units and dates are then copied from the record by construction,
+and the claim check (`report.faithfulness`) can only confirm them.
 
 Pure numpy/Python, driven by `inference.decoding.greedy` with any step function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +34,30 @@ def token_budget(terms: Sequence[Sequence[str]], floor: int) -> int:
     return max(floor, TOKENS_PER_LINE * max((len(t) for t in terms), default=0) + 8)
 
 
-def allowed_lines(term: str, readings: Sequence[str], last: bool) -> list[str]:
-    """Every line the model may write for one diagnosis (the last one ends the text)."""
+Tests = Callable[[str], Collection[str]]  # a concluded term -> the LOINC codes that support it
+
+
+def citable(term: str, readings: Sequence[str], codes: Sequence[str] | None,
+            tests: Tests | None) -> list[str] | None:
+    """The shown readings a line for `term` may cite (the readings of its supporting tests);
+    None when nothing says which tests support it (then any shown reading may be cited)."""
+    if tests is None or codes is None:
+        return None
+    support = tests(term)
+    return [r for r, c in zip(readings, codes, strict=False) if c in support]
+
+
+def allowed_lines(term: str, readings: Sequence[str], last: bool,
+                  cite: Sequence[str] | None = None) -> list[str]:
+    """Every line the model may write for one diagnosis (the last one ends the text): with
+    `cite` (its supporting readings), one or two of them, or "no supporting reading" only when
+    there are none; without, any shown reading or none."""
     end = "." if last else ".\n"
-    clauses = [NO_SUPPORT, *readings]
+    if cite is not None:
+        readings = cite
+        clauses = list(cite) or [NO_SUPPORT]
+    else:
+        clauses = [NO_SUPPORT, *readings]
     lines = [f"{term}: {c}{end}" for c in clauses]
     if MAX_CLAUSES > 1:
         lines += [f"{term}: {a}; {b}{end}" for a in readings for b in readings if a != b]
@@ -75,13 +98,18 @@ class RationaleConstraint:
             ends.add(ids)
         return trie, ends
 
-    def start_rows(self, terms: Sequence[Sequence[str]],
-                   readings: Sequence[Sequence[str]]) -> None:
-        """Per row: the concluded terms (in the order the prompt lists them) and the readings
-        the prompt showed."""
+    def start_rows(self, terms: Sequence[Sequence[str]], readings: Sequence[Sequence[str]],
+                   codes: Sequence[Sequence[str]] | None = None,
+                   tests: Tests | None = None) -> None:
+        """Per row: the concluded terms (in the order the prompt lists them), the readings the
+        prompt showed and, with `tests`, their LOINC codes (`Features.reading_codes`), so each
+        line cites its own diagnosis's evidence."""
         rows = []
-        for ts, shown in zip(terms, readings, strict=True):
-            per_line = [allowed_lines(t, shown, k == len(ts) - 1) for k, t in enumerate(ts)]
+        for i, (ts, shown) in enumerate(zip(terms, readings, strict=True)):
+            row_codes = codes[i] if codes is not None else None
+            per_line = [allowed_lines(t, shown, k == len(ts) - 1,
+                                      citable(t, shown, row_codes, tests))
+                        for k, t in enumerate(ts)]
             built = [self._trie(lines) for lines in per_line or [[NOTHING]]]
             rows.append(_Row([t for t, _ in built], [e for _, e in built]))
         self._pending = rows

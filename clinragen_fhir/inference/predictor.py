@@ -22,7 +22,7 @@ from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
-from clinragen_fhir.knowledge.retrieval import Retrieval
+from clinragen_fhir.knowledge.retrieval import Retrieval, supporting_tests
 from clinragen_fhir.predict.conclude import Conclusion, conclude
 from clinragen_fhir.predict.decode import split_output
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
@@ -49,6 +49,7 @@ class OnnxPredictor:
         self.top_facts = top_facts
         cfg = model.config
         self._index = {c: i for i, c in enumerate(cfg.disorders)}
+        self._code = dict(zip(cfg.disorder_terms, cfg.disorders, strict=True))
 
     @classmethod
     def load(cls, model_dir: Path | str, kg: KnowledgeGraph, precision: Precision = "fp32",
@@ -93,7 +94,9 @@ class OnnxPredictor:
                                       constrained=self.constrained, grounded=self.grounded,
                                       conclude=partial(self._conclude_rows, patients,
                                                        conclusions),
-                                      readings=[f.readings for _, f, _, _ in chunk])
+                                      readings=[f.readings for _, f, _, _ in chunk],
+                                      reading_codes=[f.reading_codes for _, f, _, _ in chunk],
+                                      tests=self._tests)
             for row, (i, feats, retrieval, _) in enumerate(chunk):
                 results[i] = self._prediction(gen.texts[row], conclusions[row],
                                               gen.probabilities[row],
@@ -113,6 +116,10 @@ class OnnxPredictor:
         return conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
                         thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
                         sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
+
+    def _tests(self, term: str) -> frozenset[str]:
+        """The tests whose readings the line for a concluded term may cite."""
+        return supporting_tests(self.kg, self._code[term])
 
     def _term(self, code: str) -> str:
         return self.model.config.disorder_terms[self._index[code]]

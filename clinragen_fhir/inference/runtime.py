@@ -23,7 +23,7 @@ from clinragen_fhir.inference.decoding import (
     token_pieces,
 )
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
-from clinragen_fhir.inference.grounding import RationaleConstraint, token_budget
+from clinragen_fhir.inference.grounding import RationaleConstraint, Tests, token_budget
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
 from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
@@ -242,11 +242,15 @@ class OnnxModel:
                  constrained: bool = False, keep_logits: bool = False, grounded: bool = False,
                  stop_at_eos: bool = True,
                  conclude: Callable[[np.ndarray], Sequence[Sequence[str]]] | None = None,
-                 readings: Sequence[Sequence[str]] | None = None) -> Generation:
+                 readings: Sequence[Sequence[str]] | None = None,
+                 reading_codes: Sequence[Sequence[str]] | None = None,
+                 tests: Tests | None = None) -> Generation:
         """Texts, new ids, prefix outputs and calibrated probabilities for a collated batch.
 
         The head runs first; `conclude(probabilities) -> terms per row` names the diagnoses the
-        rationale is written for (none without it), as training put the labels there."""
+        rationale is written for (none without it), as training put the labels there. With
+        `reading_codes` and `tests` (term -> supporting LOINC codes), grounded lines cite only
+        their diagnosis's own evidence (`inference.grounding`)."""
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if grounded:  # room for a line per concluded code (at most max_codes of them)
             n = token_budget([[""] * self.config.max_codes], n)
@@ -270,7 +274,8 @@ class OnnxModel:
         if grounded:
             constraint = self.grounding()
             budget = self.config.budgets.prompt_reading_tokens
-            constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown])
+            constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown],
+                                  reading_codes, tests)
         elif constrained:
             constraint = self.constraint()
         gen: Generated = greedy(self.step, self.embed, embeds, mask, n, spec.eos_token_id,

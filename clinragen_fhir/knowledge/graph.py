@@ -130,6 +130,7 @@ class KnowledgeGraph:
         self._disorders: dict[str, DisorderConcept] = {}
         self._icd_to_snomed: dict[str, str] = {}
         self._icd_who: dict[str, str] = {}
+        self._children: dict[str, frozenset[str]] | None = None  # built on first use
         self._limits: dict[str, Limits] = {}  # only disorders with a constraint in their IS-A path
         self._index()
 
@@ -227,6 +228,23 @@ class KnowledgeGraph:
                 seen.add(p)
                 if p in self._disorders:
                     todo.extend(self._disorders[p].parents)
+        return seen
+
+    def descendants(self, snomed: str) -> set[str]:
+        """All IS-A descendants inside the graph (not the concept itself)."""
+        if self._children is None:
+            kids: dict[str, set[str]] = {}
+            for code, dis in self._disorders.items():
+                for parent in dis.parents:
+                    kids.setdefault(parent, set()).add(code)
+            self._children = {k: frozenset(v) for k, v in kids.items()}
+        seen: set[str] = set()
+        todo = list(self._children.get(snomed, ()))
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo.extend(self._children.get(c, ()))
         return seen
 
     def limits(self, snomed: str) -> Limits | None:

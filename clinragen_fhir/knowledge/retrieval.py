@@ -211,6 +211,7 @@ _DTHR_Q = "SELECT ?d ?t WHERE { ?d a crg:Disorder ; crg:conclusionThreshold ?t .
 _GROUPING_MIN_LEN = 4  # terms shorter than this are matched case-sensitively (abbreviations)
 _index_cache: dict[str, RuleIndex] = {}
 _index_lock = threading.Lock()
+_support_cache: dict[tuple[str, str], frozenset[str]] = {}
 
 
 def _f(value: object, default: float = 0.0) -> float:
@@ -289,6 +290,21 @@ _NEG_WINDOW_WORDS = 6
 _PSEUDO_NEG = re.compile(r"\b(not in labou?r force|not only|no increase|no change|not necessarily|"
                          r"no further|not certain whether|gram negative|no known allergies)\b",
                          re.IGNORECASE)
+
+
+def supporting_tests(kg: KnowledgeGraph, code: str) -> frozenset[str]:
+    """LOINC codes of the findings that support the disorder or one of its descendants: the
+    tests whose readings a rationale may cite for it (the teacher's targets and the runtime's
+    grounded decoding both ask this)."""
+    key = (kg.version, code)
+    if key not in _support_cache:
+        index = rule_index(kg)
+        related = {code} | kg.descendants(code)
+        _support_cache[key] = frozenset(
+            loinc for f in index.findings for a in index.assocs_by_finding.get(f.uri, [])
+            if a.polarity == "supports" and local(a.disorder, SCT) in related
+            for loinc in f.observables)
+    return _support_cache[key]
 
 
 def _negated(text: str, start: int, end: int) -> bool:

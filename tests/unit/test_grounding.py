@@ -13,8 +13,9 @@ from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import reading_texts
 from clinragen_fhir.inference.decoding import greedy
-from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING, RationaleConstraint
+from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING, RationaleConstraint, Tests
 from clinragen_fhir.knowledge import load_graph
+from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.report.faithfulness import LabLexicon, diagnosis_claims
 
 
@@ -44,12 +45,13 @@ def _frame() -> pd.DataFrame:
 
 
 def _decode(tokenizer: Tokenizer, terms: list[list[str]], readings: list[list[str]],
-            seed: int, max_new: int = 120) -> list[str]:
+            seed: int, max_new: int = 120, codes: list[list[str]] | None = None,
+            tests: Tests | None = None) -> list[str]:
     vocab = tokenizer.get_vocab_size()
     eos = tokenizer.token_to_id("<|im_end|>")
     constraint = RationaleConstraint(
         lambda text: tokenizer.encode(text, add_special_tokens=False).ids, eos)
-    constraint.start_rows(terms, readings)
+    constraint.start_rows(terms, readings, codes, tests)
     rng = np.random.default_rng(seed)
 
     def step(e: np.ndarray, m: np.ndarray, p: np.ndarray,
@@ -85,3 +87,28 @@ def test_every_line_is_a_diagnosis_with_readings_it_was_shown(tokenizer: Tokeniz
 def test_a_reading_the_patient_does_not_have_cannot_be_written(tokenizer: Tokenizer) -> None:
     texts = _decode(tokenizer, [["Anemia"]], [[]], seed=0)
     assert texts == [f"Anemia: {NO_SUPPORT}."]  # no readings shown: nothing to cite
+
+
+def test_with_supporting_tests_each_line_cites_its_own_evidence(tokenizer: Tokenizer) -> None:
+    """Given the graph's supporting tests, a line cites only readings of those tests, and says
+    "no supporting reading" only when none is shown: on random preferences, prediabetes always
+    cites the HbA1c, hypertension the blood pressure, and anaemia (no haemoglobin shown) none."""
+    kg = load_graph()
+    frame = _frame()
+    pairs = reading_texts(frame, {c: lab.name for c, lab in kg.labs().items()})
+    shown, codes = [t for _, t in pairs], [c for c, _ in pairs]
+    by_term = {d.term: code for code, d in kg.disorders().items()}
+    terms = [["Prediabetes", "Essential hypertension", "Anemia"]]
+    assert all(t in by_term for t in terms[0])
+    text_of = dict(zip(codes, shown, strict=True))
+    for seed in range(5):
+        text = _decode(tokenizer, terms, [shown], seed, max_new=200, codes=[codes],
+                       tests=lambda t: supporting_tests(kg, by_term[t]))[0]
+        lines = dict(ln.split(": ", 1) for ln in text.split("\n"))
+        assert text_of["4548-4"] in lines["Prediabetes"], text
+        assert text_of["8480-6"] in lines["Essential hypertension"], text
+        assert lines["Anemia"] == f"{NO_SUPPORT}.", text
+        for term, line in lines.items():
+            support = supporting_tests(kg, by_term[term])
+            for clause in line.rstrip(".").split("; "):
+                assert clause == NO_SUPPORT or codes[shown.index(clause)] in support, line

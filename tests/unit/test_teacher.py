@@ -214,8 +214,9 @@ def test_visit_rationales_cite_the_shown_readings_per_diagnosis(kg: KnowledgeGra
     from clinragen_fhir.encoding.features import reading_texts
     from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING
     from clinragen_fhir.knowledge import retrieve
+    from clinragen_fhir.knowledge.retrieval import supporting_tests
     from clinragen_fhir.report.faithfulness import LabLexicon, diagnosis_claims
-    from training.teacher import ordered_diagnoses, supporting_tests
+    from training.teacher import ordered_diagnoses
 
     teacher = KnowledgeTeacher(kg)
     examples = all_examples(visit_dataset)

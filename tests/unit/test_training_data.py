@@ -31,7 +31,7 @@ from training.data import (
 )
 from training.data_cli import build
 from training.example import read_examples
-from training.leakage import MASK, ROOTS, descendants, leaked_terms, mask_notes
+from training.leakage import MASK, ROOTS, leaked_terms, mask_notes
 from training.sources import iter_bundle_records, iter_ndjson_records, iter_server_records
 from training.vocabulary import revealable_disorders
 
@@ -194,7 +194,7 @@ def test_drop_policy_and_label_scope(kg: KnowledgeGraph) -> None:
     assert [n.document_id for n in dropped.notes] == ["DocumentReference/c"]
     assert dropped.dropped_notes == 2  # "anaemia" is a synonym; negated mentions count too
     # a label is named by the terms of its descendants too
-    assert "44054006" in descendants(kg, DM)
+    assert "44054006" in kg.descendants(DM)
     assert leaked_terms(kg, "t2dm since 2019", [DM]) == ["t2dm"]
     with pytest.raises(ValueError, match="leak policy"):
         mask_notes(kg, notes, [], policy="keep")
@@ -262,7 +262,7 @@ def test_real_records_no_label_term_in_any_input_note(kg: KnowledgeGraph,
         for ex in load_split(real_dataset, split):
             n_examples += 1
             labels = set(ex.labels)
-            names = labels.union(*(descendants(kg, c) for c in labels))
+            names = labels.union(*(kg.descendants(c) for c in labels))
             for note in ex.notes:
                 n_notes += 1
                 assert leaked_terms(kg, note.text, labels) == [], ex.example_id
