@@ -52,7 +52,7 @@ def load(paths: tuple[Path, ...], workers: int, types: str) -> None:
     for rtype, n in sorted(report.counts.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {rtype:<28} {n:>8}")
     if report.stripped:
-        click.echo(f"  ({report.stripped} NDJSON references to resources of types not loaded "
+        click.echo(f"  ({report.stripped} references to resources of types not loaded "
                    "removed)")
     for name, error in report.errors:
         click.echo(f"ERROR {name}: {error}", err=True)

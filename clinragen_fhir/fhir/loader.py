@@ -17,6 +17,12 @@ references among its entries, forward references and cycles included. A referenc
 resource the export holds but this load leaves out (`keep_types`) is removed, since it could
 only dangle (`LoadReport.stripped` counts them); a reference to anything else is left for the
 server to resolve (it may hold the target already).
+
+Transaction Bundles (Synthea's) get the same rule under `keep_types`: an entry left out takes
+with it every reference to it, by `urn:uuid:` fullUrl or `Type/id` in its own bundle, and, for
+the resources of support bundles, by conditional reference (`Practitioner?identifier=...`, the
+support entry's `url?ifNoneExist`). Kept, such a reference makes the server refuse the whole
+bundle (HAPI-0541: "Unable to satisfy placeholder ID").
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +52,7 @@ class LoadReport:
     counts: Counter[str] = field(default_factory=Counter)
     files: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
-    stripped: int = 0  # NDJSON references removed: their target is exported but not loaded
+    stripped: int = 0  # references removed: their target is in the load but left out
 
 
 def _open_json(path: Path) -> Any:
@@ -55,23 +61,57 @@ def _open_json(path: Path) -> Any:
         return json.load(fh)
 
 
+def entry_keys(entry: dict[str, Any]) -> set[str]:
+    """The references that can name a Bundle entry's resource: its fullUrl, `Type/id`, and for
+    a conditional create the conditional reference `Type?query` that other bundles use."""
+    resource = entry.get("resource") or {}
+    request = entry.get("request") or {}
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    keys = {str(entry["fullUrl"])} if entry.get("fullUrl") else set()
+    if rtype and rid:
+        keys.add(f"{rtype}/{rid}")
+    if rtype and request.get("ifNoneExist"):
+        keys.add(f"{rtype}?{request['ifNoneExist']}")
+    return keys
+
+
+def prepare_bundle(bundle: dict[str, Any], keep_types: set[str] | None = None,
+                   left_out: Collection[str] = ()) -> tuple[dict[str, Any], int, set[str]]:
+    """`as_idempotent`, with the references removed that name an entry left out (this bundle's,
+    or one of `left_out`: the keys of support entries left out); also how many references went
+    and the keys of this bundle's entries left out."""
+    dropped: set[str] = set()
+    kept = []
+    for entry in bundle.get("entry", []) or []:
+        rtype = (entry.get("resource") or {}).get("resourceType")
+        if keep_types is not None and rtype not in keep_types:
+            dropped |= entry_keys(entry)
+        else:
+            kept.append(entry)
+    gone = dropped | set(left_out)
+    stripped = 0
+    entries = []
+    for entry in kept:
+        resource = entry.get("resource") or {}
+        if gone:
+            resource, n = strip_references(resource, gone.__contains__)
+            stripped += n
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        request = dict(entry.get("request") or {})
+        if rid and request.get("method", "POST") == "POST" and not request.get("ifNoneExist"):
+            request = {"method": "PUT", "url": f"{rtype}/{rid}"}
+        entries.append({**entry, "resource": resource, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, stripped, dropped
+
+
 def as_idempotent(bundle: dict[str, Any], keep_types: set[str] | None = None) -> dict[str, Any]:
-    """The same transaction with plain POSTs of resources that have ids turned into PUT by id.
+    """The same transaction with plain POSTs of resources that have ids turned into PUT by id,
+    and only the `keep_types` entries (references to the others removed: see the module doc).
 
     Conditional creates (`ifNoneExist`) stay as they are: they are idempotent already, and they
     match what another loader may have put there under a server-assigned id.
     """
-    entries = []
-    for entry in bundle.get("entry", []) or []:
-        resource = entry.get("resource") or {}
-        rtype, rid = resource.get("resourceType"), resource.get("id")
-        if keep_types is not None and rtype not in keep_types:
-            continue
-        request = dict(entry.get("request") or {})
-        if rid and request.get("method", "POST") == "POST" and not request.get("ifNoneExist"):
-            request = {"method": "PUT", "url": f"{rtype}/{rid}"}
-        entries.append({**entry, "request": request})
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return prepare_bundle(bundle, keep_types)[0]
 
 
 def bundle_files(paths: Iterable[Path]) -> list[Path]:
@@ -115,12 +155,15 @@ def references(value: Any) -> Iterator[str]:
 
 
 def strip_references(value: Any, drop: Callable[[str], bool]) -> tuple[Any, int]:
-    """`value` without the Reference objects whose target `drop` names, and without the
-    objects and lists that leaves empty; and how many references went."""
-    def target(v: Any) -> str | None:
-        refs = list(references({"reference": v.get("reference")})) \
-            if isinstance(v, dict) else []
-        return refs[0] if refs else None
+    """`value` without the Reference objects whose target `drop` names (`Type/id`, version
+    dropped, for a relative reference; as written for `urn:uuid:...` or `Type?query`), and
+    without the objects and lists that leaves empty; and how many references went."""
+    def target(v: Any) -> str | None:  # `Type/id` for a relative reference, else as written
+        ref = v.get("reference") if isinstance(v, dict) else None
+        if not isinstance(ref, str):
+            return None
+        refs = list(references({"reference": ref}))
+        return refs[0] if refs else ref
 
     def walk(v: Any) -> tuple[Any, int]:
         if isinstance(v, dict):
@@ -274,17 +317,22 @@ def load(client: FhirClient, paths: Iterable[Path], *, workers: int = 2,
     folders = [p for p in paths if p.is_dir() and any(
         q.name.endswith((".ndjson", ".ndjson.gz")) for q in p.iterdir())]
     bar = tqdm(total=len(files), unit="bundle", disable=not progress)
+    support_left_out: set[str] = set()  # support entries not loaded, by conditional reference
 
-    def one_file(path: Path) -> tuple[str, Counter[str], str]:
+    def one_file(path: Path) -> tuple[str, Counter[str], str, int]:
         try:
-            bundle = as_idempotent(_open_json(path), keep_types)
-        except (OSError, ValueError) as exc:
-            return str(path), Counter(), f"cannot read: {exc}"
-        return _send(client, str(path), bundle)
+            bundle, stripped, dropped = prepare_bundle(_open_json(path), keep_types,
+                                                       support_left_out)
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            return str(path), Counter(), f"cannot read: {exc}", 0
+        if path in support:
+            support_left_out.update(dropped)
+        return (*_send(client, str(path), bundle), stripped)
 
-    def record(result: tuple[str, Counter[str], str]) -> None:
-        name, counts, error = result
+    def record(result: tuple[str, Counter[str], str, int]) -> None:
+        name, counts, error, stripped = result
         report.files += 1
+        report.stripped += stripped
         report.counts.update(counts)
         if error:
             report.errors.append((name, error))
