@@ -523,9 +523,13 @@ def check_config() -> None:
         ok = False
     from kombu.connection import Connection
 
+    from clinragen_fhir.worker.app import broker_tls
+
     click.echo(f"broker {Connection(settings.broker_url).as_uri(mask='****')}")
-    try:
-        with Connection(settings.broker_url, connect_timeout=5) as conn:
+    try:  # with the worker's TLS checks: a broker the worker would refuse is not "reachable"
+        with Connection(settings.broker_url, connect_timeout=5,
+                        ssl=broker_tls(settings.broker_url, settings.broker_ca_file) or False
+                        ) as conn:
             conn.ensure_connection(max_retries=1)
         click.echo("  reachable")
     except Exception as exc:  # kombu raises transport-specific errors

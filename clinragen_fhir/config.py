@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -214,6 +214,9 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     state_url: str = "redis://127.0.0.1:6379/4"  # webhook de-duplication, polling cursors
+    # CA bundle (PEM) that signs the rediss:// / amqps:// broker's and backend's certificate;
+    # None: the system CAs. The host name is checked either way (worker.app.broker_tls).
+    broker_ca_file: Path | None = None
     model_dir: Path | None = None  # a trained ONNX model directory; None = rule baseline
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     knowledge_path: Path | None = None  # None = the graph shipped with the package
@@ -238,7 +241,13 @@ class Settings(BaseSettings):
     def check_site_secrets(self) -> None:
         """Refuse to start with a secret that fails open: the log-id hash key a placeholder, or,
         with any service off loopback, unset or short (the public default key lets anyone
-        recover a logged patient hash by hashing candidate ids)."""
+        recover a logged patient hash by hashing candidate ids); or a broker, result backend or
+        state URL whose password is the example configs' placeholder (deploy/compose/.env)."""
+        for name in ("broker_url", "result_backend", "state_url"):
+            password = urlsplit(getattr(self, name)).password
+            if password and is_placeholder(unquote(password)):
+                raise FhirConfigError(f"the password in {name} is the example configs' "
+                                      "placeholder: set the real one")
         key = os.environ.get(LOG_ID_KEY_ENV, "").strip()
         if key and is_placeholder(key):
             raise FhirConfigError(f"{LOG_ID_KEY_ENV} is the example configs' placeholder: set "

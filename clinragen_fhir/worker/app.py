@@ -11,13 +11,41 @@ confirm (`confirm_publish`): `send_task` returns only once RabbitMQ has taken th
 written to disk for a persistent message on a durable queue. A delivery unacknowledged when
 the connection drops goes back to the queue; acks_late makes that every unfinished task.
 Measured in tests/reliability/test_3_broker_restart.py (graceful stop and SIGKILL).
+
+TLS to the broker and the result backend (rediss://, amqps://) verifies the certificate and the
+host name (`broker_tls`): kombu's own defaults do neither for rediss:// and no host name check
+for amqps://.
 """
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
 from celery import Celery
 
 from clinragen_fhir.config import Settings
+
+
+def broker_tls(url: str, ca_file: Path | None = None) -> dict[str, Any] | None:
+    """TLS options that verify the server's certificate (system CAs, or `ca_file`) and host
+    name, for a rediss:// or amqps:// URL; None for any other.
+
+    Without them kombu connects to rediss:// with CERT_NONE and to amqps:// without matching
+    the host name, so anyone on the path could pose as the broker: read every task (patient
+    ids) and queue their own. For amqps:// the name is the URL's host (None for a failover
+    list: kombu then fills in the host it connects to)."""
+    parts = urlsplit(url)
+    ca = str(ca_file) if ca_file else None
+    if parts.scheme == "rediss":  # redis-py's SSLConnection keywords (redis >= 4.x)
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True,
+                "ssl_ca_certs": ca}
+    if parts.scheme == "amqps":  # py-amqp's SSLTransport keywords
+        return {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": ca,
+                "server_hostname": None if ";" in url else parts.hostname}
+    return None
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -47,6 +75,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue="clinragen",
     )
+    if tls := broker_tls(settings.broker_url, settings.broker_ca_file):
+        app.conf.broker_use_ssl = tls
+    if settings.result_backend.startswith("rediss://"):
+        app.conf.redis_backend_use_ssl = broker_tls(settings.result_backend,
+                                                    settings.broker_ca_file)
     if w.poll_interval_s > 0:  # for servers without Subscriptions: run `celery beat` too
         app.conf.beat_schedule = {"poll-fhir-changes": {
             "task": "clinragen.poll", "schedule": float(w.poll_interval_s)}}
