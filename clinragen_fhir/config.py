@@ -25,12 +25,20 @@ from pydantic_settings import (
 )
 
 from clinragen_fhir.fhir.auth import (
+    WORKER_SCOPE,
     BearerAuth,
     ClientCredentialsAuth,
     SmartBackendAuth,
     header_safe,
 )
-from clinragen_fhir.fhir.client import FhirClient, is_loopback
+from clinragen_fhir.fhir.client import (
+    MAX_PAGES,
+    MAX_RESPONSE_BYTES,
+    MAX_SEARCH_BYTES,
+    MAX_WIRE_BYTES,
+    FhirClient,
+    is_loopback,
+)
 from clinragen_fhir.fhir.errors import FhirConfigError
 from clinragen_fhir.logs import KEY_ENV as LOG_ID_KEY_ENV
 from clinragen_fhir.site_secrets import is_placeholder
@@ -70,7 +78,8 @@ class FhirEndpoint(BaseModel):
     private_key_env: str | None = None
     jwt_alg: Literal["RS384", "ES384"] = "RS384"
     jwt_kid: str | None = None
-    scope: str | None = "system/*.rs system/DiagnosticReport.c system/Provenance.cu"
+    # least privilege: exactly what the worker reads and writes (fhir.auth.WORKER_ACCESS)
+    scope: str | None = WORKER_SCOPE
     verify_tls: bool = True
     ca_file: Path | None = None
     client_cert: Path | None = None  # mutual TLS: certificate (PEM)
@@ -79,6 +88,17 @@ class FhirEndpoint(BaseModel):
     timeout_s: float = 30.0
     retries: int = 3
     page_size: int = 200
+    # Bounds on what one server answer may cost, each a final error when passed (a retry gets
+    # the same answer). A page of 200 resources is well under 1 MiB; 64 MiB still takes a page
+    # of several 8 MiB notes, and stops a gzip bomb (0.3 MiB that inflates to 300 MiB) early.
+    max_response_bytes: int = Field(MAX_RESPONSE_BYTES, gt=0)  # one answer, decoded
+    max_wire_bytes: int = Field(MAX_WIRE_BYTES, gt=0)  # one answer as sent (compressed)
+    # What one search may hold in all: the patient's whole history of one type is read before
+    # it is encoded, so this, not the page limit, bounds a worker's memory per search.
+    max_search_bytes: int = Field(MAX_SEARCH_BYTES, gt=0)
+    # Pages per search: 1,000 pages of 200 are 200,000 resources, ten times the readings a lab
+    # frame keeps; a server that pages forever (or in a cycle) stops here, not at 10,000.
+    max_pages: int = Field(MAX_PAGES, gt=0)
     rate_limit_per_s: float = 0.0  # requests/s per worker process to this endpoint; 0: none
     rate_limit_burst: int = 0  # requests allowed at once; 0: max(1, rate)
 
@@ -139,7 +159,11 @@ class FhirEndpoint(BaseModel):
                observer: Callable[[str, int | None], None] | None = None) -> FhirClient:
         return FhirClient(self.base_url, auth=self.http_auth(), timeout=self.timeout_s,
                           verify=self.verify(), retries=self.retries,
-                          page_size=self.page_size, allow_insecure_http=self.allow_insecure_http,
+                          page_size=self.page_size, max_pages=self.max_pages,
+                          max_response_bytes=self.max_response_bytes,
+                          max_wire_bytes=self.max_wire_bytes,
+                          max_search_bytes=self.max_search_bytes,
+                          allow_insecure_http=self.allow_insecure_http,
                           transport=transport, observer=observer,
                           rate_limit=self.rate_limit_per_s, rate_burst=self.rate_limit_burst)
 
@@ -171,6 +195,10 @@ class WorkerSettings(BaseModel):
     soft_time_limit_s: int = 300
     time_limit_s: int = 360
     visibility_timeout_s: int = 3600
+    # A task started this many times without finishing (its worker died each time: out of
+    # memory, SIGKILL) is dead-lettered at the next delivery instead of run again, forever.
+    # 5, not 1: a task that only shared a worker with the one that died survives four losses.
+    max_deliveries: int = Field(5, ge=1)
     concurrency: int = 2
     metrics_port: int = 0  # > 0: Prometheus /metrics on 127.0.0.1:<port> from the worker
     poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often

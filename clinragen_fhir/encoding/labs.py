@@ -1,7 +1,9 @@
 """Observations -> the lab frame: one row per numeric reading, in the graph's canonical unit.
 
 Every Observation not used is recorded as a Skip with a reason; none is dropped silently.
-Blood pressure panels are expanded into their systolic/diastolic components.
+Blood pressure panels are expanded into their systolic/diastolic components. The newest
+MAX_READINGS readings are kept; `observations` may be a stream (a search generator), pruned as
+it comes, so a patient's whole history is never held at once.
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ def _interpretation(obs: Observation) -> str:
             if coding.code:
                 return str(coding.code)
     return ""
+
+
+def _newest_rows(rows: list[dict[str, Any]], skips: list[Skip]) -> list[dict[str, Any]]:
+    """The newest MAX_READINGS rows, in the order they came; a Skip for each Observation that
+    has no reading left (the same rule as the frame's final cut)."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["time"], rows[i]["loinc"]))
+    keep = order[-MAX_READINGS:]
+    kept = {rows[i]["observation_id"] for i in keep}
+    skips += [Skip(ref, f"older than the newest {MAX_READINGS} readings")
+              for ref in dict.fromkeys(rows[i]["observation_id"] for i in order[:-MAX_READINGS])
+              if ref not in kept]
+    return [rows[i] for i in sorted(keep)]
 
 
 def build_lab_frame(
@@ -154,6 +168,8 @@ def build_lab_frame(
             used += 1
         if not used:
             skips.append(Skip(ref, "; ".join(reasons) or "no usable reading"))
+        elif len(rows) > 2 * MAX_READINGS:  # pruned as they come: bounded however many arrive
+            rows = _newest_rows(rows, skips)
     frame = pd.DataFrame(rows, columns=list(LAB_COLUMNS))
     if not frame.empty:
         frame = frame.sort_values(["time", "loinc"], kind="stable")

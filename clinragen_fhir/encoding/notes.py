@@ -1,6 +1,7 @@
 """DocumentReferences -> note texts: base64 text/plain as is, text/html stripped to text.
 
-Sizes are bounded before decoding so a huge attachment cannot exhaust a worker's memory.
+Sizes are bounded before decoding so a huge attachment cannot exhaust a worker's memory, and in
+total: the newest notes are kept up to MAX_NOTES_TOTAL_CHARS, each older one recorded as a Skip.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import binascii
 import html
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import Any, ClassVar
 
@@ -21,6 +23,10 @@ from clinragen_fhir.fhir.resources import LOINC, codes, first_error, to_utc, ver
 
 MAX_ATTACHMENT_BYTES = 8 * 1024 * 1024  # decoded size beyond which a note is skipped
 MAX_NOTE_CHARS = 100_000  # longer notes are cut (the model reads far less than this)
+# All notes of one patient, newest first: the model reads a few hundred tokens of the newest,
+# but retrieval scans every kept note, so this bounds its time and the worker's memory.
+MAX_NOTES_TOTAL_CHARS = 1_000_000
+_UNDATED = datetime.min.replace(tzinfo=UTC)
 TEXT_TYPES = ("text/plain", "text/html", "application/xhtml+xml")
 
 
@@ -72,11 +78,35 @@ def _decode(data_b64: str, content_type: str) -> str:
     return html_to_text(text) if "html" in content_type else text
 
 
-def decode_notes(documents: Iterable[dict[str, Any]]) -> tuple[list[Note], list[Skip]]:
-    """Decode each DocumentReference's first text attachment; record why others are unused."""
+def _newest_within(notes: list[Note], budget: int, skips: list[Skip]) -> list[Note]:
+    """The newest notes (undated ones last) while their texts fit in `budget` characters; a
+    Skip for each older one."""
+    ranked = sorted(notes, key=lambda n: (n.time is not None, n.time or _UNDATED), reverse=True)
+    kept: list[Note] = []
+    total = 0
+    for i, note in enumerate(ranked):
+        if total + len(note.text) > budget:
+            skips += [Skip(n.document_id, f"older than the newest notes within {budget} "
+                                          "characters in all") for n in ranked[i:]]
+            break
+        kept.append(note)
+        total += len(note.text)
+    return kept
+
+
+def decode_notes(documents: Iterable[dict[str, Any]], since: datetime | None = None,
+                 max_total_chars: int = MAX_NOTES_TOTAL_CHARS) -> tuple[list[Note], list[Skip]]:
+    """Decode each DocumentReference's first text attachment; record why others are unused.
+
+    Notes dated before `since` (the lookback window) are skipped, and the newest kept up to
+    `max_total_chars` in all; `documents` may be a stream (a search generator): what is held
+    stays within twice that bound however many documents come.
+    """
     notes: list[Note] = []
     skips: list[Skip] = []
     seen: set[str] = set()
+    held = 0
+    after = to_utc(since) if since is not None else None
     for raw in documents:
         ref = f"DocumentReference/{raw.get('id', '?')}" if isinstance(raw, dict) \
             else "DocumentReference/?"
@@ -121,10 +151,18 @@ def decode_notes(documents: Iterable[dict[str, Any]]) -> tuple[list[Note], list[
             continue
         when = to_utc(doc.date or (doc.context.period.start
                                    if doc.context and doc.context.period else None))
+        if after is not None and when is not None and when < after:
+            skips.append(Skip(ref, f"dated before the lookback window ({after.date()})"))
+            continue
         type_codes = codes(doc.type, LOINC)
         notes.append(Note(document_id=ref, version_id=version_of(doc),
                           time=when.to_pydatetime() if when is not None else None,
                           text=text[:MAX_NOTE_CHARS],
                           type_code=type_codes[0] if type_codes else ""))
+        held += len(notes[-1].text)
+        if held > 2 * max_total_chars:  # prune as they come: a stream is never held whole
+            notes = _newest_within(notes, max_total_chars, skips)
+            held = sum(len(n.text) for n in notes)
+    notes = _newest_within(notes, max_total_chars, skips)
     notes.sort(key=lambda n: (n.time is None, n.time))
     return notes, skips

@@ -2,6 +2,8 @@
 
 It knows only what the worker needs: search with paging, read, transaction, capabilities.
 Bounded retries for transient failures; every error is a FhirError naming method and path.
+Every answer is read as a stream under byte caps (on the wire and decoded), and a search under
+a page limit, a byte budget and a cycle check: a server's answer cannot exhaust the worker.
 """
 
 from __future__ import annotations
@@ -14,20 +16,38 @@ import re
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
-from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError, FhirUnavailable
+from clinragen_fhir.fhir.errors import (
+    FhirConfigError,
+    FhirError,
+    FhirHTTPError,
+    FhirTooLarge,
+    FhirUnavailable,
+)
 from clinragen_fhir.logs import hash_id
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 JsonDict = dict[str, Any]
+
+# Defaults of the bounds (FhirEndpoint's settings carry them; each reason is given there).
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one answer's body, decoded
+MAX_WIRE_BYTES = 64 * 1024 * 1024  # one answer's body as sent (compressed)
+MAX_SEARCH_BYTES = 256 * 1024 * 1024  # all pages of one search, decoded
+MAX_PAGES = 1_000  # pages of one search
+_CHUNK = 64 * 1024  # read and inflate at most this much at a time
+# Only the codings decoded here, each by a bounded inflater (httpx's own inflates a chunk
+# whole, and would offer br/zstd as soon as those packages were installed).
+ACCEPT_ENCODING = "gzip, deflate"
+_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 
 
 def is_loopback(host: str) -> bool:
@@ -131,6 +151,97 @@ def _outcome_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+class _Body:
+    """Decoded pieces counted against the limit as they come, joined once at the end."""
+
+    def __init__(self, limit: int, where: str) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.limit, self.where = limit, where
+
+    def add(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        if self.size > self.limit:
+            raise FhirTooLarge(f"{self.where}: answer passes {self.limit} bytes decoded "
+                               "(max_response_bytes)")
+
+    def inflate(self, inflater: Any, data: bytes) -> None:
+        """Add `data` inflated a piece at a time, never past the limit in all: one 0.3 MiB
+        gzip chunk inflates to 300 MiB if asked for all at once (and zlib's output buffer is
+        copied once more at the end of each call)."""
+        while True:
+            room = min(_CHUNK, self.limit + 1 - self.size)  # >= 1: 0 would mean unbounded
+            piece = inflater.decompress(data, room)
+            self.add(piece)
+            data = inflater.unconsumed_tail
+            if not data and len(piece) < room:  # a full piece may leave output inside zlib
+                return
+
+
+def read_capped(response: httpx.Response, where: str, limit: int = MAX_RESPONSE_BYTES,
+                wire_limit: int = MAX_WIRE_BYTES) -> bytes:
+    """The body of a streamed response, decoded, aborting with FhirTooLarge as soon as the bytes
+    on the wire pass `wire_limit` or the decoded ones pass `limit`: the whole body is never held
+    before the cap applies."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > wire_limit:
+        raise FhirTooLarge(f"{where}: answer of {declared} bytes is over {wire_limit} "
+                           "(max_wire_bytes)")
+    codings = [c.strip().lower() for c in response.headers.get("Content-Encoding", "").split(",")
+               if c.strip().lower() not in ("", "identity")]
+    if len(codings) > 1 or (codings and codings[0] not in _WBITS):
+        raise FhirError(f"{where}: answer in content-encoding {', '.join(codings)[:40]!r}, "
+                        f"not one of {ACCEPT_ENCODING}")
+    out = _Body(limit, where)
+    try:
+        chunks: Iterable[bytes] = response.iter_raw(_CHUNK)
+        next_chunk = next(iter(chunks), None)  # iter_raw raises StreamConsumed here
+    except httpx.StreamConsumed:  # a transport that answered a read body (test transports)
+        body = response.content
+        if len(body) > limit:
+            raise FhirTooLarge(f"{where}: answer of {len(body)} bytes is over {limit} "
+                               "(max_response_bytes)") from None
+        return body
+    inflater = zlib.decompressobj(_WBITS[codings[0]]) if codings else None
+    first = True
+    for chunk in _prepend(next_chunk, chunks):
+        if response.num_bytes_downloaded > wire_limit:
+            raise FhirTooLarge(f"{where}: answer passes {wire_limit} bytes on the wire "
+                               "(max_wire_bytes)")
+        if inflater is None:
+            out.add(chunk)
+            continue
+        try:
+            out.inflate(inflater, chunk)
+        except zlib.error:
+            if not (first and codings[0] == "deflate"):
+                raise FhirError(f"{where}: answer does not decode ({codings[0]})") from None
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # "deflate" sent raw, as some do
+            out = _Body(limit, where)
+            try:
+                out.inflate(inflater, chunk)
+            except zlib.error:
+                raise FhirError(f"{where}: answer does not decode ({codings[0]})") from None
+        first = False
+    return b"".join(out.pieces)
+
+
+def _prepend(first: bytes | None, rest: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunk taken to probe the stream, then the rest."""
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def _page_key(url: str) -> str:
+    """A paging URL normalised for the cycle check: scheme and host lowercased, the query's
+    parameters sorted and re-encoded (`a=1&b=2` and `b=2&a=1` are one page)."""
+    parts = urlsplit(url)
+    query = urlencode(sorted(parse_qsl(parts.query, keep_blank_values=True)))
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}?{query}"
+
+
 def _searchset(bundle: JsonDict) -> JsonDict:
     """A search answer whose `entry` and `link` are lists of objects, else a FhirError (a
     broken server answer fails the task visibly instead of crashing it with a TypeError)."""
@@ -203,7 +314,10 @@ class FhirClient:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         page_size: int = 200,
-        max_pages: int = 10_000,
+        max_pages: int = MAX_PAGES,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_wire_bytes: int = MAX_WIRE_BYTES,
+        max_search_bytes: int = MAX_SEARCH_BYTES,
         allow_insecure_http: bool = False,
         transport: httpx.BaseTransport | None = None,
         observer: Callable[[str, int | None], None] | None = None,
@@ -218,11 +332,14 @@ class FhirClient:
         self.max_backoff = max_backoff
         self.page_size = page_size
         self.max_pages = max_pages
+        self.max_response_bytes = max_response_bytes
+        self.max_wire_bytes = max_wire_bytes
+        self.max_search_bytes = max_search_bytes
         self.observer = observer  # called with (method, status or None) for every exchange
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             auth=auth,
-            headers={"Accept": FHIR_JSON, **(headers or {})},
+            headers={"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING, **(headers or {})},
             timeout=timeout,
             verify=verify,
             transport=transport,
@@ -243,6 +360,9 @@ class FhirClient:
               json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
         """One request with bounded retries on transient failures (honours Retry-After).
 
+        The answer is streamed and read under the byte caps (`read_capped`); what is returned
+        holds the decoded body (no Content-Encoding left on it).
+
         A transport error's text is never kept: it can quote the request (httpx's "Illegal
         header value" quotes the Authorization header), and errors end in logs and dead letters.
         """
@@ -255,7 +375,18 @@ class FhirClient:
                     hdrs.setdefault("Content-Type", FHIR_JSON)
                 if self.bucket is not None:
                     self.bucket.acquire()
-                response = self._http.request(method, url, params=params, json=json, headers=hdrs)
+                request = self._http.build_request(method, url, params=params, json=json,
+                                                   headers=hdrs)
+                streamed = self._http.send(request, stream=True)
+                try:
+                    body = read_capped(streamed, f"{method} {path}", self.max_response_bytes,
+                                       self.max_wire_bytes)
+                finally:
+                    streamed.close()
+                response = httpx.Response(
+                    streamed.status_code, content=body, request=streamed.request,
+                    headers=[(k, v) for k, v in streamed.headers.multi_items() if k.lower()
+                             not in ("content-encoding", "content-length", "transfer-encoding")])
             except httpx.TimeoutException as exc:
                 error: FhirError = FhirUnavailable(f"{method} {path}: timed out "
                                                    f"({type(exc).__name__})")
@@ -263,7 +394,7 @@ class FhirClient:
             except httpx.TransportError as exc:
                 error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}{_tls_reason(exc)}")
                 self._observe(method, None)
-            except FhirError as exc:  # from the auth flow: the token endpoint (TokenError)
+            except FhirError as exc:  # the token endpoint (TokenError), a cap (FhirTooLarge)
                 error = exc
             except httpx.HTTPError as exc:  # not transport (a body that does not decode): final
                 raise FhirError(f"{method} {path}: {type(exc).__name__}") from None
@@ -308,9 +439,19 @@ class FhirClient:
         return self._json(self._send("GET", f"{resource_type}/{resource_id}"))
 
     def search_pages(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
-        """Each searchset Bundle page, following `next` links (same server only)."""
+        """Each searchset Bundle page as it arrives, following `next` links (same server only).
+
+        A generator: the next page is asked for only once the caller is done with this one, so
+        a consumer that stops early reads no more. Bounded, each with a final error: `max_pages`
+        pages, `max_search_bytes` decoded bytes in all, and a `next` link to a page already
+        read (a cycle would otherwise page until the limit, the same page each time).
+        """
         query = {"_count": self.page_size, **params}
-        bundle = _searchset(self._json(self._send("GET", resource_type, params=query)))
+        response = self._send("GET", resource_type, params=query)
+        seen = {_page_key(str(response.request.url))}
+        total = len(response.content)
+        bundle = _searchset(self._json(response))
+        del response
         pages = 1
         while True:
             yield bundle
@@ -319,9 +460,22 @@ class FhirClient:
             if not next_url:
                 return
             if pages >= self.max_pages:
-                raise FhirError(f"search {resource_type}: more than {self.max_pages} pages")
+                raise FhirTooLarge(f"search {resource_type}: more than {self.max_pages} pages "
+                                   "(max_pages)")
             self._same_origin(next_url)
-            bundle = _searchset(self._json(self._send("GET", next_url)))
+            key = _page_key(urljoin(self.base_url + "/", str(next_url)))
+            if key in seen:
+                raise FhirError(f"search {resource_type}: the next link of page {pages} "
+                                "leads back to a page already read (a paging cycle)")
+            seen.add(key)
+            del bundle  # one page held at a time
+            response = self._send("GET", next_url)
+            total += len(response.content)
+            if total > self.max_search_bytes:
+                raise FhirTooLarge(f"search {resource_type}: more than {self.max_search_bytes} "
+                                   f"bytes in {pages + 1} pages (max_search_bytes)")
+            bundle = _searchset(self._json(response))
+            del response
             pages += 1
 
     def search(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:

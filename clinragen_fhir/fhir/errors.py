@@ -48,5 +48,11 @@ class TokenError(FhirError):
         super().__init__(message)
 
 
+class FhirTooLarge(FhirError):
+    """An answer or a search past a configured bound (bytes on the wire or decoded, pages, a
+    search's bytes). Final: the same request gets the same answer, and reading it whole is what
+    would take the worker down (a gzip bomb, a search that never ends)."""
+
+
 class FhirConfigError(FhirError):
     """The endpoint configuration is unsafe or incomplete (e.g. plain http to a remote host)."""
