@@ -14,7 +14,7 @@ import click
 from tqdm import tqdm
 
 from clinragen_fhir import logs
-from clinragen_fhir.config import Settings
+from clinragen_fhir.config import FhirEndpoint, Settings
 from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.knowledge.cli import knowledge
@@ -499,9 +499,47 @@ def capability_gaps(cap: dict[str, Any]) -> list[str]:
     return gaps
 
 
+_LETTERS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+
+
+def check_scope(endpoint: FhirEndpoint) -> bool:
+    """Token auth: fetch a token and name each scope the worker needs that the grant lacks.
+
+    A scope-enforcing server refuses those requests, so every task would end dead-lettered;
+    here it is one line per scope, before the first task runs."""
+    from clinragen_fhir.fhir.auth import ClientCredentialsAuth, SmartBackendAuth, missing_scopes
+
+    if endpoint.auth not in ("client-credentials", "smart-backend"):
+        click.echo(f"scope: not checked (auth: {endpoint.auth}, no token endpoint)")
+        return True
+    click.echo(f"scope requested: {endpoint.scope or '(none: the server chooses)'}")
+    ok = True
+    if endpoint.scope is not None:
+        for scope in missing_scopes(endpoint.scope):
+            click.echo(f"  MISSING from the configured scope: {scope}")
+            ok = False
+    try:
+        auth = endpoint.http_auth()
+        assert isinstance(auth, ClientCredentialsAuth | SmartBackendAuth)
+        auth.token(force=True)
+    except FhirError as exc:  # TokenError and FhirConfigError say what, never a secret
+        click.echo(f"  NO TOKEN: {exc}")
+        return False
+    granted = auth.granted_scope or ""
+    click.echo(f"  granted: {granted or '(none)'}")
+    for scope in missing_scopes(granted):
+        rtype, letters = scope.removeprefix("system/").split(".")
+        what = ", ".join(_LETTERS[c] for c in letters)
+        click.echo(f"  MISSING scope: {scope} (the server would refuse the worker's "
+                   f"{rtype} {what})")
+        ok = False
+    return ok
+
+
 @main.command("check-config")
 def check_config() -> None:
-    """Connect to the FHIR endpoint and the broker; say plainly what is missing."""
+    """Connect to the FHIR endpoint and the broker, fetch a token and compare its scope with
+    what the worker needs; say plainly what is missing."""
     settings = _settings()
     ok = True
     click.echo(f"FHIR endpoint {settings.fhir.base_url} (auth: {settings.fhir.auth}, "
@@ -521,6 +559,7 @@ def check_config() -> None:
     except FhirError as exc:
         click.echo(f"  UNREACHABLE: {exc}")
         ok = False
+    ok = check_scope(settings.fhir) and ok
     from kombu.connection import Connection
 
     from clinragen_fhir.worker.app import broker_tls

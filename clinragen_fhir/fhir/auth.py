@@ -4,6 +4,9 @@ and SMART Backend Services (a signed JWT client assertion, RS384 or ES384).
 Tokens are cached until shortly before they expire and fetched again on expiry or on a 401.
 Secrets are held as SecretStr and never appear in reprs, errors or logs. A token that cannot be
 sent in a header is refused when read: httpx's "Illegal header value" error quotes it.
+
+The default scope is least privilege, made from `WORKER_ACCESS` (what the worker reads and
+writes); `missing_scopes` compares a token's granted scope with it (`check-config`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any, Literal
 
 import httpx
@@ -23,11 +26,56 @@ from pydantic import SecretStr
 from clinragen_fhir.fhir.client import check_url, parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
 
-__all__ = ["BearerAuth", "ClientCredentialsAuth", "SmartBackendAuth", "TokenError",
-           "header_safe"]
+__all__ = ["WORKER_ACCESS", "WORKER_SCOPE", "BearerAuth", "ClientCredentialsAuth",
+           "SmartBackendAuth", "TokenError", "header_safe", "missing_scopes"]
 
 EXPIRY_SKEW_S = 30.0  # refresh this long before the server says the token expires
 _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value can carry
+
+# Every FHIR interaction the worker makes, by resource type, in SMART v2 permission letters
+# (c create, r read, u update, d delete, s search): the default scope is made of exactly these,
+# and a scope-enforcing server refuses (and the worker dead-letters) whatever they lack.
+# tests/unit/test_scopes.py records the requests of a real run and checks they match.
+WORKER_ACCESS: dict[str, str] = {
+    "Patient": "r",  # pipeline.gather_inputs: read by id
+    "Observation": "s",  # gather_inputs and the poll task: search only
+    "DocumentReference": "s",
+    # find_report searches by identifier; the report is a conditional create (ifNoneExist),
+    # whose condition the server evaluates as a search in the client's name: c and s
+    "DiagnosticReport": "cs",
+    "Device": "cs",  # the application Device: a conditional create as well
+    "Provenance": "cu",  # PUT Provenance/<id>: an update that creates the first time
+    "AuditEvent": "cu",  # POST (read and failure events), PUT AuditEvent/<id> (write events)
+}
+WORKER_SCOPE = " ".join(f"system/{t}.{p}" for t, p in WORKER_ACCESS.items())
+_V1 = {"read": "rs", "write": "cud", "*": "cruds"}  # SMART v1 names, as v2 letters
+_SCOPE = re.compile(r"system/([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)")
+
+
+def granted_access(scope: str) -> dict[str, set[str]]:
+    """What a granted scope string allows the system client, by type (`*`: every type), as v2
+    letters; SMART v1 `.read`/`.write` are translated. `patient/` and `user/` scopes give a
+    backend client nothing, and a scope narrowed by a query (`?category=...`) is not counted:
+    whether it covers the worker's searches cannot be told from the string."""
+    access: dict[str, set[str]] = {}
+    for part in scope.split():
+        m = _SCOPE.fullmatch(part)
+        if m and m.group(2):
+            access.setdefault(m.group(1), set()).update(_V1.get(m.group(2), m.group(2)))
+    return access
+
+
+def missing_scopes(granted: str, needed: Mapping[str, str] = WORKER_ACCESS) -> list[str]:
+    """The scopes `granted` lacks of `needed`, one per type with the letters missing, e.g.
+    `system/AuditEvent.cu`; empty when everything is covered."""
+    access = granted_access(granted)
+    missing = []
+    for rtype, letters in needed.items():
+        have = access.get(rtype, set()) | access.get("*", set())
+        lack = "".join(c for c in letters if c not in have)
+        if lack:
+            missing.append(f"system/{rtype}.{lack}")
+    return missing
 
 
 def header_safe(token: SecretStr) -> SecretStr:
@@ -71,6 +119,9 @@ class _CachedTokenAuth(httpx.Auth):
         self._token: SecretStr | None = None
         self._expires_at = 0.0
         self.fetches = 0  # how many tokens were fetched (for tests and metrics)
+        # the last token answer's `scope`; OAuth lets it be left out when it is the requested
+        # one (RFC 6749 section 5.1), and then this is the requested scope
+        self.granted_scope: str | None = None
 
     def _form(self) -> dict[str, str]:
         raise NotImplementedError
@@ -101,6 +152,8 @@ class _CachedTokenAuth(httpx.Auth):
             raise TokenError("token endpoint answer has no usable access_token") from None
         self._token = token
         self._expires_at = time.monotonic() + float(body.get("expires_in", 300)) - EXPIRY_SKEW_S
+        granted = body.get("scope")
+        self.granted_scope = granted if isinstance(granted, str) else self.scope
         self.fetches += 1
 
     def token(self, force: bool = False) -> SecretStr:
@@ -147,7 +200,7 @@ class SmartBackendAuth(_CachedTokenAuth):
 
     def __init__(self, token_url: str, client_id: str, private_key_pem: SecretStr,
                  algorithm: Literal["RS384", "ES384"] = "RS384", kid: str | None = None,
-                 scope: str | None = "system/*.rs", **kw: Any) -> None:
+                 scope: str | None = WORKER_SCOPE, **kw: Any) -> None:
         super().__init__(token_url, scope, **kw)
         self.client_id = client_id
         self.algorithm = algorithm
