@@ -1,10 +1,16 @@
 """FHIR Subscription rest-hook receiver (ASGI): authenticate, de-duplicate, enqueue `diagnose`.
 
 Accepts R4 rest-hook notifications (the changed resource, or an empty ping) and R4B/R5
-topic-based notification Bundles (the R4 Subscriptions backport). Authentication is a shared
-header secret (HAPI sends Subscription.channel.header) or an HMAC-SHA256 signature over
-timestamp + body; both compared in constant time. Replays and duplicates are dropped through a
-Redis SET NX with a time-to-live; a burst of notifications for one patient enqueues one task.
+topic-based notification Bundles (the R4 Subscriptions backport: a `Parameters` or
+`SubscriptionStatus` first entry, full-resource or id-only). Authentication is an HMAC-SHA256
+signature over timestamp + "." + body (preferred: it proves the body and bounds replays to a
+time window) or a shared header secret (what HAPI can send, from Subscription.channel.header);
+both compared in constant time. Duplicates and replays are dropped through Redis keys with a
+time-to-live; a burst of notifications for one patient enqueues one task.
+
+No notification is lost to a broker outage: keys are only *claimed* (a short-lived "pending"
+value) before the task is queued, *kept* once it is queued, and released when queueing fails,
+and the receiver then answers 503 so the FHIR server retries (issue 13, item 1).
 
 HAPI FHIR delivers a rest-hook with a payload as a FHIR update, `PUT {endpoint}/{type}/{id}`
 with the resource as body (and a delete as `DELETE {endpoint}/{type}/{id}`); those routes answer
@@ -18,10 +24,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,9 +42,17 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 SIGNATURE_HEADER = "x-clinragen-signature"  # "sha256=<hex of HMAC(secret, ts + '.' + body)>"
-TIMESTAMP_HEADER = "x-clinragen-timestamp"  # unix seconds, within MAX_SKEW_S of ours
+TIMESTAMP_HEADER = "x-clinragen-timestamp"  # unix seconds (digits only), within MAX_SKEW_S
 SECRET_HEADER = "x-clinragen-secret"
 MAX_SKEW_S = 300
+MAX_PATIENTS = 100  # per notification: a FHIR server's notification names one or a few
+CLAIM_TTL_S = 120  # a "pending" claim outlives one publish (Celery retries it for ~1 s)
+RETRY_AFTER_S = 5
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+Claim = Literal["new", "pending", "done"]
 
 
 class SeenStore(Protocol):
@@ -46,17 +61,87 @@ class SeenStore(Protocol):
     def add(self, key: str, ttl_s: int) -> bool: ...
 
 
+@runtime_checkable
+class ClaimStore(Protocol):
+    """A store whose keys are claimed before the work they guard, then kept or given back, so
+    a failure between the two leaves no key that would drop the sender's retry."""
+
+    def claim(self, key: str, ttl_s: int) -> Claim: ...
+
+    def keep(self, key: str, ttl_s: int) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+
+class RedisSeen:
+    """ClaimStore on Redis (SET NX EX), under WorkerState's `clinragen:seen:` prefix."""
+
+    PREFIX = "clinragen:seen:"
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                           socket_connect_timeout=5)
+
+    def add(self, key: str, ttl_s: int) -> bool:
+        return bool(self._redis.set(self.PREFIX + key, "1", nx=True, ex=max(1, ttl_s)))
+
+    def claim(self, key: str, ttl_s: int) -> Claim:
+        if self._redis.set(self.PREFIX + key, "pending", nx=True, ex=max(1, ttl_s)):
+            return "new"
+        return "pending" if self._redis.get(self.PREFIX + key) == "pending" else "done"
+
+    def keep(self, key: str, ttl_s: int) -> None:
+        self._redis.set(self.PREFIX + key, "1", ex=max(1, ttl_s))
+
+    def release(self, key: str) -> None:
+        self._redis.delete(self.PREFIX + key)
+
+
+class _AddOnly:
+    """A plain SeenStore as a ClaimStore: the claim is final (nothing to keep or give back)."""
+
+    def __init__(self, seen: SeenStore) -> None:
+        self.seen = seen
+
+    def claim(self, key: str, ttl_s: int) -> Claim:
+        return "new" if self.seen.add(key, ttl_s) else "done"
+
+    def keep(self, key: str, ttl_s: int) -> None:
+        return None
+
+    def release(self, key: str) -> None:
+        return None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass
 class WebhookConfig:
     secret: bytes  # shared secret: header value, or HMAC key
     dedupe_ttl_s: int = 24 * 3600  # a body seen within this is a duplicate or a replay
     debounce_s: int = 30  # one task per patient per this many seconds
     max_body_bytes: int = MAX_BODY_BYTES
+    max_patients: int = MAX_PATIENTS  # a notification naming more is refused (413)
+    require_hmac: bool = False  # refuse the header secret (whoever saw it can send anything)
+    claim_ttl_s: int = CLAIM_TTL_S
+
+    def __post_init__(self) -> None:
+        """A signed request stays valid MAX_SKEW_S either side of now: its replay key must
+        outlive that window, or a replay after the key expired would be accepted."""
+        if self.dedupe_ttl_s < 2 * MAX_SKEW_S:
+            raise ValueError(f"dedupe_ttl_s must be >= {2 * MAX_SKEW_S} (the signature window)")
+        if self.max_patients < 1:
+            raise ValueError("max_patients must be >= 1")
 
     @classmethod
     def from_env(cls) -> WebhookConfig:
         secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "").strip()  # as `subscribe` sends it
         debounce = int(os.environ.get("CLINRAGEN_WEBHOOK_DEBOUNCE_S", "30"))
+        max_patients = int(os.environ.get("CLINRAGEN_WEBHOOK_MAX_PATIENTS", str(MAX_PATIENTS)))
         path = os.environ.get("CLINRAGEN_WEBHOOK_SECRET_FILE")
         if not secret and path:
             with open(path) as fh:
@@ -66,29 +151,30 @@ class WebhookConfig:
         if is_placeholder(secret):
             raise ValueError("CLINRAGEN_WEBHOOK_SECRET(_FILE) is the example configs' "
                              "placeholder: set a real secret")
-        return cls(secret=secret.encode(), debounce_s=debounce)
+        return cls(secret=secret.encode(), debounce_s=debounce, max_patients=max_patients,
+                   require_hmac=_flag("CLINRAGEN_WEBHOOK_REQUIRE_HMAC"))
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """The signature a sender puts in X-Clinragen-Signature."""
+    """The signature a sender puts in X-Clinragen-Signature: it covers the timestamp and every
+    byte of the body, so neither can be changed (or a byte appended) without the secret."""
     return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body,
                                 hashlib.sha256).hexdigest()
 
 
 def authenticate(headers: dict[str, str], body: bytes, secret: bytes,
-                 now: float | None = None) -> str | None:
+                 now: float | None = None, require_hmac: bool = False) -> str | None:
     """None if authentic, else the reason (never echoing what was sent)."""
     given = headers.get(SECRET_HEADER)
-    if given is not None:
+    if given is not None and not require_hmac:
         return None if hmac.compare_digest(given.encode(), secret) else "wrong secret"
     signature, timestamp = headers.get(SIGNATURE_HEADER), headers.get(TIMESTAMP_HEADER)
     if signature is None or timestamp is None:
-        return "no credentials"
-    try:
-        skew = abs((now or time.time()) - float(timestamp))
-    except ValueError:
+        return "header secret refused (HMAC required)" if given is not None else \
+            "no credentials"
+    if not _TIMESTAMP.fullmatch(timestamp):  # "nan" would pass any window comparison
         return "bad timestamp"
-    if skew > MAX_SKEW_S:
+    if abs((now or time.time()) - int(timestamp)) > MAX_SKEW_S:
         return "timestamp outside the allowed window"
     if not hmac.compare_digest(signature.encode(), sign(secret, timestamp, body).encode()):
         return "bad signature"
@@ -104,51 +190,222 @@ def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _patient_of(resource: dict[str, Any]) -> str | None:
-    if resource.get("resourceType") == "Patient":
-        rid = resource.get("id")
-        return rid if isinstance(rid, str) and rid else None
-    for key in ("subject", "patient"):
-        ref = _obj(resource.get(key)).get("reference", "")
-        if isinstance(ref, str) and ref.startswith("Patient/"):
-            return ref.split("/")[1] or None
-    return None
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def valid_id(value: Any) -> bool:
+    """FHIR id syntax, and no `..`: the id becomes a path segment of a request to the server."""
+    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None and \
+        ".." not in value and value != "."
+
+
+def _target(ref: str) -> tuple[str, str] | None:
+    """(type, id) of a relative or absolute literal reference (a `_history` suffix dropped);
+    None for anything else (conditional `Patient?identifier=`, `#contained`, `urn:`)."""
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2 or not _TYPE.fullmatch(parts[-2]):
+        return None
+    return parts[-2], parts[-1]
+
+
+@dataclass
+class Notification:
+    """What a notification names: valid patient ids, the event key, and refused references."""
+
+    patients: set[str] = field(default_factory=set)
+    event: str = ""  # "Subscription/s#7,8" when every status names both; else ""
+    refused: int = 0  # patient references whose id is not a FHIR id (`..`, `?query`, ...)
+
+    def add_ref(self, ref: Any, resources: dict[str, dict[str, Any]]) -> None:
+        """A reference to a Patient names it; to another resource in the Bundle, its subject.
+        A patient reference that is not a plain `[base/]Patient/<FHIR id>` is refused."""
+        ref = _str(ref)
+        plain = "?" not in ref and "#" not in ref and not {".", ".."} & set(ref.split("/"))
+        target = _target(ref) if plain else None
+        if target is not None and target[0] == "Patient" and valid_id(target[1]):
+            self.patients.add(target[1])
+        elif target is not None and target[0] != "Patient":
+            if (found := resources.get(f"{target[0]}/{target[1]}")) is not None:
+                self.add_resource(found)
+        elif ref.startswith("Patient") or "/Patient/" in ref or "/Patient?" in ref:
+            self.refused += 1
+
+    def add_resource(self, resource: dict[str, Any]) -> None:
+        if resource.get("resourceType") == "Patient":
+            rid = resource.get("id")
+            if valid_id(rid):
+                self.patients.add(str(rid))
+            elif rid is not None:
+                self.refused += 1
+            return
+        for key in ("subject", "patient"):
+            ref = _str(_obj(resource.get(key)).get("reference"))
+            if ref.startswith("Patient") or "/Patient/" in ref:
+                self.add_ref(ref, {})
+                return
+
+
+def _status(resource: dict[str, Any]) -> tuple[str, list[str], list[Any]]:
+    """Subscription reference, event numbers and focus/context references of one R4B/R5
+    SubscriptionStatus or R4 backport Parameters (`notification-event` parts)."""
+    if resource.get("resourceType") == "SubscriptionStatus":
+        events = _dicts(resource.get("notificationEvent"))
+        numbers = [_number(e.get("eventNumber")) for e in events]
+        if not events:
+            numbers = [_number(resource.get("eventsSinceSubscriptionStart"))]
+        refs = [_obj(e.get("focus")).get("reference") for e in events] + [
+            _obj(c).get("reference") for e in events for c in _list(e.get("additionalContext"))]
+        return _str(_obj(resource.get("subscription")).get("reference")), numbers, refs
+    params = _dicts(resource.get("parameter"))
+    sub = ""
+    numbers, refs = [], []
+    for p in params:
+        name = p.get("name")
+        if name == "subscription":
+            sub = _str(_obj(p.get("valueReference")).get("reference"))
+        elif name == "notification-event":
+            parts = _dicts(p.get("part"))
+            numbers.append(next((_number(_value(q)) for q in parts
+                                 if q.get("name") == "event-number"), ""))
+            refs += [_obj(q.get("valueReference")).get("reference") for q in parts
+                     if q.get("name") in ("focus", "additional-context")]
+    if not numbers:
+        numbers = [_number(_value(p)) for p in params
+                   if p.get("name") == "events-since-subscription-start"][:1] or [""]
+    return sub, numbers, refs
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _value(param: dict[str, Any]) -> Any:
+    return next((v for k, v in param.items() if k.startswith("value")), None)
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return str(value).strip()
+    return ""
+
+
+def read_notification(payload: dict[str, Any]) -> Notification:
+    """The patients and event key of a notification. Total over any JSON object: malformed
+    parts (tests/reliability fuzzes them) are ignored."""
+    found = Notification()
+    if payload.get("resourceType") != "Bundle":
+        found.add_resource(payload)
+        return found
+    entries = _dicts(payload.get("entry"))
+    resources: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        r = _obj(e.get("resource"))
+        if r.get("resourceType") and isinstance(r.get("id"), str):
+            resources[f"{r['resourceType']}/{r['id']}"] = r
+        if (t := _target(_str(e.get("fullUrl")))) is not None and r:
+            resources[f"{t[0]}/{t[1]}"] = r
+    keys: list[str] = []
+    statuses = 0
+    for e in entries:
+        r = _obj(e.get("resource"))
+        if r.get("resourceType") in ("SubscriptionStatus", "Parameters"):
+            statuses += 1
+            sub, numbers, refs = _status(r)
+            if sub and numbers and all(numbers):
+                keys.append(f"{sub}#{','.join(numbers)}")
+            for ref in refs:
+                found.add_ref(ref, resources)
+        elif r:
+            found.add_resource(r)
+        elif (url := _str(e.get("fullUrl"))) and (_target(url) or ("", ""))[0] == "Patient":
+            found.add_ref(url, resources)  # id-only: the entry is just its fullUrl
+    # every status must name its subscription and event numbers, else the body is the key
+    found.event = "|".join(keys) if statuses and len(keys) == statuses else ""
+    return found
 
 
 def patients_in(payload: dict[str, Any]) -> tuple[set[str], str]:
-    """Patient ids a notification is about, and the event id used to de-duplicate it.
-
-    Total over any JSON object: malformed parts (tests/reliability fuzzes them) are ignored."""
-    if payload.get("resourceType") != "Bundle":
-        return ({p} if (p := _patient_of(payload)) else set()), ""
-    entries = [_obj(e.get("resource")) for e in _dicts(payload.get("entry"))]
-    event = ""
-    patients: set[str] = set()
-    for r in entries:
-        if r.get("resourceType") in ("SubscriptionStatus", "Parameters"):
-            # R5 SubscriptionStatus / R4 backport Parameters: events counted per subscription
-            events = _dicts(r.get("notificationEvent"))
-            params = {str(p.get("name")): p for p in _dicts(r.get("parameter"))}
-            sub = _obj(r.get("subscription")
-                       or _obj(params.get("subscription")).get("valueReference")).get(
-                "reference", "")
-            numbers = [str(e.get("eventNumber")) for e in events] or \
-                [str(_obj(params.get("events-since-subscription-start")).get("valueString",
-                                                                             ""))]
-            event = f"{sub}#{','.join(numbers)}"
-            for ev in events:
-                focus = _obj(ev.get("focus")).get("reference", "")
-                if isinstance(focus, str) and focus.startswith("Patient/") and \
-                        focus.split("/")[1]:
-                    patients.add(focus.split("/")[1])
-        elif (p := _patient_of(r)) is not None:
-            patients.add(p)
-    return patients, event
+    """Patient ids a notification is about, and the event id used to de-duplicate it."""
+    found = read_notification(payload)
+    return found.patients, found.event
 
 
-def make_app(config: WebhookConfig, seen: SeenStore,
+def event_key(payload: dict[str, Any], event: str) -> str:
+    """The de-duplication key: the subscription's event numbers, or else a digest of the body
+    in canonical JSON, so re-spacing or reordering it (one byte more) is still a duplicate."""
+    if event:
+        return "event:" + hashlib.sha256(b"sub:" + event.encode()).hexdigest()
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "event:" + hashlib.sha256(b"body:" + canonical.encode()).hexdigest()
+
+
+def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
              enqueue: Callable[[str, int], None]) -> Starlette:
     """The ASGI app. `enqueue(patient_id, countdown_s)` puts a diagnose task on the queue."""
+    store: ClaimStore = seen if isinstance(seen, ClaimStore) else _AddOnly(seen)
+
+    # a plain SeenStore's first add is final: it must carry the whole de-duplication window
+    event_claim_ttl = config.claim_ttl_s if isinstance(seen, ClaimStore) else config.dedupe_ttl_s
+
+    def unavailable(error: str) -> JSONResponse:
+        return JSONResponse({"error": error}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def release(keys: list[str]) -> None:
+        for key in keys:
+            try:
+                store.release(key)
+            except Exception:  # the store is down too: the claims expire by themselves
+                log.warning("webhook could not release a claim", extra={"fields": {
+                    "expires_in_s": config.claim_ttl_s}})
+
+    def accept(patients: set[str], key: str) -> JSONResponse:
+        """Claim, queue, then keep: a key is final only once its task is on the queue."""
+        claimed: list[str] = []
+        try:
+            state = store.claim(key, event_claim_ttl)
+            if state == "done":
+                return JSONResponse({"accepted": 0, "reason": "duplicate"})
+            if state == "pending":
+                return unavailable("the same notification is being queued: retry")
+            claimed.append(key)
+            todo = []
+            for pid in sorted(patients):
+                if store.claim(f"patient:{pid}", config.debounce_s) == "new":
+                    todo.append(pid)
+                    claimed.append(f"patient:{pid}")
+        except Exception as exc:  # never the exception's text: it can hold the store's URL
+            log.error("webhook state store failed", extra={"fields": {
+                "error": type(exc).__name__}})
+            release(claimed)
+            return unavailable("state store unavailable: retry")
+        queued = 0
+        for pid in todo:
+            try:
+                enqueue(pid, config.debounce_s)
+            except Exception as exc:
+                log.error("webhook could not queue", extra={"fields": {
+                    "error": type(exc).__name__, "queued": queued,
+                    "not_queued": len(todo) - queued}})
+                release([key] + [f"patient:{p}" for p in todo[queued:]])
+                return unavailable("queue unavailable: retry")
+            queued += 1
+        try:
+            store.keep(key, config.dedupe_ttl_s)
+        except Exception as exc:  # queued already: the pending claim expires by itself
+            log.warning("webhook could not keep the event key", extra={"fields": {
+                "error": type(exc).__name__}})
+        log.info("webhook accepted", extra={"fields": {
+            "patients": [hash_id(p) for p in patients], "queued": queued}})
+        answer: dict[str, Any] = {"accepted": queued, "patients": len(patients)}
+        if not queued:
+            answer["reason"] = "debounced: a task for each patient is queued already"
+        return JSONResponse(answer, status_code=202)
 
     async def notify(request: Request) -> JSONResponse:
         length = int(request.headers.get("content-length") or 0)
@@ -160,7 +417,7 @@ def make_app(config: WebhookConfig, seen: SeenStore,
             if len(body) > config.max_body_bytes:
                 return JSONResponse({"error": "payload too large"}, status_code=413)
         reason = authenticate({k.lower(): v for k, v in request.headers.items()}, body,
-                              config.secret)
+                              config.secret, require_hmac=config.require_hmac)
         if reason is not None:
             log.warning("webhook rejected", extra={"fields": {"reason": reason}})
             return JSONResponse({"error": "unauthorised"}, status_code=401)
@@ -172,24 +429,25 @@ def make_app(config: WebhookConfig, seen: SeenStore,
                 raise ValueError("not an object")
         except ValueError:
             return JSONResponse({"error": "body is not a FHIR JSON resource"}, status_code=400)
-        patients, event = patients_in(payload)
-        digest = hashlib.sha256(event.encode() if event else body).hexdigest()
-        if not seen.add(f"event:{digest}", config.dedupe_ttl_s):
-            return JSONResponse({"accepted": 0, "reason": "duplicate"})
-        queued = 0
-        for pid in sorted(patients):
-            if seen.add(f"patient:{pid}", config.debounce_s):
-                enqueue(pid, config.debounce_s)
-                queued += 1
-        log.info("webhook accepted", extra={"fields": {
-            "patients": [hash_id(p) for p in patients], "queued": queued}})
-        return JSONResponse({"accepted": queued, "patients": len(patients)}, status_code=202)
+        found = read_notification(payload)
+        if found.refused:
+            log.warning("webhook refused patient ids", extra={"fields": {
+                "refused": found.refused}})
+        if len(found.patients) > config.max_patients:
+            log.warning("webhook refused a notification", extra={"fields": {
+                "patients": len(found.patients), "max_patients": config.max_patients}})
+            return JSONResponse({"error": f"more than {config.max_patients} patients in one "
+                                 "notification"}, status_code=413)
+        if not found.patients:
+            reason = "invalid patient id" if found.refused else "names no patient"
+            return JSONResponse({"accepted": 0, "reason": reason, "refused": found.refused})
+        return accept(found.patients, event_key(payload, found.event))
 
     async def notify_resource(request: Request) -> JSONResponse:
         """HAPI's delivery: `PUT /notify/Type/id` (create/update) or `DELETE` (ignored)."""
         if request.method == "DELETE":
             reason = authenticate({k.lower(): v for k, v in request.headers.items()}, b"",
-                                  config.secret)
+                                  config.secret, require_hmac=config.require_hmac)
             answer = JSONResponse({"accepted": 0, "reason": "delete"}) if reason is None else \
                 JSONResponse({"error": "unauthorised"}, status_code=401)
         else:
@@ -197,11 +455,14 @@ def make_app(config: WebhookConfig, seen: SeenStore,
         data = json.loads(bytes(answer.body))
         severity = "information" if answer.status_code < 400 else "error"
         text = ", ".join(f"{k}: {v}" for k, v in data.items())
+        code = "informational" if severity == "information" else "security" \
+            if answer.status_code == 401 else "transient" if answer.status_code == 503 \
+            else "invalid"
+        retry = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
         return JSONResponse({"resourceType": "OperationOutcome", "issue": [{
-            "severity": severity, "code": "informational" if severity == "information"
-            else "security" if answer.status_code == 401 else "invalid",
-            "diagnostics": text}]}, status_code=200 if answer.status_code == 202
-            else answer.status_code, media_type="application/fhir+json")
+            "severity": severity, "code": code, "diagnostics": text}]},
+            status_code=200 if answer.status_code == 202 else answer.status_code,
+            media_type="application/fhir+json", headers=retry)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -215,13 +476,14 @@ def make_app(config: WebhookConfig, seen: SeenStore,
 def create_app() -> Starlette:
     """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`)."""
     from clinragen_fhir.config import Settings
-    from clinragen_fhir.worker.state import WorkerState
     from clinragen_fhir.worker.tasks import diagnose
 
     settings = Settings()
     settings.check_site_secrets()
 
     def enqueue(patient_id: str, countdown: int) -> None:
-        diagnose.apply_async((patient_id,), countdown=countdown)
+        """Publish, or raise quickly: nobody reads a webhook task's result, and subscribing to
+        it made a publish wait ~19 s (the result backend's retries) while Redis was down."""
+        diagnose.apply_async((patient_id,), countdown=countdown, ignore_result=True)
 
-    return make_app(WebhookConfig.from_env(), WorkerState(settings.state_url), enqueue)
+    return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue)
