@@ -101,7 +101,7 @@ def test_without_types_or_with_everything_kept_nothing_is_removed() -> None:
     assert not report.errors and report.counts["Encounter"] == 1 and report.stripped == 0
 
 
-def test_a_support_resource_left_out_is_not_stripped_when_loaded() -> None:
+def test_a_support_type_that_is_loaded_keeps_its_references() -> None:
     """Practitioner kept: the note's author reference stays and resolves."""
     sent: list[dict[str, Any]] = []
     report = load(hapi_like(set(), sent), [FIXTURE], keep_types=KEEP | {"Practitioner"},
