@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -127,9 +129,15 @@ def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> s
 
 
 def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predictor,
-                     patient_id: str, settings: ReportSettings,
-                     now: datetime | None = None) -> Outcome:
-    """Diagnose one patient and write the report unless this exact one exists already."""
+                     patient_id: str, settings: ReportSettings, now: datetime | None = None,
+                     lock: Callable[[str], AbstractContextManager[object]] | None = None,
+                     ) -> Outcome:
+    """Diagnose one patient and write the report unless this exact one exists already.
+
+    `lock(report_key)` is held from the look-up of an existing report to the write: the
+    idempotency of a write otherwise rests on the server making conditional create atomic, and
+    backfill, webhook and CLI runs for one patient can overlap (the worker passes a Redis lock).
+    """
     now = now or datetime.now(UTC)
     phash = hash_id(patient_id)
     try:
@@ -155,48 +163,54 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     key = report_key(patient_id, inputs.used, prediction)
     base.identifier, base.method = key, prediction.method
     base.diagnoses = [d.snomed for d in prediction.diagnoses]
-    existing = find_report(client, patient_id, settings.identifier_system, key)
-    if existing:
-        base.status, base.report_id = "exists", existing
-        log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
+    with (lock or _no_lock)(key):  # unlocked, two runs could both find none and both write
+        existing = find_report(client, patient_id, settings.identifier_system, key)
+        if existing:
+            base.status, base.report_id = "exists", existing
+            log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
+            return base
+        # only now the rationale check and the rendering: a report that exists needs neither
+        latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
+                              *(n.time for n in inputs.notes)] if t is not None]
+        effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
+        claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
+        base.claims, base.claims_held = len(claims), sum(c.matched for c in claims)
+        base.diagnoses_cited = sum(dc.cited for dc in diagnosis_claims(
+            prediction.rationale, [d.term for d in prediction.diagnoses], inputs.labs,
+            LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])))
+        bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips,
+                                      settings, now=now, effective=effective, labs=inputs.labs,
+                                      claims=claims)
+        if settings.audit_events:  # in the same transaction: no report without its audit record
+            written = {"type": "DiagnosticReport",
+                       "identifier": {"system": settings.identifier_system, "value": key}}
+            event = audit_event("C", patient_id, interactions=["transaction", "create"],
+                                written=written, details={"inputs cited": len(inputs.used)})
+            # PUT by an id of this attempt (report key + this event's time): a retry of this
+            # very transaction after the server committed it writes no second event; a later
+            # write of the same report (deleted in between) is a new attempt with its own event.
+            event_id = attempt_event_id("write", settings.identifier_system, key,
+                                        str(event["recorded"]))
+            bundle["entry"] += audit_bundle([event], ids=[event_id])["entry"]
+        try:
+            response = client.transaction(bundle)
+        except FhirHTTPError as exc:
+            _audit_failure(client, settings, patient_id, "C", ["transaction", "create"], exc)
+            raise
+        report_id = _created_id(response, "DiagnosticReport")
+        base.status, base.report_id = "written", report_id
+        log.info("report written", extra={"fields": {
+            "patient": phash, "report": report_id, "method": prediction.method,
+            "diagnoses": base.diagnoses, "labs": base.n_labs, "notes": base.n_notes,
+            "skipped_inputs": base.n_skipped_inputs}})
         return base
-    # only now the rationale check and the rendering: a report that exists needs neither
-    latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
-                          *(n.time for n in inputs.notes)] if t is not None]
-    effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
-    claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
-    base.claims, base.claims_held = len(claims), sum(c.matched for c in claims)
-    base.diagnoses_cited = sum(dc.cited for dc in diagnosis_claims(
-        prediction.rationale, [d.term for d in prediction.diagnoses], inputs.labs,
-        LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])))
-    bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips, settings,
-                                  now=now, effective=effective, labs=inputs.labs, claims=claims)
-    if settings.audit_events:  # in the same transaction: no report without its audit record
-        written = {"type": "DiagnosticReport",
-                   "identifier": {"system": settings.identifier_system, "value": key}}
-        event = audit_event("C", patient_id, interactions=["transaction", "create"],
-                            written=written, details={"inputs cited": len(inputs.used)})
-        # PUT by an id of this attempt (report key + this event's time): a retry of this
-        # very transaction after the server committed it writes no second event; a later
-        # write of the same report (deleted in between) is a new attempt with its own event.
-        event_id = attempt_event_id("write", settings.identifier_system, key,
-                                    str(event["recorded"]))
-        bundle["entry"] += audit_bundle([event], ids=[event_id])["entry"]
-    try:
-        response = client.transaction(bundle)
-    except FhirHTTPError as exc:
-        _audit_failure(client, settings, patient_id, "C", ["transaction", "create"], exc)
-        raise
-    report_id = _created_id(response, "DiagnosticReport")
-    base.status, base.report_id = "written", report_id
-    log.info("report written", extra={"fields": {
-        "patient": phash, "report": report_id, "method": prediction.method,
-        "diagnoses": base.diagnoses, "labs": base.n_labs, "notes": base.n_notes,
-        "skipped_inputs": base.n_skipped_inputs}})
-    return base
 
 
 READ_INTERACTIONS = ["read", "search-type"]
+
+
+def _no_lock(key: str) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def _audit_failure(client: FhirClient, settings: ReportSettings, patient_id: str, action: str,

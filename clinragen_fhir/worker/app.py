@@ -1,9 +1,11 @@
 """The Celery app, configured for at-least-once delivery with idempotent tasks.
 
 acks_late + reject_on_worker_lost: a task is acknowledged only after it finished, so a worker
-killed mid-task gives the task back to the queue; the report's conditional create makes the
-second run harmless. Redis redelivers unacknowledged tasks after `visibility_timeout`, which
-must exceed the hard time limit of any task.
+killed mid-task gives the task back to the queue; the report's lock and conditional create make
+the second run harmless. Redis redelivers unacknowledged tasks after `visibility_timeout`, which
+must exceed the hard time limit of any task. A task whose worker dies on every delivery (a
+record that runs it out of memory) would come back forever: tasks.DeadLetteringTask counts the
+deliveries and dead-letters it after `worker.max_deliveries`.
 
 With RabbitMQ (an amqp:// broker) a broker restart loses no task when the queue is durable and
 the messages persistent (Celery's defaults, pinned here), and publishers wait for the broker's
@@ -56,7 +58,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
     app.conf.update(
         task_acks_late=True,
-        task_reject_on_worker_lost=True,
+        task_reject_on_worker_lost=True,  # bounded: worker.max_deliveries
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         task_serializer="json",

@@ -1,8 +1,10 @@
-"""Small durable worker state in Redis: seen-keys, the polling cursor, the dead-letter queue.
+"""Small durable worker state in Redis: seen-keys, the polling cursor, the dead-letter queue,
+delivery counts and report locks.
 
-The dead-letter queue holds the tasks that cannot succeed (retries exhausted or a permanent
-error), with the reason, so an operator can inspect and re-queue them. It is kept in Redis, not
-in logs, because it must name the patient to be re-queued.
+The dead-letter queue holds the tasks that cannot succeed (retries exhausted, a permanent
+error, or a worker that died on every delivery), with the reason, so an operator can inspect and
+re-queue them. It is kept in Redis, not in logs, because it must name the patient to be
+re-queued.
 """
 
 from __future__ import annotations
@@ -19,6 +21,30 @@ DLQ_KEY = "clinragen:dlq"
 CURSOR_KEY = "clinragen:poll-cursor"
 BACKFILL_KEY = "clinragen:backfill:"  # + run key: the set of patients done in that backfill
 BACKFILL_TTL_S = 30 * 24 * 3600
+DELIVERIES_KEY = "clinragen:deliveries:"  # + task id + ":" + retry number: starts of one message
+LOCK_KEY = "clinragen:lock:report:"  # + report key: the run writing that report
+
+# Take the lock when it is free, or when `owner` holds it already: a task redelivered after its
+# worker died mid-write (same task id) takes its own stale lock back instead of waiting it out.
+_ACQUIRE = """
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# Delete only our own lock: one that expired and was taken by another run stays theirs.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class ReportLocked(Exception):
+    """Another run holds the lock of this report key (it is writing the same report)."""
 
 
 @dataclass
@@ -56,6 +82,42 @@ class WorkerState:
         if raw is None or not self._redis.hdel(DLQ_KEY, letter_id):
             return None
         return DeadLetter(**json.loads(raw))
+
+    # -- delivery counts -----------------------------------------------------------------------
+    def count_delivery(self, task_id: str, retries: int, ttl_s: int) -> int:
+        """Count one more start of this task message and return the count so far.
+
+        A retry is a new message (its retry number goes up), so only redeliveries of one message
+        (a worker lost mid-task) add up; the TTL outlives the longest gap between them."""
+        key = f"{DELIVERIES_KEY}{task_id}:{retries}"
+        pipe = self._redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, ttl_s)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def forget_delivery(self, task_id: str, retries: int) -> None:
+        """The message was handled (succeeded, failed or retried): its count is done with."""
+        self._redis.delete(f"{DELIVERIES_KEY}{task_id}:{retries}")
+
+    # -- report locks ------------------------------------------------------------------------
+    def acquire_report(self, key: str, owner: str, ttl_s: float, wait_s: float) -> bool:
+        """Take the lock of one report key for `owner` (SET NX with a TTL), waiting up to
+        `wait_s` for another run to let go; False if it still holds it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._redis.eval(  # type: ignore[no-untyped-call]
+                    _ACQUIRE, 1, LOCK_KEY + key, owner, int(ttl_s * 1000)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def release_report(self, key: str, owner: str) -> bool:
+        """Release the lock if `owner` still holds it (compare-and-delete); False if it had
+        expired (the run outlived the TTL) and may be another run's now."""
+        return bool(self._redis.eval(  # type: ignore[no-untyped-call]
+            _RELEASE, 1, LOCK_KEY + key, owner))
 
     # -- polling cursor ------------------------------------------------------------------------
     def cursor(self, endpoint: str) -> str | None:

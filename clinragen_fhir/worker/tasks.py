@@ -7,8 +7,11 @@ import logging
 import os
 import random
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from celery import Task
@@ -22,7 +25,7 @@ from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
 from clinragen_fhir.worker.app import app
-from clinragen_fhir.worker.state import WorkerState
+from clinragen_fhir.worker.state import ReportLocked, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +40,105 @@ def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     return settings, kg, build_predictor(settings.model_dir, kg, settings.inference)
 
 
+class DeliveryLimitExceeded(Exception):
+    """The message was started `max_deliveries` times and never finished: its worker died each
+    time (out of memory, killed), so one more run would most likely kill one more worker."""
+
+
+def _delivery_ttl_s(settings: Settings) -> int:
+    """Redis hands a dead worker's task back after the visibility timeout: a count outlives
+    two of those (and a day at least), so consecutive deliveries always add up."""
+    return max(24 * 3600, 2 * settings.worker.visibility_timeout_s)
+
+
 class DeadLetteringTask(Task):  # type: ignore[misc]
-    """A task whose final failure (retries spent, or a permanent error) is dead-lettered."""
+    """A task whose final failure (retries spent, a permanent error, or a worker that died on
+    every delivery) is dead-lettered.
+
+    Deliveries are counted because `task_reject_on_worker_lost` requeues the task of a worker
+    that died, with no limit: one record that runs a worker out of memory came back forever,
+    killing a worker each time. Celery's own `task_retry_on_worker_lost` (5.7+; the pin allows
+    5.4) bounds only pool-child losses, not a whole worker lost."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Count this start; past `max_deliveries` the task fails here, before it runs."""
+        settings = _runtime()[0]
+        limit = settings.worker.max_deliveries
+        try:
+            n = WorkerState(settings.state_url).count_delivery(
+                task_id, self.request.retries, _delivery_ttl_s(settings))
+        except Exception:  # the state store is down: run it uncounted, as before counting
+            log.warning("delivery not counted", extra={"fields": {"task": self.name}})
+            return
+        if n > limit:
+            raise DeliveryLimitExceeded(
+                f"delivered {n} times without finishing (max_deliveries = {limit}): its worker "
+                "died on every run (out of memory, or killed); dead-lettered, not run again")
+        if n > 1:
+            log.warning("task redelivered", extra={"fields": {"task": self.name, "delivery": n}})
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                 einfo: Any) -> None:
+        self._forget_delivery(task_id)  # the retry is a new message, counted afresh
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        self._forget_delivery(task_id)
+
+    def _forget_delivery(self, task_id: str) -> None:
+        """The run finished (no worker died): drop its count; if this fails, the TTL does."""
+        try:
+            WorkerState(_runtime()[0].state_url).forget_delivery(task_id, self.request.retries)
+        except Exception:
+            log.warning("delivery count not dropped", extra={"fields": {"task": self.name}})
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
         settings = _runtime()[0]
+        # our own texts name no patient or secret; any other error goes by its type only
+        error = f"{type(exc).__name__}: {exc}" if isinstance(
+            exc, DeliveryLimitExceeded | ReportLocked) else logs.error_text(exc)
         try:
             letter = WorkerState(settings.state_url).dead_letter(
-                self.name, list(args), logs.error_text(exc), self.request.retries)
+                self.name, list(args), error, self.request.retries)
             log.error("task dead-lettered", extra={"fields": {
                 "task": self.name, "dead_letter": letter.id, "error": type(exc).__name__}})
         except Exception:  # the state store is down too: the failure is still in the logs
             log.exception("could not dead-letter task", extra={"fields": {"task": self.name}})
+
+
+LOCK_WAIT_S = 10.0  # a write (look-up, rendering, transaction) takes seconds, not more
+
+
+@contextmanager
+def _report_lock(state: WorkerState, owner: str, settings: Settings, phash: str,
+                 key: str) -> Iterator[None]:
+    """Hold the report key's lock (in Redis) while the report is looked up and written.
+
+    The TTL is above the hard time limit, so a live holder never loses it; `owner` is the task
+    id, so the same task redelivered after its worker died takes its own stale lock back. Held
+    by another run for `LOCK_WAIT_S` (a tenth of the soft limit at most): ReportLocked, and the
+    task retries later. The state store down: written unlocked (the server's conditional create
+    still guards), since refusing would lose the report with no dead letter either."""
+    w = settings.worker
+    try:
+        held: bool | None = state.acquire_report(key, owner, w.time_limit_s + 60,
+                                                 min(LOCK_WAIT_S, w.soft_time_limit_s / 10))
+    except Exception:
+        held = None
+        log.warning("report lock unavailable: writing unlocked",
+                    extra={"fields": {"patient": phash}})
+    if held is False:
+        raise ReportLocked(f"another run is writing report {key[:12]}; retry later")
+    try:
+        yield
+    finally:
+        if held:
+            try:
+                if not state.release_report(key, owner):
+                    log.warning("report lock had expired", extra={"fields": {"patient": phash}})
+            except Exception:  # it expires with its TTL
+                log.warning("report lock not released", extra={"fields": {"patient": phash}})
 
 
 @app.task(bind=True, base=DeadLetteringTask, name="clinragen.diagnose")
@@ -63,23 +152,28 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
     phash = logs.hash_id(patient_id)
     started = time.perf_counter()
     outcome_label = "failed"
+    state = WorkerState(settings.state_url)
+    lock = partial(_report_lock, state, self.request.id or uuid.uuid4().hex, settings, phash)
     try:
         with settings.fhir.client(observer=metrics.observe_fhir) as client:
-            outcome = diagnose_patient(client, kg, predictor, patient_id, settings.report)
+            outcome = diagnose_patient(client, kg, predictor, patient_id, settings.report,
+                                       lock=lock)
         outcome_label = outcome.status
         if backfill:
             try:
-                WorkerState(settings.state_url).mark_done(backfill, patient_id)
+                state.mark_done(backfill, patient_id)
             except Exception:  # the report is written; a lost checkpoint only means a re-check
                 log.warning("backfill checkpoint not saved", extra={"fields": {"patient": phash}})
         metrics.MODEL_SECONDS.labels(outcome.method or "none").observe(outcome.model_seconds)
-    except FhirError as exc:
+    except (FhirError, ReportLocked) as exc:  # ReportLocked: another run writes this report
         w = settings.worker
-        if exc.retryable and self.request.retries < w.max_retries:
+        fhir_error = exc if isinstance(exc, FhirError) else None
+        retryable = fhir_error.retryable if fhir_error else True
+        if retryable and self.request.retries < w.max_retries:
             delay = min(w.retry_backoff_max_s, w.retry_backoff_s * 2 ** self.request.retries)
             delay *= 0.5 + random.random()
-            if exc.retry_after is not None:
-                delay = max(delay, exc.retry_after)
+            if fhir_error and fhir_error.retry_after is not None:
+                delay = max(delay, fhir_error.retry_after)
             log.warning("diagnose retry", extra={"fields": {
                 "patient": phash, "retry": self.request.retries + 1, "delay_s": round(delay, 1),
                 "error": type(exc).__name__}})
