@@ -352,6 +352,28 @@ def webhook(host: str, port: int) -> None:
                 log_config=None, access_log=False)
 
 
+@main.command("cds-hooks")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8091, show_default=True)
+@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on 127.0.0.1:<port>.")
+def cds_hooks(host: str, port: int, metrics_port: int) -> None:
+    """Run the CDS Hooks patient-view service (JWT auth: CLINRAGEN_CDS_JWT_ISSUER/KEYS_FILE)."""
+    import uvicorn
+
+    from clinragen_fhir.cds_hooks import create_app
+
+    _settings()
+    try:  # refuses to start off loopback without JWT settings
+        app = create_app(host)
+    except (ValueError, FhirError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if metrics_port > 0:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+
+
 @main.command()
 @click.option("--endpoint", required=True,
               help="Our receiver's URL, e.g. https://host:8090/notify")

@@ -21,6 +21,8 @@ FHIR_CALLS = Counter("clinragen_fhir_requests_total", "FHIR requests by method a
                      ["method", "status"])
 MODEL_SECONDS = Histogram("clinragen_model_seconds", "Predictor time per patient", ["method"],
                           buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+CDS_FEEDBACK = Counter("clinragen_cds_feedback_total", "CDS Hooks card feedback by outcome and "
+                       "override reason", ["outcome", "reason"])
 
 
 class QueueDepth(Collector):
