@@ -1,17 +1,22 @@
 """Render docs/reliability.md from the suite's results (.run/reliability/results/*.json).
 
     make reliability-report          # full suite + load bench + this renderer
-    .venv/bin/python bench/reliability_report.py   # re-render from the last results only
+    .venv/bin/python bench/reliability_report.py   # re-render from the last run's results
 
 Every number in the document comes from a results file written by tests/reliability or
-bench/load.py; a scenario without results says so instead of showing a stale figure.
+bench/load.py; a scenario without results says so instead of showing a stale figure. The
+renderer refuses (exit 1, writing nothing) when the last run's junit.xml is missing or has
+failures or errors, or when a results file was recorded before that run started: a figure
+from an earlier run must never be shown as this run's.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import sys
 import xml.etree.ElementTree as ET
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +27,72 @@ OUT = ROOT / "docs" / "reliability.md"
 SUITE = "RELIABILITY_FULL=1 .venv/bin/pytest -m reliability"
 
 
+class Refused(Exception):
+    """The results are not one complete, passing run's: nothing is rendered."""
+
+
+def _instant(text: str, what: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise Refused(f"{what}: no readable time ({text!r})") from None
+    return when if when.tzinfo else when.astimezone()  # a naive time is the local time
+
+
+def _suite(junit: Path) -> ET.Element:
+    if not junit.is_file():
+        raise Refused(f"no junit results ({junit}): run `make reliability-report`")
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        raise Refused(f"{junit} has no testsuite")
+    return suite
+
+
+def run_started(junit: Path | None = None) -> datetime:
+    """When the last suite run started (junit.xml's testsuite timestamp), refusing a run with
+    failures or errors."""
+    junit = junit or JUNIT
+    suite = _suite(junit)
+    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    if failed:
+        raise Refused(f"{junit}: {suite.get('failures')} failures, {suite.get('errors')} "
+                      "errors: the suite did not pass, so its figures are not rendered")
+    if not int(suite.get("tests", 0)):
+        raise Refused(f"{junit}: no tests ran")
+    return _instant(str(suite.get("timestamp")), f"{junit} testsuite timestamp")
+
+
+def check_fresh(started: datetime, results: Path | None = None) -> list[str]:
+    """The results files that are not from the run that started at `started` (recorded
+    before it, or with no time at all); `recorded_at` has whole seconds, so the start is too."""
+    results = results or RESULTS
+    start = started.replace(microsecond=0) - timedelta(seconds=1)
+    stale = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            recorded = _instant(json.loads(path.read_text()).get("recorded_at"), path.name)
+        except (Refused, ValueError, AttributeError):
+            stale.append(f"{path.name} (no recorded_at)")
+            continue
+        if recorded < start:
+            stale.append(f"{path.name} (recorded {recorded.isoformat()}, the run started "
+                         f"{started.isoformat(timespec='seconds')})")
+    return stale
+
+
 def load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    if STARTED is not None and \
+            _instant(data.get("recorded_at"), path.name) < STARTED - timedelta(seconds=1):
+        raise Refused(f"{path.name} is older than the run (started {STARTED.isoformat()})")
+    return data
+
+
+STARTED: datetime | None = None  # the rendered run's start, once main() has checked it
 
 
 def missing(what: str, command: str) -> str:
@@ -42,11 +110,7 @@ def stamp(r: dict[str, Any]) -> str:
 
 
 def junit_summary() -> str:
-    if not JUNIT.is_file():
-        return "_No junit results (.run/reliability/junit.xml)._\n"
-    root = ET.parse(JUNIT).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    assert suite is not None
+    suite = _suite(JUNIT)
     rows = []
     for case in suite.iter("testcase"):
         state = "passed"
@@ -168,10 +232,13 @@ def section_broker() -> str:
            f"Command: `{SUITE} tests/reliability/test_3_broker_restart.py`\n",
            "### Redis\n",
            "Redis holds the queue (db 0), results (db 1) and the dead-letter queue (db 2). It "
-           "is restarted once a quarter of the patients have their report, with the worker "
-           "left running (it reconnects). Lost = no report and no dead letter after the "
-           "bounded drain. The short form runs the graceful case; the full form adds SIGKILL "
-           "with `appendfsync everysec` and with `always`.\n"]
+           "is restarted once a quarter of the messages have left the queue (judged from the "
+           "queue), with the worker left running (it reconnects). Lost = no report and no "
+           "dead letter after the bounded drain. The short form runs the graceful case; the "
+           "full form adds SIGKILL with `appendfsync everysec` and with `always`. Every case "
+           "asserts that the queue (ready + unacked) was non-empty when Redis went down, "
+           "and SHUTDOWN and SIGKILL with `always` assert 0 lost and no dead letters; "
+           "SIGKILL with `everysec` is measured only.\n"]
     rows = []
     for how in ("shutdown", "kill"):
         for fsync in ("everysec", "always"):
@@ -179,11 +246,12 @@ def section_broker() -> str:
             if r:
                 rows.append(f"| {'SHUTDOWN' if how == 'shutdown' else 'SIGKILL'} | "
                             f"`appendonly yes`, `appendfsync {fsync}` | {r['patients']} | "
-                            f"{r['queued_or_unacked_before']} / {r['queued_or_unacked_after']} "
+                            f"{r.get('queued_or_unacked_at_restart', '?')} / "
+                            f"{r['queued_or_unacked_after']} "
                             f"| {r['downtime_s']} s | **{r['lost']}** | **{r['duplicated']}** | "
                             f"{len(r['dead_letters'])} | {r['form']} |")
     if rows:
-        out.append("| restart | persistence | patients | queued+unacked before / after | "
+        out.append("| restart | persistence | patients | queued+unacked at restart / after | "
                    "down | lost | duplicated | dead letters | form |\n"
                    "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     else:
@@ -205,8 +273,8 @@ def section_broker() -> str:
         "`127.0.0.1:4373`, its own Erlang cookie (`HOME`), data and logs under "
         "`.run/reliability/rabbitmq`, no plugins; the shared node on 5672 is not touched. It "
         "is the broker only: results and the dead-letter queue stay on the suite's Redis, as "
-        "a site with RabbitMQ runs it. The node is stopped once a quarter of the patients "
-        "have their report, with the worker left running (it reconnects by itself), and "
+        "a site with RabbitMQ runs it. The node is stopped once a quarter of the messages "
+        "have left the queue, with the worker left running (it reconnects by itself), and "
         "started again after 2 s. Short form: `rabbitmqctl stop`; full form: also SIGKILL "
         "of the Erlang VM (`beam.smp`), as a crash or an OOM kill would.\n")
     rows = []
@@ -276,24 +344,43 @@ def section_bad_input() -> str:
     f, e = load("fuzz"), load("bad_input_explicit")
     out = ["## 5. Bad input\n",
            f"Command: `{SUITE} tests/reliability/test_5_bad_input.py` (no server needed)\n",
-           "Hypothesis (derandomised, so a run is reproducible) generates Observations "
+           "Hypothesis, with a fresh seed per run (printed as `fuzz seed N`, recorded below; "
+           "`RELIABILITY_FUZZ_SEED=N` replays the run), generates Observations "
            "(plausible ones with known and unknown LOINC codes, units, NaN/Infinity/huge "
            "values, partial/garbage/future dates, components, reference ranges; and arbitrary "
            "JSON), DocumentReferences (binary and non-UTF-8 data, bad base64, unknown "
-           "charsets, non-text types, URL-only), search Bundles (fuzzed entries and links) "
+           "charsets, non-text types, URL-only), search answers served page by page (usable "
+           "`next` links on the client's own base, HAPI's `_getpages` form and `_page` "
+           "searches; hostile ones: another origin, a cycle back to the first page; "
+           "arbitrary JSON links; non-Bundles) "
            "and webhook notifications (R4 resources, R4 backport `Parameters`, R5 "
            "`SubscriptionStatus`, arbitrary JSON). They go through the worker's own code: "
            "`encoding.labs.build_lab_frame`, `encoding.notes.decode_notes`, the rule "
            "predictor, `report.build.build_transaction`, the whole `pipeline.diagnose_patient` "
            "over a FHIR client whose transport serves the fuzzed answers, and the webhook ASGI "
            "app. Properties: nothing raises but a `FhirError`; every input is used or skipped "
-           "with a non-empty reason; what would be POSTed is strict JSON; the receiver never "
-           "answers 5xx.\n"]
+           "with a non-empty reason; what would be POSTed is strict JSON; over usable links "
+           "every page is read exactly once and every resource on them is counted in the read "
+           "AuditEvent, a hostile link ends the task and another origin is never contacted; "
+           "the receiver never answers 5xx, and an accepted notification queues exactly the "
+           "tasks it says, its patient's among them, or says why none. A case that breaks a "
+           "property is a crash: counted, kept with its input, and the test fails on that "
+           "list.\n"]
     if f:
         out.append(stamp(f) + "\n")
-        out.append(table([(k, v) for k, v in f["cases"].items()] +
-                         [("**total cases**", f"**{f['total_cases']}**"),
-                          ("**crashes**", f"**{f['crashes']}**")]))
+        rows = [(k, v) for k, v in f["cases"].items()] + [
+            ("**total cases**", f"**{f['total_cases']}**"),
+            ("**crashes**", f"**{f['crashes']}**" + (
+                f" ({f.get('crashes_by_property')}; failing cases in fuzz.json)"
+                if f["crashes"] else "")),
+            ("seed", f"`{f.get('replay', 'not recorded (derandomised run)')}`")]
+        if f.get("paging"):
+            rows.append(("search answers by paging", ", ".join(
+                f"{k} {v}" for k, v in sorted(f["paging"].items()))))
+        if f.get("notification_outcomes"):
+            rows.append(("notification outcomes", ", ".join(
+                f"{k} {v}" for k, v in sorted(f["notification_outcomes"].items()))))
+        out.append(table(rows))
     else:
         out.append(missing("fuzzing", SUITE))
     if e:
@@ -436,9 +523,16 @@ def section_security() -> str:
         "`tests/unit/test_webhook.py` (header secret, HMAC, stale, forged, duplicates, "
         "sizes).\n")
     out.append(
-        "**Dependency audit:** `make audit-deps` freezes the installed (pinned) environment "
-        "to `.run/audit/requirements.lock` and runs `pip-audit --vulnerability-service pypi "
-        "--strict` on it. `--strict` makes a package the service cannot answer for fail the "
+        "**Dependency audit:** the runtime's dependencies are locked, pinned and hashed, in "
+        "`requirements/runtime.lock` (`make lock`: pyproject's runtime dependencies without "
+        "extras, plus `requirements/image.in`; no torch, onnxruntime CPU only; "
+        "`tests/unit/test_runtime_lock.py`). The image installs from it alone (`pip install "
+        "--require-hashes -r requirements/runtime.lock`, then the package with `--no-deps "
+        "--no-build-isolation`), and `make install` holds the dev venv's runtime packages at "
+        "its versions. `make audit-deps` runs `pip-audit --vulnerability-service pypi "
+        "--strict --require-hashes -r requirements/runtime.lock`, so it audits exactly what "
+        "ships, unchanged on any machine. `--strict` makes a package the service cannot "
+        "answer for fail the "
         "step (without it pip-audit says \"No known vulnerabilities found\" and exits 0 when "
         "it could ask about nothing). It is **not** in `make test`, and on the machine these "
         "figures come from it **fails**, because no vulnerability source is reachable from "
@@ -447,8 +541,8 @@ def section_security() -> str:
         "* `pip-audit -s pypi`: PyPI's per-version JSON "
         "(`https://pypi.org/pypi/<name>/<version>/json`, where the `vulnerabilities` key "
         "lives) answers **404** through this machine's PyPI access: \"Dependency not found "
-        "on PyPI and could not be audited\" (`make audit-deps` on the 153 pinned packages: "
-        "exit 2 at the first, `absl-py`).\n"
+        "on PyPI and could not be audited\" (`make audit-deps` on the lock's 64 packages, "
+        "2026-12-02: exit 1 at the first, `amqp`).\n"
         "* `pip-audit -s osv`: `api.osv.dev` does not resolve. `pip-audit -s esms` (2.10's "
         "third service): `advisories.ecosyste.ms` does not resolve. `--osv-url` needs an "
         "OSV server, and there is no OSV database to serve.\n"
@@ -512,11 +606,35 @@ cases, a 50,000-point series.
 """
 
 
+def render() -> str:
+    """The page, from the last run's results; Refused unless they are one passing run's."""
+    global STARTED
+    started = run_started()
+    stale = check_fresh(started)
+    if stale:
+        raise Refused(f"{len(stale)} results files are not from the run in {JUNIT.name}: "
+                      + "; ".join(stale) + ". Rerun the scenarios they come from (the whole "
+                      "suite: `make reliability-report`), or delete a file no scenario writes "
+                      "any more")
+    STARTED = started
+    try:
+        parts = [HEADER, "## Test results\n", junit_summary(), section_kill(),
+                 section_faults(), section_broker(), section_hapi(), section_bad_input(),
+                 section_load(), section_security(), FOOTER, SECURITY_REVIEW]
+    finally:
+        STARTED = None
+    return "\n".join(parts)
+
+
 def main() -> None:
-    parts = [HEADER, "## Test results\n", junit_summary(), section_kill(), section_faults(),
-             section_broker(), section_hapi(), section_bad_input(), section_load(),
-             section_security(), FOOTER, SECURITY_REVIEW]
-    OUT.write_text("\n".join(parts))
+    """Write docs/reliability.md, or exit 1 naming why the results cannot be rendered."""
+    try:
+        page = render()
+    except Refused as exc:
+        print(f"bench/reliability_report.py: {OUT.relative_to(ROOT)} not written: {exc}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    OUT.write_text(page)
     print(f"wrote {OUT.relative_to(ROOT)}")
 
 

@@ -4,8 +4,15 @@ cases (a 5 MB note, a 50,000-point series, non-UTF-8 bytes, wrong units, future 
 duplicates) with time and memory bounds.
 
 Properties: nothing raises but a FhirError; every input resource is either used or skipped with
-a reason; the report Bundle is strict JSON (no NaN/Infinity). No server is needed: the FHIR
+a reason; the report Bundle is strict JSON (no NaN/Infinity); search answers come as pages whose
+`next` links the client follows (every page read once, every resource on them counted), and
+hostile links (another origin, a cycle) end the task; an accepted notification queues exactly
+the tasks it says, for the patients it names, or says why none. No server is needed: the FHIR
 client runs over an httpx MockTransport that serves the fuzzed resources.
+
+Each run draws a fresh seed and prints it (`fuzz seed N`); `RELIABILITY_FUZZ_SEED=N` replays
+that run. A case that breaks a property is counted as a crash, recorded with its input in the
+results file (`fuzz.json`), and fails its test with the first failing cases.
 """
 
 from __future__ import annotations
@@ -13,20 +20,25 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import random
 import time
+import traceback
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisException
 from starlette.testclient import TestClient
 
 from clinragen_fhir.config import ReportSettings
@@ -47,10 +59,27 @@ pytestmark = pytest.mark.timeout(3600 if FULL else 600)
 N = {"obs": 3000, "doc": 3000, "bundle": 1500, "notify": 3000} if FULL else \
     {"obs": 300, "doc": 300, "bundle": 150, "notify": 300}
 CASES: Counter[str] = Counter()
+CHAINS: Counter[str] = Counter()  # search answers by kind of paging, and chains followed
+OUTCOMES: Counter[str] = Counter()  # notifications: queued, or the reason why not
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
-FUZZ = settings(deadline=None, database=None, derandomize=True,
+# a fresh seed per run (printed, and in fuzz.json); RELIABILITY_FUZZ_SEED=N replays run N
+SEED = int(os.environ.get("RELIABILITY_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+FUZZ = settings(deadline=None, database=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_seed(request: pytest.FixtureRequest) -> None:
+    line = f"fuzz seed {SEED} (replay: RELIABILITY_FUZZ_SEED={SEED})"
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin(
+        "capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():  # on the terminal, not in captured output
+        reporter.write_line(line)
 
 
 @cache
@@ -158,16 +187,85 @@ def document(draw: st.DrawFn) -> Any:
     return doc
 
 
-def bundle_of(items: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    entry = st.one_of(items.map(lambda r: {"resource": r}), json_any)
-    return st.one_of(
-        st.fixed_dictionaries({"resourceType": st.just("Bundle"), "type": st.just("searchset"),
-                               "entry": st.lists(entry, max_size=8)},
-                              optional={"link": json_any}),
-        json_any)
+# Search answers are served as pages that link on to each other the way a server pages: the
+# `next` link is an absolute URL on the client's own base (HAPI's `?_getpages=` form or a
+# `_page=` search), so the client follows it and the property can check that every page was
+# read. A few chains are hostile on purpose (a `next` to another origin, a cycle back to the
+# first page) and some links are arbitrary JSON: those must end in a FhirError or an outcome,
+# never a crash, and a foreign origin is never contacted.
+BASE = "http://127.0.0.1:9/fhir"
+PAGE_SIZE = 5
+MAX_PAGES = 8  # the test client's page limit: a cycle ends in a FhirError after this many
+
+
+def page_url(rtype: str, k: int, form: str) -> str:
+    if form == "getpages":  # HAPI's paging links
+        return (f"{BASE}?_getpages={rtype}-{k:04d}&_getpagesoffset={k * PAGE_SIZE}"
+                f"&_count={PAGE_SIZE}&_bundletype=searchset")
+    return f"{BASE}/{rtype}?patient=p1&_count={PAGE_SIZE}&_page={k}"
+
+
+@st.composite
+def search_answer(draw: st.DrawFn, rtype: str, items: st.SearchStrategy[Any]) -> dict[str, Any]:
+    """A search answer as `{"links": kind, "pages": [page 0, page 1, ...]}`; kind is "ok"
+    (every `next` usable), "foreign", "cycle", "junk" (arbitrary JSON links) or "broken"
+    (the first answer is not a Bundle at all)."""
+    if draw(st.integers(0, 9)) == 0:
+        return {"links": "broken", "pages": [draw(json_any)]}
+    kind = draw(st.sampled_from(["ok"] * 6 + ["foreign", "cycle", "junk"]))
+    form = draw(st.sampled_from(["getpages", "page"]))
+    n = draw(st.integers(1, 4)) if kind == "ok" else draw(st.integers(2, 4))
+    resource = items.map(lambda r: {"resource": r})
+    # mostly entries a server would send; sometimes any JSON among them
+    entry = resource if draw(st.integers(0, 3)) else st.one_of(resource, json_any)
+    pages: list[Any] = []
+    for k in range(n):
+        page: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
+                                "entry": draw(st.lists(entry, max_size=PAGE_SIZE)),
+                                "link": [{"relation": "self", "url": page_url(rtype, k, form)}]}
+        if k + 1 < n:
+            page["link"].append({"relation": "next", "url": page_url(rtype, k + 1, form)})
+        elif kind == "foreign":
+            page["link"].append({"relation": "next", "url": "https://fhir.example.org/fhir/"
+                                 f"{rtype}?_page={k + 1}"})
+        elif kind == "cycle":
+            page["link"].append({"relation": "next", "url": page_url(rtype, 0, form)})
+        if k and draw(st.booleans()):
+            page["link"].append({"relation": "previous", "url": page_url(rtype, k - 1, form)})
+        if kind == "junk" and draw(st.booleans()):
+            page["link"] = draw(json_any)
+        pages.append(page)
+    return {"links": kind, "pages": pages}
 
 
 # -- properties ----------------------------------------------------------------------------------
+# A property that raises (anything but the FhirError a search may end in) or fails an assertion
+# on a case is a crash: it is recorded with the case (not shrunk) and the run goes on, so the
+# results file counts them; each property test then fails on its own list.
+CRASHES: list[dict[str, Any]] = []
+
+
+def _guard(kind: str, example: Any, check: Callable[[], None]) -> None:
+    CASES[kind] += 1
+    try:
+        check()
+    except HypothesisException:
+        raise
+    except Exception as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        CRASHES.append({"property": kind, "assertion": isinstance(exc, AssertionError),
+                        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                        "at": f"{Path(frame.filename).name}:{frame.lineno}",
+                        "example": repr(example)[:600]})
+
+
+def _no_crashes(kind: str) -> None:
+    crashes = [c for c in CRASHES if c["property"] == kind]
+    assert not crashes, (f"{len(crashes)} of {CASES[kind]} {kind} cases failed "
+                         f"(replay: RELIABILITY_FUZZ_SEED={SEED}); first ones:\n" +
+                         "\n".join(json.dumps(c) for c in crashes[:5]))
+
+
 def _accounted(inputs: list[Any], used_refs: set[str], skips: list[Skip], kind: str) -> None:
     """Every input resource is used or skipped, and every skip names its reason."""
     assert all(isinstance(s.reason, str) and s.reason.strip() for s in skips)
@@ -192,28 +290,42 @@ def _report(labs: pd.DataFrame, notes: list[Any], skips: list[Skip]) -> None:
     _strict_json(bundle)
 
 
+@seed(SEED)
 @settings(FUZZ, max_examples=N["obs"])
 @given(st.lists(observation(), max_size=6))
-def test_fuzzed_observations(observations: list[Any]) -> None:
-    CASES["obs"] += 1
-    kg, _ = runtime()
-    patient = PatientContext("p1", "male", datetime(1970, 1, 1, tzinfo=UTC), NOW)
-    labs, skips = build_lab_frame(observations, kg, patient, NOW)
-    _accounted(observations, set(labs["observation_id"]), skips, "Observation")
-    assert labs["value"].map(math.isfinite).all()
-    assert (labs["time"] <= pd.Timestamp(NOW + timedelta(days=1))).all()
-    _report(labs, [], skips)
+def _observations(observations: list[Any]) -> None:
+    def check() -> None:
+        kg, _ = runtime()
+        patient = PatientContext("p1", "male", datetime(1970, 1, 1, tzinfo=UTC), NOW)
+        labs, skips = build_lab_frame(observations, kg, patient, NOW)
+        _accounted(observations, set(labs["observation_id"]), skips, "Observation")
+        assert labs["value"].map(math.isfinite).all()
+        assert (labs["time"] <= pd.Timestamp(NOW + timedelta(days=1))).all()
+        _report(labs, [], skips)
+    _guard("obs", observations, check)
 
 
+def test_fuzzed_observations() -> None:
+    _observations()
+    _no_crashes("obs")
+
+
+@seed(SEED)
 @settings(FUZZ, max_examples=N["doc"])
 @given(st.lists(document(), max_size=5))
-def test_fuzzed_documents(documents: list[Any]) -> None:
-    CASES["doc"] += 1
-    notes, skips = decode_notes(documents)
-    _accounted(documents, {n.document_id for n in notes}, skips, "DocumentReference")
-    assert all(len(n.text) <= MAX_NOTE_CHARS and n.text.strip() for n in notes)
-    if notes:
-        _report(build_lab_frame([], runtime()[0])[0], notes, skips)
+def _documents(documents: list[Any]) -> None:
+    def check() -> None:
+        notes, skips = decode_notes(documents)
+        _accounted(documents, {n.document_id for n in notes}, skips, "DocumentReference")
+        assert all(len(n.text) <= MAX_NOTE_CHARS and n.text.strip() for n in notes)
+        if notes:
+            _report(build_lab_frame([], runtime()[0])[0], notes, skips)
+    _guard("doc", documents, check)
+
+
+def test_fuzzed_documents() -> None:
+    _documents()
+    _no_crashes("doc")
 
 
 def _answer(body: Any) -> httpx.Response:
@@ -222,46 +334,112 @@ def _answer(body: Any) -> httpx.Response:
                           headers={"Content-Type": "application/fhir+json"})
 
 
-def _server(patient: Any, observations: Any, documents: Any,
-            seen: list[dict[str, Any]]) -> Callable[[httpx.Request], httpx.Response]:
+def _server(patient: Any, answers: dict[str, dict[str, Any]], fetched: Counter[tuple[str, int]],
+            hosts: set[str], written: list[dict[str, Any]]
+            ) -> Callable[[httpx.Request], httpx.Response]:
+    """Serves the patient, each search answer page by page (by its paging link), an empty
+    DiagnosticReport search, and a successful transaction response; records what was asked."""
     def handler(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
+        hosts.add(request.url.host)
+        path, q = request.url.path, request.url.params
         if request.method == "POST":
-            body = json.loads(request.content)
-            seen.append(body)
+            written.append(json.loads(request.content))
             return httpx.Response(200, json={"resourceType": "Bundle", "type":
                                              "transaction-response", "entry": [
                 {"response": {"status": "201", "location":
                               "DiagnosticReport/r1/_history/1"}}]})
         if path.endswith("/Patient/p1"):
             return _answer(patient)
-        if path.endswith("/Observation"):
-            return _answer(observations)
-        if path.endswith("/DocumentReference"):
-            return _answer(documents)
+        if "_getpages" in q:
+            rtype, k = q["_getpages"].split("-")[0], int(q["_getpagesoffset"]) // PAGE_SIZE
+        else:
+            rtype, k = path.rsplit("/", 1)[-1], int(q.get("_page", "0"))
+        if rtype in answers:
+            fetched[(rtype, k)] += 1
+            return _answer(answers[rtype]["pages"][k])
         return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset"})
     return handler
 
 
-@settings(FUZZ, max_examples=N["bundle"])
-@given(st.one_of(st.just({"resourceType": "Patient", "id": "p1", "gender": "female"}),
-                 json_any), bundle_of(observation()), bundle_of(document()))
-def test_fuzzed_search_bundles_through_diagnose_patient(patient: Any, observations: Any,
-                                                        documents: Any) -> None:
-    """The worker's whole path (read, search, encode, predict, write) over fuzzed answers:
-    it ends with an outcome or a FhirError, nothing else; what it writes is strict JSON."""
-    CASES["bundle"] += 1
-    kg, predictor = runtime()
-    written: list[dict[str, Any]] = []
-    transport = httpx.MockTransport(_server(patient, observations, documents, written))
-    with FhirClient("http://127.0.0.1:9/fhir", transport=transport, retries=0) as client:
-        try:
-            outcome = diagnose_patient(client, kg, predictor, "p1", ReportSettings(), now=NOW)
-        except FhirError:
-            return
-    assert outcome.status in ("written", "exists", "skipped")
+def _well_formed(answer: dict[str, Any]) -> bool:
+    """Usable links and every page a searchset whose entries are objects."""
+    return answer["links"] == "ok" and all(
+        isinstance(p.get("entry"), list) and all(isinstance(e, dict) for e in p["entry"])
+        for p in answer["pages"])
+
+
+def _resources(answer: dict[str, Any]) -> int:
+    return sum(isinstance(e.get("resource"), dict) for p in answer["pages"] for e in p["entry"])
+
+
+def _audited_reads(written: list[dict[str, Any]]) -> dict[str, str]:
+    """What the read AuditEvent says was read ("Observation read": "7", ...)."""
     for body in written:
-        _strict_json(body)
+        for entry in body.get("entry", []):
+            res = entry.get("resource", {})
+            if res.get("resourceType") == "AuditEvent":
+                return {d["type"]: d["valueString"] for e in res.get("entity", [])
+                        for d in e.get("detail", []) if d["type"].endswith(" read")}
+    return {}
+
+
+@seed(SEED)
+@settings(FUZZ, max_examples=N["bundle"])
+@given(st.sampled_from([True, True, False]).flatmap(
+    lambda ok: st.just({"resourceType": "Patient", "id": "p1", "gender": "female"}) if ok
+    else json_any), search_answer("Observation", observation()),
+       search_answer("DocumentReference", document()))
+def _search_bundles(patient: Any, observations: dict[str, Any],
+                    documents: dict[str, Any]) -> None:
+    def check() -> None:
+        kg, predictor = runtime()
+        answers = {"Observation": observations, "DocumentReference": documents}
+        fetched: Counter[tuple[str, int]] = Counter()
+        hosts: set[str] = set()
+        written: list[dict[str, Any]] = []
+        transport = httpx.MockTransport(_server(patient, answers, fetched, hosts, written))
+        outcome = None
+        with FhirClient(BASE, transport=transport, retries=0, page_size=PAGE_SIZE,
+                        max_pages=MAX_PAGES) as client, suppress(FhirError):
+            outcome = diagnose_patient(client, kg, predictor, "p1", ReportSettings(),
+                                       now=NOW)
+        assert hosts <= {"127.0.0.1"}, hosts  # a foreign `next` is never followed
+        for body in written:
+            _strict_json(body)
+        for r, a in answers.items():
+            CHAINS[f"{r} links {a['links']}"] += 1
+            assert sum(n for (rt, _), n in fetched.items() if rt == r) <= MAX_PAGES, fetched
+        # the searches run in order (Observation, then DocumentReference) once the Patient
+        # was read: a hostile chain the client reached must end the task with a FhirError
+        hostile = {r for r, a in answers.items() if a["links"] in ("foreign", "cycle")}
+        if isinstance(patient, dict) and ("Observation" in hostile or (
+                "DocumentReference" in hostile and _well_formed(observations))):
+            assert outcome is None, (hostile, outcome)
+        if isinstance(patient, dict) and all(_well_formed(a) for a in answers.values()):
+            # usable links: every page of both chains read exactly once, every resource on
+            # them counted in the read AuditEvent, and an outcome
+            assert outcome is not None and outcome.status in ("written", "exists", "skipped")
+            expected = {(r, k): 1 for r, a in answers.items() for k in range(len(a["pages"]))}
+            assert dict(fetched) == expected, (dict(fetched), expected)
+            audited = _audited_reads(written)
+            assert audited == {f"{r} read": str(_resources(a)) for r, a in answers.items()}, \
+                audited
+            CHAINS["followed"] += 1
+            if any(len(a["pages"]) > 1 for a in answers.values()):
+                CHAINS["multi_page_followed"] += 1
+        elif outcome is not None:
+            assert outcome.status in ("written", "exists", "skipped")
+    _guard("bundle", (patient, observations, documents), check)
+
+
+def test_fuzzed_search_bundles_through_diagnose_patient() -> None:
+    """The worker's whole path (read, search page by page, encode, predict, write) over fuzzed
+    answers: it ends with an outcome or a FhirError, nothing else; what it writes is strict
+    JSON; usable paging links are all followed, hostile ones end the task."""
+    _search_bundles()
+    _no_crashes("bundle")
+    # the strategy really produced followable chains: multi-page, well-formed, both searches
+    assert CHAINS["multi_page_followed"] > 0, CHAINS
 
 
 SECRET = "fuzz-secret-0123456789"
@@ -279,11 +457,12 @@ class _Seen:
 
 
 @cache
-def _webhook() -> tuple[TestClient, list[str]]:
+def _webhook() -> tuple[TestClient, list[str], _Seen]:
     queued: list[str] = []
-    app = make_app(WebhookConfig(secret=SECRET.encode(), debounce_s=0), _Seen(),
+    seen = _Seen()
+    app = make_app(WebhookConfig(secret=SECRET.encode(), debounce_s=0), seen,
                    lambda pid, countdown: queued.append(pid))
-    return TestClient(app), queued
+    return TestClient(app), queued, seen
 
 
 notification = st.one_of(
@@ -302,27 +481,83 @@ notification = st.one_of(
     observation())
 
 
+def _names_p1(payload: Any) -> bool:
+    """The oracle, independent of the receiver's parser: the payload is one of the strategy's
+    Observations (subject Patient/p1), or a Bundle with one as an entry's resource."""
+    def is_obs(r: Any) -> bool:
+        return isinstance(r, dict) and r.get("resourceType") == "Observation" and \
+            r.get("subject") == {"reference": "Patient/p1"}
+    if is_obs(payload):
+        return True
+    return isinstance(payload, dict) and payload.get("resourceType") == "Bundle" and \
+        isinstance(payload.get("entry"), list) and \
+        any(isinstance(e, dict) and is_obs(e.get("resource")) for e in payload["entry"])
+
+
+def _said(answer: httpx.Response) -> dict[str, Any]:
+    """What the receiver answered, from its JSON (`/notify`) or the OperationOutcome's
+    diagnostics ("accepted: 1, patients: 1") of HAPI's route."""
+    body = answer.json()
+    if body.get("resourceType") != "OperationOutcome":
+        return dict(body)
+    text = str(body["issue"][0].get("diagnostics", ""))
+    said: dict[str, Any] = dict(part.split(": ", 1) for part in text.split(", ") if ": " in part)
+    for key in ("accepted", "patients"):
+        if key in said and said[key].isdigit():
+            said[key] = int(said[key])
+    return said
+
+
+@seed(SEED)
 @settings(FUZZ, max_examples=N["notify"])
 @given(notification, st.sampled_from(["/notify", "/notify/Observation/o1"]))
-def test_fuzzed_notifications(payload: Any, path: str) -> None:
-    """Authenticated but arbitrary payloads: a 2xx/4xx answer, never a server error."""
-    CASES["notify"] += 1
-    client, _ = _webhook()
-    body = json.dumps(payload).encode()
-    method = "PUT" if path != "/notify" else "POST"
-    answer = client.request(method, path, content=body, headers={SECRET_HEADER: SECRET})
-    assert answer.status_code in (200, 202, 400, 413), answer.text
-    if isinstance(payload, dict):
-        patients, _ = patients_in(payload)
-        assert all(isinstance(p, str) and p for p in patients)
+def _notifications(payload: Any, path: str) -> None:
+    def check() -> None:
+        client, queued, seen = _webhook()
+        queued.clear()
+        seen.keys.clear()  # each case on a fresh de-duplication store: nothing is a duplicate
+        body = json.dumps(payload).encode()
+        method = "PUT" if path != "/notify" else "POST"
+        answer = client.request(method, path, content=body, headers={SECRET_HEADER: SECRET})
+        assert answer.status_code in (200, 202, 400, 413), answer.text
+        said = _said(answer)
+        if answer.status_code >= 400:  # refused, with the reason, and nothing queued
+            assert str(said.get("error", "")).strip(), said
+            assert not queued, queued
+            return
+        # accepted: the answer tells what was queued, and nothing unnamed was queued
+        assert said.get("accepted") == len(queued), (said, queued)
+        named, _ = patients_in(payload) if isinstance(payload, dict) else (set(), "")
+        assert set(queued) <= named and all(isinstance(p, str) and p for p in queued), queued
+        if _names_p1(payload):
+            assert "p1" in queued, (said, queued)  # its patient's task is queued
+        if not queued:  # or the reason why not
+            assert str(said.get("reason", "")).strip() or said.get("patients") == 0, said
+        OUTCOMES["queued" if queued else f"not queued: {said.get('reason') or 'no patient'}"] \
+            += 1
+    _guard("notify", (path, payload), check)
+
+
+def test_fuzzed_notifications() -> None:
+    """Authenticated but arbitrary payloads: never a server error; every answer is either
+    tasks queued (exactly those it says, for the patients the notification names) or the
+    reason nothing was."""
+    _notifications()
+    _no_crashes("notify")
+    assert OUTCOMES["queued"] > 0, OUTCOMES
 
 
 def test_zz_fuzz_case_counts() -> None:
-    """Runs after the properties (file order): records how many cases each one ran."""
+    """Runs after the properties (file order): records how many cases each one ran, the seed,
+    and the crashes counted (with the first failing cases)."""
     total = sum(CASES.values())
-    record("fuzz", {"cases": dict(CASES), "total_cases": total, "crashes": 0,
-                    "target": sum(N.values())})
+    record("fuzz", {"seed": SEED, "replay": f"RELIABILITY_FUZZ_SEED={SEED}",
+                    "cases": dict(CASES), "total_cases": total, "crashes": len(CRASHES),
+                    "crashes_by_property": dict(Counter(c["property"] for c in CRASHES)),
+                    "failing_examples": CRASHES[:20], "paging": dict(CHAINS),
+                    "notification_outcomes": dict(OUTCOMES), "target": sum(N.values())})
     assert total >= sum(N.values()) * 0.9, CASES
+    assert not CRASHES, f"{len(CRASHES)} crashes (RELIABILITY_FUZZ_SEED={SEED}): {CRASHES[:5]}"
 
 
 # -- explicit hard cases -------------------------------------------------------------------------
