@@ -670,11 +670,75 @@ FOOTER = """## Not covered, and why
 
 
 # not figures of a run: what issue 13 found, the fix and its unit test
-SECURITY_REVIEW = """## Security review fixes (issue 13)
+SECURITY_REVIEW = r"""## Security review fixes (issue 13)
 
 What the review found, the fix, and the unit test that fails before the fix and passes after
-(fake transports, no servers), per item done so far.
-
+(fake transports, no servers), per item.
+* **1. A notification lost when the broker is down.** Found: The receiver set the event and
+  patient de-duplication keys before queueing; with the broker down it answered 500, the FHIR
+  server's retry got 200 "duplicate" and the notification was gone (a real Redis broker stopped
+  mid-run: 5 of 10 patients never queued). A publish to a stopped Redis also waited ~19 s (the
+  result backend's subscribe retries). Fix: Claim, queue, then keep (`webhook.py::make_app`,
+  `RedisSeen`): keys are claimed with a short-lived "pending" value (120 s), kept for 24 h only
+  once the task is on the queue, and released when the store or the publish fails; the answer is
+  then 503 with `Retry-After` (a `transient` OperationOutcome on HAPI's `PUT` route), and a
+  retry meeting a claim that could not be released also gets 503, never "duplicate"; patients
+  already queued by a partly failed notification stay marked, so the retry queues only the rest.
+  The publish passes `ignore_result` (nobody reads a webhook task's result), so it fails in
+  about a second. Test:
+  `tests/integration/test_webhook_broker_down.py::test_broker_stopped_mid_run_loses_no_notification`
+  (real Redis broker stopped after 5 notifications: 5 answered 503, all 10 retried, each patient
+  exactly one task on the queue),
+  `::test_one_redis_for_broker_and_state_stopped_mid_run_loses_no_notification`,
+  `tests/unit/test_webhook_hardening.py::test_broker_down_answers_503_and_the_retry_is_queued`,
+  `::test_store_down_answers_503_not_500`,
+  `::test_partial_queue_failure_queues_each_patient_exactly_once`,
+  `::test_claims_left_by_a_failed_release_answer_503_until_they_expire`,
+  `::test_hapi_put_delivery_gets_a_transient_503_outcome`
+* **2. One bad record (reads).** Found: Responses were read whole and httpx inflated gzip without
+  a cap (a 0.29 MiB gzip body became 300 MiB, 900 MiB peak); a `next` link cycle gave 10,000
+  requests for the same page (the page limit was a fixed 10,000); every search was held whole
+  before the reading cap applied; DocumentReferences were bounded neither in total nor by date.
+  Fix: Every answer is streamed (`fhir/client.py::read_capped`): bytes on the wire are counted
+  (and a declared Content-Length checked) against `max_wire_bytes`, gzip/deflate are inflated by
+  our own zlib inflater 64 KiB at a time against `max_response_bytes` (both 64 MiB; only
+  `gzip, deflate` are offered), and passing either is a final `FhirTooLarge`. A search is a
+  generator read page by page: a `next` link to a page already read (URLs normalised: host
+  case, query order) is a final error, and `max_pages` (default 1,000) and `max_search_bytes`
+  (256 MiB decoded over all pages) are settings, each a final `FhirTooLarge`. Notes are kept
+  newest first up to 1,000,000 characters in all (`MAX_NOTES_TOTAL_CHARS`), each older one a
+  recorded skip, pruned as they stream; `decode_notes(since=...)` skips notes before the
+  lookback window; the lab frame prunes to the newest readings as observations stream.
+  `pipeline.gather_inputs` still lists each search before encoding it (not changed here), so
+  `max_search_bytes` is what bounds its memory per search today. Test:
+  `tests/unit/test_bounded_reads.py::test_gzip_bomb_is_a_final_error_without_inflating_it`
+  (300 MiB bomb; tracemalloc peak under cap + 8 MiB, one request),
+  `::test_wire_cap_counts_compressed_bytes`, `::test_next_link_cycle_stops_at_the_repeat`
+  (2 requests), `::test_10000_page_search_stops_at_the_page_limit` (25 requests; 1,000 by
+  default), `::test_search_byte_budget_and_page_by_page_streaming`,
+  `::test_huge_notes_set_is_bounded_newest_first` (3,000 notes, 120 M characters),
+  `::test_worker_path_bounds_notes`
+* **2. One bad record (worker lost).** Found: `task_reject_on_worker_lost` hands the task of a
+  worker that died back to the queue with no limit and no count, so one record that runs a
+  worker out of memory was redelivered forever, killing a worker on every delivery. Fix:
+  `worker/tasks.py::DeadLetteringTask.before_start` counts each start of a message in Redis
+  (`clinragen:deliveries:<task id>:<retry number>`: a retry is a new message, so only
+  redeliveries add up; TTL max(1 day, 2 x visibility timeout), dropped when the run ends in any
+  way but a dead worker); past `worker.max_deliveries` (default 5) the task fails before it runs
+  and is dead-lettered with the reason `DeliveryLimitExceeded: delivered N times without
+  finishing (max_deliveries = M): its worker died on every run (out of memory, or killed);
+  dead-lettered, not run again`, and its message is acknowledged. With the state store down the
+  task runs uncounted (as before) rather than not at all. (Celery 5.7's
+  `task_retry_on_worker_lost` was not used: it bounds pool-child losses only, and the pin allows
+  5.4.) Test:
+  `tests/integration/test_poison_task.py::test_a_task_that_kills_its_worker_every_time_is_dead_lettered`
+  (a real prefork worker on a private redis-server; the task SIGKILLs its own pool child: it
+  runs exactly 3 times with `max_deliveries = 3`, then one dead letter with that reason, the
+  queue drains, and a normal task beside it succeeds; ~30 s),
+  `tests/unit/test_delivery_limit.py::test_a_task_that_dies_on_every_delivery_is_dead_lettered_with_the_reason`,
+  `::test_a_normal_task_is_unaffected_and_leaves_no_count`,
+  `::test_retries_are_new_messages_not_redeliveries`, `::test_a_task_that_died_once_runs_again`,
+  `::test_the_state_store_down_runs_the_task_uncounted`
 * **3. Tokens in logs.** Found: A bearer token read from an env var or file with a trailing
   newline was echoed in httpx's "Illegal header value" error; that error is retryable, so the
   retry line, the task log and the dead letter held the token. Transport errors' texts went into
@@ -698,6 +762,59 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `tests/unit/test_insecure_http.py::test_plain_http_token_url_is_refused_unless_allowed`,
   `::test_plain_http_teacher_base_url_is_refused_unless_allowed`,
   `::test_plain_http_subscribe_endpoint_is_refused_unless_allowed`
+* **5. Webhook hardening.** Found: Any string after `Patient/` was queued as a patient id (`..`,
+  `p1?_format=xml`, 65+ characters), becoming a path on the FHIR server; a notification could
+  name any number of patients; a signed timestamp `nan` passed the window check (every
+  comparison with NaN is false), and a replay re-spaced or with one byte appended (header
+  secret) had a new body digest and was accepted again once the patient debounce ended; the
+  Backport `notification-event` parts and id-only `fullUrl` entries were ignored, so id-only and
+  `focus` payloads named no patient; a status without a subscription or event number had the key
+  `#`, so every such notification after the first was a "duplicate". Fix: Patient ids must be
+  FHIR ids (`[A-Za-z0-9\-.]{1,64}`, no `..`, no query or fragment) in a plain relative or
+  absolute reference, the rest refused and counted (`"reason": "invalid patient id"`); at most
+  `CLINRAGEN_WEBHOOK_MAX_PATIENTS` (100) patients per notification, else 413; the HMAC timestamp
+  must be whole seconds, the signature covers timestamp and every body byte, `dedupe_ttl_s` must
+  cover twice the 300 s window, and `CLINRAGEN_WEBHOOK_REQUIRE_HMAC=1` refuses the header secret
+  (HMAC documented as preferred, the header mode kept for HAPI); the body-digest key is over
+  canonical JSON; `focus`, `additional-context`/`additionalContext` and id-only `fullUrl`s name
+  the patient (a non-Patient focus through its resource in the Bundle); a status lacking a
+  subscription or event number falls back to the body digest. TLS/mTLS and the secret's
+  visibility in `Subscription.channel.header` are documented. Test:
+  `tests/unit/test_webhook_hardening.py::test_invalid_patient_ids_are_refused[*]`,
+  `::test_invalid_patient_resource_id_is_refused`,
+  `::test_valid_ids_in_relative_absolute_and_versioned_references`,
+  `::test_patients_per_notification_are_capped`,
+  `::test_one_byte_appended_to_a_signed_body_is_refused`,
+  `::test_replay_with_a_byte_more_is_still_a_duplicate_after_the_debounce`,
+  `::test_a_timestamp_that_is_not_whole_seconds_is_refused`,
+  `::test_require_hmac_refuses_the_header_secret`,
+  `::test_replay_window_must_fit_in_the_dedupe_ttl`,
+  `::test_backport_id_only_patient_focus_names_the_patient`,
+  `::test_backport_id_only_observation_focus_with_patient_context`,
+  `::test_backport_full_resource_focus_is_followed_to_its_subject`,
+  `::test_id_only_entries_name_patients_by_full_url`,
+  `::test_r5_additional_context_names_the_patient`,
+  `::test_status_without_subscription_or_event_number_falls_back_to_the_body[*]`
+* **6. Concurrent writers.** Found: One report per input rested on the server making the
+  conditional create (`ifNoneExist`) atomic; HAPI 6.6+ does, some servers do not
+  (microsoft/fhir-server#1382), and backfill, webhook and CLI runs for one patient can overlap:
+  both find no report, both create. Fix: `pipeline.diagnose_patient(lock=...)` holds a lock of
+  the report key from the look-up of an existing report to the transaction; the worker's lock
+  (`worker/tasks.py::_report_lock`, `worker/state.py::WorkerState.acquire_report`) is a Redis
+  key set only if absent (or already this task's: the same task redelivered after its worker
+  died takes its own stale lock back) with a TTL of the hard time limit + 60 s, released by a
+  compare-and-delete Lua script only while still owned. A run that finds the lock held waits up
+  to 10 s (a tenth of the soft limit at most), then raises `ReportLocked` and retries later
+  with the usual backoff: no failure, no second report. With the state store down the report is
+  written unlocked (the server's conditional create still guards) rather than lost. `diagnose
+  --local` (CLI, in process) passes no lock yet. Test:
+  `tests/unit/test_report_lock.py::test_two_concurrent_tasks_for_one_patient_write_one_report`
+  (two `diagnose` tasks in threads against a fake server whose conditional create checks,
+  sleeps 0.3 s, then creates; a private redis-server), and its control
+  `::test_without_the_lock_the_fake_server_duplicates` (the same run with the lock removed
+  writes two), `::test_a_lock_held_elsewhere_makes_the_task_retry_not_fail`,
+  `::test_the_state_store_down_still_writes_the_report`,
+  `::test_the_lock_is_owned_expires_and_is_taken_back_by_its_owner`
 * **7. Token endpoint blips.** Found: Every `TokenError` was final: a token endpoint restart
   dead-lettered every task meanwhile. Fix: The retry decision is on the error
   (`fhir/errors.py::TokenError`): no answer, timeouts, 408, 429 (with Retry-After) and 5xx are
@@ -719,6 +836,40 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `::test_a_100k_char_rationale_is_bounded[*]`,
   `::test_twenty_thousand_distinct_displays_are_bounded` (each under 2 s, with a deadline;
   `tests/unit/test_faithfulness.py` unchanged and passing)
+* **9. Broker TLS.** Found: With `rediss://` kombu connected with `CERT_NONE` (and Celery
+  refused a `rediss://` result backend for want of `ssl_cert_reqs`); with `amqps://` the
+  certificate was verified but not the host name; anyone on the path could pose as the broker,
+  read every task (patient ids) and queue their own. The shipped compose and k8s configs ran
+  Redis with no password. Fix: `worker.app.broker_tls` sets `broker_use_ssl` (and
+  `redis_backend_use_ssl` for a `rediss://` backend) to `CERT_REQUIRED` with the host name
+  checked (`ssl_check_hostname` for redis-py, `server_hostname` from the URL for py-amqp), CA
+  from `broker_ca_file` or the system; `check-config` connects with the same options. Compose's
+  Redis has `--requirepass` from `deploy/compose/.env`, which every Redis URL carries
+  (`${...:?}`: no start without it); k8s takes the Redis URLs and KEDA's password (a
+  `TriggerAuthentication`) from the Secret; a placeholder password in a broker, backend or state
+  URL is refused at start. Test:
+  `tests/unit/test_broker_tls.py::test_rediss_broker_and_backend_require_a_verified_certificate_and_host_name`,
+  `::test_amqps_broker_checks_the_host_name` (both down to the `SSLConnection` and `SSLSocket`
+  the installed redis-py and py-amqp build),
+  `::test_kombu_alone_does_not_check_what_it_connects_to`,
+  `::test_compose_redis_requires_the_password_every_url_carries`,
+  `::test_k8s_redis_urls_and_keda_come_with_the_password_from_the_secret`,
+  `::test_the_shipped_redis_password_placeholders_are_refused`
+* **10. Scopes.** Found: The default SMART scope (`system/*.rs system/DiagnosticReport.c
+  system/Provenance.cu`) lacked the writes every task makes, the application Device (a
+  conditional create) and the AuditEvents (POST and PUT by id), and granted reads of every type;
+  on a scope-enforcing server every task was refused and dead-lettered. Fix: The default is made
+  from one table, `fhir.auth.WORKER_ACCESS`: `system/Patient.r system/Observation.s
+  system/DocumentReference.s system/DiagnosticReport.cs system/Device.cs system/Provenance.cu
+  system/AuditEvent.cu` (a conditional create also needs `s`: the server searches for the
+  condition in the client's name; a PUT by client id needs `c` and `u`). `check-config` fetches a
+  token, reads its `scope` (the requested one when the answer leaves it out, RFC 6749 5.1; SMART
+  v1 `.read`/`.write` understood) and names each missing scope; also any the configured `scope`
+  lacks. Test: `tests/unit/test_scopes.py::test_the_default_scope_is_exactly_what_the_worker_does`
+  (a real `diagnose_patient` run and the poll task's searches recorded on a fake server, mapped to
+  SMART letters: exactly the table), `::test_the_old_default_missed_the_device_and_audit_writes`,
+  `::test_check_config_names_the_scopes_a_token_lacks` (an `httpx.MockTransport` token endpoint
+  granting the old default), `::test_check_config_is_quiet_about_a_full_grant_and_a_short_request`
 * **11. Secrets that fail open.** Found: The log-id hash key defaulted to a public constant; the
   example configs' placeholder secrets were accepted; unknown config keys were ignored (`auht =
   "smart-backend"` left auth off). Fix: `Settings.check_site_secrets()` (worker, CLI, webhook
@@ -740,6 +891,88 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `tests/unit/test_report_key_versions.py::test_an_edited_input_without_version_id_gives_a_new_report_key`,
   `::test_version_id_keeps_the_key_it_always_had`,
   `::test_input_stamp_prefers_version_id_then_last_updated_then_content`
+* **13. Loader and `--types`.** Found: `load --types Patient,Observation,DocumentReference` left
+  out a Synthea transaction Bundle's Encounters but kept the `urn:uuid:` references to them (and
+  the conditional references to the support bundles' Practitioners and Organizations, also left
+  out); HAPI refused every bundle with HAPI-0541 (reproduced on a fresh Synthea 3.3.0 patient:
+  the whole bundle refused). Fix: As on the NDJSON path, an entry left out takes every reference
+  to it along (`fhir.loader.prepare_bundle`): by fullUrl or `Type/id` in its own bundle, and,
+  for support bundle entries, by their conditional reference (`url?ifNoneExist`); emptied
+  elements go too, and the count is in `LoadReport.stripped`. On HAPI the same patient then
+  loaded (52 Observations, 17 notes, 103 references removed). Test:
+  `tests/unit/test_loader_bundle_refs.py::test_types_left_out_take_their_references_with_them`
+  (a trimmed real Synthea 3.3.0 bundle, `tests/fixtures/synthea-bundle/`, on a fake server that
+  resolves references as HAPI does),
+  `::test_without_types_or_with_everything_kept_nothing_is_removed`,
+  `::test_a_support_type_that_is_loaded_keeps_its_references`; on HAPI:
+  `tests/integration/test_load_bundle_types.py::test_synthea_bundle_loads_into_hapi_with_types`
+* **14. Honest fuzzing.** Found: The fuzzing ran derandomised (the same cases every run, and no
+  seed to report), and the results file wrote `"crashes": 0` as a literal whatever happened.
+  Search Bundles got `link` as arbitrary JSON, so a `next` link the client would follow
+  (absolute, on its own base, a page it can ask for) never came up, and page 2 onwards was never
+  read. The notification property checked only the status code: a receiver that answered 202 and
+  queued nothing (or queued the wrong patient) passed. Fix: Each run draws a fresh seed, prints
+  it (`fuzz seed N (replay: RELIABILITY_FUZZ_SEED=N)`) and records it in `fuzz.json`;
+  `RELIABILITY_FUZZ_SEED=N` replays the run. A case that breaks a property (an exception other
+  than `FhirError`, or a failed assertion) is a crash: it is counted, kept with its input (the
+  first 20 go in `fuzz.json`), and each property test fails on its own computed list, with the
+  seed in the message. Search answers are served page by page: the `next` links are HAPI's
+  `?_getpages=` form or `_page=` searches on the client's base. Over usable links every page
+  must be read exactly once, and every resource on them must be counted in the read AuditEvent.
+  Hostile chains (a `next` to another origin, a cycle back to page 1) must end the task with a
+  `FhirError`, and another origin is never contacted. Some chains still get arbitrary JSON
+  links. For an accepted notification, `accepted` must equal the tasks actually queued, only
+  patients the notification names may be queued, the strategy's Observation (subject
+  `Patient/p1`) must queue `p1`, and an answer that queued nothing must give a reason
+  (`duplicate`, `names no patient`, ...) or `patients: 0`. A refusal must carry an `error` and
+  queue nothing. The renderer shows the seed, the paging mix and the notification outcomes.
+  Test:
+  `tests/reliability/test_5_bad_input.py::test_fuzzed_search_bundles_through_diagnose_patient`,
+  `::test_fuzzed_notifications`, `::test_fuzzed_observations`, `::test_fuzzed_documents`,
+  `::test_zz_fuzz_case_counts`
+* **15. Honest broker and report figures.** Found: The Redis restart scenario never checked that
+  Redis held any task when it went down, so a restart after the queue drained passed as "0
+  lost". `make reliability-report` ran the suite with a `-` prefix: a failing or erroring suite
+  still went on to render `docs/reliability.md`. The renderer read whatever lay in
+  `.run/reliability/results/`, so a scenario that failed or did not run showed the previous
+  run's figures as this run's. Fix: The Redis case measures the queue (ready + unacked) at the
+  moment of the SHUTDOWN or SIGKILL, records it (`queued_or_unacked_at_restart`, rendered in the
+  table), and asserts it is above 0 in every case. SHUTDOWN and SIGKILL with `appendfsync
+  always` (full form) assert 0 lost and no dead letters, naming the lost patients; SIGKILL with
+  `everysec` is measured. The Makefile keeps the suite's exit status: on failure the services
+  are still stopped, the target fails with `reliability-report: FAILED (exit N)`, and the
+  renderer is not run. The renderer (`bench/reliability_report.py`) refuses, with exit 1 and
+  nothing written, when `junit.xml` is missing, has failures or errors, or ran no test, and when
+  any results file has no `recorded_at` or was recorded before the junit run started. The
+  refusal lists the stale files. Test:
+  `tests/unit/test_reliability_report.py::test_results_older_than_the_run_are_refused`,
+  `::test_a_failed_run_is_not_rendered`, `::test_no_junit_results_is_refused`,
+  `::test_a_results_file_without_a_time_is_refused`,
+  `::test_one_passing_runs_fresh_results_are_rendered`,
+  `::test_make_reliability_report_fails_with_the_suite`;
+  `tests/reliability/test_3_broker_restart.py::test_redis_restart_mid_run_loses_no_task` (the
+  SIGKILL cases run in the full form only)
+* **16. Locked dependencies.** Found: Nothing was locked. The image ran `pip install . flower`,
+  resolving whatever was newest at build time with no hash checked, and `pip` fetched the build
+  backend unpinned. `make audit-deps` audited a `pip freeze` of the dev venv (torch, CUDA,
+  training and dev tools) rather than what ships. Fix: `requirements/runtime.lock` holds the
+  runtime's dependencies, pinned with sha256 hashes for every file of each pin. That is
+  pyproject's `[project.dependencies]` without extras, plus `requirements/image.in`: flower, and
+  setuptools and wheel for the build. It has 64 packages; no torch, no CUDA, onnxruntime CPU
+  only. It is compiled by `make lock` (uv from a throwaway venv, for Python 3.11 on Linux, at
+  the dev venv's versions so that the tested venv and the image agree). The image runs `pip
+  install --require-hashes -r requirements/runtime.lock`, then the package with `--no-deps
+  --no-build-isolation`, then `pip check`. `make install` (and so CI) holds the runtime's
+  packages at the lock's versions through a `name==version` constraints file made from it,
+  because pip refuses hashes in constraints; the train and dev extras resolve around them. `make
+  audit-deps` runs `pip-audit --vulnerability-service pypi --strict --require-hashes
+  --disable-pip -r requirements/runtime.lock`, so it audits exactly the lock, unchanged wherever
+  PyPI's vulnerability data is reachable. Here it fails with exit 1 (`amqp: Dependency not found
+  on PyPI and could not be audited`). Test:
+  `tests/unit/test_runtime_lock.py::test_every_runtime_dependency_is_pinned_within_pyprojects_range`,
+  `::test_every_line_is_pinned_with_a_hash`, `::test_no_torch_and_no_gpu_onnxruntime`,
+  `::test_the_lock_is_closed_over_the_installed_runtime`,
+  `::test_the_tested_venv_runs_the_locked_versions`
 """
 
 
