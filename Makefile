@@ -45,6 +45,7 @@ lock: | $(BIN)/python
 	sed -i '/^    #   -c .*venv\.txt$$/d' $(LOCK)
 
 services: install
+	deploy/chromium/install
 	deploy/redis/start
 	deploy/rabbitmq/start
 	deploy/hapi/start
@@ -65,6 +66,7 @@ typecheck: install
 	$(BIN)/mypy clinragen_fhir
 
 test-unit: install
+	deploy/chromium/install
 	$(BIN)/pytest -q -m "not integration" tests
 
 test-integration: services

@@ -34,6 +34,7 @@ from clinragen_fhir.report.faithfulness import (
     check_report_rationale,
     diagnosis_claims,
 )
+from clinragen_fhir.report.html import fact_labels
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class PatientInputs:
     skips: list[Skip]
     used: list[InputRef] = field(default_factory=list)
     n_read: dict[str, int] = field(default_factory=dict)  # resources read, by type (for audit)
+    resource: dict[str, Any] = field(default_factory=dict)  # the Patient: the report's header
 
 
 @dataclass
@@ -102,7 +104,8 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
     """Read the patient, their labs/vitals and notes (every page), and encode them."""
     now = now or datetime.now(UTC)
     since = (now - timedelta(days=settings.lookback_days)).date().isoformat()
-    patient = patient_context(client.read("Patient", patient_id), now)
+    resource = client.read("Patient", patient_id)
+    patient = patient_context(resource, now)
     observations = list(client.search("Observation", {
         "patient": patient_id, "category": "laboratory,vital-signs", "date": f"ge{since}"}))
     documents = list(client.search("DocumentReference", {"patient": patient_id}))
@@ -117,7 +120,8 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
     used += [InputRef(n.document_id, n.version_id, stamps.get(n.document_id, ""))
              for n in notes]
     return PatientInputs(patient, labs, notes, lab_skips + note_skips, used,
-                         {"Observation": len(observations), "DocumentReference": len(documents)})
+                         {"Observation": len(observations), "DocumentReference": len(documents)},
+                         resource)
 
 
 def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
@@ -180,7 +184,8 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
             LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])))
         bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips,
                                       settings, now=now, effective=effective, labs=inputs.labs,
-                                      claims=claims)
+                                      claims=claims, patient=inputs.resource,
+                                      fact_labels=fact_labels(kg, prediction, inputs.labs))
         if settings.audit_events:  # in the same transaction: no report without its audit record
             written = {"type": "DiagnosticReport",
                        "identifier": {"system": settings.identifier_system, "value": key}}

@@ -23,7 +23,13 @@ from clinragen_fhir.encoding.schema import Skip
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.faithfulness import ClaimCheck, claim_text
-from clinragen_fhir.report.html import lab_trends, narrative_div, presented_form, render_html
+from clinragen_fhir.report.html import (
+    lab_trends,
+    narrative_div,
+    patient_header,
+    presented_form,
+    render_html,
+)
 
 SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
@@ -114,19 +120,25 @@ def build_transaction(
     effective: datetime | None = None,
     labs: pd.DataFrame | None = None,
     claims: Sequence[ClaimCheck] = (),
+    patient: Mapping[str, Any] | None = None,
+    fact_labels: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The transaction Bundle to POST, and the report identifier value it carries.
 
     `labs` (the lab frame) gives the trend charts and the as-sent values of cited readings;
     the identifier does not depend on it or on the rendering. `claims`: the rationale's lab
     claims checked against the record (`check_report_rationale`), shown to the reader and kept
-    as an extension for auditors.
+    as an extension for auditors. `patient` (the Patient resource read in this run) gives the
+    page's identification header; `fact_labels` (`report.html.fact_labels`) names the knowledge
+    facts. Neither changes the identifier.
     """
     now = now or datetime.now(UTC)
     key = report_key(patient_id, used, prediction)
     trends = lab_trends(labs, (e.loinc for d in prediction.diagnoses for e in d.evidence))
     check = claims_summary(claims, prediction.rationale)
-    page = render_html(prediction, trends, issued=now, report_key=key, claims=check)
+    header = patient_header(patient or {"id": patient_id})
+    page = render_html(prediction, trends, issued=now, report_key=key, claims=check,
+                       patient=header, labels=fact_labels)
     identifier = {"system": settings.identifier_system, "value": key}
     software = f"{prediction.method}@{prediction.method_version}"
     device_urn, report_urn = f"urn:uuid:{_uuid(key, 'device')}", f"urn:uuid:{_uuid(key, 'dr')}"
@@ -155,7 +167,7 @@ def build_transaction(
         "conclusionCode": [{"coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
                            for d in prediction.diagnoses],
         "presentedForm": [presented_form(page, now)],
-        "text": {"status": "generated", "div": narrative_div(prediction, check)},
+        "text": {"status": "generated", "div": narrative_div(prediction, check, header)},
         "extension": [
             {"url": f"{EXT_BASE}/method", "valueString": software},
             {"url": f"{EXT_BASE}/knowledge-version", "valueString": prediction.knowledge_version},

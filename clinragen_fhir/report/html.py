@@ -1,7 +1,9 @@
 """Human-readable renderings of a Prediction: a standalone HTML page and a FHIR narrative.
 
 Clinicians read `DiagnosticReport.presentedForm` (text/html) and `text.div`, not JSON. Both are
-built here from the same data, every string escaped. The HTML page is self-contained (inline CSS
+built here from the same data, every string escaped, and both open with the patient's name, birth
+date and identifier (from the Patient resource read in the same run), because a printed or mailed
+report without them invites wrong-patient errors. The HTML page is self-contained (inline CSS
 and a hand-written SVG trend chart per lab, no script, no external resource, a CSP that forbids
 loading any), so it can be opened from a mail or an EHR viewer safely. The narrative keeps to the
 FHIR xhtml subset (no SVG, no script, no style sheets; `style` attributes only).
@@ -19,8 +21,10 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
+from rdflib import URIRef
 
 from clinragen_fhir import __version__
+from clinragen_fhir.knowledge.graph import CRG, KnowledgeGraph
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
 BANNER = "Preliminary \u2014 decision support, not a diagnosis"
@@ -28,6 +32,11 @@ BANNER_DETAIL = ("Machine-generated from the cited values by ClinRaGen-FHIR. A c
                  "review the cited values before acting.")
 MAX_POINTS = 60  # per trend chart: the newest readings
 MAX_NARRATIVE_ROWS = 40  # cited values listed in the narrative (the HTML lists all)
+# One name for the head's number, everywhere a reader sees it (it was "probability" in the table
+# and "support" in the section headings).
+PROBABILITY = "model probability"
+PROBLEM_LIST_NOTE = ("Not compared with the patient's problem list: a disorder listed here may "
+                     "already be a known Condition.")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -41,6 +50,105 @@ def fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class PatientHeader:
+    """Who the report is about, as printed on it: read from the Patient resource at write time."""
+
+    name: str
+    birth_date: str
+    identifier: str  # e.g. "MRN 1234" (type and value of the medical record number)
+    gender: str = ""
+    reference: str = ""  # "Patient/<id>"
+
+    def line(self) -> str:
+        """One line of plain text: for the narrative and the footer."""
+        return "; ".join(p for p in (self.name, f"born {self.birth_date}", self.identifier,
+                                     self.gender, self.reference) if p)
+
+
+NO_NAME, NO_BIRTH_DATE, NO_IDENTIFIER = ("name not recorded", "not recorded",
+                                         "no identifier recorded")
+
+
+def _name(resource: Mapping[str, Any]) -> str:
+    names = [n for n in resource.get("name") or [] if isinstance(n, Mapping)]
+    name = next((n for n in names if n.get("use") == "official"), names[0] if names else None)
+    if name is None:
+        return ""
+    if name.get("text"):
+        return str(name["text"]).strip()
+    given = " ".join(str(g) for g in name.get("given") or [] if g)
+    family = str(name.get("family") or "")
+    return f"{family.upper()}, {given}".strip(", ") if family else given
+
+
+def _identifier(resource: Mapping[str, Any]) -> str:
+    """The medical record number if the Patient has one, else its first identifier."""
+    ids = [i for i in resource.get("identifier") or []
+           if isinstance(i, Mapping) and i.get("value")]
+    if not ids:
+        return ""
+
+    def kind(i: Mapping[str, Any]) -> str:
+        t = i.get("type") or {}
+        codes = [c.get("code") for c in t.get("coding") or [] if isinstance(c, Mapping)]
+        return "MRN" if "MR" in codes else str(t.get("text") or (codes[0] if codes else "")
+                                             or "ID")
+
+    best = next((i for i in ids if kind(i) == "MRN"), ids[0])
+    return f"{kind(best)} {best['value']}"
+
+
+def patient_header(resource: Mapping[str, Any] | None) -> PatientHeader:
+    """The header of a Patient resource; what is missing is said so, never left blank."""
+    resource = resource or {}
+    pid = str(resource.get("id") or "")
+    return PatientHeader(_name(resource) or NO_NAME,
+                         str(resource.get("birthDate") or "") or NO_BIRTH_DATE,
+                         _identifier(resource) or NO_IDENTIFIER,
+                         str(resource.get("gender") or ""), f"Patient/{pid}" if pid else "")
+
+
+_POLARITY = {"supports": "supports", "opposes": "argues against"}
+
+
+def fact_labels(kg: KnowledgeGraph, prediction: Prediction,
+                labs: pd.DataFrame | None = None) -> dict[str, str]:
+    """A readable label for each knowledge fact the prediction used (its id stays the key).
+
+    Associations have no label of their own, so they read as "finding supports disorder (source)"
+    from their parts' skos:prefLabel / rdfs:label. The model also cites compound ids:
+    "<finding>|<Observation>" reads as the finding and the reading (from `labs`), and
+    "<source>|<note span>" as the source and the span."""
+    ids = dict.fromkeys([*prediction.facts_used,
+                         *(k for d in prediction.diagnoses for k in d.knowledge)])
+    readings: dict[str, str] = {}
+    if labs is not None and not labs.empty:
+        for ref, display, loinc, value, unit, t in labs[
+                ["observation_id", "display", "loinc", "value", "unit", "time"]].itertuples(
+                index=False):
+            readings[str(ref)] = (f"{display or loinc} {fmt(_num(value))} {unit} on "
+                                  f"{pd.Timestamp(t).date().isoformat()}")
+    return {uri: _fact_label(kg, uri, readings) for uri in ids}
+
+
+def _fact_label(kg: KnowledgeGraph, fact: str, readings: Mapping[str, str]) -> str:
+    head, _, tail = fact.partition("|")
+    if tail:  # a reading of a finding, or a note span of the note rule
+        doc, _, span = tail.partition("#")
+        what = readings.get(tail) or (f"{doc}, characters {span}" if span else tail)
+        return f"{kg.label(head)}: {what}"
+    g, node = kg.graph, URIRef(fact)
+    finding, disorder = g.value(node, CRG.finding), g.value(node, CRG.disorder)
+    if finding is None or disorder is None:
+        return kg.label(fact)
+    polarity = str(g.value(node, CRG.polarity) or "supports")
+    source = g.value(node, CRG.source)
+    return (f"{kg.label(str(finding))} {_POLARITY.get(polarity, polarity)} "
+            f"{kg.label(str(disorder))}"
+            + (f" ({kg.label(str(source))})" if source is not None else ""))
 
 
 @dataclass(frozen=True)
@@ -89,11 +197,15 @@ def lab_trends(labs: pd.DataFrame | None, loincs: Iterable[str]) -> dict[str, Tr
     return out
 
 
-def trend_svg(trend: Trend, cited: Iterable[str] = (), width: int = 320,
-              height: int = 110) -> str:
-    """An inline SVG line chart: readings, the reference range band, cited readings in red."""
+DATE_TICKS = 4  # dates labelled on a chart's time axis (first and last reading included)
+
+
+def trend_svg(trend: Trend, cited: Iterable[str] = (), width: int = 420,
+              height: int = 140) -> str:
+    """An inline SVG line chart: readings over dated ticks, the reference range band, cited
+    readings in red. No script and no external resource, so the page stays self-contained."""
     cited_refs = set(cited)
-    pad_l, pad_r, pad_t, pad_b = 44, 8, 8, 20
+    pad_l, pad_r, pad_t, pad_b = 48, 40, 10, 30
     pts = trend.points
     times = [pd.Timestamp(p.time).timestamp() for p in pts]
     values = [p.value for p in pts]
@@ -113,7 +225,8 @@ def trend_svg(trend: Trend, cited: Iterable[str] = (), width: int = 320,
     def y(v: float) -> float:
         return pad_t + plot_h * (1 - (v - lo) / (hi - lo))
 
-    title = f"{trend.display} ({trend.unit}), {len(pts)} readings"
+    title = (f"{trend.display} ({trend.unit}), {len(pts)} readings from {pts[0].time[:10]} "
+             f"to {pts[-1].time[:10]}")
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="trend" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="{esc(title)}"><title>{esc(title)}</title>',
@@ -127,6 +240,21 @@ def trend_svg(trend: Trend, cited: Iterable[str] = (), width: int = 320,
                      f'height="{max(0.0, bottom - top):.1f}" fill="#e3f2e1">'
                      f'<title>reference range {esc(fmt(trend.ref_low))}\u2013'
                      f'{esc(fmt(trend.ref_high))} {esc(trend.unit)}</title></rect>')
+    # dated ticks: evenly spaced in time, a label only where the date differs from the last one
+    base = pad_t + plot_h
+    ticks = [t0 + span * i / (DATE_TICKS - 1) for i in range(DATE_TICKS)] if t1 > t0 else [t0]
+    shown: list[str] = []
+    for i, t in enumerate(ticks):
+        day = pd.Timestamp(t, unit="s", tz="UTC").date().isoformat()
+        if day in shown:
+            continue
+        shown.append(day)
+        anchor = "start" if i == 0 and len(ticks) > 1 else \
+            "end" if i == len(ticks) - 1 and len(ticks) > 1 else "middle"
+        parts.append(f'<line class="tick" x1="{x(t):.1f}" y1="{base}" x2="{x(t):.1f}" '
+                     f'y2="{base + 4}" stroke="#777"/>'
+                     f'<text class="date" x="{x(t):.1f}" y="{base + 15}" text-anchor="{anchor}" '
+                     f'font-size="10">{esc(day)}</text>')
     if len(pts) > 1:
         line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in zip(times, values, strict=True))
         parts.append(f'<polyline points="{line}" fill="none" stroke="#1f5f9f" '
@@ -136,14 +264,16 @@ def trend_svg(trend: Trend, cited: Iterable[str] = (), width: int = 320,
         parts.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="{3.2 if hit else 2.2}" '
                      f'fill="{"#c62828" if hit else "#1f5f9f"}"><title>{esc(p.time[:10])}: '
                      f'{esc(fmt(v))} {esc(trend.unit)}</title></circle>')
+    # the newest reading's value, printed beside it: a paper copy has no hover titles
     parts += [
+        f'<text x="{x(times[-1]) + 5:.1f}" y="{y(values[-1]) + 3:.1f}" font-size="10" '
+        f'fill="#333">{esc(fmt(values[-1]))}</text>',
         f'<text x="{pad_l - 4}" y="{pad_t + 9}" text-anchor="end" font-size="10">'
         f'{esc(fmt(hi - margin))}</text>',
         f'<text x="{pad_l - 4}" y="{pad_t + plot_h}" text-anchor="end" font-size="10">'
         f'{esc(fmt(lo + margin))}</text>',
-        f'<text x="{pad_l}" y="{height - 5}" font-size="10">{esc(pts[0].time[:10])}</text>',
-        f'<text x="{width - pad_r}" y="{height - 5}" text-anchor="end" font-size="10">'
-        f'{esc(pts[-1].time[:10])}</text>',
+        f'<text x="{pad_l + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle" '
+        'font-size="9" fill="#777">date of reading</text>',
         "</svg>"]
     return "".join(parts)
 
@@ -152,89 +282,131 @@ def _evidence_rows(evidence: Sequence[Evidence]) -> str:
     rows = []
     for e in evidence:
         ref = f"{e.reference}/_history/{e.version_id}" if e.version_id else e.reference
-        rows.append(f"<tr><td>{esc(e.time[:10])}</td><td>{esc(e.display or e.loinc)}</td>"
+        rows.append(f'<tr><td class="date">{esc(e.time[:10])}</td>'
+                    f"<td>{esc(e.display or e.loinc)}</td>"
                     f'<td class="num">{esc(fmt(e.value))}</td><td>{esc(e.unit)}</td>'
                     f"<td>{esc(e.statement)}</td><td><code>{esc(ref)}</code></td></tr>")
     return "".join(rows)
 
 
-def _diagnosis_section(d: Diagnosis, trends: Mapping[str, Trend]) -> str:
+def _facts(ids: Iterable[str], labels: Mapping[str, str]) -> str:
+    """List items showing each fact by its label; the id stays on hover for auditors."""
+    return "".join(f'<li title="{esc(k)}">{esc(labels.get(k) or k)}</li>' for k in ids)
+
+
+def _diagnosis_section(d: Diagnosis, trends: Mapping[str, Trend],
+                       labels: Mapping[str, str]) -> str:
     cited = {e.reference for e in d.evidence}
     charts = "".join(
         f'<figure>{trend_svg(trends[c], cited)}<figcaption>{esc(trends[c].display)} '
-        f"({esc(trends[c].unit)}); red: cited readings; green band: reference range"
-        "</figcaption></figure>"
+        f"({esc(trends[c].unit)}), {len(trends[c].points)} readings "
+        f"{esc(trends[c].points[0].time[:10])} to {esc(trends[c].points[-1].time[:10])}; "
+        "red: cited readings; green band: reference range</figcaption></figure>"
         for c in dict.fromkeys(e.loinc for e in d.evidence) if c in trends)
     table = ("<table><thead><tr><th>date</th><th>lab</th><th>value</th><th>unit</th>"
              "<th>why it counts</th><th>source (version)</th></tr></thead>"
              f"<tbody>{_evidence_rows(d.evidence)}</tbody></table>") if d.evidence else \
         "<p>No cited values.</p>"
-    facts = "".join(f"<li><code>{esc(k)}</code></li>" for k in d.knowledge)
+    facts = _facts(d.knowledge, labels)
     return (f'<section class="dx"><h2>{esc(d.term)} <small>SNOMED CT {esc(d.snomed)}; '
-            f"support {d.probability:.0%}</small></h2>"
+            f"{PROBABILITY} {d.probability:.0%}</small></h2>"
             f"<h3>Cited values</h3>{table}"
             + (f'<h3>Trends</h3><div class="charts">{charts}</div>' if charts else "")
             + (f"<h3>Knowledge used</h3><ul>{facts}</ul>" if facts else "")
             + "</section>")
 
 
+def _patient_block(patient: PatientHeader) -> str:
+    """The identification header: large, first, and marked where something is missing."""
+    def cell(label: str, value: str, missing: bool) -> str:
+        cls = ' class="missing"' if missing else ""
+        return f"<div><span>{esc(label)}</span><b{cls}>{esc(value)}</b></div>"
+
+    return ('<header class="patient" aria-label="patient identification">'
+            + cell("Patient", patient.name, patient.name == NO_NAME)
+            + cell("Born", patient.birth_date, patient.birth_date == NO_BIRTH_DATE)
+            + cell("Identifier", patient.identifier, patient.identifier == NO_IDENTIFIER)
+            + (cell("Sex", patient.gender, False) if patient.gender else "")
+            + (cell("Record", patient.reference, False) if patient.reference else "")
+            + "</header>")
+
+
 CSS = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:60em;color:#222}"
+       ".patient{display:flex;flex-wrap:wrap;gap:.4em 2em;border:2px solid #333;"
+       "padding:.5em 1em;margin-bottom:.8em}"
+       ".patient span{display:block;font-size:.75em;color:#555;text-transform:uppercase}"
+       ".patient b{font-size:1.15em}.patient b.missing{color:#a00;font-style:italic}"
        ".banner{background:#fff3cd;border:2px solid #e0a800;padding:.6em 1em;font-weight:bold}"
        ".banner span{display:block;font-weight:normal;font-size:.9em}"
        "table{border-collapse:collapse;margin:.5em 0;font-size:.9em}"
        "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
-       "td.num{text-align:right}small{font-weight:normal;color:#555}"
+       "td.num{text-align:right}td.date{white-space:nowrap}small{font-weight:normal;color:#555}"
        ".charts{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}"
-       "figcaption{font-size:.8em;color:#555;max-width:320px}"
+       "figcaption{font-size:.8em;color:#555;max-width:420px}"
        "footer{margin-top:2em;font-size:.85em;color:#555}")
 
 
 def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: datetime,
-                report_key: str = "", claims: str = "") -> str:
-    """The whole report as one self-contained HTML page."""
+                report_key: str = "", claims: str = "", patient: PatientHeader | None = None,
+                labels: Mapping[str, str] | None = None) -> str:
+    """The whole report as one self-contained HTML page.
+
+    `patient`: the identification header (a page without one says so in it); `labels`: fact id
+    -> readable label (`fact_labels`), ids are shown where a label is missing."""
+    patient = patient or patient_header(None)
+    labels = labels or {}
     if prediction.diagnoses:
         summary = "".join(
             f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
             f'<td class="num">{d.probability:.0%}</td><td class="num">{len(d.evidence)}</td></tr>'
             for d in prediction.diagnoses)
-        conclusion = ("<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"
-                      "<th>probability</th><th>cited values</th></tr></thead>"
-                      f"<tbody>{summary}</tbody></table>")
+        # The prediction does not say which conclusions are Conditions already on the problem
+        # list, so there is one list, and the reader is told it was not compared.
+        conclusion = ("<h2>Suspected disorders</h2>"
+                      "<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"
+                      f"<th>{PROBABILITY}</th><th>cited values</th></tr></thead>"
+                      f"<tbody>{summary}</tbody></table>"
+                      f"<p><small>{esc(PROBLEM_LIST_NOTE)}</small></p>")
         if prediction.method == "knowledge-rule-baseline":  # no calibrated model behind it
-            conclusion += ("<p><small>For the knowledge-rule baseline, probability is the "
-                           "knowledge graph's support score, not a calibrated probability."
+            conclusion += (f"<p><small>For the knowledge-rule baseline, the {PROBABILITY} is "
+                           "the knowledge graph rules' score, not a calibrated probability."
                            "</small></p>")
     else:
         conclusion = "<p><b>No disorder supported.</b></p>"
     if prediction.abstained:
         conclusion += f"<p>Abstained: {esc(prediction.abstain_reason)}</p>"
-    sections = "".join(_diagnosis_section(d, trends) for d in prediction.diagnoses)
-    facts = "".join(f"<li><code>{esc(k)}</code></li>" for k in prediction.facts_used)
+    sections = "".join(_diagnosis_section(d, trends, labels) for d in prediction.diagnoses)
+    facts = _facts(prediction.facts_used, labels)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "style-src 'unsafe-inline'; img-src data:\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>ClinRaGen report (preliminary)</title><style>{CSS}</style></head><body>"
+        f"<title>ClinRaGen report (preliminary): {esc(patient.name)}</title>"
+        f"<style>{CSS}</style></head><body>{_patient_block(patient)}"
         f'<div class="banner" role="alert">{esc(BANNER)}<span>{esc(BANNER_DETAIL)}</span></div>'
         f"<h1>Diagnostic decision support</h1>{conclusion}"
         f"<h2>Rationale</h2><p>{_lines(prediction.rationale)}</p>"
         + (f"<p><small>Checked: {esc(claims)}</small></p>" if claims else "") + f"{sections}"
         + (f"<h2>All knowledge facts used</h2><ul>{facts}</ul>" if facts else "")
-        + f"<footer><p>Method {esc(prediction.method)} version {esc(prediction.method_version)}; "
+        + f"<footer><p>Patient: {esc(patient.line())}.</p>"
+        f"<p>Method {esc(prediction.method)} version {esc(prediction.method_version)}; "
         f"knowledge {esc(prediction.knowledge_version)}; ClinRaGen-FHIR {esc(__version__)}.</p>"
         f"<p>Issued {esc(issued.isoformat())}"
         + (f"; report identifier <code>{esc(report_key)}</code>" if report_key else "")
         + "</p></footer></body></html>")
 
 
-def narrative_div(prediction: Prediction, claims: str = "") -> str:
+def narrative_div(prediction: Prediction, claims: str = "",
+                  patient: PatientHeader | None = None) -> str:
     """`DiagnosticReport.text.div`: the same content within the FHIR narrative xhtml subset."""
+    patient = patient or patient_header(None)
     if prediction.diagnoses:
         rows = "".join(f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
                        f"<td>{d.probability:.0%}</td></tr>" for d in prediction.diagnoses)
-        conclusion = ("<table><tr><th>diagnosis</th><th>SNOMED CT</th><th>probability</th></tr>"
-                      f"{rows}</table>")
+        conclusion = ("<p><b>Suspected disorders</b></p><table><tr><th>diagnosis</th>"
+                      f"<th>SNOMED CT</th><th>{PROBABILITY}</th></tr>{rows}</table>"
+                      f"<p>{esc(PROBLEM_LIST_NOTE)}</p>")
     else:
         conclusion = "<p>No disorder supported.</p>"
     evidence = [e for d in prediction.diagnoses for e in d.evidence]
@@ -249,6 +421,7 @@ def narrative_div(prediction: Prediction, claims: str = "") -> str:
                   + (f"<p>and {more} more (see the attached HTML report)</p>" if more > 0 else "")
                   ) if cited else ""
     return ('<div xmlns="http://www.w3.org/1999/xhtml">'
+            f'<p style="font-weight:bold">Patient: {esc(patient.line())}</p>'
             f'<p style="font-weight:bold">{esc(BANNER)}. {esc(BANNER_DETAIL)}</p>'
             f"{conclusion}<p>{_lines(prediction.rationale, '<br/>')}</p>"
             + (f"<p>Checked: {esc(claims)}</p>" if claims else "") + f"{cited_html}"

@@ -11,13 +11,20 @@ from typing import ClassVar
 import pandas as pd
 
 from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 from clinragen_fhir.report.build import InputRef, build_transaction, report_key
 from clinragen_fhir.report.html import (
     BANNER,
+    NO_IDENTIFIER,
+    NO_NAME,
+    PROBABILITY,
+    PROBLEM_LIST_NOTE,
     decode_presented_form,
+    fact_labels,
     lab_trends,
     narrative_div,
+    patient_header,
     trend_svg,
 )
 
@@ -60,6 +67,17 @@ def prediction(term: str = "Diabetes mellitus type 2") -> Prediction:
                       facts_used=["https://kg/fact/1", "fnd:a1c"])
 
 
+# A Patient as Synthea writes it (official and maiden names, MRN beside SSN), one name escaped.
+PATIENT = {"resourceType": "Patient", "id": "p1", "birthDate": "1961-04-12", "gender": "female",
+           "name": [{"use": "maiden", "family": "Becker968", "given": ["Ann"]},
+                    {"use": "official", "family": "Bosco<b>882</b>", "given": ["Celinda", "V."]}],
+           "identifier": [
+               {"system": "https://github.com/synthetichealth/synthea", "value": "p1-uuid"},
+               {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                     "code": "SS"}]}, "value": "999-78-4665"},
+               {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                     "code": "MR"}], "text": "Medical Record Number"},
+                "system": "http://hospital.example", "value": "MRN-0042"}]}
 USED = [InputRef("Observation/a2", "2"), InputRef("Observation/a1", "2"),
         InputRef("Observation/g1", "1"), InputRef("DocumentReference/d1", "1")]
 
@@ -94,9 +112,10 @@ class _Tags(HTMLParser):
             self.errors.append(tag)
 
 
-def page(pred: Prediction | None = None) -> tuple[str, dict[str, object], str]:
+def page(pred: Prediction | None = None, patient: dict[str, object] | None = None,
+         labels: dict[str, str] | None = None) -> tuple[str, dict[str, object], str]:
     bundle, key = build_transaction("p1", pred or prediction(), USED, [], ReportSettings(),
-                                    now=NOW, labs=labs())
+                                    now=NOW, labs=labs(), patient=patient, fact_labels=labels)
     report = bundle["entry"][1]["resource"]
     html = decode_presented_form(report)
     assert html is not None
@@ -190,3 +209,90 @@ def test_cited_values_carry_the_value_as_sent_and_the_identifier_is_unchanged() 
     glucose = parts[2]
     assert glucose["value"]["valueQuantity"] == {"value": 8.2, "unit": "mmol/L"}  # as sent
     assert glucose["code"]["valueCoding"]["code"] == "2345-7"
+
+
+def test_patient_header_comes_first_from_the_patient_resource_escaped() -> None:
+    html, report, key = page(patient=PATIENT)
+    body = html[html.index("<body>"):]
+    header = body[:body.index("</header>")]
+    assert body.index('class="patient"') < body.index('class="banner"')  # before anything else
+    # official name (not the maiden one), family name first, markup in it shown as text
+    assert "BOSCO&lt;B&gt;882&lt;/B&gt;, Celinda V." in header and "<b>882" not in html
+    assert "Becker968" not in html
+    assert "1961-04-12" in header and "female" in header and "Patient/p1" in header
+    assert "MRN MRN-0042" in header and "999-78-4665" not in html  # the MRN, not the SSN
+    assert "BOSCO&lt;B&gt;882&lt;/B&gt;" in html[html.index("<footer>"):]  # and on the footer
+    root = ET.fromstring(report["text"]["div"])  # type: ignore[index]
+    assert "Patient: BOSCO<B>882</B>, Celinda V.; born 1961-04-12; MRN MRN-0042" in \
+        "".join(root.itertext())
+    assert key == page()[2]  # the header does not change the report's identity
+
+
+def test_patient_header_without_name_or_identifier_says_so() -> None:
+    h = patient_header({"resourceType": "Patient", "id": "x"})
+    assert (h.name, h.birth_date, h.identifier) == (NO_NAME, "not recorded", NO_IDENTIFIER)
+    assert patient_header({"name": [{"text": " Jo Doe "}], "identifier": [{"value": "7"}]}) \
+        .line() == "Jo Doe; born not recorded; ID 7"
+    assert patient_header({"name": [{"given": ["Jo"]}]}).name == "Jo"
+    html, _, _ = page()  # no Patient resource at all: the header is there, marked missing
+    header = html[html.index('class="patient"'):html.index("</header>")]
+    assert f'class="missing">{NO_NAME}' in header and NO_IDENTIFIER in header
+    assert "Patient/p1" in header
+
+
+def test_knowledge_facts_are_shown_by_their_labels() -> None:
+    kg = load_graph()
+    assoc = "https://w3id.org/clinragen/kg/fact/hba1c-diabetic-dm"
+    finding = "https://w3id.org/clinragen/kg/finding/hba1c-diabetic"
+    notes = "https://w3id.org/clinragen/kg/source/Notes"
+    base = prediction()
+    pred = Prediction(base.method, base.method_version, base.knowledge_version,
+                      [Diagnosis("44054006", base.diagnoses[0].term, 0.87,
+                                 base.diagnoses[0].evidence, (assoc,))], base.rationale,
+                      facts_used=[assoc, f"{finding}|Observation/a2",
+                                  f"{notes}|DocumentReference/d1#10-18"])
+    labels = fact_labels(kg, pred, labs())
+    assert labels[assoc] == "HbA1c in diabetic range supports " \
+        f"{kg.label('http://snomed.info/id/73211009')} (ADA 2024)"
+    assert labels[f"{finding}|Observation/a2"] == \
+        "HbA1c in diabetic range: HbA1c 7.1 % on 2024-03-02"
+    assert labels[f"{notes}|DocumentReference/d1#10-18"] == \
+        "clinical note: DocumentReference/d1, characters 10-18"
+    html, _, _ = page(pred, labels=labels)
+    parser = _Tags()
+    parser.feed(html)
+    text = html.replace(f'title="{assoc}"', "")
+    assert "HbA1c in diabetic range supports" in html and assoc not in text  # id only on hover
+    assert f"<li title=\"{assoc}\">HbA1c in diabetic range supports" in html
+
+
+def test_one_name_for_the_model_probability() -> None:
+    html, report, _ = page()
+    assert PROBABILITY == "model probability"
+    assert f"<th>{PROBABILITY}</th>" in html and f"{PROBABILITY} 87%" in html
+    assert "support 87%" not in html and "<th>probability</th>" not in html
+    assert "support score" not in html
+    div = report["text"]["div"]  # type: ignore[index]
+    assert f"<th>{PROBABILITY}</th>" in div and "<th>probability</th>" not in div
+
+
+def test_conclusions_say_they_were_not_compared_with_the_problem_list() -> None:
+    # The prediction carries no "already a known Condition" flag: one list, and it says so.
+    html, report, _ = page()
+    assert "Suspected disorders" in html and PROBLEM_LIST_NOTE in html.replace("&#x27;", "'")
+    assert PROBLEM_LIST_NOTE in "".join(ET.fromstring(report["text"]["div"]).itertext())  # type: ignore[index]
+
+
+def test_trend_chart_has_dated_ticks_from_the_readings() -> None:
+    html, _, _ = page()
+    svg = html[html.index("<svg"):html.index("</svg>") + 6]
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    dates = [t.text for t in root.findall(f"{ns}text[@class='date']")]
+    assert dates[0] == "2023-01-05" and dates[-1] == "2024-03-02"  # first and last HbA1c
+    assert len(dates) == 4 and dates == sorted(dates)
+    assert len(root.findall(f"{ns}line[@class='tick']")) == 4
+    assert "3 readings from 2023-01-05 to 2024-03-02" in (root.find(f"{ns}title").text or "")
+    assert "3 readings 2023-01-05 to 2024-03-02" in html  # the caption says it too
+    texts = [t.text for t in root.findall(f"{ns}text")]
+    assert "7.1" in texts  # the newest value is printed beside its point
