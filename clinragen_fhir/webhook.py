@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.site_secrets import is_placeholder
+from clinragen_fhir.worker.state import CLAIM_TTL_S, Claim, RedisSeen
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,10 @@ TIMESTAMP_HEADER = "x-clinragen-timestamp"  # unix seconds (digits only), within
 SECRET_HEADER = "x-clinragen-secret"
 MAX_SKEW_S = 300
 MAX_PATIENTS = 100  # per notification: a FHIR server's notification names one or a few
-CLAIM_TTL_S = 120  # a "pending" claim outlives one publish (Celery retries it for ~1 s)
 RETRY_AFTER_S = 5
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-Claim = Literal["new", "pending", "done"]
 
 
 class SeenStore(Protocol):
@@ -71,32 +69,6 @@ class ClaimStore(Protocol):
     def keep(self, key: str, ttl_s: int) -> None: ...
 
     def release(self, key: str) -> None: ...
-
-
-class RedisSeen:
-    """ClaimStore on Redis (SET NX EX), under WorkerState's `clinragen:seen:` prefix."""
-
-    PREFIX = "clinragen:seen:"
-
-    def __init__(self, url: str) -> None:
-        import redis
-
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
-                                           socket_connect_timeout=5)
-
-    def add(self, key: str, ttl_s: int) -> bool:
-        return bool(self._redis.set(self.PREFIX + key, "1", nx=True, ex=max(1, ttl_s)))
-
-    def claim(self, key: str, ttl_s: int) -> Claim:
-        if self._redis.set(self.PREFIX + key, "pending", nx=True, ex=max(1, ttl_s)):
-            return "new"
-        return "pending" if self._redis.get(self.PREFIX + key) == "pending" else "done"
-
-    def keep(self, key: str, ttl_s: int) -> None:
-        self._redis.set(self.PREFIX + key, "1", ex=max(1, ttl_s))
-
-    def release(self, key: str) -> None:
-        self._redis.delete(self.PREFIX + key)
 
 
 class _AddOnly:

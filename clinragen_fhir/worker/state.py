@@ -1,6 +1,10 @@
 """Small durable worker state in Redis: seen-keys, the polling cursor, the dead-letter queue,
 delivery counts and report locks.
 
+Seen-keys are claimed before the work they guard (`RedisSeen`): the webhook receiver and the
+polling task both claim a patient's de-duplication key, queue its task, then keep the key, and
+give it back when queueing fails, so a broker outage loses no change (issue 13, item 1).
+
 The dead-letter queue holds the tasks that cannot succeed (retries exhausted, a permanent
 error, or a worker that died on every delivery), with the reason, so an operator can inspect and
 re-queue them. It is kept in Redis, not in logs, because it must name the patient to be
@@ -13,7 +17,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -23,6 +27,9 @@ BACKFILL_KEY = "clinragen:backfill:"  # + run key: the set of patients done in t
 BACKFILL_TTL_S = 30 * 24 * 3600
 DELIVERIES_KEY = "clinragen:deliveries:"  # + task id + ":" + retry number: starts of one message
 LOCK_KEY = "clinragen:lock:report:"  # + report key: the run writing that report
+CLAIM_TTL_S = 120  # a "pending" claim outlives one publish (Celery retries it for ~1 s)
+
+Claim = Literal["new", "pending", "done"]
 
 # Take the lock when it is free, or when `owner` holds it already: a task redelivered after its
 # worker died mid-write (same task id) takes its own stale lock back instead of waiting it out.
@@ -55,6 +62,34 @@ class DeadLetter:
     error: str
     failed_at: float
     retries: int
+
+
+class RedisSeen:
+    """Seen-keys that are claimed, then kept or given back (SET NX EX), under WorkerState's
+    `clinragen:seen:` prefix: the webhook's ClaimStore, and the polling task's patient keys.
+
+    `claim` sets a short-lived "pending" value and answers "new" (the caller does the work),
+    "pending" (another caller is doing it right now) or "done" (kept: done within the TTL)."""
+
+    PREFIX = "clinragen:seen:"
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                           socket_connect_timeout=5)
+
+    def add(self, key: str, ttl_s: int) -> bool:
+        return bool(self._redis.set(self.PREFIX + key, "1", nx=True, ex=max(1, ttl_s)))
+
+    def claim(self, key: str, ttl_s: int) -> Claim:
+        if self._redis.set(self.PREFIX + key, "pending", nx=True, ex=max(1, ttl_s)):
+            return "new"
+        return "pending" if self._redis.get(self.PREFIX + key) == "pending" else "done"
+
+    def keep(self, key: str, ttl_s: int) -> None:
+        self._redis.set(self.PREFIX + key, "1", ex=max(1, ttl_s))
+
+    def release(self, key: str) -> None:
+        self._redis.delete(self.PREFIX + key)
 
 
 class WorkerState:

@@ -25,7 +25,7 @@ from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
 from clinragen_fhir.worker.app import app
-from clinragen_fhir.worker.state import ReportLocked, WorkerState
+from clinragen_fhir.worker.state import CLAIM_TTL_S, RedisSeen, ReportLocked, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,53 @@ POLLED: tuple[tuple[str, dict[str, str]], ...] = (
     ("Observation", {"category": "laboratory,vital-signs"}), ("DocumentReference", {}))
 
 
+class PollIncomplete(Exception):
+    """A publish failed while polling: the patients not queued keep no key and the cursor
+    stays, so the next poll finds the same changes and queues them."""
+
+
+def _queue_changed(seen: RedisSeen, patients: list[str], debounce_s: int) -> int:
+    """Claim, queue, then keep each patient's de-duplication key (as the webhook does): a key
+    is final only once its task is on the queue. A patient claimed "pending" is being queued
+    by another caller (the webhook) right now, and one kept ("done") has a task queued already.
+
+    A publish failure gives that patient's claim back and raises PollIncomplete (without the
+    broker's error text, which can name its host), before the cursor is saved."""
+    queued = 0
+    for n, pid in enumerate(patients):
+        key = f"patient:{pid}"
+        if seen.claim(key, CLAIM_TTL_S) != "new":
+            continue
+        try:
+            diagnose.apply_async((pid,), countdown=debounce_s)
+        except Exception as exc:
+            try:
+                seen.release(key)
+            except Exception:  # the store is down too: the claim expires by itself
+                log.warning("poll could not release a claim",
+                            extra={"fields": {"expires_in_s": CLAIM_TTL_S}})
+            log.error("poll could not queue", extra={"fields": {
+                "error": type(exc).__name__, "queued": queued,
+                "not_queued": len(patients) - n}})
+            raise PollIncomplete(
+                f"queue unavailable ({type(exc).__name__}): {queued} patients queued, "
+                f"{len(patients) - n} left for the next poll") from None
+        queued += 1
+        try:
+            seen.keep(key, debounce_s)
+        except Exception as exc:  # queued already: the pending claim expires by itself
+            log.warning("poll could not keep a patient key", extra={"fields": {
+                "error": type(exc).__name__}})
+    return queued
+
+
 @app.task(name="clinragen.poll")
 def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30) -> dict[str, Any]:
     """Enqueue `diagnose` for patients whose labs or notes changed since the stored cursor.
 
     The cursor is the newest `meta.lastUpdated` seen, with the ids seen at exactly that instant
-    (searched with `ge`, so a resource committed in the same millisecond is not missed).
+    (searched with `ge`, so a resource committed in the same millisecond is not missed). It is
+    saved only once every changed patient is queued (or debounced): see `_queue_changed`.
     """
     settings = _runtime()[0]
     state = WorkerState(settings.state_url)
@@ -236,11 +277,7 @@ def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30) -> dict[s
                     newest, boundary = updated, {key}
                 elif updated == newest:
                     boundary.add(key)
-    queued = 0
-    for pid in sorted(patients):
-        if state.add(f"patient:{pid}", debounce_s):
-            diagnose.apply_async((pid,), countdown=debounce_s)
-            queued += 1
+    queued = _queue_changed(RedisSeen(settings.state_url), sorted(patients), debounce_s)
     state.set_cursor(settings.fhir.base_url,
                      json.dumps({"since": newest, "boundary": sorted(boundary)}))
     log.info("poll", extra={"fields": {"changed_patients": len(patients), "queued": queued}})
