@@ -82,12 +82,23 @@ def worker(ctx: click.Context) -> None:
 
 
 def _run_local(patient_id: str) -> dict[str, Any]:
+    """Diagnose in this process, holding the worker's per-report lock (Redis, `state_url`), so
+    a CLI run and a worker task for one patient write one report even on a server whose
+    conditional create is not atomic. Held by another run: ReportLocked. State store down:
+    written unlocked, as the worker does."""
+    import uuid
+    from functools import partial
+
     from clinragen_fhir.pipeline import diagnose_patient
-    from clinragen_fhir.worker.tasks import _runtime
+    from clinragen_fhir.worker.state import WorkerState
+    from clinragen_fhir.worker.tasks import _report_lock, _runtime
 
     settings, kg, predictor = _runtime()
+    lock = partial(_report_lock, WorkerState(settings.state_url), f"cli-{uuid.uuid4().hex}",
+                   settings, logs.hash_id(patient_id))
     with settings.fhir.client() as client:
-        return diagnose_patient(client, kg, predictor, patient_id, settings.report).as_dict()
+        return diagnose_patient(client, kg, predictor, patient_id, settings.report,
+                                lock=lock).as_dict()
 
 
 @main.command()
@@ -99,9 +110,11 @@ def diagnose(patient_id: str, wait: bool, local: bool, timeout: int) -> None:
     """Diagnose one patient (queued for the worker unless --local)."""
     _settings()
     if local:
+        from clinragen_fhir.worker.state import ReportLocked
+
         try:
             click.echo(json.dumps(_run_local(patient_id), indent=2))
-        except FhirError as exc:
+        except (FhirError, ReportLocked) as exc:
             click.echo(f"FAILED: {type(exc).__name__}: {exc}", err=True)
             raise SystemExit(1) from exc
         return
@@ -161,11 +174,13 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
     ids = todo
     outcomes: list[dict[str, Any]] = []
     if local:
+        from clinragen_fhir.worker.state import ReportLocked
+
         for pid in tqdm(ids, unit="patient"):
             try:
                 outcomes.append(_run_local(pid))
                 state.mark_done(run, pid)
-            except FhirError as exc:
+            except (FhirError, ReportLocked) as exc:  # locked: another run writes it now
                 outcomes.append({"status": "failed", "reason": str(exc)})
     else:
         from clinragen_fhir.worker.tasks import diagnose as task
