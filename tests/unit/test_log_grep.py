@@ -76,11 +76,36 @@ def page_two_fails(request: httpx.Request) -> httpx.Response:
 
 @dataclass
 class FakeState:
+    """WorkerState in memory: every method the task calls (dead letters, delivery counts, the
+    report lock), so no run here goes down the state-store-down fallback path."""
+
     letters: list[tuple[str, str]] = field(default_factory=list)
+    deliveries: dict[tuple[str, int], int] = field(default_factory=dict)
+    locks: dict[str, str] = field(default_factory=dict)
 
     def dead_letter(self, task: str, args: list[Any], error: str, retries: int) -> Any:
         self.letters.append((task, error))
         return type("Letter", (), {"id": "dl-1"})()
+
+    def count_delivery(self, task_id: str, retries: int, ttl_s: int) -> int:
+        key = (task_id, retries)
+        self.deliveries[key] = self.deliveries.get(key, 0) + 1
+        return self.deliveries[key]
+
+    def forget_delivery(self, task_id: str, retries: int) -> None:
+        self.deliveries.pop((task_id, retries), None)
+
+    def acquire_report(self, key: str, owner: str, ttl_s: float, wait_s: float) -> bool:
+        return self.locks.setdefault(key, owner) == owner
+
+    def release_report(self, key: str, owner: str) -> bool:
+        if self.locks.get(key) != owner:
+            return False
+        del self.locks[key]
+        return True
+
+    def mark_done(self, run: str, patient_id: str) -> None:
+        return None
 
 
 @dataclass
@@ -144,6 +169,9 @@ def assert_clean(run: Run) -> None:
     assert PAGE not in text  # the `next` link's query is redacted too
     for line in run.log.splitlines():
         json.loads(line)  # every line is one JSON object
+    for fallback in ("delivery not counted", "delivery count not dropped",
+                     "report lock unavailable", "could not dead-letter"):
+        assert fallback not in run.log  # FakeState answered: no state-store-down path taken
 
 
 @pytest.mark.parametrize("suffix", ["", "\n"], ids=["token", "token-with-newline"])
