@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 JsonDict = dict[str, Any]
+# search parameters: a mapping, or a sequence of (name, value) pairs where a name repeats
+# (`birthdate=ge1950&birthdate=le1960`: a dict would keep only one of them)
+Params = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
 # Defaults of the bounds (FhirEndpoint's settings carry them; each reason is given there).
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one answer's body, decoded
@@ -108,7 +111,16 @@ def redact_text(text: str, known: Iterable[str] = ()) -> str:
     return _REFERENCE.sub(lambda m: f"{m.group(1)}/#{hash_id(m.group(2))[:10]}", text)
 
 
-def _sent_tokens(url: str, params: Mapping[str, Any] | None) -> list[str]:
+def param_pairs(params: Params | None) -> list[tuple[str, Any]]:
+    """Search parameters as (name, value) pairs in order, repeated names kept."""
+    if params is None:
+        return []
+    if isinstance(params, Mapping):
+        return list(params.items())
+    return [(str(k), v) for k, v in params]
+
+
+def _sent_tokens(url: str, params: Params | None) -> list[str]:
     """Ids in the path, values of the (non `_`) search parameters of a request, and the values
     in the URL's own query (a `next` link's: the patient id, an opaque page token), but for
     plain numbers in `_` parameters (`_count=200`)."""
@@ -117,7 +129,7 @@ def _sent_tokens(url: str, params: Mapping[str, Any] | None) -> list[str]:
     tokens = [p for i, p in enumerate(parts)
               if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")]
     tokens += [v for k, v in parse_qsl(split.query, True) if not (k[:1] == "_" and v.isdigit())]
-    for key, value in (params or {}).items():
+    for key, value in param_pairs(params):
         if not str(key).startswith("_"):
             tokens += [str(value), *re.split(r"[,|/]", str(value))]
     return tokens
@@ -356,7 +368,7 @@ class FhirClient:
         self.close()
 
     # -- transport -------------------------------------------------------------------------
-    def _send(self, method: str, url: str, *, params: Mapping[str, Any] | None = None,
+    def _send(self, method: str, url: str, *, params: Params | None = None,
               json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
         """One request with bounded retries on transient failures (honours Retry-After).
 
@@ -375,7 +387,8 @@ class FhirClient:
                     hdrs.setdefault("Content-Type", FHIR_JSON)
                 if self.bucket is not None:
                     self.bucket.acquire()
-                request = self._http.build_request(method, url, params=params, json=json,
+                request = self._http.build_request(method, url, json=json,
+                                                   params=param_pairs(params) or None,
                                                    headers=hdrs)
                 streamed = self._http.send(request, stream=True)
                 try:
@@ -438,7 +451,7 @@ class FhirClient:
     def read(self, resource_type: str, resource_id: str) -> JsonDict:
         return self._json(self._send("GET", f"{resource_type}/{resource_id}"))
 
-    def search_pages(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
+    def search_pages(self, resource_type: str, params: Params) -> Iterator[JsonDict]:
         """Each searchset Bundle page as it arrives, following `next` links (same server only).
 
         A generator: the next page is asked for only once the caller is done with this one, so
@@ -446,7 +459,9 @@ class FhirClient:
         pages, `max_search_bytes` decoded bytes in all, and a `next` link to a page already
         read (a cycle would otherwise page until the limit, the same page each time).
         """
-        query = {"_count": self.page_size, **params}
+        pairs = param_pairs(params)  # repeated names kept (`date=ge…&date=le…`)
+        query = pairs if any(k == "_count" for k, _ in pairs) else \
+            [("_count", self.page_size), *pairs]
         response = self._send("GET", resource_type, params=query)
         seen = {_page_key(str(response.request.url))}
         total = len(response.content)
@@ -478,7 +493,7 @@ class FhirClient:
             del response
             pages += 1
 
-    def search(self, resource_type: str, params: Mapping[str, Any]) -> Iterator[JsonDict]:
+    def search(self, resource_type: str, params: Params) -> Iterator[JsonDict]:
         """Every matching resource (entries with search.mode 'include' too), across pages."""
         for page in self.search_pages(resource_type, params):
             for entry in page.get("entry", []) or []:

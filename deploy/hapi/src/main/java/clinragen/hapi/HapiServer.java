@@ -1,6 +1,7 @@
 package clinragen.hapi;
 
 import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
@@ -95,6 +96,8 @@ public class HapiServer {
 	static final int PORT = Integer.parseInt(setting("hapi.port", "HAPI_PORT", "8080"));
 	static final File DATA_DIR = new File(setting("hapi.dataDir", "HAPI_DATA_DIR", ".run/hapi")).getAbsoluteFile();
 	static final boolean SUBSCRIPTIONS = Boolean.parseBoolean(setting("hapi.subscriptions", "HAPI_SUBSCRIPTIONS", "true"));
+	// Bulk Data $export (Patient/Group/system level, Prefer: respond-async): the backfill's fast path
+	static final boolean BULK_EXPORT = Boolean.parseBoolean(setting("hapi.bulkExport", "HAPI_BULK_EXPORT", "true"));
 	static final int DEFAULT_PAGE_SIZE = 20;
 	static final int MAX_PAGE_SIZE = 1000;
 
@@ -229,7 +232,8 @@ public class HapiServer {
 			DaoRegistry daoRegistry,
 			IInterceptorBroadcaster broadcaster,
 			ThreadSafeResourceDeleterSvc deleterSvc,
-			ObjectProvider<SubscriptionTriggeringProvider> subscriptionTriggeringProvider) {
+			ObjectProvider<SubscriptionTriggeringProvider> subscriptionTriggeringProvider,
+			ObjectProvider<BulkDataExportProvider> bulkDataExportProvider) {
 		// HAPI strips "_history/n" from references by default; a Provenance must say exactly which
 		// version of each input it used, so keep versions where provenance and audit records cite them.
 		fhirContext.getParserOptions().setDontStripVersionsFromReferencesAtPaths(
@@ -247,6 +251,9 @@ public class HapiServer {
 		server.setDefaultResponseEncoding(EncodingEnum.JSON);
 		// DELETE ...?_cascade=delete also deletes the resources that reference the target (opt-in per request)
 		server.registerInterceptor(new CascadingDeleteInterceptor(fhirContext, daoRegistry, broadcaster, deleterSvc));
+		if (BULK_EXPORT) {
+			server.registerProvider(bulkDataExportProvider.getObject()); // $export, $export-poll-status
+		}
 		if (SUBSCRIPTIONS) {
 			server.registerProvider(subscriptionTriggeringProvider.getObject()); // $trigger-subscription
 			server.registerInterceptor(new SubscriptionDebugLogInterceptor()); // logs matching/delivery
