@@ -130,14 +130,22 @@ def diagnose(patient_id: str, wait: bool, local: bool, timeout: int) -> None:
             raise SystemExit(1) from exc
 
 
-def _patient_ids(settings: Settings, query: str) -> list[str]:
+def _patient_ids(settings: Settings, query: str, since: str | None = None,
+                 bulk: bool = False, group: str | None = None) -> list[str]:
+    """The backfill's patients: by Bulk Data `$export` with --bulk where the server offers it
+    (and the query has no filters), else by search (`fhir.bulk.backfill_patients`)."""
+    from clinragen_fhir.fhir.bulk import backfill_patients
+
     resource, _, qs = query.partition("?")
     if resource != "Patient":
         raise click.UsageError("--query must start with 'Patient?' (or be 'Patient')")
-    params = dict(parse_qsl(qs))
-    params.setdefault("_elements", "id")
+    # pairs, not a dict: `birthdate=ge1950&birthdate=le1960` repeats a name, and both count
+    params = parse_qsl(qs)
     with settings.fhir.client() as client:
-        return [str(p["id"]) for p in client.search("Patient", params)]
+        found = backfill_patients(client, params, since=since, group=group, use_export=bulk)
+    if bulk or since:
+        click.echo(f"patients found by {found.source}")
+    return found.patients
 
 
 @main.command("diagnose-all")
@@ -149,8 +157,14 @@ def _patient_ids(settings: Settings, query: str) -> list[str]:
 @click.option("--json-out", type=click.Path(path_type=Path), help="Write outcomes as JSON.")
 @click.option("--restart", is_flag=True,
               help="Forget which patients an earlier run of this query finished; do all again.")
+@click.option("--since", default=None,
+              help="Only patients whose record changed since this instant (FHIR instant).")
+@click.option("--bulk", is_flag=True,
+              help="Find the patients by Bulk Data $export where the server offers it.")
+@click.option("--group", default=None, help="With --bulk: export this Group's patients.")
 def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
-                 json_out: Path | None, restart: bool) -> None:
+                 json_out: Path | None, restart: bool, since: str | None = None,
+                 bulk: bool = False, group: str | None = None) -> None:
     """Diagnose every patient a search returns; with --wait, print a summary table.
 
     Resumable: the patients finished for this query (on this server) are checkpointed in the
@@ -160,10 +174,11 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
 
     settings = _settings()
     started = time.monotonic()
-    ids = _patient_ids(settings, query)
+    ids = _patient_ids(settings, query, since, bulk or bool(group), group)
     click.echo(f"{len(ids)} patients match {query}")
     state = WorkerState(settings.state_url)
-    run = backfill_key(settings.fhir.base_url, query, model_identity(settings.model_dir))
+    scope = query + (f"&_since={since}" if since else "") + (f"|Group/{group}" if group else "")
+    run = backfill_key(settings.fhir.base_url, scope, model_identity(settings.model_dir))
     if restart:
         state.reset_backfill(run)
     done = state.backfill_done(run)
