@@ -180,6 +180,13 @@ class ReportSettings(BaseModel):
     lookback_days: int = 3 * 365  # inputs older than this are not read
     # An AuditEvent per read batch and per report write (agent: our application Device).
     audit_events: bool = True
+    # The site's Organization: DiagnosticReport.performer, Provenance agent.onBehalfOf and the
+    # AuditEvents' organization agent. A literal reference on this server ("Organization/<id>")
+    # or an identifier ("system|value"), or both; neither: an identifier-only reference
+    # `urn:clinragen-fhir:site|unconfigured` (report.build.site_organization), refused nowhere.
+    organization_reference: str | None = Field(None, pattern=r"^Organization/[A-Za-z0-9\-.]{1,64}$")
+    organization_identifier: str | None = Field(None, pattern=r"^[^|\s]+\|[^|]+$")
+    organization_name: str = ""
 
 
 class WorkerSettings(BaseModel):

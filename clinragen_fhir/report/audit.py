@@ -11,19 +11,23 @@ only for inputs that changed.
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
+import ipaddress
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
+from urllib.parse import urlencode, urlsplit
 
 from clinragen_fhir import __version__
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.resources import SNOMED
+from clinragen_fhir.logs import hash_id
 from clinragen_fhir.report.build import DEVICE_ID_SYSTEM, EXT_BASE, SOFTWARE, _uuid
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,10 @@ _AUDIT_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type
 _INTERACTION = "http://hl7.org/fhir/restful-interaction"
 _ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+# IHE BALP: the purpose of use on each agent (the worker reads and writes for treatment)
+PURPOSE_OF_USE = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                               "code": "TREAT", "display": "treatment"}]}]
 
 
 # -- AuditEvents ------------------------------------------------------------------------------
@@ -47,12 +55,30 @@ def outcome_code(error: BaseException | None) -> str:
     return "8"
 
 
+def query_entity(patient_id: str, resource_type: str,
+                 params: Mapping[str, Any]) -> dict[str, Any]:
+    """IHE BALP's query entity: the search as sent, base64 in `entity.query`, with the patient's
+    id replaced by its log hash (`logs.hash_id`), as log lines carry it."""
+    redacted = {k: hash_id(patient_id) if str(v) in (patient_id, f"Patient/{patient_id}") else v
+                for k, v in params.items()}
+    text = f"{resource_type}?{urlencode(redacted, doseq=True, safe=',:|')}"
+    return {"type": {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
+            "role": {"system": _OBJECT_ROLE, "code": "24", "display": "Query"},
+            "description": f"{resource_type} search",
+            "query": base64.b64encode(text.encode()).decode()}
+
+
 def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
                 device_ref: str = "", details: Mapping[str, object] | None = None,
                 error: BaseException | None = None,
                 written: Mapping[str, Any] | None = None,
-                now: datetime | None = None) -> dict[str, Any]:
-    """One R4 AuditEvent: our application Device as agent, the patient (and report) as entity.
+                now: datetime | None = None,
+                organization: Mapping[str, Any] | None = None, server: str = "",
+                queries: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+    """One R4 AuditEvent in the IHE BALP shape: our application Device as the requesting
+    (client) agent, the site's `organization` and the FHIR `server` as agents when given, each
+    with the purpose of use; the patient (and report) as entity, and one query entity per
+    search in `queries` ((type, parameters) as sent).
 
     `device_ref` may stay empty when the event goes through `audit_bundle`, which sets it.
     `written` is a logical Reference (by identifier) to what was written: a literal reference
@@ -68,6 +94,23 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
         entities.append({"what": dict(written),
                          "type": {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "role": {"system": _OBJECT_ROLE, "code": "3", "display": "Report"}})
+    entities += [query_entity(patient_id, rtype, params) for rtype, params in queries]
+    agents: list[dict[str, Any]] = [{
+        "type": {"coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]},
+        "role": [{"coding": [{"system": _DCM, "code": "110150", "display": "Application"}]}],
+        "who": {"reference": device_ref, "display": APP_DEVICE},
+        "requestor": True, "purposeOfUse": PURPOSE_OF_USE}]
+    if organization:
+        agents.append({"type": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass", "code": "PROV",
+            "display": "healthcare provider"}]}, "who": dict(organization),
+            "requestor": False, "purposeOfUse": PURPOSE_OF_USE})
+    if server:
+        agents.append({"type": {"coding": [{"system": _DCM, "code": "110152",
+                                            "display": "Destination Role ID"}]},
+                       "who": {"identifier": {"system": "urn:ietf:rfc:3986", "value": server}},
+                       "requestor": False,
+                       "network": _network(server)})
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": _AUDIT_TYPE,
@@ -75,10 +118,7 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
         "action": action,
         "recorded": now.isoformat(),
         "outcome": outcome_code(error),
-        "agent": [{"type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
-                                        "code": "110150", "display": "Application"}]},
-                   "who": {"reference": device_ref, "display": APP_DEVICE},
-                   "requestor": True}],
+        "agent": agents,
         "source": {"observer": {"reference": device_ref, "display": APP_DEVICE},
                    "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
                              "code": "4", "display": "Application Server"}]},
@@ -87,6 +127,16 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
     if error is not None:  # the error class only: messages may quote ids or server internals
         event["outcomeDesc"] = type(error).__name__
     return event
+
+
+def _network(url: str) -> dict[str, str]:
+    """AuditEvent.agent.network of a server: its host, type 1 (machine name) or 2 (IP address)."""
+    host = urlsplit(url).hostname or url
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return {"address": host, "type": "1"}
+    return {"address": host, "type": "2"}
 
 
 def app_device_entry() -> tuple[str, dict[str, Any]]:
