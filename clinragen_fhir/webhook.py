@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
@@ -48,6 +49,9 @@ SECRET_HEADER = "x-clinragen-secret"
 MAX_SKEW_S = 300
 MAX_PATIENTS = 100  # per notification: a FHIR server's notification names one or a few
 RETRY_AFTER_S = 5
+# A notification with no event time counts as this long before it arrived (HAPI retries a
+# delivery for about a minute): what a poll resumes from must not be later than the change.
+RECEIVED_MARGIN_S = 120
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
@@ -57,6 +61,16 @@ class SeenStore(Protocol):
     """Remembers keys for a while; `add` is True only the first time (atomic)."""
 
     def add(self, key: str, ttl_s: int) -> bool: ...
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """Remembers each subscription's last event (number, instant), so a gap in the numbers (a
+    delivery the server gave up on while we were down) is noticed, and a poll resumes there."""
+
+    def record_event(self, subscription: str, number: int, at: str) -> tuple[int, str] | None: ...
+
+    def mark_seen(self, at: str) -> None: ...
 
 
 @runtime_checkable
@@ -190,6 +204,9 @@ class Notification:
     patients: set[str] = field(default_factory=set)
     event: str = ""  # "Subscription/s#7,8" when every status names both; else ""
     refused: int = 0  # patient references whose id is not a FHIR id (`..`, `?query`, ...)
+    numbered: dict[str, list[int]] = field(default_factory=dict)  # subscription: event numbers
+    times: list[str] = field(default_factory=list)  # event timestamps, resources' lastUpdated
+    heartbeat: bool = False  # a heartbeat's number is the count so far, not a new event
 
     def add_ref(self, ref: Any, resources: dict[str, dict[str, Any]]) -> None:
         """A reference to a Patient names it; to another resource in the Bundle, its subject.
@@ -206,6 +223,8 @@ class Notification:
             self.refused += 1
 
     def add_resource(self, resource: dict[str, Any]) -> None:
+        if (updated := _instant(_obj(resource.get("meta")).get("lastUpdated"))) is not None:
+            self.times.append(updated)
         if resource.get("resourceType") == "Patient":
             rid = resource.get("id")
             if valid_id(rid):
@@ -250,6 +269,33 @@ def _status(resource: dict[str, Any]) -> tuple[str, list[str], list[Any]]:
     return sub, numbers, refs
 
 
+def _instant(value: Any) -> str | None:
+    """A FHIR instant as UTC `YYYY-MM-DDTHH:MM:SS.fffZ`, or None for anything else."""
+    if not isinstance(value, str) or not value[:4].isdigit() or "T" not in value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _event_times(resource: dict[str, Any]) -> tuple[list[str], bool]:
+    """The event timestamps of a SubscriptionStatus or backport Parameters, and whether it is a
+    heartbeat."""
+    if resource.get("resourceType") == "SubscriptionStatus":
+        stamps = [e.get("timestamp") for e in _dicts(resource.get("notificationEvent"))]
+        beat = resource.get("type") == "heartbeat"
+    else:
+        params = _dicts(resource.get("parameter"))
+        stamps = [_value(q) for p in params if p.get("name") == "notification-event"
+                  for q in _dicts(p.get("part")) if q.get("name") == "timestamp"]
+        beat = any(p.get("name") == "type" and _value(p) == "heartbeat" for p in params)
+    return [t for t in map(_instant, stamps) if t is not None], beat
+
+
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
@@ -290,6 +336,10 @@ def read_notification(payload: dict[str, Any]) -> Notification:
             sub, numbers, refs = _status(r)
             if sub and numbers and all(numbers):
                 keys.append(f"{sub}#{','.join(numbers)}")
+                found.numbered.setdefault(sub, []).extend(int(n) for n in numbers)
+            stamps, beat = _event_times(r)
+            found.times += stamps
+            found.heartbeat = found.heartbeat or beat
             for ref in refs:
                 found.add_ref(ref, resources)
         elif r:
@@ -316,10 +366,58 @@ def event_key(payload: dict[str, Any], event: str) -> str:
     return "event:" + hashlib.sha256(b"body:" + canonical.encode()).hexdigest()
 
 
+def resume_point(found: Notification, now: datetime | None = None) -> str:
+    """The instant a poll resumes from after this notification: its earliest event time (or
+    resource lastUpdated), else its arrival less RECEIVED_MARGIN_S."""
+    if found.times:
+        return min(found.times)
+    moment = (now or datetime.now(UTC)) - timedelta(seconds=RECEIVED_MARGIN_S)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
-             enqueue: Callable[[str, int], None]) -> Starlette:
-    """The ASGI app. `enqueue(patient_id, countdown_s)` puts a diagnose task on the queue."""
+             enqueue: Callable[[str, int], None],
+             recover: Callable[[str, int], None] | None = None) -> Starlette:
+    """The ASGI app. `enqueue(patient_id, countdown_s)` puts a diagnose task on the queue.
+
+    `recover(since, missed)` is called when a subscription's event numbers skip (`missed`
+    events were never delivered, e.g. while this receiver was down): it queues a poll of the
+    changes since the last event seen (`poll_changes(since=...)`). The store, when it is an
+    EventLog (RedisSeen), keeps each subscription's last event and the newest one's time."""
     store: ClaimStore = seen if isinstance(seen, ClaimStore) else _AddOnly(seen)
+    events: EventLog | None = seen if isinstance(seen, EventLog) else None
+
+    def track(found: Notification) -> JSONResponse | None:
+        """Record the events; on a gap, queue the recovery poll. None, or the 503 to answer
+        when the recovery could not be queued (the sender retries, and the gap is seen again)."""
+        if events is None:
+            return None
+        at = resume_point(found)
+        try:
+            for sub, numbers in sorted(found.numbered.items()):
+                prev = events.record_event(sub, max(numbers), at)
+                if prev is None:
+                    continue
+                # an event's number follows the last one; a heartbeat repeats the count
+                expected = prev[0] if found.heartbeat else prev[0] + 1
+                missed = min(numbers) - expected
+                if missed > 0 and min(numbers) > 1:  # 1: the server restarted its count
+                    log.warning("webhook missed subscription events", extra={"fields": {
+                        "missed": missed, "since": prev[1]}})
+                    try:
+                        if recover is not None:
+                            recover(prev[1], missed)
+                    except Exception as exc:
+                        events.record_event(sub, 1, prev[1])  # back: the retry sees the gap
+                        events.record_event(sub, prev[0], prev[1])
+                        log.error("webhook could not queue the recovery poll", extra={
+                            "fields": {"error": type(exc).__name__}})
+                        return unavailable("recovery poll not queued: retry")
+            events.mark_seen(at)
+        except Exception as exc:  # the store is down: the periodic poll still covers it
+            log.warning("webhook could not record the event", extra={"fields": {
+                "error": type(exc).__name__}})
+        return None
 
     # a plain SeenStore's first add is final: it must carry the whole de-duplication window
     event_claim_ttl = config.claim_ttl_s if isinstance(seen, ClaimStore) else config.dedupe_ttl_s
@@ -411,9 +509,14 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
             return JSONResponse({"error": f"more than {config.max_patients} patients in one "
                                  "notification"}, status_code=413)
         if not found.patients:
+            if (failed := track(found)) is not None:  # a heartbeat can reveal a gap too
+                return failed
             reason = "invalid patient id" if found.refused else "names no patient"
             return JSONResponse({"accepted": 0, "reason": reason, "refused": found.refused})
-        return accept(found.patients, event_key(payload, found.event))
+        answer = accept(found.patients, event_key(payload, found.event))
+        if answer.status_code < 300 and (failed := track(found)) is not None:
+            return failed
+        return answer
 
     async def notify_resource(request: Request) -> JSONResponse:
         """HAPI's delivery: `PUT /notify/Type/id` (create/update) or `DELETE` (ignored)."""
@@ -448,7 +551,7 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
 def create_app() -> Starlette:
     """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`)."""
     from clinragen_fhir.config import Settings
-    from clinragen_fhir.worker.tasks import diagnose
+    from clinragen_fhir.worker.tasks import diagnose, poll_changes
 
     settings = Settings()
     settings.check_site_secrets()
@@ -458,4 +561,8 @@ def create_app() -> Starlette:
         it made a publish wait ~19 s (the result backend's retries) while Redis was down."""
         diagnose.apply_async((patient_id,), countdown=countdown, ignore_result=True)
 
-    return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue)
+    def recover(since: str, missed: int) -> None:
+        """A poll of every change since the last event seen (`poll_changes(since=...)`)."""
+        poll_changes.apply_async(kwargs={"since": since}, ignore_result=True)
+
+    return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue, recover)

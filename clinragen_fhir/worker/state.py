@@ -64,6 +64,21 @@ class DeadLetter:
     retries: int
 
 
+EVENTS_KEY = "clinragen:events:"  # + subscription reference: its last event number and time
+LAST_EVENT_KEY = "clinragen:events:last-at"  # when the newest accepted notification happened
+EVENTS_TTL_S = 90 * 24 * 3600
+# Keep the higher event number (or a restart's 1) and answer the previous number and time.
+_RECORD_EVENT = """
+local prev = redis.call('HMGET', KEYS[1], 'number', 'at')
+local n = tonumber(ARGV[1])
+if (not prev[1]) or n > tonumber(prev[1]) or n <= 1 then
+  redis.call('HSET', KEYS[1], 'number', ARGV[1], 'at', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return prev
+"""
+
+
 class RedisSeen:
     """Seen-keys that are claimed, then kept or given back (SET NX EX), under WorkerState's
     `clinragen:seen:` prefix: the webhook's ClaimStore, and the polling task's patient keys.
@@ -90,6 +105,24 @@ class RedisSeen:
 
     def release(self, key: str) -> None:
         self._redis.delete(self.PREFIX + key)
+
+    # -- the last event seen: what a poll after an outage resumes from (issue 14, item 6) --
+    def record_event(self, subscription: str, number: int, at: str) -> tuple[int, str] | None:
+        """Store `number` (the highest seen, or 1 after the server restarted its count) and the
+        instant `at` of subscription's event; answer the previous (number, at), if any."""
+        prev = self._redis.eval(  # type: ignore[no-untyped-call]
+            _RECORD_EVENT, 1, EVENTS_KEY + subscription, number, at, EVENTS_TTL_S)
+        if not prev or prev[0] is None:
+            return None
+        return int(prev[0]), str(prev[1] or "")
+
+    def mark_seen(self, at: str) -> None:
+        """The instant of the newest notification accepted (any kind, numbered or not)."""
+        self._redis.set(LAST_EVENT_KEY, at, ex=EVENTS_TTL_S)
+
+    def last_seen(self) -> str | None:
+        value = self._redis.get(LAST_EVENT_KEY)
+        return str(value) if value else None
 
 
 class WorkerState:

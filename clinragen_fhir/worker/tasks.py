@@ -245,26 +245,60 @@ def _queue_changed(seen: RedisSeen, patients: list[str], debounce_s: int) -> int
     return queued
 
 
+def _moment(instant: str) -> datetime:
+    """A FHIR instant (`Z` or an offset; a date alone is midnight UTC) as an aware datetime."""
+    moment = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _earliest(*instants: str | None) -> str:
+    """The earliest of these FHIR instants (None and unreadable ones left out)."""
+    readable = []
+    for instant in instants:
+        if not instant:
+            continue
+        try:
+            readable.append((_moment(instant), instant))
+        except ValueError:
+            log.warning("poll ignored an unreadable instant")
+    return min(readable)[1]
+
+
 @app.task(name="clinragen.poll")
-def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30) -> dict[str, Any]:
+def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30,
+                 since: str | None = None) -> dict[str, Any]:
     """Enqueue `diagnose` for patients whose labs or notes changed since the stored cursor.
 
     The cursor is the newest `meta.lastUpdated` seen, with the ids seen at exactly that instant
     (searched with `ge`, so a resource committed in the same millisecond is not missed). It is
     saved only once every changed patient is queued (or debounced): see `_queue_changed`.
+
+    Missed events (issue 14, item 6): `since` (the webhook's last event before a gap in a
+    subscription's event numbers) starts this poll earlier than the cursor, when it is earlier.
+    With no cursor yet, the poll starts at the webhook's last seen notification if that is
+    earlier than `initial_lookback_days`, so a poll after an outage resumes from the last event
+    seen and nothing in between is missed.
     """
     settings = _runtime()[0]
     state = WorkerState(settings.state_url)
+    seen = RedisSeen(settings.state_url)
     stored = state.cursor(settings.fhir.base_url)
     cursor: dict[str, Any] = json.loads(stored) if stored else {
         "since": (datetime.now(UTC) - timedelta(days=initial_lookback_days))
         .strftime("%Y-%m-%dT%H:%M:%SZ"),
         "boundary": []}
     newest, boundary = cursor["since"], set(cursor["boundary"])
+    start = cursor["since"]
+    try:
+        last_seen = None if stored else seen.last_seen()
+    except Exception:  # the store answered the cursor: a blip here only costs the hint
+        last_seen = None
+    if since or last_seen:
+        start = _earliest(start, since, last_seen)
     patients: set[str] = set()
     with settings.fhir.client() as client:
         for rtype, params in POLLED:
-            for r in client.search(rtype, {**params, "_lastUpdated": f"ge{cursor['since']}",
+            for r in client.search(rtype, {**params, "_lastUpdated": f"ge{start}",
                                            "_sort": "_lastUpdated"}):
                 key = f"{rtype}/{r.get('id')}/{(r.get('meta') or {}).get('versionId')}"
                 updated = str((r.get("meta") or {}).get("lastUpdated", ""))
@@ -277,8 +311,9 @@ def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30) -> dict[s
                     newest, boundary = updated, {key}
                 elif updated == newest:
                     boundary.add(key)
-    queued = _queue_changed(RedisSeen(settings.state_url), sorted(patients), debounce_s)
+    queued = _queue_changed(seen, sorted(patients), debounce_s)
     state.set_cursor(settings.fhir.base_url,
                      json.dumps({"since": newest, "boundary": sorted(boundary)}))
     log.info("poll", extra={"fields": {"changed_patients": len(patients), "queued": queued}})
-    return {"changed_patients": len(patients), "queued": queued, "cursor": newest}
+    return {"changed_patients": len(patients), "queued": queued, "cursor": newest,
+            "from": start}
