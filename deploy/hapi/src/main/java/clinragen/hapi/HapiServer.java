@@ -235,9 +235,11 @@ public class HapiServer {
 			ObjectProvider<SubscriptionTriggeringProvider> subscriptionTriggeringProvider,
 			ObjectProvider<BulkDataExportProvider> bulkDataExportProvider) {
 		// HAPI strips "_history/n" from references by default; a Provenance must say exactly which
-		// version of each input it used, so keep versions where provenance and audit records cite them.
+		// version of each input it used, so keep versions where provenance and audit records cite them
+		// (and a report its results: the readings it cites, as read).
 		fhirContext.getParserOptions().setDontStripVersionsFromReferencesAtPaths(
-				"Provenance.entity.what", "Provenance.target", "AuditEvent.entity.what");
+				"Provenance.entity.what", "Provenance.target", "AuditEvent.entity.what",
+				"DiagnosticReport.result");
 		RestfulServer server = new RestfulServer(fhirContext);
 		server.registerProviders(resourceProviderFactory.createProviders()); // one per R4 resource type
 		server.registerProvider(systemProvider); // transaction/batch, _history, $expunge, ...
