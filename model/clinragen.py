@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.decoding import greedy
@@ -529,4 +530,4 @@ def _normalise(x: Tensor) -> np.ndarray:
 
 def _evidence(r: Any) -> Evidence:
     return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {r.value:.3g} {r.unit} on {r.time[:10]}")
+                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")

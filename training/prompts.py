@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval
 
@@ -54,15 +55,11 @@ def short_lab_name(kg: KnowledgeGraph, loinc: str, display: str = "") -> str:
 
 
 def fmt_value(value: float) -> str:
-    """3 significant digits, no exponent (the precision the faithfulness check compares at)."""
+    """3 significant digits, no exponent (the precision the faithfulness check compares at):
+    `encoding.numbers.format_value`, the one form every path writes; "?" when not finite."""
     if not math.isfinite(value):
         return "?"
-    if abs(value) >= 1000:
-        return f"{value:.0f}"
-    text = f"{value:.3g}"
-    if "e" in text:
-        text = f"{value:.4f}".rstrip("0").rstrip(".")
-    return text
+    return format_value(value)
 
 
 def direction(value: float, low: float, high: float) -> str:

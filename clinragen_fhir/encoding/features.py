@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pandas as pd
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ def reading_texts(frame: pd.DataFrame, names: dict[str, str] | None = None
         flag = "" if not np.isfinite(z[i]) else \
             ", high" if z[i] > 1 else ", low" if z[i] < -1 else ", normal"
         name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
-        parts.append((str(r["loinc"]), f"{name} {_fmt(float(r['value']))} {r['unit']} on "
+        parts.append((str(r["loinc"]), f"{name} {format_value(float(r['value']))} {r['unit']} on "
                       f"{pd.Timestamp(r['time']).date().isoformat()}{flag}"))
     return parts
 
@@ -285,10 +286,6 @@ def featurise_lab_text(frame: pd.DataFrame, names: dict[str, str] | None,
 # knowledge
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-
-
 def knowledge_facts(retrieval: Retrieval) -> list[Fact]:
     """Retrieval -> facts with ids, strongest first: finding->disorder links, then readings.
 
@@ -303,7 +300,8 @@ def knowledge_facts(retrieval: Retrieval) -> list[Fact]:
     for hit in retrieval.findings:
         for r in hit.rows[-3:]:
             facts.append(Fact(f"{hit.id}|{r.observation_id}", hit.label, "observed as",
-                              f"{r.display or r.loinc} {_fmt(r.value)} {r.unit} on {r.time[:10]}",
+                              f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on "
+                              f"{r.time[:10]}",
                               hit.strength))
     unique: dict[str, Fact] = {}
     for f in facts:

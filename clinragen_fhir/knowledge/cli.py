@@ -88,6 +88,7 @@ def validate(ctx: click.Context) -> None:
 def explain(ctx: click.Context, patient_id: str, bundle_path: Path | None,
             data_dir: Path | None, from_fhir: bool) -> None:
     """What retrieval returns for one patient, as a readable tree."""
+    from clinragen_fhir.encoding.numbers import format_value
     from clinragen_fhir.knowledge import retrieve
     from clinragen_fhir.knowledge.bundle import find_patient_bundle, inputs_from_bundle, read_bundle
 
@@ -128,8 +129,8 @@ def explain(ctx: click.Context, patient_id: str, bundle_path: Path | None,
     for f in r.findings:
         click.echo(f"   {f.label} <{f.id}>")
         for row in f.rows:
-            click.echo(f"     {row.time[:10]} {row.display or row.loinc} = {row.value:.4g} "
-                       f"{row.unit}  [{row.observation_id}]")
+            click.echo(f"     {row.time[:10]} {row.display or row.loinc} = "
+                       f"{format_value(row.value)} {row.unit}  [{row.observation_id}]")
     click.echo("note mentions")
     seen: set[tuple[str, bool]] = set()
     for m in r.note_mentions:

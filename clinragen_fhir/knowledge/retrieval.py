@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from rdflib.namespace import SKOS
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.knowledge.graph import CRG, LOINC, PREFIXES, SCT, local
 
@@ -125,16 +126,12 @@ class Retrieval:
         out: list[tuple[str, str, str]] = []
         for f in self.findings:
             for r in f.rows[-3:]:
-                out.append((f.label, "observed as", f"{r.display or r.loinc} {_fmt(r.value)} "
-                            f"{r.unit} on {r.time[:10]}"))
+                out.append((f.label, "observed as", f"{r.display or r.loinc} "
+                            f"{format_value(r.value)} {r.unit} on {r.time[:10]}"))
         for p in self.paths:
             out.append((self.labels.get(p.source, p.source), p.relation,
                         self.labels.get(p.target, p.target)))
         return out
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import (
@@ -17,7 +18,6 @@ from clinragen_fhir.knowledge.retrieval import (
     FindingHit,
     Retrieval,
     TriggerRow,
-    _fmt,
 )
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
@@ -27,16 +27,17 @@ _SYMBOL = {"high": ">=", "above": ">", "low": "<"}
 
 def _criterion(f: FindingHit) -> str:
     if f.direction == "range":
-        return f">= {_fmt(f.threshold)} and < {_fmt(f.upper_threshold or 0)} {f.unit}"
+        return (f">= {format_value(f.threshold)} and < "
+                f"{format_value(f.upper_threshold or 0)} {f.unit}")
     if f.direction == "rise":
-        return f"rise >= {_fmt(f.threshold)} {f.unit}"
+        return f"rise >= {format_value(f.threshold)} {f.unit}"
     if f.direction == "fold-rise":
-        return f"rise >= {_fmt(f.threshold)} x baseline"
-    return f"{_SYMBOL.get(f.direction, f.direction)} {_fmt(f.threshold)} {f.unit}"
+        return f"rise >= {format_value(f.threshold)} x baseline"
+    return f"{_SYMBOL.get(f.direction, f.direction)} {format_value(f.threshold)} {f.unit}"
 
 
 def _reading(r: TriggerRow) -> str:
-    return f"{r.display or r.loinc} was {_fmt(r.value)} {r.unit} on {r.time[:10]}"
+    return f"{r.display or r.loinc} was {format_value(r.value)} {r.unit} on {r.time[:10]}"
 
 
 def _persistence(f: FindingHit) -> str:

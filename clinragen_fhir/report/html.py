@@ -24,6 +24,7 @@ import pandas as pd
 from rdflib import URIRef
 
 from clinragen_fhir import __version__
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.knowledge.graph import CRG, KnowledgeGraph
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
@@ -46,10 +47,10 @@ def esc(value: object) -> str:
 
 
 def fmt(value: float | None) -> str:
-    """A value as a clinician writes it: no float noise, at most 4 significant digits."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.4g}"
+    """A value as the rationale and the prompt write it (`encoding.numbers.format_value`: 3
+    significant digits below 1000, the whole number from 1000 up, never an exponent), so a
+    reading the rationale cites reads the same in the evidence table."""
+    return format_value(value)
 
 
 @dataclass(frozen=True)

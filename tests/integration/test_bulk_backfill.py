@@ -9,7 +9,9 @@ CLINRAGEN_TEST_BULK_FHIR points this test at another instance.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -53,8 +55,6 @@ def test_export_backfill_finds_the_changed_patients(bulk_fhir: FhirClient) -> No
          "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}]},
     ]
     try:
-        import time
-
         time.sleep(1.1)  # `_since` is inclusive to the second on some servers: move past it
         for resource in written:
             bulk_fhir.update(resource)
@@ -74,8 +74,6 @@ def test_export_backfill_finds_the_changed_patients(bulk_fhir: FhirClient) -> No
         assert (filtered.source, filtered.patients) == ("search", [a])
     finally:
         for resource in reversed(written):
-            try:
+            with contextlib.suppress(Exception):
                 bulk_fhir.delete(resource["resourceType"], resource["id"])
-            except Exception:
-                pass
         bulk_fhir.delete("Patient", quiet)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
 from training.example import Example
 
@@ -34,7 +35,7 @@ def frame(rows: list[tuple[str, float, datetime]], prefix: str = "o") -> pd.Data
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return format_value(v)  # as the prompt, the rationale and the report write it
 
 
 def make_examples(n: int = 24, seed: int = 0) -> list[Example]:
