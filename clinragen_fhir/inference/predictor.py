@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clinragen_fhir.encoding.features import Features, LabRef, collate, featurise
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
@@ -163,7 +164,7 @@ class OnnxPredictor:
             for r in hit.rows[-3:] if hit is not None else ():
                 evidence.append(Evidence(
                     r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {r.value:.3g} {r.unit} on {r.time[:10]} "
+                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]} "
                     f"({hit.label if hit else ''})"))
         if not evidence:
             evidence = [_evidence(r) for r in _most_abnormal(feats)]
@@ -182,4 +183,4 @@ def _most_abnormal(feats: Features, k: int = 3) -> list[LabRef]:
 
 def _evidence(r: LabRef) -> Evidence:
     return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {r.value:.3g} {r.unit} on {r.time[:10]}")
+                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")
