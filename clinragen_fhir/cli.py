@@ -446,6 +446,17 @@ def subscribe(endpoint: str, criteria: tuple[str, ...], allow_insecure_http: boo
             click.echo(f"Subscription/{sid}: {crit} -> {endpoint}")
 
 
+@main.command("install-profiles")
+def install_profiles() -> None:
+    """PUT the StructureDefinitions of every extension and profile this software writes onto the
+    FHIR server (idempotent), so that its `$validate` knows them. Run once per release."""
+    from clinragen_fhir.report.profiles import install
+
+    with _settings().fhir.client() as client:
+        for url in install(client):
+            click.echo(url)
+
+
 @main.group()
 def dlq() -> None:
     """The dead-letter queue: tasks that could not succeed, with reasons."""

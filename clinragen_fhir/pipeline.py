@@ -28,7 +28,13 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
-from clinragen_fhir.report.build import InputRef, build_transaction, input_stamp, report_key
+from clinragen_fhir.report.build import (
+    InputRef,
+    build_transaction,
+    input_stamp,
+    report_key,
+    site_organization,
+)
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
     check_report_rationale,
@@ -57,6 +63,8 @@ class PatientInputs:
     used: list[InputRef] = field(default_factory=list)
     n_read: dict[str, int] = field(default_factory=dict)  # resources read, by type (for audit)
     resource: dict[str, Any] = field(default_factory=dict)  # the Patient: the report's header
+    # the searches as sent, (type, parameters): the read AuditEvent's BALP query entities
+    queries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,9 +114,12 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
     since = (now - timedelta(days=settings.lookback_days)).date().isoformat()
     resource = client.read("Patient", patient_id)
     patient = patient_context(resource, now)
-    observations = list(client.search("Observation", {
-        "patient": patient_id, "category": "laboratory,vital-signs", "date": f"ge{since}"}))
-    documents = list(client.search("DocumentReference", {"patient": patient_id}))
+    queries: list[tuple[str, dict[str, Any]]] = [
+        ("Observation", {"patient": patient_id, "category": "laboratory,vital-signs",
+                         "date": f"ge{since}"}),
+        ("DocumentReference", {"patient": patient_id})]
+    observations = list(client.search(*queries[0]))
+    documents = list(client.search(*queries[1]))
     labs, lab_skips = build_lab_frame(observations, kg, patient, now)
     notes, note_skips = decode_notes(documents)
     # the reference the encoders give each input -> its version for the report key
@@ -121,7 +132,7 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
              for n in notes]
     return PatientInputs(patient, labs, notes, lab_skips + note_skips, used,
                          {"Observation": len(observations), "DocumentReference": len(documents)},
-                         resource)
+                         resource, queries)
 
 
 def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
@@ -153,7 +164,9 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         client.transaction(audit_bundle([audit_event(
             "R", patient_id, interactions=READ_INTERACTIONS,
             details={**{f"{k} read": v for k, v in inputs.n_read.items()},
-                     "inputs used": len(inputs.used), "inputs skipped": len(inputs.skips)})]))
+                     "inputs used": len(inputs.used), "inputs skipped": len(inputs.skips)},
+            organization=site_organization(settings), server=client.base_url,
+            queries=inputs.queries)]))
     base = Outcome(phash, "skipped", n_labs=len(inputs.labs), n_notes=len(inputs.notes),
                    n_skipped_inputs=len(inputs.skips))
     if inputs.labs.empty and not inputs.notes:
@@ -190,7 +203,9 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
             written = {"type": "DiagnosticReport",
                        "identifier": {"system": settings.identifier_system, "value": key}}
             event = audit_event("C", patient_id, interactions=["transaction", "create"],
-                                written=written, details={"inputs cited": len(inputs.used)})
+                                written=written, details={"inputs cited": len(inputs.used)},
+                                organization=site_organization(settings),
+                                server=client.base_url)
             # PUT by an id of this attempt (report key + this event's time): a retry of this
             # very transaction after the server committed it writes no second event; a later
             # write of the same report (deleted in between) is a new attempt with its own event.
@@ -225,7 +240,8 @@ def _audit_failure(client: FhirClient, settings: ReportSettings, patient_id: str
         return
     try:
         client.transaction(audit_bundle([audit_event(
-            action, patient_id, interactions=interactions, error=error)]))
+            action, patient_id, interactions=interactions, error=error,
+            organization=site_organization(settings), server=client.base_url)]))
     except FhirError as exc:
         log.warning("audit event not written", extra={"fields": {
             "patient": hash_id(patient_id), "error": type(exc).__name__}})

@@ -35,6 +35,11 @@ SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
 DEVICE_ID_SYSTEM = "urn:clinragen-fhir:software"
 CATEGORY_SYSTEM = "https://clinragen-fhir.org/CodeSystem/report-category"
+PROFILE = f"{EXT_BASE}/clinragen-diagnostic-report"  # profiles/*.json, `install-profiles`
+# HL7 AI Transparency on FHIR: the label on everything an AI asserted (meta.security)
+AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+               "code": "AIAST", "display": "Artificial Intelligence asserted"}
+SITE_ID_SYSTEM = "urn:clinragen-fhir:site"
 DISCLAIMER = ("Preliminary, machine-generated decision support: not a diagnosis. "
               "A clinician must review the cited values before acting.")
 
@@ -78,6 +83,30 @@ def report_key(patient_id: str, inputs: Sequence[InputRef], prediction: Predicti
     h.update(f"{prediction.method}|{prediction.method_version}|"
              f"{prediction.knowledge_version}".encode())
     return h.hexdigest()
+
+
+def site_organization(settings: ReportSettings) -> dict[str, Any]:
+    """The site's Organization as a Reference, from `report.organization_*`; unconfigured: an
+    identifier-only reference `urn:clinragen-fhir:site|unconfigured` (nothing is refused)."""
+    ref: dict[str, Any] = {"type": "Organization"}
+    if settings.organization_reference:
+        ref["reference"] = settings.organization_reference
+    if settings.organization_identifier:
+        system, _, value = settings.organization_identifier.partition("|")
+        ref["identifier"] = {"system": system, "value": value}
+    if not settings.organization_reference and not settings.organization_identifier:
+        ref["identifier"] = {"system": SITE_ID_SYSTEM, "value": "unconfigured"}
+    if settings.organization_name:
+        ref["display"] = settings.organization_name
+    return ref
+
+
+def cited_results(prediction: Prediction) -> list[dict[str, str]]:
+    """`result`: the Observations the evidence cites (each once), by versioned reference."""
+    refs = (f"{e.reference}/_history/{e.version_id}" if e.version_id else e.reference
+            for d in prediction.diagnoses for e in d.evidence
+            if e.reference.startswith("Observation/"))
+    return [{"reference": r} for r in dict.fromkeys(refs)]
 
 
 def cited_values(prediction: Prediction, labs: pd.DataFrame | None) -> list[dict[str, Any]]:
@@ -149,8 +178,10 @@ def build_transaction(
         "version": [{"value": __version__}, {"value": prediction.method_version}],
         "status": "active",
     }
+    site = site_organization(settings)
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
+        "meta": {"profile": [PROFILE], "security": [AI_ASSERTED]},
         "identifier": [identifier],
         "status": "preliminary",
         "category": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "decision-support",
@@ -161,10 +192,12 @@ def build_transaction(
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": (effective or now).isoformat(),
         "issued": now.isoformat(),
-        "result": [{"reference": ref.reference} for ref in used
-                   if ref.reference.startswith("Observation/")],
+        "performer": [site],
+        "result": cited_results(prediction),
         "conclusion": prediction.rationale,
-        "conclusionCode": [{"coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
+        "conclusionCode": [{"extension": [{"url": f"{EXT_BASE}/probability",
+                                           "valueDecimal": round(float(d.probability), 4)}],
+                            "coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
                            for d in prediction.diagnoses],
         "presentedForm": [presented_form(page, now)],
         "text": {"status": "generated", "div": narrative_div(prediction, check, header)},
@@ -183,13 +216,15 @@ def build_transaction(
     provenance = {
         "resourceType": "Provenance",
         "id": f"clinragen-{key[:48]}",
+        "meta": {"security": [AI_ASSERTED]},
         "target": [{"reference": report_urn}],
         "recorded": now.isoformat(),
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE"}]},
         "agent": [{"type": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-            "code": "assembler"}]}, "who": {"reference": device_urn, "display": software}}],
+            "code": "author"}]}, "who": {"reference": device_urn, "display": software},
+            "onBehalfOf": site}],  # provenance-1: a Device agent acts on someone's behalf
         "entity": entities,
     }
     bundle = {

@@ -52,7 +52,7 @@ def test_worker_writes_one_report_per_patient_and_input_version(
         assert codes == outcome["diagnoses"]
         # Every result reference resolves to an Observation of this patient.
         for ref in report.get("result", []):
-            rtype, rid = ref["reference"].split("/")
+            rtype, rid = ref["reference"].split("/")[:2]  # versioned: Type/id/_history/n
             obs = fhir.read(rtype, rid)
             assert obs["subject"]["reference"] == f"Patient/{pid}"
         provs = list(fhir.search("Provenance", {"target": f"DiagnosticReport/{report['id']}"}))

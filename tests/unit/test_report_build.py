@@ -42,7 +42,7 @@ def test_transaction_is_conditional_and_carries_provenance() -> None:
     assert report["status"] == "preliminary"
     assert report["subject"] == {"reference": "Patient/p1"}
     assert report["identifier"] == [{"system": "urn:clinragen-fhir:report", "value": key}]
-    assert report["result"] == [{"reference": "Observation/o1"}]
+    assert report["result"] == [{"reference": "Observation/o1/_history/2"}]  # cited, versioned
     assert report["conclusionCode"][0]["coding"][0]["code"] == "44054006"
     assert "7.1 %" in report["conclusion"]
     assert "decision support" in report["text"]["div"]
