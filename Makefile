@@ -49,6 +49,7 @@ services: install
 	deploy/redis/start
 	deploy/rabbitmq/start
 	deploy/hapi/start
+	$(BIN)/clinragen-fhir install-profiles  # the StructureDefinitions $$validate needs
 
 stop:
 	-deploy/worker/stop
