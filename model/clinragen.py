@@ -33,7 +33,12 @@ from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.decoding import greedy
-from clinragen_fhir.inference.grounding import RationaleConstraint, Tests, token_budget
+from clinragen_fhir.inference.grounding import (
+    RationaleConstraint,
+    Tests,
+    evidence_first,
+    token_budget,
+)
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
@@ -326,13 +331,18 @@ class ClinRaGen(nn.Module):
         model's decoder as the step function."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
         readings = [f.readings for f in batch.features]
+        codes = [f.reading_codes for f in batch.features]
+        if tests is not None:  # the runtime's order (OnnxModel.generate)
+            firsts = [evidence_first(r, c, t, tests)
+                      for r, c, t in zip(readings, codes, terms, strict=True)]
+            readings, codes = [r for r, _ in firsts], [c for _, c in firsts]
         embeds, mask = self.with_condition(embeds, mask, terms, readings)
         budget = self.config.budgets.prompt_reading_tokens
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
         constraint = RationaleConstraint(self._ids, eos)
         constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings],
-                              [f.reading_codes for f in batch.features], tests)
+                              codes, tests)
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
             out = self.slm(inputs_embeds=torch.from_numpy(e), attention_mask=torch.from_numpy(m),

@@ -47,6 +47,18 @@ def citable(term: str, readings: Sequence[str], codes: Sequence[str] | None,
     return [r for r, c in zip(readings, codes, strict=False) if c in support]
 
 
+def evidence_first(readings: Sequence[str], codes: Sequence[str], terms: Sequence[str],
+                   tests: Tests) -> tuple[list[str], list[str]]:
+    """The readings (and their codes) with those of the concluded diagnoses' supporting tests
+    first, each group in its own order: the prompt's reading budget then keeps the evidence a
+    line may cite before readings no diagnosis needs (the prompt is built after the head has
+    concluded, so this is known)."""
+    support: set[str] = set().union(*(tests(t) for t in terms)) if terms else set()
+    pairs = list(zip(readings, codes, strict=False))
+    ordered = [p for p in pairs if p[1] in support] + [p for p in pairs if p[1] not in support]
+    return [r for r, _ in ordered], [c for _, c in ordered]
+
+
 def allowed_lines(term: str, readings: Sequence[str], last: bool,
                   cite: Sequence[str] | None = None) -> list[str]:
     """Every line the model may write for one diagnosis (the last one ends the text): with

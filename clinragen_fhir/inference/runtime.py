@@ -23,7 +23,12 @@ from clinragen_fhir.inference.decoding import (
     token_pieces,
 )
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
-from clinragen_fhir.inference.grounding import RationaleConstraint, Tests, token_budget
+from clinragen_fhir.inference.grounding import (
+    RationaleConstraint,
+    Tests,
+    evidence_first,
+    token_budget,
+)
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
 from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
@@ -260,6 +265,11 @@ class OnnxModel:
         b = probs.shape[0]
         terms = conclude(probs) if conclude is not None else [[]] * b
         shown = readings if readings is not None else [[]] * b
+        codes = reading_codes
+        if grounded and tests is not None and reading_codes is not None:
+            firsts = [evidence_first(r, c, t, tests)
+                      for r, c, t in zip(shown, reading_codes, terms, strict=True)]
+            shown, codes = [r for r, _ in firsts], [c for _, c in firsts]
         cond = self.condition(terms, shown)
         width = max(len(c) for c in cond)
         cond_ids = np.full((b, width), self.manifest.decoder.pad_token_id, dtype=np.int64)
@@ -275,7 +285,7 @@ class OnnxModel:
             constraint = self.grounding()
             budget = self.config.budgets.prompt_reading_tokens
             constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown],
-                                  reading_codes, tests)
+                                  codes, tests)
         elif constrained:
             constraint = self.constraint()
         gen: Generated = greedy(self.step, self.embed, embeds, mask, n, spec.eos_token_id,

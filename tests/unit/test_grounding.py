@@ -13,7 +13,13 @@ from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import reading_texts
 from clinragen_fhir.inference.decoding import greedy
-from clinragen_fhir.inference.grounding import NO_SUPPORT, NOTHING, RationaleConstraint, Tests
+from clinragen_fhir.inference.grounding import (
+    NO_SUPPORT,
+    NOTHING,
+    RationaleConstraint,
+    Tests,
+    evidence_first,
+)
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.report.faithfulness import LabLexicon, diagnosis_claims
@@ -112,3 +118,19 @@ def test_with_supporting_tests_each_line_cites_its_own_evidence(tokenizer: Token
             support = supporting_tests(kg, by_term[term])
             for clause in line.rstrip(".").split("; "):
                 assert clause == NO_SUPPORT or codes[shown.index(clause)] in support, line
+
+
+def test_evidence_first_puts_the_concluded_diagnoses_supporting_readings_first() -> None:
+    """The prompt's reading budget keeps whole readings from the front: readings of the
+    concluded diagnoses' supporting tests come first (each group in its own order), so a
+    normal HbA1c behind many abnormal readings is still shown for prediabetes."""
+    readings = ["BP 150", "Chol 260", "LDL 190", "HbA1c 5.9"]
+    codes = ["8480-6", "2093-3", "18262-6", "4548-4"]
+    tests = {"Prediabetes": {"4548-4"}, "Hyperlipidemia": {"2093-3", "18262-6"}}
+    shown, shown_codes = evidence_first(readings, codes, ["Prediabetes"], tests.__getitem__)
+    assert shown == ["HbA1c 5.9", "BP 150", "Chol 260", "LDL 190"]
+    assert shown_codes == ["4548-4", "8480-6", "2093-3", "18262-6"]
+    shown, _ = evidence_first(readings, codes, ["Hyperlipidemia", "Prediabetes"],
+                              tests.__getitem__)
+    assert shown == ["Chol 260", "LDL 190", "HbA1c 5.9", "BP 150"]
+    assert evidence_first(readings, codes, [], tests.__getitem__) == (readings, codes)
