@@ -17,6 +17,7 @@ from clinragen_fhir import logs
 from clinragen_fhir.config import FhirEndpoint, Settings
 from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.fhir.resources import SNOMED
+from clinragen_fhir.identity import RULE_BASELINE, model_identity
 from clinragen_fhir.knowledge.cli import knowledge
 
 
@@ -219,26 +220,14 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
         raise SystemExit(1)
 
 
-def backfill_key(base_url: str, query: str, model: str = "rule-baseline") -> str:
+def backfill_key(base_url: str, query: str, model: str = RULE_BASELINE) -> str:
     """The checkpoint a `diagnose-all` run resumes from: one per server, query and model (a
-    backfill finished by the rule baseline is not one finished by a trained model)."""
+    backfill finished by the rule baseline is not one finished by a trained model). `model`:
+    `identity.model_identity`, the same hash the reports and the audit carry."""
     import hashlib
 
-    suffix = "" if model == "rule-baseline" else f"|{model}"
+    suffix = "" if model == RULE_BASELINE else f"|{model}"
     return hashlib.sha256(f"{base_url.rstrip('/')}|{query}{suffix}".encode()).hexdigest()[:24]
-
-
-def model_identity(model_dir: Path | None) -> str:
-    """Which model this configuration runs: the rule baseline, or a hash of the export's
-    manifest (every graph's sha256), so a re-exported or retrained model counts as new."""
-    import hashlib
-
-    if model_dir is None:
-        return "rule-baseline"
-    manifest = Path(model_dir) / "onnx" / "manifest.json"
-    if not manifest.is_file():
-        return f"unreadable:{Path(model_dir).resolve()}"
-    return "onnx:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
 
 
 def report_figures(outcomes: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -324,7 +313,8 @@ def reports(patient_id: str, full: bool) -> None:
 @click.option("--since", help="Issued on or after this date (YYYY-MM-DD or a FHIR dateTime).")
 @click.option("--until", help="Issued on or before this date.")
 @click.option("--method", "method",
-              help="Only this method or version: 'knowledge-rule-baseline', '1', or 'name@1'.")
+              help="Only this method, version or model: 'knowledge-rule-baseline', '1', "
+                   "'name@1', or a model identity ('onnx:<hash>', 'rule-baseline').")
 @click.option("--no-recheck", is_flag=True, help="Only list; do not re-check inputs.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write one row per report to this CSV file.")
@@ -355,8 +345,9 @@ def audit(patient: str | None, since: str | None, until: str | None, method: str
             a = summarise(report) if no_recheck else safe_recheck(client, report)
             audits.append(a)
             flag = "" if no_recheck else f"  {a.status} ({len(a.changes)} changes)"
-            click.echo(f"DiagnosticReport/{a.report_id}  {a.issued[:19]}  {a.method}  "
-                       f"inputs={a.n_inputs} values={a.n_values}{flag}")
+            model = f" model={a.model}" if a.model else ""
+            click.echo(f"DiagnosticReport/{a.report_id}  {a.issued[:19]}  {a.method}{model}  "
+                       f"v{a.version or '?'} inputs={a.n_inputs} values={a.n_values}{flag}")
             for c in a.changes:
                 where = f"{c.reference}/_history/{c.version}" if c.version else c.reference
                 click.echo(f"    {c.kind}: {where} {c.detail}")
@@ -559,6 +550,8 @@ def capability_gaps(cap: dict[str, Any]) -> list[str]:
     dr = resources.get("DiagnosticReport", {})
     if not dr.get("conditionalCreate"):
         gaps.append("DiagnosticReport conditional create")
+    if not dr.get("conditionalUpdate"):  # the report lifecycle: one report, new versions
+        gaps.append("DiagnosticReport conditional update")
     return gaps
 
 

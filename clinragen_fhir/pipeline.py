@@ -29,11 +29,16 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (
+    EXT_BASE,
     InputRef,
     build_transaction,
+    content_fingerprint,
+    current_key,
     input_stamp,
-    report_key,
+    is_legacy_key,
+    model_of,
     site_organization,
+    stored_fingerprint,
 )
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
@@ -72,7 +77,7 @@ class Outcome:
     """The result of one diagnose run, as the task returns it (JSON-serialisable)."""
 
     patient_hash: str
-    status: str  # "written" | "exists" | "skipped"
+    status: str  # "written" (a new report or a new version) | "exists" (unchanged) | "skipped"
     reason: str = ""
     report_id: str = ""
     identifier: str = ""
@@ -87,6 +92,9 @@ class Outcome:
     claims: int = 0
     claims_held: int = 0
     diagnoses_cited: int = 0
+    version: str = ""  # the current report's meta.versionId after this run ("" if unknown)
+    model: str = ""  # identity.model_identity of what concluded (rule-baseline for the rules)
+    superseded: int = 0  # reports of the identifier scheme before the lifecycle, now replaced
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -137,21 +145,58 @@ def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
 
 def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
     """The id of an existing report with this identifier, if any."""
+    found = find_current(client, patient_id, system, key)
+    return str(found.get("id")) if found else None
+
+
+def find_current(client: FhirClient, patient_id: str, system: str,
+                 key: str) -> dict[str, Any] | None:
+    """The current report (identifier `system|key`, `report.build.current_key`), if any."""
     for resource in client.search("DiagnosticReport", {
             "subject": f"Patient/{patient_id}", "identifier": f"{system}|{key}"}):
-        return str(resource.get("id"))
+        return resource
     return None
+
+
+def find_legacy(client: FhirClient, patient_id: str, system: str,
+                method: str) -> list[dict[str, Any]]:
+    """Reports of this patient and method from before the lifecycle (our identifier system, a
+    `report_key` value, no current identifier), newest first."""
+    out = []
+    for r in client.search("DiagnosticReport", {"subject": f"Patient/{patient_id}",
+                                                "identifier": f"{system}|",
+                                                "_sort": "-_lastUpdated"}):
+        ours = [str(i.get("value", "")) for i in r.get("identifier", []) or []
+                if i.get("system") == system]
+        software = next((str(e.get("valueString", "")) for e in r.get("extension", []) or []
+                         if e.get("url") == f"{EXT_BASE}/method"), "")
+        if ours and all(is_legacy_key(v) for v in ours) and software.split("@")[0] == method:
+            out.append(r)
+    return out
+
+
+def _versioned(resource: dict[str, Any]) -> str:
+    version = str((resource.get("meta") or {}).get("versionId", ""))
+    ref = f"DiagnosticReport/{resource.get('id')}"
+    return f"{ref}/_history/{version}" if version else ref
 
 
 def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predictor,
                      patient_id: str, settings: ReportSettings, now: datetime | None = None,
                      lock: Callable[[str], AbstractContextManager[object]] | None = None,
                      ) -> Outcome:
-    """Diagnose one patient and write the report unless this exact one exists already.
+    """Diagnose one patient and write the report unless the current one says the same.
 
-    `lock(report_key)` is held from the look-up of an existing report to the write: the
-    idempotency of a write otherwise rests on the server making conditional create atomic, and
-    backfill, webhook and CLI runs for one patient can overlap (the worker passes a Redis lock).
+    One current report per patient and method (`current_key`): when its stored content
+    fingerprint equals this run's, nothing is written ("exists"); otherwise the report is
+    written as a new version of that resource (conditional update), the older one readable in
+    `_history`. Reports of the scheme before the lifecycle are migrated: the newest is adopted
+    (updated in place, its old identifier kept) and the others are linked as revised from the
+    new version's Provenance; none is duplicated or deleted.
+
+    `lock(current_key)` is held from the look-up of the current report to the write: the
+    server's conditional update is not atomic against a concurrent one, and backfill, webhook
+    and CLI runs for one patient can overlap (the worker passes a Redis lock).
     """
     now = now or datetime.now(UTC)
     phash = hash_id(patient_id)
@@ -177,15 +222,25 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     started = time.perf_counter()
     prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
     base.model_seconds = time.perf_counter() - started
-    key = report_key(patient_id, inputs.used, prediction)
+    key = current_key(patient_id, prediction.method)
+    fingerprint = content_fingerprint(prediction)
     base.identifier, base.method = key, prediction.method
+    base.model = model_of(prediction)
     base.diagnoses = [d.snomed for d in prediction.diagnoses]
+    system = settings.identifier_system
     with (lock or _no_lock)(key):  # unlocked, two runs could both find none and both write
-        existing = find_report(client, patient_id, settings.identifier_system, key)
-        if existing:
-            base.status, base.report_id = "exists", existing
-            log.info("report exists", extra={"fields": {"patient": phash, "report": existing}})
+        current = find_current(client, patient_id, system, key)
+        if current is not None and stored_fingerprint(current) == fingerprint:
+            base.status, base.report_id = "exists", str(current.get("id"))
+            base.version = str((current.get("meta") or {}).get("versionId", ""))
+            log.info("report exists", extra={"fields": {"patient": phash,
+                                                         "report": base.report_id}})
             return base
+        legacy = [] if current is not None else find_legacy(client, patient_id, system,
+                                                            prediction.method)
+        adopted = legacy[0] if legacy else None
+        revises = [_versioned(r) for r in ([current] if current is not None else legacy)]
+        base.superseded = len(legacy)
         # only now the rationale check and the rendering: a report that exists needs neither
         latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
                               *(n.time for n in inputs.notes)] if t is not None]
@@ -198,18 +253,26 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips,
                                       settings, now=now, effective=effective, labs=inputs.labs,
                                       claims=claims, patient=inputs.resource,
-                                      fact_labels=fact_labels(kg, prediction, inputs.labs))
+                                      fact_labels=fact_labels(kg, prediction, inputs.labs),
+                                      report_id=str(adopted["id"]) if adopted else None,
+                                      revises=revises,
+                                      keep_identifiers=adopted.get("identifier", []) or []
+                                      if adopted else ())
         if settings.audit_events:  # in the same transaction: no report without its audit record
             written = {"type": "DiagnosticReport",
                        "identifier": {"system": settings.identifier_system, "value": key}}
-            event = audit_event("C", patient_id, interactions=["transaction", "create"],
-                                written=written, details={"inputs cited": len(inputs.used)},
+            event = audit_event("C" if current is None and adopted is None else "U", patient_id,
+                                interactions=["transaction", "create" if current is None
+                                              and adopted is None else "update"],
+                                written=written, details={"inputs cited": len(inputs.used),
+                                                          "model": base.model,
+                                                          "content": fingerprint},
                                 organization=site_organization(settings),
                                 server=client.base_url)
             # PUT by an id of this attempt (report key + this event's time): a retry of this
             # very transaction after the server committed it writes no second event; a later
             # write of the same report (deleted in between) is a new attempt with its own event.
-            event_id = attempt_event_id("write", settings.identifier_system, key,
+            event_id = attempt_event_id("write", settings.identifier_system, key, fingerprint,
                                         str(event["recorded"]))
             bundle["entry"] += audit_bundle([event], ids=[event_id])["entry"]
         try:
@@ -217,10 +280,11 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         except FhirHTTPError as exc:
             _audit_failure(client, settings, patient_id, "C", ["transaction", "create"], exc)
             raise
-        report_id = _created_id(response, "DiagnosticReport")
-        base.status, base.report_id = "written", report_id
+        report_id, version = _written(response, "DiagnosticReport")
+        base.status, base.report_id, base.version = "written", report_id, version
         log.info("report written", extra={"fields": {
-            "patient": phash, "report": report_id, "method": prediction.method,
+            "patient": phash, "report": report_id, "version": version,
+            "superseded": base.superseded, "method": prediction.method,
             "diagnoses": base.diagnoses, "labs": base.n_labs, "notes": base.n_notes,
             "skipped_inputs": base.n_skipped_inputs}})
         return base
@@ -249,11 +313,19 @@ def _audit_failure(client: FhirClient, settings: ReportSettings, patient_id: str
 
 def _created_id(response: dict[str, Any], resource_type: str) -> str:
     """The id from a transaction-response entry's location (`Type/id/_history/n`)."""
+    return _written(response, resource_type)[0]
+
+
+def _written(response: dict[str, Any], resource_type: str) -> tuple[str, str]:
+    """The id and version from a transaction-response entry's location
+    (`[base/]Type/id/_history/n`; the version is "" where the server names none)."""
     for entry in response.get("entry", []) or []:
         location = str((entry.get("response") or {}).get("location", ""))
         parts = location.split("/")
         if resource_type in parts:
             i = parts.index(resource_type)
             if i + 1 < len(parts):
-                return parts[i + 1]
+                version = parts[i + 3] if len(parts) > i + 3 and parts[i + 2] == "_history" \
+                    else ""
+                return parts[i + 1], version
     raise FhirError(f"transaction response names no {resource_type}")

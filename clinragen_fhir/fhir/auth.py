@@ -40,9 +40,10 @@ WORKER_ACCESS: dict[str, str] = {
     "Patient": "r",  # pipeline.gather_inputs: read by id
     "Observation": "s",  # gather_inputs and the poll task: search only
     "DocumentReference": "s",
-    # find_report searches by identifier; the report is a conditional create (ifNoneExist),
-    # whose condition the server evaluates as a search in the client's name: c and s
-    "DiagnosticReport": "cs",
+    # find_current searches by identifier; the report is a conditional update
+    # (PUT DiagnosticReport?identifier=...): its condition is a search in the client's name,
+    # and it creates the first time, updates (a new version) after: c, u and s
+    "DiagnosticReport": "cus",
     "Device": "cs",  # the application Device: a conditional create as well
     "Provenance": "cu",  # PUT Provenance/<id>: an update that creates the first time
     "AuditEvent": "cu",  # POST (read and failure events), PUT AuditEvent/<id> (write events)

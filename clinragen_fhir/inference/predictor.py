@@ -20,6 +20,7 @@ import pandas as pd
 from clinragen_fhir.encoding.features import Features, LabRef, collate, featurise
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.identity import model_identity
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
@@ -49,6 +50,9 @@ class OnnxPredictor:
         self.max_new_tokens = max_new_tokens
         self.top_facts = top_facts
         cfg = model.config
+        # the report's, the backfill's and the audit's name for this model (identity.py)
+        model_dir = getattr(model, "model_dir", None)
+        self.model_id = model_identity(model_dir) if model_dir is not None else ""
         self._index = {c: i for i, c in enumerate(cfg.disorders)}
         self._code = dict(zip(cfg.disorder_terms, cfg.disorders, strict=True))
 
@@ -127,7 +131,8 @@ class OnnxPredictor:
 
     def _empty(self) -> Prediction:
         cfg = self.model.config
-        return Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "")
+        return Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "",
+                          model_id=self.model_id)
 
     def _prediction(self, text: str, c: Conclusion, probs: np.ndarray, katt: np.ndarray,
                     feats: Features, retrieval: Retrieval) -> Prediction:

@@ -42,3 +42,5 @@ class Prediction:
     abstained: bool = False  # True: not enough data or confidence to say anything
     abstain_reason: str = ""
     facts_used: list[str] = field(default_factory=list)
+    # identity.model_identity of the artifact that concluded this ("" : the rule baseline)
+    model_id: str = ""

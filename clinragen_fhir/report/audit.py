@@ -28,7 +28,15 @@ from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.logs import hash_id
-from clinragen_fhir.report.build import DEVICE_ID_SYSTEM, EXT_BASE, SOFTWARE, _uuid
+from clinragen_fhir.report.build import (
+    DEVICE_ID_SYSTEM,
+    EXT_BASE,
+    MODEL_EXT,
+    SOFTWARE,
+    _uuid,
+    provenance_id,
+    stored_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +229,8 @@ class ReportAudit:
     n_inputs: int = 0
     n_values: int = 0
     changes: list[Change] = field(default_factory=list)
+    model: str = ""  # identity.model_identity the report carries ("" before the lifecycle)
+    version: str = ""  # the report's meta.versionId (the lifecycle: one report, versions)
 
     @property
     def status(self) -> str:
@@ -228,8 +238,9 @@ class ReportAudit:
 
 
 def _ext(resource: Mapping[str, Any], name: str) -> str:
+    url = name if name.startswith("http") else f"{EXT_BASE}/{name}"
     return next((str(e.get("valueString", "")) for e in resource.get("extension", []) or []
-                 if e.get("url") == f"{EXT_BASE}/{name}"), "")
+                 if e.get("url") == url), "")
 
 
 def split_versioned(ref: str) -> tuple[str, str]:
@@ -356,14 +367,26 @@ def list_reports(client: FhirClient, system: str, *, patient: str | None = None,
         if not any(i.get("system") == system for i in r.get("identifier", []) or []):
             continue
         software = _ext(r, "method")
-        if method and method not in (software, *software.split("@")):
+        if method and method not in (software, *software.split("@"), _ext(r, MODEL_EXT)):
             continue
         yield r
 
 
-def provenance_of(client: FhirClient, report_id: str) -> dict[str, Any] | None:
-    return next(iter(client.search("Provenance", {"target": f"DiagnosticReport/{report_id}"})),
-                None)
+def provenance_of(client: FhirClient, report_id: str,
+                  report: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The report's Provenance. A report of the lifecycle has one per version (targeting the
+    same report): the one of the version given (`report`, by its identifier and content
+    fingerprint, `build.provenance_id`), else the most recently recorded."""
+    found = list(client.search("Provenance", {"target": f"DiagnosticReport/{report_id}"}))
+    fingerprint = stored_fingerprint(report or {})
+    if fingerprint:
+        system_values = [str(i.get("value", "")) for i in (report or {}).get("identifier", [])
+                         or []]
+        wanted = {provenance_id(v, fingerprint) for v in system_values}
+        match = next((p for p in found if p.get("id") in wanted), None)
+        if match is not None:
+            return match
+    return max(found, key=lambda p: str(p.get("recorded", "")), default=None)
 
 
 def fetch_current(client: FhirClient, references: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -401,6 +424,8 @@ def summarise(report: Mapping[str, Any]) -> ReportAudit:
         issued=str(report.get("issued", "")),
         method=_ext(report, "method"),
         knowledge_version=_ext(report, "knowledge-version"),
+        model=_ext(report, MODEL_EXT),
+        version=str((report.get("meta") or {}).get("versionId", "")),
         diagnoses=[c.get("code", "") for cc in report.get("conclusionCode", []) or []
                    for c in cc.get("coding", []) or [] if c.get("system") == SNOMED])
 
@@ -410,7 +435,7 @@ def recheck(client: FhirClient, report: Mapping[str, Any],
     """Compare one report's cited inputs with the server's current data."""
     rid = str(report.get("id", ""))
     if provenance is None:
-        provenance = provenance_of(client, rid)
+        provenance = provenance_of(client, rid, report)
     cited = cited_inputs(report, provenance)
     current: dict[str, Mapping[str, Any] | None] = dict(
         fetch_current(client, (c.reference for c in cited)))
@@ -443,7 +468,7 @@ def safe_recheck(client: FhirClient, report: Mapping[str, Any]) -> ReportAudit:
 
 
 CSV_COLUMNS = ("report", "patient", "issued", "method", "knowledge_version", "diagnoses",
-               "inputs", "cited_values", "status", "changes")
+               "inputs", "cited_values", "status", "changes", "model", "version")
 
 
 def write_csv(audits: Iterable[ReportAudit], fh: IO[str]) -> int:
@@ -457,6 +482,6 @@ def write_csv(audits: Iterable[ReportAudit], fh: IO[str]) -> int:
                          a.status, "; ".join(
                              f"{c.kind} {c.reference}/_history/{c.version}: {c.detail}"
                              if c.version else f"{c.kind} {c.reference}: {c.detail}"
-                             for c in a.changes)])
+                             for c in a.changes), a.model, a.version])
         n += 1
     return n

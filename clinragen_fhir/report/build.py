@@ -1,9 +1,15 @@
 """A Prediction -> one transaction Bundle: DiagnosticReport + Provenance (+ the software Device).
 
-Idempotent by construction: the report's identifier is a hash of the patient, every input
-resource's version and the method/knowledge versions, and it is written by conditional create
-(`ifNoneExist`), so the same inputs never give a second report. The Provenance has an id derived
-from the same hash and is written by PUT, so it is never duplicated either.
+One current report per patient and method (the report lifecycle, docs/integration.md): its
+identifier `current_key(patient, method)` is written by conditional update
+(`PUT DiagnosticReport?identifier=...`), so each write is a new version of the same resource and
+older conclusions stay readable in `_history`. The report carries `content_fingerprint` (the
+concluded diagnoses, their evidence and the model's identity) in an extension: the pipeline
+writes only when that changes. The Provenance of each version has an id derived from the key and
+the fingerprint and is written by PUT, so a retried write never duplicates it.
+
+`report_key` (a hash of every input's version) was the identifier before the lifecycle; reports
+carrying one (`is_legacy_key`) are adopted or linked as revised, never duplicated.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from clinragen_fhir.report.html import (
 SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
 DEVICE_ID_SYSTEM = "urn:clinragen-fhir:software"
+MODEL_EXT = f"{EXT_BASE}/model-identity"  # identity.model_identity of what concluded
+FINGERPRINT_EXT = f"{EXT_BASE}/content-fingerprint"  # content_fingerprint: a change writes
 CATEGORY_SYSTEM = "https://clinragen-fhir.org/CodeSystem/report-category"
 PROFILE = f"{EXT_BASE}/clinragen-diagnostic-report"  # profiles/*.json, `install-profiles`
 # HL7 AI Transparency on FHIR: the label on everything an AI asserted (meta.security)
@@ -109,6 +117,51 @@ def cited_results(prediction: Prediction) -> list[dict[str, str]]:
     return [{"reference": r} for r in dict.fromkeys(refs)]
 
 
+def current_key(patient_id: str, method: str) -> str:
+    """The identifier value of the one current report for this patient and method:
+    `<method>:<32 hex of sha256("Patient/<id>")>`. Opaque in the patient, so task results and
+    logs that carry it never carry a patient id (the report's subject names the patient)."""
+    digest = hashlib.sha256(f"Patient/{patient_id}".encode()).hexdigest()[:32]
+    return f"{method}:{digest}"
+
+
+def is_legacy_key(value: str) -> bool:
+    """A `report_key` (64 hex digits): the identifier of a report from before the lifecycle."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def model_of(prediction: Prediction) -> str:
+    """The model identity a report carries (identity.model_identity; baseline: rule-baseline)."""
+    from clinragen_fhir.identity import RULE_BASELINE
+
+    return prediction.model_id or RULE_BASELINE
+
+
+def content_fingerprint(prediction: Prediction) -> str:
+    """What a new version must differ in: the concluded diagnoses (in order), each one's
+    evidence (source, version, test, value, unit, time) and the model (method, its version and
+    `model_of`). Probabilities, the rationale's wording, rendering times and inputs not cited
+    are left out: a new vital sign that changes no conclusion writes nothing."""
+    body = {"method": f"{prediction.method}@{prediction.method_version}",
+            "model": model_of(prediction), "abstained": prediction.abstained,
+            "diagnoses": [[d.snomed, [[e.reference, e.version_id, e.loinc, e.value, e.unit,
+                                       e.time] for e in d.evidence]]
+                          for d in prediction.diagnoses]}
+    blob = json.dumps(body, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stored_fingerprint(report: Mapping[str, Any]) -> str:
+    """The content fingerprint a stored report carries ("" for reports from before it)."""
+    return next((str(e.get("valueString", "")) for e in report.get("extension", []) or []
+                 if e.get("url") == FINGERPRINT_EXT), "")
+
+
+def provenance_id(key: str, fingerprint: str) -> str:
+    """The Provenance id of one version of a report: the same content, the same Provenance."""
+    return "clinragen-" + hashlib.sha256(f"{key}|{fingerprint}".encode()).hexdigest()[:48]
+
+
 def cited_values(prediction: Prediction, labs: pd.DataFrame | None) -> list[dict[str, Any]]:
     """One extension per cited lab reading: its versioned source and the value as sent.
 
@@ -151,6 +204,9 @@ def build_transaction(
     claims: Sequence[ClaimCheck] = (),
     patient: Mapping[str, Any] | None = None,
     fact_labels: Mapping[str, str] | None = None,
+    report_id: str | None = None,
+    revises: Sequence[str] = (),
+    keep_identifiers: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[dict[str, Any], str]:
     """The transaction Bundle to POST, and the report identifier value it carries.
 
@@ -160,9 +216,16 @@ def build_transaction(
     as an extension for auditors. `patient` (the Patient resource read in this run) gives the
     page's identification header; `fact_labels` (`report.html.fact_labels`) names the knowledge
     facts. Neither changes the identifier.
+
+    Lifecycle (docs/integration.md, "Report lifecycle"): the report is written by conditional
+    update on `current_key`; `report_id` instead PUTs it onto that id (a legacy report adopted
+    as the current one, keeping its identifiers `keep_identifiers`). `revises`: versioned
+    references of the reports this version replaces, linked from its Provenance as entities
+    of role `revision` (they stay as written, readable).
     """
     now = now or datetime.now(UTC)
-    key = report_key(patient_id, used, prediction)
+    key = current_key(patient_id, prediction.method)
+    fingerprint = content_fingerprint(prediction)
     trends = lab_trends(labs, (e.loinc for d in prediction.diagnoses for e in d.evidence))
     check = claims_summary(claims, prediction.rationale)
     header = patient_header(patient or {"id": patient_id})
@@ -182,7 +245,7 @@ def build_transaction(
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "meta": {"profile": [PROFILE], "security": [AI_ASSERTED]},
-        "identifier": [identifier],
+        "identifier": [identifier, *(dict(i) for i in keep_identifiers if i != identifier)],
         "status": "preliminary",
         "category": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "decision-support",
                                   "display": "Machine-generated decision support"}]}],
@@ -204,18 +267,23 @@ def build_transaction(
         "extension": [
             {"url": f"{EXT_BASE}/method", "valueString": software},
             {"url": f"{EXT_BASE}/knowledge-version", "valueString": prediction.knowledge_version},
+            {"url": MODEL_EXT, "valueString": model_of(prediction)},
+            {"url": FINGERPRINT_EXT, "valueString": fingerprint},
             *cited_values(prediction, labs),
             claims_extension(claims, prediction.rationale),
         ],
     }
+    if report_id:  # PUT by id: the body names the same id
+        report["id"] = report_id
     entities: list[dict[str, Any]] = [
         {"role": "source", "what": {"reference": ref.versioned()}} for ref in used]
     entities += [{"role": "source", "what": {"reference": s.reference},
                   "extension": [{"url": f"{EXT_BASE}/skip-reason", "valueString": s.reason}]}
                  for s in skipped]
+    entities += [{"role": "revision", "what": {"reference": ref}} for ref in revises]
     provenance = {
         "resourceType": "Provenance",
-        "id": f"clinragen-{key[:48]}",
+        "id": provenance_id(key, fingerprint),
         "meta": {"security": [AI_ASSERTED]},
         "target": [{"reference": report_urn}],
         "recorded": now.isoformat(),
@@ -235,8 +303,8 @@ def build_transaction(
              "request": {"method": "POST", "url": "Device",
                          "ifNoneExist": f"identifier={DEVICE_ID_SYSTEM}|{software}"}},
             {"fullUrl": report_urn, "resource": report,
-             "request": {"method": "POST", "url": "DiagnosticReport",
-                         "ifNoneExist": f"identifier={identifier['system']}|{key}"}},
+             "request": {"method": "PUT", "url": f"DiagnosticReport/{report_id}" if report_id
+                         else f"DiagnosticReport?identifier={identifier['system']}|{key}"}},
             {"resource": provenance,
              "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"}},
         ],

@@ -71,16 +71,34 @@ def test_worker_writes_one_report_per_patient_and_input_version(
         assert len(our_reports(fhir, pid)) == 1
 
 
-def test_new_input_version_gives_a_new_report(
+def test_new_input_version_gives_a_new_version_only_when_cited(
         fhir: FhirClient, loaded: list[str], worker: subprocess.Popen[bytes]) -> None:
+    """The report lifecycle changed this expectation: a new version of any input used to give a
+    second report (the key hashed every input version). Now there is one current report per
+    patient and method; an input that is not cited changes nothing and writes nothing, and a
+    new version of a cited reading (the evidence changed) is a new version of that report."""
     pid = loaded[0]
     before = run_all([pid])[0]
-    obs = next(iter(fhir.search("Observation", {"patient": pid, "category": "laboratory"})))
-    obs.setdefault("note", []).append({"text": "re-verified"})
-    fhir.update(obs)
-    after = run_all([pid])[0]
-    assert after["status"] == "written" and after["identifier"] != before["identifier"]
-    assert len(our_reports(fhir, pid)) == 2
+    report = fhir.read("DiagnosticReport", before["report_id"])
+    cited = {p["valueString"].split("/_history/")[0] for e in report.get("extension", [])
+             if e["url"].endswith("/cited-value") for p in e["extension"]
+             if p["url"] == "source"}
+    labs = list(fhir.search("Observation", {"patient": pid, "category": "laboratory"}))
+    uncited = next((o for o in labs if f"Observation/{o['id']}" not in cited), None)
+    if uncited is not None:
+        uncited.setdefault("note", []).append({"text": "re-verified"})
+        fhir.update(uncited)
+        unchanged = run_all([pid])[0]
+        assert unchanged["status"] == "exists" and unchanged["version"] == before["version"]
+    if cited:
+        obs = fhir.read("Observation", sorted(cited)[0].split("/")[1])
+        obs.setdefault("note", []).append({"text": "re-verified"})
+        fhir.update(obs)
+        after = run_all([pid])[0]
+        assert after["status"] == "written" and after["identifier"] == before["identifier"]
+        assert after["report_id"] == before["report_id"]
+        assert int(after["version"]) == int(report["meta"]["versionId"]) + 1
+    assert len(our_reports(fhir, pid)) == 1
 
 
 def test_server_down_fails_visibly_after_bounded_retries(tmp_path: Any) -> None:

@@ -46,6 +46,13 @@ class FakeServer:
             i.get("system") == system and i.get("value") == value
             for i in r.get("identifier", []))), None)
 
+    def _put_id(self, rtype: str, url: str) -> str:
+        """PUT Type/id keeps the id; a conditional update (`Type?identifier=...`, the report
+        lifecycle) updates the match, else creates with a new id, as HAPI does."""
+        if "?" not in url:
+            return url.split("/")[1]
+        return self._match(rtype, url.partition("?")[2]) or str(next(self.ids))
+
     def transaction(self, bundle: dict[str, Any]) -> httpx.Response:
         out = []
         for entry in bundle["entry"]:
@@ -57,7 +64,7 @@ class FakeServer:
                 out.append({"response": {"status": "200 OK",
                                          "location": f"{rtype}/{match}/_history/1"}})
                 continue
-            rid = request["url"].split("/")[1] if request["method"] == "PUT" \
+            rid = self._put_id(rtype, request["url"]) if request["method"] == "PUT" \
                 else str(next(self.ids))
             self.store[(rtype, rid)] = {**resource, "id": rid}
             out.append({"response": {"status": "201 Created",

@@ -35,8 +35,10 @@ def test_transaction_is_conditional_and_carries_provenance() -> None:
     assert bundle["type"] == "transaction"
     _device, report, prov = (e["resource"] for e in bundle["entry"])
     requests = [e["request"] for e in bundle["entry"]]
-    assert requests[1] == {"method": "POST", "url": "DiagnosticReport",
-                           "ifNoneExist": f"identifier=urn:clinragen-fhir:report|{key}"}
+    # the report lifecycle: one current report per patient and method, by conditional update
+    # (was a conditional create on a hash of the inputs: a new report per input version)
+    assert requests[1] == {"method": "PUT",
+                           "url": f"DiagnosticReport?identifier=urn:clinragen-fhir:report|{key}"}
     assert requests[0]["ifNoneExist"].startswith("identifier=urn:clinragen-fhir:software|")
     assert requests[2] == {"method": "PUT", "url": f"Provenance/{prov['id']}"}
     assert report["status"] == "preliminary"

@@ -13,7 +13,7 @@ import pandas as pd
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
-from clinragen_fhir.report.build import InputRef, build_transaction, report_key
+from clinragen_fhir.report.build import InputRef, build_transaction, current_key
 from clinragen_fhir.report.html import (
     BANNER,
     NO_IDENTIFIER,
@@ -199,7 +199,8 @@ def test_narrative_of_an_abstention_and_control_characters() -> None:
 
 def test_cited_values_carry_the_value_as_sent_and_the_identifier_is_unchanged() -> None:
     _, report, key = page()
-    assert key == report_key("p1", USED, prediction())  # rendering does not touch identity
+    # rendering does not touch identity (the lifecycle's current key: patient and method)
+    assert key == current_key("p1", prediction().method)
     _bare, bare_key = build_transaction("p1", prediction(), USED, [], ReportSettings(), now=NOW)
     assert bare_key == key
     cited = [e for e in report["extension"] if e["url"].endswith("/cited-value")]

@@ -136,8 +136,9 @@ class BundleClient:
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         self.written.append(bundle)
-        return {"entry": [{"response": {"location": f"{e['request']['url']}/new/_history/1"}}
-                          for e in bundle["entry"]]}
+        return {"entry": [  # by type: the report's request URL is a conditional update's query
+            {"response": {"location": f"{e['resource']['resourceType']}/new/_history/1"}}
+            for e in bundle["entry"]]}
 
 
 def real_report(path: Path, model_dir: Path | None) -> str:
