@@ -84,8 +84,8 @@ def worker(ctx: click.Context) -> None:
 
 def _run_local(patient_id: str) -> dict[str, Any]:
     """Diagnose in this process, holding the worker's per-report lock (Redis, `state_url`), so
-    a CLI run and a worker task for one patient write one report even on a server whose
-    conditional create is not atomic. Held by another run: ReportLocked. State store down:
+    a CLI run and a worker task for one patient write one report (version) even on a server
+    whose conditional update is not atomic. Held by another run: ReportLocked. State store down:
     written unlocked, as the worker does."""
     import uuid
     from functools import partial
@@ -262,8 +262,13 @@ def _print_summary(outcomes: list[dict[str, Any]], elapsed: float) -> None:
     reasons = Counter(str(o.get("reason")) for o in outcomes if o.get("status") in
                       ("skipped", "failed"))
     codes = Counter(c for o in outcomes for c in o.get("diagnoses", []))
+    # the report lifecycle: a write is a first report or a new version of the current one
+    versions = sum(1 for o in outcomes if o.get("status") == "written"
+                   and str(o.get("version", "")) not in ("", "1"))
     rows = [("patients", len(outcomes)), ("reports written", status["written"]),
-            ("reports already present", status["exists"]), ("skipped", status["skipped"]),
+            ("of which new versions of a current report", versions),
+            ("reports already present", status["exists"]),  # unchanged: nothing written
+            ("skipped", status["skipped"]),
             ("failed", status["failed"]), ("wall time (s)", f"{elapsed:.1f}")]
     click.echo("\n| summary | value |\n|---|---|")
     for name, value in rows:

@@ -1,8 +1,9 @@
 """The Celery app, configured for at-least-once delivery with idempotent tasks.
 
 acks_late + reject_on_worker_lost: a task is acknowledged only after it finished, so a worker
-killed mid-task gives the task back to the queue; the report's lock and conditional create make
-the second run harmless. Redis redelivers unacknowledged tasks after `visibility_timeout`, which
+killed mid-task gives the task back to the queue; the report's lock and content fingerprint
+(report lifecycle: one current report, a new version only when its content changes) make the
+second run harmless. Redis redelivers unacknowledged tasks after `visibility_timeout`, which
 must exceed the hard time limit of any task. A task whose worker dies on every delivery (a
 record that runs it out of memory) would come back forever: tasks.DeadLetteringTask counts the
 deliveries and dead-letters it after `worker.max_deliveries`.

@@ -118,8 +118,10 @@ def _report_lock(state: WorkerState, owner: str, settings: Settings, phash: str,
     The TTL is above the hard time limit, so a live holder never loses it; `owner` is the task
     id, so the same task redelivered after its worker died takes its own stale lock back. Held
     by another run for `LOCK_WAIT_S` (a tenth of the soft limit at most): ReportLocked, and the
-    task retries later. The state store down: written unlocked (the server's conditional create
-    still guards), since refusing would lose the report with no dead letter either."""
+    task retries later. The state store down: written unlocked (HAPI refuses the second of two
+    concurrent conditional updates that would both create, 409, and the retry updates the
+    first's report: no duplicate there), since refusing would lose the report with no dead
+    letter either."""
     w = settings.worker
     try:
         held: bool | None = state.acquire_report(key, owner, w.time_limit_s + 60,

@@ -153,6 +153,18 @@ def test_a_retrained_model_gives_a_new_version(fhir: FhirClient,
     assert len(our_reports(fhir, pid)) == 2
 
 
+class OneAtATime:
+    """The rule baseline, one prediction at a time: rdflib's SPARQL parser is not thread-safe
+    (a worker runs one task per process; the threads here share one)."""
+
+    name = "knowledge-rule-baseline"
+    guard = threading.Lock()
+
+    def predict(self, *args: Any) -> Prediction:
+        with self.guard:
+            return RuleBaseline(KG).predict(*args)
+
+
 @contextmanager
 def _locks() -> Iterator[Callable[[str], Any]]:
     """The in-process equivalent of the worker's Redis report lock (`tasks._report_lock`)."""
@@ -182,7 +194,7 @@ def test_a_concurrent_rerun_gives_no_duplicate(fhir: FhirClient,
         def one() -> None:
             start.wait()
             try:
-                results.append(run(fhir, pid, lock=lock))
+                results.append(run(fhir, pid, OneAtATime(), lock=lock))
             except BaseException as exc:  # reported by the assertion below
                 results.append(exc)
 
@@ -197,6 +209,35 @@ def test_a_concurrent_rerun_gives_no_duplicate(fhir: FhirClient,
     assert len({o.report_id for o in outcomes}) == 1
     assert len(our_reports(fhir, pid)) == 1
     assert version(fhir, outcomes[0].report_id) == "1"
+
+
+def test_concurrent_runs_without_the_lock_give_no_duplicate_on_hapi(
+        fhir: FhirClient, new_patient: NewPatient) -> None:  # noqa: F811
+    """The state store down, runs write unlocked. HAPI then refuses the second of two
+    concurrent conditional updates that would both create (409, its unique index on the
+    conditional URL); the client retries it, the condition now matches the first run's report,
+    and the retry is at most a redundant version of it: one report, never two."""
+    pid = new_patient([(6.9, 300), (7.4, 30)])
+    results: list[Outcome | BaseException] = []
+    start = threading.Barrier(2, timeout=30)
+
+    def one() -> None:
+        start.wait()
+        try:
+            with FhirClient(FHIR_URL, timeout=120, retries=3, backoff=0.2) as client:
+                results.append(run(client, pid, OneAtATime()))
+        except BaseException as exc:  # reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    outcomes = [r for r in results if isinstance(r, Outcome)]
+    assert len(outcomes) == 2, results
+    assert len({o.report_id for o in outcomes}) == 1
+    assert len(our_reports(fhir, pid)) == 1
 
 
 def test_hapi_adds_no_version_for_an_identical_update(fhir: FhirClient,

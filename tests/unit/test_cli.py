@@ -24,7 +24,8 @@ def test_show_elides_base64_attachment_but_keeps_the_rest() -> None:
 
 def test_summary_counts_statuses_and_names_concluded_disorders() -> None:
     outcomes = [
-        {"status": "written", "diagnoses": ["44054006"], "method": "clinragen-onnx"},
+        {"status": "written", "diagnoses": ["44054006"], "method": "clinragen-onnx",
+         "version": "2"},
         {"status": "written", "diagnoses": ["44054006", "999999999"]},
         {"status": "exists", "diagnoses": []},
         {"status": "skipped", "reason": "no usable labs or notes", "diagnoses": []},
@@ -34,7 +35,10 @@ def test_summary_counts_statuses_and_names_concluded_disorders() -> None:
         _print_summary(outcomes, 1.25)
         text = out.getvalue().decode()
     assert "| patients | 4 |" in text and "| reports written | 2 |" in text
-    assert "| reports already present | 1 |" in text and "| skipped | 1 |" in text
+    # the report lifecycle: a new version of a current report counts as written, and is named
+    assert "| of which new versions of a current report | 1 |" in text
+    assert "| reports already present | 1 |" in text
+    assert "| skipped | 1 |" in text
     assert "| skipped/failed: no usable labs or notes | 1 |" in text
     assert "| 44054006 | Diabetes mellitus type 2 | 2 |" in text
     assert "| 999999999 | (not in graph) | 1 |" in text
