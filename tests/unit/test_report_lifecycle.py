@@ -206,3 +206,13 @@ def test_legacy_reports_are_adopted_and_linked_not_duplicated() -> None:
         "DiagnosticReport/7/_history/1", "DiagnosticReport/8/_history/1"]
     assert len(server.current("DiagnosticReport")) == 2  # none added, none deleted
     assert run(server).status == "exists"
+
+
+def test_list_values_of_a_mapping_are_repeated_parameters() -> None:
+    """`audit --since/--until` searches `issued` twice (a list in a mapping): each item is its
+    own parameter, as before the client took (name, value) pairs."""
+    from clinragen_fhir.fhir.client import param_pairs
+
+    assert param_pairs({"issued": ["ge2025-01-01", "le2025-02-01"], "subject": "Patient/p"}) == [
+        ("issued", "ge2025-01-01"), ("issued", "le2025-02-01"), ("subject", "Patient/p")]
+    assert param_pairs([("date", "ge1"), ("date", "le2")]) == [("date", "ge1"), ("date", "le2")]
