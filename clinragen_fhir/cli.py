@@ -16,6 +16,7 @@ from tqdm import tqdm
 from clinragen_fhir import logs
 from clinragen_fhir.config import FhirEndpoint, Settings
 from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.keys_cli import keys
 from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.identity import RULE_BASELINE, model_identity
 from clinragen_fhir.knowledge.cli import knowledge
@@ -641,6 +642,7 @@ def check_config() -> None:
 
 
 main.add_command(knowledge)
+main.add_command(keys)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,19 @@ class FhirEndpoint(BaseModel):
     auth: Literal["none", "bearer", "client-credentials", "smart-backend"] = "none"
     token_env: str | None = None  # bearer: name of the env var holding the token
     token_file: Path | None = None  # or a file holding it
-    token_url: str | None = None  # client-credentials and smart-backend
+    # client-credentials and smart-backend; smart-backend without it: the token_endpoint of
+    # [base_url]/.well-known/smart-configuration (TLS rules as for base_url)
+    token_url: str | None = None
     client_id: str | None = None
     client_secret_env: str | None = None  # client-credentials
     client_secret_file: Path | None = None
     private_key_file: Path | None = None  # smart-backend: PEM private key (RSA or EC P-384)
     private_key_env: str | None = None
     jwt_alg: Literal["RS384", "ES384"] = "RS384"
-    jwt_kid: str | None = None
+    jwt_kid: str | None = None  # required with private_key_file/env: `keys generate` prints it
+    # or a `clinragen-fhir keys generate` directory instead of the three above: its newest key
+    # signs (kid and alg from the key); several keys there are the rotation (fhir/keys.py)
+    private_key_dir: Path | None = None
     # least privilege: exactly what the worker reads and writes (fhir.auth.WORKER_ACCESS)
     scope: str | None = WORKER_SCOPE
     verify_tls: bool = True
@@ -133,14 +138,30 @@ class FhirEndpoint(BaseModel):
                 scope=self.scope, verify=verify, timeout=self.timeout_s,
                 allow_insecure_http=self.allow_insecure_http)
         if self.auth == "smart-backend":
-            return SmartBackendAuth(
-                self._need(self.token_url, "token_url"), self._need(self.client_id, "client_id"),
-                self._need(_secret(self.private_key_env, self.private_key_file,
-                                   "the private key"),
-                           "private_key_file or private_key_env"),
-                algorithm=self.jwt_alg, kid=self.jwt_kid, scope=self.scope, verify=verify,
-                timeout=self.timeout_s, allow_insecure_http=self.allow_insecure_http)
+            return self._smart_backend(verify)
         return None
+
+    def _smart_backend(self, verify: ssl.SSLContext | bool) -> SmartBackendAuth:
+        client_id = self._need(self.client_id, "client_id")
+        common: dict[str, Any] = {
+            "scope": self.scope, "verify": verify, "timeout": self.timeout_s,
+            "allow_insecure_http": self.allow_insecure_http, "discovery_base": self.base_url}
+        if self.private_key_dir is not None:
+            if self.private_key_file or self.private_key_env or self.jwt_kid:
+                raise FhirConfigError(
+                    "private_key_dir names the key and its kid: leave private_key_file, "
+                    "private_key_env and jwt_kid unset")
+            return SmartBackendAuth(self.token_url, client_id, key_dir=self.private_key_dir,
+                                    **common)
+        key = self._need(_secret(self.private_key_env, self.private_key_file, "the private key"),
+                         "private_key_file, private_key_env or private_key_dir")
+        kid = self._need(self.jwt_kid, "jwt_kid, the key's id in the JWKS registered for the "
+                         "client (`clinragen-fhir keys generate` prints it), or private_key_dir")
+        if is_placeholder(kid):
+            raise FhirConfigError("jwt_kid holds the example configs' placeholder: set the kid "
+                                  "`clinragen-fhir keys generate` printed")
+        return SmartBackendAuth(self.token_url, client_id, key, algorithm=self.jwt_alg,
+                                kid=kid, **common)
 
     def verify(self) -> ssl.SSLContext | bool:
         """TLS settings: system CAs (or ca_file), client certificate for mutual TLS."""

@@ -2,6 +2,9 @@
 and SMART Backend Services (a signed JWT client assertion, RS384 or ES384).
 
 Tokens are cached until shortly before they expire and fetched again on expiry or on a 401.
+SMART Backend Services needs a key id (`kid`); without a configured `token_url` the token
+endpoint is read from `[base]/.well-known/smart-configuration` (the same TLS rules as the base
+URL), and a key directory (`private_key_dir`, fhir/keys.py) signs with its newest key.
 Secrets are held as SecretStr and never appear in reprs, errors or logs. A token that cannot be
 sent in a header is refused when read: httpx's "Illegal header value" error quotes it.
 
@@ -17,12 +20,14 @@ import threading
 import time
 import uuid
 from collections.abc import Generator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import jwt
 from pydantic import SecretStr
 
+from clinragen_fhir.fhir import keys
 from clinragen_fhir.fhir.client import check_url, parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
 
@@ -50,6 +55,10 @@ WORKER_ACCESS: dict[str, str] = {
 }
 WORKER_SCOPE = " ".join(f"system/{t}.{p}" for t, p in WORKER_ACCESS.items())
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}  # SMART v1 names, as v2 letters
+SMART_CONFIGURATION = ".well-known/smart-configuration"
+DISCOVERY_TTL_S = 3600.0  # a discovered token endpoint is kept this long, per process
+# base URL -> (token endpoint, monotonic time it was read): a worker builds a client per task
+_discovered: dict[str, tuple[str, float]] = {}
 _SCOPE = re.compile(r"system/([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)")
 
 
@@ -107,11 +116,22 @@ class _CachedTokenAuth(httpx.Auth):
 
     requires_response_body = False
 
-    def __init__(self, token_url: str, scope: str | None, verify: bool | ssl.SSLContext = True,
-                 timeout: float = 30.0, allow_insecure_http: bool = False,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        check_url(token_url, "token_url", allow_insecure_http)  # the client secret goes there
+    def __init__(self, token_url: str | None, scope: str | None,
+                 verify: bool | ssl.SSLContext = True, timeout: float = 30.0,
+                 allow_insecure_http: bool = False, transport: httpx.BaseTransport | None = None,
+                 discovery_base: str | None = None) -> None:
+        # the client secret goes to the token URL; the discovery base is asked where that is
+        if token_url:
+            check_url(token_url, "token_url", allow_insecure_http)
+        elif discovery_base:
+            check_url(discovery_base, "FHIR base URL (token endpoint discovery)",
+                      allow_insecure_http)
+        else:
+            raise FhirConfigError("a token endpoint needs token_url (or a FHIR base URL that "
+                                  f"serves {SMART_CONFIGURATION})")
         self.token_url = token_url
+        self._discovery_base = discovery_base
+        self._allow_insecure_http = allow_insecure_http
         self._transport = transport
         self.scope = scope
         self._verify = verify
@@ -123,6 +143,41 @@ class _CachedTokenAuth(httpx.Auth):
         # the last token answer's `scope`; OAuth lets it be left out when it is the requested
         # one (RFC 6749 section 5.1), and then this is the requested scope
         self.granted_scope: str | None = None
+
+    def token_endpoint(self) -> str:
+        """The token URL: configured, else `token_endpoint` of the server's SMART configuration
+        (kept for DISCOVERY_TTL_S in the process), held to the same TLS rule as the base URL."""
+        if self.token_url:
+            return self.token_url
+        assert self._discovery_base is not None
+        url = f"{self._discovery_base.rstrip('/')}/{SMART_CONFIGURATION}"
+        cached = _discovered.get(url)
+        if cached and time.monotonic() - cached[1] < DISCOVERY_TTL_S:
+            check_url(cached[0], f"token_endpoint of {SMART_CONFIGURATION}",
+                      self._allow_insecure_http)  # read for an endpoint that may allow more
+            self.token_url = cached[0]
+            return cached[0]
+        try:
+            with httpx.Client(verify=self._verify, timeout=self._timeout,
+                              transport=self._transport) as http:
+                response = http.get(url, headers={"Accept": "application/json"})
+        except httpx.HTTPError as exc:
+            raise TokenError(f"{SMART_CONFIGURATION} unreachable: {type(exc).__name__}",
+                             unreachable=True) from None
+        if response.status_code != 200:
+            raise TokenError(f"{SMART_CONFIGURATION} answered HTTP {response.status_code}: "
+                             "set token_url", status=response.status_code,
+                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        try:
+            endpoint = response.json()["token_endpoint"]
+        except (ValueError, KeyError, TypeError):
+            endpoint = None
+        if not isinstance(endpoint, str) or not endpoint:
+            raise TokenError(f"{SMART_CONFIGURATION} names no token_endpoint: set token_url")
+        check_url(endpoint, f"token_endpoint of {SMART_CONFIGURATION}", self._allow_insecure_http)
+        _discovered[url] = (endpoint, time.monotonic())
+        self.token_url = endpoint
+        return endpoint
 
     def _form(self) -> dict[str, str]:
         raise NotImplementedError
@@ -137,7 +192,7 @@ class _CachedTokenAuth(httpx.Auth):
         try:
             with httpx.Client(auth=self._basic_auth(), verify=self._verify,
                               timeout=self._timeout, transport=self._transport) as http:
-                response = http.post(self.token_url, data=form,
+                response = http.post(self.token_endpoint(), data=form,
                                      headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:  # its text can quote what was sent: only the type
             raise TokenError(f"token endpoint unreachable: {type(exc).__name__}",
@@ -197,25 +252,47 @@ class ClientCredentialsAuth(_CachedTokenAuth):
 
 
 class SmartBackendAuth(_CachedTokenAuth):
-    """SMART Backend Services: client_credentials with a private_key_jwt client assertion."""
+    """SMART Backend Services: client_credentials with a private_key_jwt client assertion.
 
-    def __init__(self, token_url: str, client_id: str, private_key_pem: SecretStr,
+    The key is a PEM with its `kid` (required: the token endpoint finds the key by it in the
+    client's registered JWKS), or a `keys generate` directory (`key_dir`), read again at each
+    token fetch: its newest key signs, with the kid and alg of that key (fhir/keys.py)."""
+
+    def __init__(self, token_url: str | None, client_id: str,
+                 private_key_pem: SecretStr | None = None,
                  algorithm: Literal["RS384", "ES384"] = "RS384", kid: str | None = None,
-                 scope: str | None = WORKER_SCOPE, **kw: Any) -> None:
+                 scope: str | None = WORKER_SCOPE, key_dir: Path | None = None,
+                 **kw: Any) -> None:
         super().__init__(token_url, scope, **kw)
         self.client_id = client_id
         self.algorithm = algorithm
         self.kid = kid
         self._key = private_key_pem
+        self._key_dir = key_dir
+        if key_dir is not None:
+            self._signing_key()  # fails closed now, not at the first token
+        elif private_key_pem is None:
+            raise FhirConfigError("smart-backend needs a private key or a key directory")
+        elif not kid:
+            raise FhirConfigError("smart-backend needs the key's kid (jwt_kid)")
+
+    def _signing_key(self) -> tuple[str, str, str]:
+        """(PEM, alg, kid) of the key that signs now."""
+        if self._key_dir is not None:
+            key = keys.newest(self._key_dir)
+            self.algorithm, self.kid = key.alg, key.kid
+            return key.pem.get_secret_value(), key.alg, key.kid
+        assert self._key is not None and self.kid
+        return self._key.get_secret_value(), self.algorithm, self.kid
 
     def assertion(self) -> str:
-        """A fresh, short-lived JWT (5 min, unique jti) signed with our key."""
+        """A fresh, short-lived JWT (5 min, unique jti) signed with our key, `kid` in its
+        header; `aud` is the token endpoint (discovered if not configured)."""
+        pem, alg, kid = self._signing_key()
         now = int(time.time())
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_endpoint(),
                   "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())}
-        headers = {"kid": self.kid} if self.kid else None
-        return jwt.encode(claims, self._key.get_secret_value(), algorithm=self.algorithm,
-                          headers=headers)
+        return jwt.encode(claims, pem, algorithm=alg, headers={"kid": kid, "typ": "JWT"})
 
     def _form(self) -> dict[str, str]:
         return {"client_assertion_type":

@@ -166,7 +166,8 @@ def test_smart_backend_services_signed_assertion(server: AuthServer, alg: str,
 def test_smart_backend_with_an_unknown_key_is_refused(server: AuthServer) -> None:
     server.public_keys["smart-app"] = rsa.generate_private_key(65537, 2048).public_key()
     other = rsa.generate_private_key(65537, 2048)
-    auth = SmartBackendAuth(f"{server.url}/token", "smart-app", SecretStr(pem(other)))
+    auth = SmartBackendAuth(f"{server.url}/token", "smart-app", SecretStr(pem(other)),
+                            kid="k1")
     with FhirClient(f"{server.url}/fhir", auth=auth) as client, pytest.raises(TokenError):
         client.capabilities()
 

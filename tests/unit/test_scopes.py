@@ -102,7 +102,7 @@ def test_the_default_scope_is_exactly_what_the_worker_does() -> None:
     assert FhirEndpoint().scope == WORKER_SCOPE
     assert missing_scopes(WORKER_SCOPE) == []
     assert "*" not in WORKER_SCOPE and ".d" not in WORKER_SCOPE  # least privilege
-    auth = SmartBackendAuth("https://auth.example/token", "c", SecretStr("k"))
+    auth = SmartBackendAuth("https://auth.example/token", "c", SecretStr("k"), kid="k1")
     assert auth.scope == WORKER_SCOPE  # the class default too
 
 
