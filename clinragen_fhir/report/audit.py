@@ -24,6 +24,7 @@ from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
 
 from clinragen_fhir import __version__
+from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.resources import SNOMED
@@ -340,14 +341,15 @@ def compare(cited: Sequence[Cited], current: Mapping[str, Mapping[str, Any] | No
             else now
         was = quantity_of(at_citation, c.loinc)
         if at_citation is not None and (was is None or not _same(was[0], c.value)):
+            had = "no value" if was is None else f"{format_value(was[0])} {was[1]}"
             changes.append(Change(c.reference, c.version, "cited-value-mismatch",
-                                  f"report cites {c.value:g} {c.unit}, version {c.version} has "
-                                  f"{'no value' if was is None else f'{was[0]:g} {was[1]}'}"))
+                                  f"report cites {format_value(c.value)} {c.unit}, version "
+                                  f"{c.version} has {had}"))
         is_now = quantity_of(now, c.loinc)
         if changed_version and (is_now is None or not _same(is_now[0], c.value)):
-            new = "no value" if is_now is None else f"{is_now[0]:g} {is_now[1]}"
+            new = "no value" if is_now is None else f"{format_value(is_now[0])} {is_now[1]}"
             changes.append(Change(c.reference, c.version, "value-changed",
-                                  f"{c.value:g} {c.unit} -> {new}"))
+                                  f"{format_value(c.value)} {c.unit} -> {new}"))
     return changes
 
 

@@ -162,3 +162,16 @@ def test_csv_has_one_row_per_report() -> None:
     assert rows[0]["changes"] == "value-changed Observation/a/_history/2: 7.1 % -> 6.1 %"
     assert rows[0]["report"] == "DiagnosticReport/r1" and rows[0]["cited_values"] == "2"
 
+
+
+def test_change_details_write_values_with_the_project_number_format() -> None:
+    cited = [Cited("Observation/x", "1", "4548-4", 1_000_000.0, "/uL"),
+             Cited("Observation/y", "1", "4548-4", 0.00001234, "%")]
+    current = {"Observation/x": obs("x", "2", 1_200_000.0, "/uL"),
+               "Observation/y": obs("y", "1", 0.5)}
+    historic = {"Observation/x/_history/1": obs("x", "1", 1_000_000.0, "/uL")}
+    details = {(c.kind, c.reference): c.detail for c in compare(cited, current, historic)}
+    assert details[("value-changed", "Observation/x")] == "1000000 /uL -> 1200000 /uL"
+    assert details[("cited-value-mismatch", "Observation/y")] == (
+        "report cites 0.0000123 %, version 1 has 0.5 %")
+    assert not any("e+" in d or "e-" in d for d in details.values())
