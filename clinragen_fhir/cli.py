@@ -120,9 +120,10 @@ def diagnose(patient_id: str, wait: bool, local: bool, timeout: int) -> None:
             click.echo(f"FAILED: {type(exc).__name__}: {exc}", err=True)
             raise SystemExit(1) from exc
         return
+    from clinragen_fhir.worker.app import task_reprs
     from clinragen_fhir.worker.tasks import diagnose as task
 
-    result = task.delay(patient_id)
+    result = task.apply_async((patient_id,), **task_reprs((patient_id,)))
     click.echo(f"queued task {result.id}")
     if wait:
         try:
@@ -200,9 +201,11 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
             except (FhirError, ReportLocked) as exc:  # locked: another run writes it now
                 outcomes.append({"status": "failed", "reason": str(exc)})
     else:
+        from clinragen_fhir.worker.app import task_reprs
         from clinragen_fhir.worker.tasks import diagnose as task
 
-        pending = [task.apply_async((pid,), {"backfill": run})
+        pending = [task.apply_async((pid,), {"backfill": run},
+                                    **task_reprs((pid,), {"backfill": run}))
                    for pid in tqdm(ids, unit="queued")]
         if not wait:
             click.echo(f"queued {len(pending)} tasks")
@@ -476,7 +479,7 @@ def dlq_list() -> None:
 @click.option("--all", "everything", is_flag=True, help="Re-queue every dead letter.")
 def dlq_requeue(ids: tuple[str, ...], everything: bool) -> None:
     """Put dead letters back on the queue (they are removed from the dead-letter queue)."""
-    from clinragen_fhir.worker.app import app
+    from clinragen_fhir.worker.app import app, task_reprs
     from clinragen_fhir.worker.state import WorkerState
 
     state = WorkerState(_settings().state_url)
@@ -488,7 +491,7 @@ def dlq_requeue(ids: tuple[str, ...], everything: bool) -> None:
         if letter is None:
             click.echo(f"{letter_id}: not found", err=True)
             continue
-        app.send_task(letter.task, args=letter.args)
+        app.send_task(letter.task, args=letter.args, **task_reprs(letter.args))
         click.echo(f"{letter_id}: re-queued")
 
 

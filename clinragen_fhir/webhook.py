@@ -551,6 +551,7 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
 def create_app() -> Starlette:
     """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`)."""
     from clinragen_fhir.config import Settings
+    from clinragen_fhir.worker.app import task_reprs
     from clinragen_fhir.worker.tasks import diagnose, poll_changes
 
     settings = Settings()
@@ -559,10 +560,12 @@ def create_app() -> Starlette:
     def enqueue(patient_id: str, countdown: int) -> None:
         """Publish, or raise quickly: nobody reads a webhook task's result, and subscribing to
         it made a publish wait ~19 s (the result backend's retries) while Redis was down."""
-        diagnose.apply_async((patient_id,), countdown=countdown, ignore_result=True)
+        diagnose.apply_async((patient_id,), countdown=countdown, ignore_result=True,
+                             **task_reprs((patient_id,)))
 
     def recover(since: str, missed: int) -> None:
         """A poll of every change since the last event seen (`poll_changes(since=...)`)."""
-        poll_changes.apply_async(kwargs={"since": since}, ignore_result=True)
+        poll_changes.apply_async(kwargs={"since": since}, ignore_result=True,
+                                 **task_reprs((), {"since": since}))
 
     return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue, recover)

@@ -23,6 +23,7 @@ for amqps://.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +31,28 @@ from urllib.parse import urlsplit
 from celery import Celery
 
 from clinragen_fhir.config import Settings
+from clinragen_fhir.logs import hash_id
+
+# keyword arguments that never hold a patient id (a poll's cursor, a backfill's run key),
+# shown as they are; any other string argument is shown by its log hash
+PLAIN_KWARGS = frozenset({"since", "backfill", "initial_lookback_days", "debounce_s"})
+
+
+def task_reprs(args: Sequence[Any] = (),
+               kwargs: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """`argsrepr`/`kwargsrepr` for a task message, to pass to every `apply_async`/`send_task`.
+
+    Celery puts these in the message headers, and Flower, `celery inspect` and the worker's
+    own log lines show them in place of the arguments: by default `repr(args)`, the patient's
+    id in clear. Here each string argument (a patient id) is its `logs.hash_id`, as log lines
+    carry it, so a task can still be joined with the logs."""
+    def shown(key: str | None, value: Any) -> Any:
+        if isinstance(value, str) and key not in PLAIN_KWARGS:
+            return f"#{hash_id(value)}"
+        return value
+
+    return {"argsrepr": repr(tuple(shown(None, v) for v in args)),
+            "kwargsrepr": repr({k: shown(k, v) for k, v in (kwargs or {}).items()})}
 
 
 def broker_tls(url: str, ca_file: Path | None = None) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
-from clinragen_fhir.worker.app import app
+from clinragen_fhir.worker.app import app, task_reprs
 from clinragen_fhir.worker.state import CLAIM_TTL_S, RedisSeen, ReportLocked, WorkerState
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
                 "patient": phash, "retry": self.request.retries + 1, "delay_s": round(delay, 1),
                 "error": type(exc).__name__}})
             outcome_label = "retry"
-            raise self.retry(exc=exc, countdown=delay) from exc
+            raise self.retry(exc=exc, countdown=delay,  # Celery's retry drops argsrepr
+                             **task_reprs(self.request.args or (), self.request.kwargs)) from exc
         log.error("diagnose failed", extra={"fields": {"patient": phash,
                                                         "error": logs.error_text(exc)}})
         raise
@@ -225,7 +226,7 @@ def _queue_changed(seen: RedisSeen, patients: list[str], debounce_s: int) -> int
         if seen.claim(key, CLAIM_TTL_S) != "new":
             continue
         try:
-            diagnose.apply_async((pid,), countdown=debounce_s)
+            diagnose.apply_async((pid,), countdown=debounce_s, **task_reprs((pid,)))
         except Exception as exc:
             try:
                 seen.release(key)
