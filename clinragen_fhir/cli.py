@@ -76,7 +76,8 @@ def worker(ctx: click.Context) -> None:
                               tempfile.mkdtemp(prefix="clinragen-metrics-"))
         from clinragen_fhir import metrics
 
-        metrics.serve(settings.worker.metrics_port, settings.broker_url, "clinragen")
+        metrics.serve(settings.worker.metrics_port, settings.broker_url, "clinragen",
+                      host=settings.worker.metrics_host)
     from clinragen_fhir.worker.app import app
 
     app.worker_main(["worker", "--loglevel", settings.log_level, "-Q", "clinragen",

@@ -228,7 +228,9 @@ class WorkerSettings(BaseModel):
     # 5, not 1: a task that only shared a worker with the one that died survives four losses.
     max_deliveries: int = Field(5, ge=1)
     concurrency: int = 2
-    metrics_port: int = 0  # > 0: Prometheus /metrics on 127.0.0.1:<port> from the worker
+    metrics_port: int = 0  # > 0: Prometheus /metrics on <metrics_host>:<port> from the worker
+    # a container's scraper reaches only a non-loopback address (0.0.0.0); loopback by default
+    metrics_host: str = "127.0.0.1"
     poll_interval_s: int = 0  # > 0: Celery beat polls the server by _lastUpdated this often
 
     @model_validator(mode="after")

@@ -49,11 +49,11 @@ def observe_fhir(method: str, status: int | None) -> None:
     FHIR_CALLS.labels(method, str(status) if status is not None else "error").inc()
 
 
-def serve(port: int, broker_url: str, queue: str) -> Any:
-    """Start the /metrics HTTP server in this (the parent) process."""
+def serve(port: int, broker_url: str, queue: str, host: str = "127.0.0.1") -> Any:
+    """Start the /metrics HTTP server in this (the parent) process, on `host`:`port`."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(QueueDepth(broker_url, queue))
-    return start_http_server(port, addr="127.0.0.1", registry=registry)
+    return start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,49 @@
+"""The worker's /metrics binds the configured address (loopback unless a site says otherwise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+from click.testing import CliRunner
+
+from clinragen_fhir import metrics
+from clinragen_fhir.cli import main
+from clinragen_fhir.config import Settings, WorkerSettings
+from clinragen_fhir.worker import app as app_module
+
+
+def test_the_default_bind_is_loopback() -> None:
+    assert WorkerSettings().metrics_host == "127.0.0.1"
+
+
+def test_serve_passes_the_host_to_the_server(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    calls: list[tuple[int, str]] = []
+
+    def start(port: int, addr: str = "0.0.0.0", **_: Any) -> None:
+        calls.append((port, addr))
+
+    monkeypatch.setattr(prometheus_client, "start_http_server", start)
+    metrics.serve(9808, "memory://", "clinragen", host="10.0.0.5")
+    metrics.serve(9809, "memory://", "clinragen")
+    assert calls == [(9808, "10.0.0.5"), (9809, "127.0.0.1")]
+
+
+def test_the_worker_command_binds_the_configured_host(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    served: list[tuple[int, str]] = []
+    monkeypatch.setattr(metrics, "serve", lambda port, broker, queue, host="?":
+                        served.append((port, host)))
+    monkeypatch.setattr(app_module.app, "worker_main", lambda argv: None)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINRAGEN_BROKER_URL", "memory://")
+    monkeypatch.setenv("CLINRAGEN_WORKER__METRICS_PORT", "9808")
+    monkeypatch.setenv("CLINRAGEN_WORKER__METRICS_HOST", "0.0.0.0")
+    assert Settings().worker.metrics_host == "0.0.0.0"
+    result = CliRunner().invoke(main, ["worker"])
+    assert result.exit_code == 0, result.output
+    assert served == [(9808, "0.0.0.0")]
