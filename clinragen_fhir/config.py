@@ -245,6 +245,23 @@ class WorkerSettings(BaseModel):
         return self
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing (clinragen_fhir/tracing.py): off unless `enabled`. Spans go by
+    OTLP/HTTP to a collector, every URL, span name and message scrubbed of ids first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # the collector's traces URL (".../v1/traces"); None: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    # else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces, else http://localhost:4318/v1/traces.
+    # Headers (a collector's token) and CA: the exporter's own OTEL_EXPORTER_OTLP_* variables.
+    otlp_endpoint: str | None = None
+    allow_insecure_http: bool = False  # plain http to a non-loopback collector
+    service_name: str = "clinragen-fhir"  # the process kind is appended: -worker, -webhook
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # of root traces; children follow
+    timeout_s: float = Field(10.0, gt=0)  # one export request
+
+
 class InferenceSettings(BaseModel):
     """The ONNX model runtime (used when `model_dir` is set)."""
 
@@ -280,6 +297,7 @@ class Settings(BaseSettings):
     knowledge_path: Path | None = None  # None = the graph shipped with the package
     report: ReportSettings = Field(default_factory=ReportSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: str = "INFO"
 
     def __init__(self, **values: Any) -> None:
