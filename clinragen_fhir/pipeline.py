@@ -10,23 +10,19 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
-from fhir.resources.R4B.patient import Patient
-from pydantic import ValidationError
 
 from clinragen_fhir.config import ReportSettings
-from clinragen_fhir.encoding.labs import build_lab_frame
-from clinragen_fhir.encoding.notes import decode_notes
-from clinragen_fhir.encoding.schema import Note, PatientContext, Skip
+from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
-from clinragen_fhir.fhir.resources import first_error, to_utc
+from clinragen_fhir.fhir.patient_read import read_patient
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
-from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.predict.types import Predictor as Predictor  # re-exported: worker.tasks
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (
     EXT_BASE,
@@ -50,24 +46,14 @@ from clinragen_fhir.report.html import fact_labels
 log = logging.getLogger(__name__)
 
 
-class Predictor(Protocol):
-    name: str
-
-    def predict(self, labs: pd.DataFrame, notes: list[Note],
-                patient: PatientContext) -> Prediction: ...
-
-
 @dataclass
-class PatientInputs:
-    """What was read for one patient, what is usable, and what was skipped and why."""
+class ReadInputs(PatientInputs):
+    """One patient's encoded inputs (`encoding.patient.PatientInputs`) as the worker read them:
+    with the version of each input used (the report's Provenance and result) and, for the read
+    AuditEvent, the counts read and the searches as sent."""
 
-    patient: PatientContext
-    labs: pd.DataFrame
-    notes: list[Note]
-    skips: list[Skip]
     used: list[InputRef] = field(default_factory=list)
     n_read: dict[str, int] = field(default_factory=dict)  # resources read, by type (for audit)
-    resource: dict[str, Any] = field(default_factory=dict)  # the Patient: the report's header
     # the searches as sent, (type, parameters): the read AuditEvent's BALP query entities
     queries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -100,47 +86,25 @@ class Outcome:
         return dict(self.__dict__)
 
 
-def patient_context(resource: dict[str, Any], now: datetime) -> PatientContext:
-    """Sex and birth date for reference ranges; a malformed Patient still gets an id."""
-    pid = str(resource.get("id", ""))
-    try:
-        patient = Patient.model_validate(resource)
-    except ValidationError as exc:
-        log.warning("patient unparsed", extra={"fields": {"patient": hash_id(pid),
-                                                           "reason": first_error(exc)}})
-        return PatientContext(patient_id=pid, index_time=now)
-    birth = to_utc(patient.birthDate)
-    return PatientContext(patient_id=pid, sex=patient.gender,
-                          birth_date=birth.to_pydatetime() if birth is not None else None,
-                          index_time=now)
-
-
 def gather_inputs(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
-                  settings: ReportSettings, now: datetime | None = None) -> PatientInputs:
+                  settings: ReportSettings, now: datetime | None = None) -> ReadInputs:
     """Read the patient, their labs/vitals and notes (every page), and encode them."""
     now = now or datetime.now(UTC)
-    since = (now - timedelta(days=settings.lookback_days)).date().isoformat()
-    resource = client.read("Patient", patient_id)
-    patient = patient_context(resource, now)
-    queries: list[tuple[str, dict[str, Any]]] = [
-        ("Observation", {"patient": patient_id, "category": "laboratory,vital-signs",
-                         "date": f"ge{since}"}),
-        ("DocumentReference", {"patient": patient_id})]
-    observations = list(client.search(*queries[0]))
-    documents = list(client.search(*queries[1]))
-    labs, lab_skips = build_lab_frame(observations, kg, patient, now)
-    notes, note_skips = decode_notes(documents)
+    read = read_patient(client, patient_id, settings.lookback_days, now)
+    encoded = encode_patient(read.patient, read.observations, read.documents, kg, now,
+                             patient_id=patient_id)
     # the reference the encoders give each input -> its version for the report key
     stamps = {f"{rtype}/{r.get('id', '?')}": input_stamp(r)
-              for rtype, read in (("Observation", observations), ("DocumentReference", documents))
-              for r in read if isinstance(r, dict)}
+              for rtype, found in (("Observation", read.observations),
+                                   ("DocumentReference", read.documents))
+              for r in found if isinstance(r, dict)}
+    labs, notes = encoded.labs, encoded.notes
     used = [InputRef(r, v, stamps.get(r, "")) for r, v in
             labs[["observation_id", "version_id"]].drop_duplicates().itertuples(index=False)]
     used += [InputRef(n.document_id, n.version_id, stamps.get(n.document_id, ""))
              for n in notes]
-    return PatientInputs(patient, labs, notes, lab_skips + note_skips, used,
-                         {"Observation": len(observations), "DocumentReference": len(documents)},
-                         resource, queries)
+    return ReadInputs(encoded.patient, labs, notes, encoded.skips, encoded.resource, used,
+                      read.counts(), read.queries)
 
 
 def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:

@@ -46,13 +46,11 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from clinragen_fhir.encoding.labs import build_lab_frame
-from clinragen_fhir.encoding.notes import decode_notes
+from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.resources import to_utc
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from clinragen_fhir.pipeline import patient_context
 from training.example import Example, read_examples, write_examples
 from training.leakage import ROOTS, mask_notes, masked_codes
 from training.sources import (
@@ -278,29 +276,34 @@ def labels_at(kg: KnowledgeGraph, events: Sequence[DisorderEvent], t: pd.Timesta
 
 @dataclass
 class EncodedPatient:
-    """A patient's inputs encoded once (the worker's encoders), sliced per index time."""
+    """A patient's record, its inputs encoded once (`encoding.patient.encode_patient`, the
+    worker's encoding) and its disorder events, sliced per index time."""
 
     record: PatientRecord
-    context: PatientContext
-    labs: pd.DataFrame
-    notes: list[Note]  # dated notes only (an undated note cannot be placed before an index)
+    inputs: PatientInputs
     events: list[DisorderEvent]
+    notes: list[Note]  # dated notes only (an undated note cannot be placed before an index)
     n_skips: int
     note_times: list[pd.Timestamp] = field(default_factory=list)  # UTC, parallel to notes
+
+    @property
+    def context(self) -> PatientContext:
+        return self.inputs.patient
+
+    @property
+    def labs(self) -> pd.DataFrame:
+        return self.inputs.labs
 
 
 def encode_record(record: PatientRecord, kg: KnowledgeGraph,
                   unmapped: Counter[str] | None = None) -> EncodedPatient:
     """Lab frame and notes as the worker builds them; reference ranges use age at build time."""
-    now = datetime.now(UTC)
-    context = (patient_context(record.patient, now) if record.patient
-               else PatientContext(record.patient_id, index_time=now))
-    labs, lab_skips = build_lab_frame(record.observations, kg, context, now)
-    notes, note_skips = decode_notes(record.documents)
-    dated = [n for n in notes if n.time is not None]
+    inputs = encode_patient(record.patient or None, record.observations, record.documents, kg,
+                            datetime.now(UTC), patient_id=record.patient_id)
+    dated = [n for n in inputs.notes if n.time is not None]
     events = disorder_events(record.conditions, kg, unmapped)
-    return EncodedPatient(record, context, labs, dated, events,
-                          len(lab_skips) + len(note_skips) + len(notes) - len(dated),
+    return EncodedPatient(record, inputs, events, dated,
+                          len(inputs.skips) + len(inputs.notes) - len(dated),
                           [pd.Timestamp(n.time) for n in dated if n.time is not None])
 
 

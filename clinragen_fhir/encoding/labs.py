@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 from fhir.resources.R4B.observation import Observation
@@ -26,11 +26,31 @@ from clinragen_fhir.fhir.resources import (
     to_utc,
     version_of,
 )
-from clinragen_fhir.knowledge import KnowledgeError, KnowledgeGraph
 
 USABLE_STATUS = {"final", "amended", "corrected", "preliminary"}
 USABLE_CATEGORY = ("laboratory", "vital-signs")
 MAX_READINGS = 20_000  # newest kept beyond this: bounded memory for absurd series
+
+
+class _CanonicalUnit(Protocol):
+    @property
+    def canonical_unit(self) -> str: ...
+
+
+class LabKnowledge(Protocol):
+    """What the lab encoder asks of the knowledge graph (`knowledge.KnowledgeGraph` is one).
+
+    Declared here so that encoding does not import knowledge: knowledge reads encoded inputs
+    (`encoding.schema`), not the other way round. A code or unit the graph cannot convert
+    raises a ValueError (`knowledge.KnowledgeError` is one), which makes the reading a skip.
+    """
+
+    def to_canonical(self, loinc: str, value: float, unit: str) -> float: ...
+
+    def lab(self, loinc: str) -> _CanonicalUnit | None: ...
+
+    def reference_range(self, loinc: str, sex: str | None,
+                        age_years: float | None) -> tuple[float | None, float | None]: ...
 
 
 def _quantity(q: Any) -> tuple[float, str] | str:
@@ -77,7 +97,7 @@ def _newest_rows(rows: list[dict[str, Any]], skips: list[Skip]) -> list[dict[str
 
 def build_lab_frame(
     observations: Iterable[dict[str, Any]],
-    kg: KnowledgeGraph,
+    kg: LabKnowledge,
     patient: PatientContext | None = None,
     now: datetime | None = None,
 ) -> tuple[pd.DataFrame, list[Skip]]:
@@ -151,7 +171,7 @@ def build_lab_frame(
                     else None
                 ref_high = kg.to_canonical(loinc, high, rr_unit or raw_unit) if high is not None \
                     else None
-            except KnowledgeError as exc:
+            except ValueError as exc:  # knowledge.KnowledgeError: unknown code or unit
                 reasons.append(f"{loinc}: {exc}")
                 continue
             if ref_low is None and ref_high is None:

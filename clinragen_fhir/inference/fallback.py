@@ -15,12 +15,11 @@ from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.predict.rules import RuleBaseline
-from clinragen_fhir.predict.types import Prediction
+from clinragen_fhir.predict.types import Prediction, Predictor
 
 if TYPE_CHECKING:
     from clinragen_fhir.config import InferenceSettings
     from clinragen_fhir.inference.predictor import OnnxPredictor
-    from clinragen_fhir.pipeline import Predictor
 
 log = logging.getLogger(__name__)
 

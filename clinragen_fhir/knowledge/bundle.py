@@ -1,21 +1,18 @@
 """A patient's inputs from a FHIR Bundle file, for `knowledge explain`/`stats` and tests.
 
-Uses the same encoders as the worker (lab frame, notes), so what is explained here is what the
-worker would see for the same resources.
+Uses the worker's encoding (`encoding.patient.encode_patient`), so what is explained here is
+what the worker would see for the same resources.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from clinragen_fhir.encoding.schema import Note, PatientContext, Skip
+from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.knowledge.graph import KnowledgeGraph
 
 
@@ -36,30 +33,12 @@ def resources(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
             and e["resource"].get("resourceType") == rtype]
 
 
-@dataclass
-class BundleInputs:
-    """One patient's encoded inputs."""
-
-    patient: PatientContext
-    labs: pd.DataFrame
-    notes: list[Note]
-    skips: list[Skip]
-
-
 def inputs_from_bundle(bundle: dict[str, Any], kg: KnowledgeGraph,
-                       now: datetime | None = None) -> BundleInputs:
+                       now: datetime | None = None) -> PatientInputs:
     """Lab frame, notes and demographics of the (first) patient in a Bundle."""
-    from clinragen_fhir.encoding.labs import build_lab_frame
-    from clinragen_fhir.encoding.notes import decode_notes
-    from clinragen_fhir.pipeline import patient_context
-
-    now = now or datetime.now(UTC)
     patients = resources(bundle, "Patient")
-    patient = (patient_context(patients[0], now) if patients
-               else PatientContext(patient_id="", index_time=now))
-    labs, lab_skips = build_lab_frame(resources(bundle, "Observation"), kg, patient, now)
-    notes, note_skips = decode_notes(resources(bundle, "DocumentReference"))
-    return BundleInputs(patient, labs, notes, lab_skips + note_skips)
+    return encode_patient(patients[0] if patients else None, resources(bundle, "Observation"),
+                          resources(bundle, "DocumentReference"), kg, now)
 
 
 def find_patient_bundle(data_dir: Path, patient_id: str) -> Path | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -94,12 +93,17 @@ def explain(ctx: click.Context, patient_id: str, bundle_path: Path | None,
 
     kg = _kg(ctx)
     if from_fhir:
-        from clinragen_fhir.config import Settings
-        from clinragen_fhir.pipeline import gather_inputs
+        from datetime import UTC, datetime
 
-        settings = Settings()
+        from clinragen_fhir.config import Settings
+        from clinragen_fhir.encoding.patient import encode_patient
+        from clinragen_fhir.fhir.patient_read import read_patient
+
+        settings, now = Settings(), datetime.now(UTC)
         with settings.fhir.client() as client:
-            inp: Any = gather_inputs(client, kg, patient_id, settings.report)
+            read = read_patient(client, patient_id, settings.report.lookback_days, now)
+        inp = encode_patient(read.patient, read.observations, read.documents, kg, now,
+                             patient_id=patient_id)
     else:
         if bundle_path is None:
             folder = data_dir or DEFAULT_DATA

@@ -1,8 +1,14 @@
-"""What every predictor returns, so reports are written one way whatever the method."""
+"""What every predictor is and returns, so reports are written one way whatever the method."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from clinragen_fhir.encoding.schema import Note, PatientContext
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,19 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class ProblemMatch:
+    """How one concluded disorder stands against the patient's problem list (the active
+    Conditions), found at report time by `report.problem_list`: never a model input."""
+
+    status: str  # "known" | "suspected" | "not-checked"
+    condition: str = ""  # known: the Condition on the list, "Condition/<id>/_history/<n>"
+    code: str = ""  # known: the SNOMED CT code on the list (the concluded one or a descendant)
+    display: str = ""  # known: that code's display
+    since: str = ""  # known: the Condition's onset, else its recorded date (YYYY-MM-DD; "": none)
+    reason: str = ""  # not-checked: why (the check is off, the server refused the search, ...)
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     """One disorder concluded, with the facts that support it."""
 
@@ -28,6 +47,7 @@ class Diagnosis:
     probability: float  # the rule baseline gives a support score in [0, 1]
     evidence: tuple[Evidence, ...] = ()
     knowledge: tuple[str, ...] = ()  # ids (URIs) of the knowledge facts used
+    problem: ProblemMatch | None = None  # None: not compared with the problem list (set later)
 
 
 @dataclass
@@ -44,3 +64,14 @@ class Prediction:
     facts_used: list[str] = field(default_factory=list)
     # identity.model_identity of the artifact that concluded this ("" : the rule baseline)
     model_id: str = ""
+
+
+class Predictor(Protocol):
+    """What the pipeline calls: the rule baseline (`predict.rules.RuleBaseline`), the ONNX model
+    (`inference.predictor.OnnxPredictor`), the two with a fallback
+    (`inference.fallback.ModelOrBaseline`) and the torch model (`model.clinragen.ClinRaGen`)."""
+
+    name: str
+
+    def predict(self, labs: pd.DataFrame, notes: list[Note],
+                patient: PatientContext) -> Prediction: ...
