@@ -18,11 +18,13 @@ import pandas as pd
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.conditions import read_problem_list
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.patient_read import read_patient
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Predictor as Predictor  # re-exported: worker.tasks
+from clinragen_fhir.report import problem_list
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (
     EXT_BASE,
@@ -81,6 +83,8 @@ class Outcome:
     version: str = ""  # the current report's meta.versionId after this run ("" if unknown)
     model: str = ""  # identity.model_identity of what concluded (rule-baseline for the rules)
     superseded: int = 0  # reports of the identifier scheme before the lifecycle, now replaced
+    # concluded disorders by known / suspected / not-checked ({} when none): report.problem_list
+    problem_list: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -166,6 +170,8 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     phash = hash_id(patient_id)
     try:
         inputs = gather_inputs(client, kg, patient_id, settings, now)
+        # never a model input: compared with the conclusions below (when the site turns it on)
+        problems = read_problem_list(client, patient_id, inputs.queries, inputs.n_read)
     except FhirHTTPError as exc:
         _audit_failure(client, settings, patient_id, "R", READ_INTERACTIONS, exc)
         raise
@@ -186,6 +192,8 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     started = time.perf_counter()
     prediction = predictor.predict(inputs.labs, inputs.notes, inputs.patient)
     base.model_seconds = time.perf_counter() - started
+    prediction = problem_list.compare(prediction, problems, kg)  # known / suspected
+    base.problem_list = problem_list.counts(prediction)
     key = current_key(patient_id, prediction.method)
     fingerprint = content_fingerprint(prediction)
     base.identifier, base.method = key, prediction.method

@@ -36,6 +36,8 @@ from clinragen_fhir.report.html import (
     presented_form,
     render_html,
 )
+from clinragen_fhir.report.problem_list import extension as problem_extension
+from clinragen_fhir.report.problem_list import fingerprint_part, known_conditions
 
 SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"
@@ -141,12 +143,18 @@ def content_fingerprint(prediction: Prediction) -> str:
     """What a new version must differ in: the concluded diagnoses (in order), each one's
     evidence (source, version, test, value, unit, time) and the model (method, its version and
     `model_of`). Probabilities, the rationale's wording, rendering times and inputs not cited
-    are left out: a new vital sign that changes no conclusion writes nothing."""
-    body = {"method": f"{prediction.method}@{prediction.method_version}",
-            "model": model_of(prediction), "abstained": prediction.abstained,
-            "diagnoses": [[d.snomed, [[e.reference, e.version_id, e.loinc, e.value, e.unit,
-                                       e.time] for e in d.evidence]]
-                          for d in prediction.diagnoses]}
+    are left out: a new vital sign that changes no conclusion writes nothing. With the
+    problem list read (`report.problem_list`), each disorder's known / suspected status, the
+    Condition and its date count too: a disorder put on the list is a new version."""
+    body: dict[str, Any] = {
+        "method": f"{prediction.method}@{prediction.method_version}",
+        "model": model_of(prediction), "abstained": prediction.abstained,
+        "diagnoses": [[d.snomed, [[e.reference, e.version_id, e.loinc, e.value, e.unit,
+                                   e.time] for e in d.evidence]]
+                      for d in prediction.diagnoses]}
+    problems = fingerprint_part(prediction)
+    if problems is not None:  # absent when not read: reports written without it keep theirs
+        body["problem_list"] = problems
     blob = json.dumps(body, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -259,7 +267,8 @@ def build_transaction(
         "result": cited_results(prediction),
         "conclusion": prediction.rationale,
         "conclusionCode": [{"extension": [{"url": f"{EXT_BASE}/probability",
-                                           "valueDecimal": round(float(d.probability), 4)}],
+                                           "valueDecimal": round(float(d.probability), 4)},
+                                          *problem_extension(d.problem)],
                             "coding": [{"system": SNOMED, "code": d.snomed, "display": d.term}]}
                            for d in prediction.diagnoses],
         "presentedForm": [presented_form(page, now)],
@@ -280,6 +289,9 @@ def build_transaction(
     entities += [{"role": "source", "what": {"reference": s.reference},
                   "extension": [{"url": f"{EXT_BASE}/skip-reason", "valueString": s.reason}]}
                  for s in skipped]
+    # the Conditions that made a disorder "known" (report.problem_list) are inputs too
+    entities += [{"role": "source", "what": {"reference": ref}}
+                 for ref in known_conditions(prediction)]
     entities += [{"role": "revision", "what": {"reference": ref}} for ref in revises]
     provenance = {
         "resourceType": "Provenance",

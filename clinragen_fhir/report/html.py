@@ -27,6 +27,14 @@ from clinragen_fhir import __version__
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.knowledge.graph import CRG, KnowledgeGraph
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.report.problem_list import (
+    KNOWN,
+    MATCHING,
+    NOT_CHECKED,
+    SUSPECTED,
+    grouped,
+    since_text,
+)
 
 BANNER = "Preliminary \u2014 decision support, not a diagnosis"
 BANNER_DETAIL = ("Machine-generated from the cited values by ClinRaGen-FHIR. A clinician must "
@@ -38,6 +46,11 @@ MAX_NARRATIVE_ROWS = 40  # cited values listed in the narrative (the HTML lists 
 PROBABILITY = "model probability"
 PROBLEM_LIST_NOTE = ("Not compared with the patient's problem list: a disorder listed here may "
                      "already be a known Condition.")
+# the sections by problem-list status (report.problem_list): suspected first, they are news
+HEADINGS = {SUSPECTED: "Suspected, not on the problem list",
+            KNOWN: "Known (on the problem list)",
+            NOT_CHECKED: "Concluded disorders (problem list not checked)",
+            "": "Suspected disorders"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -310,11 +323,42 @@ def _diagnosis_section(d: Diagnosis, trends: Mapping[str, Trend],
         "<p>No cited values.</p>"
     facts = _facts(d.knowledge, labels)
     return (f'<section class="dx"><h2>{esc(d.term)} <small>SNOMED CT {esc(d.snomed)}; '
-            f"{PROBABILITY} {d.probability:.0%}</small></h2>"
+            f"{PROBABILITY} {d.probability:.0%}; {esc(status_text(d))}</small></h2>"
             f"<h3>Cited values</h3>{table}"
             + (f'<h3>Trends</h3><div class="charts">{charts}</div>' if charts else "")
             + (f"<h3>Knowledge used</h3><ul>{facts}</ul>" if facts else "")
             + "</section>")
+
+
+def status_text(d: Diagnosis) -> str:
+    """The disorder against the problem list, in words: 'suspected, not on the problem list',
+    'known: on the problem list since 2019-04-02 (as Type 2 diabetes mellitus)', 'problem list
+    not checked'."""
+    p = d.problem
+    if p is None:
+        return "not compared with the problem list"
+    if p.status == KNOWN:
+        listed = f" (as {p.display or p.code})" if p.code and p.code != d.snomed else ""
+        return f"known: {since_text(p)}{listed}"
+    if p.status == SUSPECTED:
+        return "suspected, not on the problem list"
+    return "problem list not checked"
+
+
+def _not_checked_note(diagnoses: Sequence[Diagnosis]) -> str:
+    reason = next((d.problem.reason for d in diagnoses if d.problem and d.problem.reason), "")
+    return (f"Problem list not checked{f' ({reason})' if reason else ''}: a disorder listed "
+            "here may already be a known Condition.")
+
+
+def _status_groups(prediction: Prediction) -> list[tuple[str, str, list[Diagnosis]]]:
+    """(heading, note under it, diagnoses) per problem-list status, suspected first."""
+    out = []
+    for status, group in grouped(prediction.diagnoses):
+        note = {"": PROBLEM_LIST_NOTE, NOT_CHECKED: _not_checked_note(group),
+                KNOWN: f"Matched against the active Conditions: {MATCHING}."}.get(status, "")
+        out.append((HEADINGS[status], note, group))
+    return out
 
 
 def _patient_block(patient: PatientHeader) -> str:
@@ -357,17 +401,23 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
     patient = patient or patient_header(None)
     labels = labels or {}
     if prediction.diagnoses:
-        summary = "".join(
-            f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
-            f'<td class="num">{d.probability:.0%}</td><td class="num">{len(d.evidence)}</td></tr>'
-            for d in prediction.diagnoses)
-        # The prediction does not say which conclusions are Conditions already on the problem
-        # list, so there is one list, and the reader is told it was not compared.
-        conclusion = ("<h2>Suspected disorders</h2>"
-                      "<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"
-                      f"<th>{PROBABILITY}</th><th>cited values</th></tr></thead>"
-                      f"<tbody>{summary}</tbody></table>"
-                      f"<p><small>{esc(PROBLEM_LIST_NOTE)}</small></p>")
+        # One table per problem-list status (report.problem_list): suspected first; a list that
+        # was not read says so rather than calling every disorder suspected.
+        conclusion = ""
+        for heading, note, group in _status_groups(prediction):
+            known = group[0].problem is not None and group[0].problem.status == KNOWN
+            summary = "".join(
+                f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
+                f'<td class="num">{d.probability:.0%}</td>'
+                f'<td class="num">{len(d.evidence)}</td>'
+                + (f"<td>{esc(status_text(d).removeprefix('known: '))}</td>" if known else "")
+                + "</tr>" for d in group)
+            conclusion += (f"<h2>{esc(heading)}</h2>"
+                           "<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"
+                           f"<th>{PROBABILITY}</th><th>cited values</th>"
+                           + ("<th>problem list</th>" if known else "") + "</tr></thead>"
+                           f"<tbody>{summary}</tbody></table>"
+                           + (f"<p><small>{esc(note)}</small></p>" if note else ""))
         if prediction.method == "knowledge-rule-baseline":  # no calibrated model behind it
             conclusion += (f"<p><small>For the knowledge-rule baseline, the {PROBABILITY} is "
                            "the knowledge graph rules' score, not a calibrated probability."
@@ -403,11 +453,14 @@ def narrative_div(prediction: Prediction, claims: str = "",
     """`DiagnosticReport.text.div`: the same content within the FHIR narrative xhtml subset."""
     patient = patient or patient_header(None)
     if prediction.diagnoses:
-        rows = "".join(f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
-                       f"<td>{d.probability:.0%}</td></tr>" for d in prediction.diagnoses)
-        conclusion = ("<p><b>Suspected disorders</b></p><table><tr><th>diagnosis</th>"
-                      f"<th>SNOMED CT</th><th>{PROBABILITY}</th></tr>{rows}</table>"
-                      f"<p>{esc(PROBLEM_LIST_NOTE)}</p>")
+        conclusion = ""
+        for heading, note, group in _status_groups(prediction):
+            rows = "".join(f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
+                           f"<td>{d.probability:.0%}</td><td>{esc(status_text(d))}</td></tr>"
+                           for d in group)
+            conclusion += (f"<p><b>{esc(heading)}</b></p><table><tr><th>diagnosis</th>"
+                           f"<th>SNOMED CT</th><th>{PROBABILITY}</th><th>problem list</th></tr>"
+                           f"{rows}</table>" + (f"<p>{esc(note)}</p>" if note else ""))
     else:
         conclusion = "<p>No disorder supported.</p>"
     evidence = [e for d in prediction.diagnoses for e in d.evidence]

@@ -1,0 +1,144 @@
+"""The patient's problem list: their active Conditions, read at report time.
+
+The model never sees Conditions (it concludes from labs, vital signs and notes alone). After it
+has concluded, and only where the site turns the check on (`CLINRAGEN_PROBLEM_LIST=on`), the
+worker searches `Condition?patient=<id>&clinical-status=active,recurrence,relapse` (every page,
+under the client's read bounds) so the report can tell a disorder already on the problem list
+from one only suspected (`report.problem_list`). The check off, or the search refused (401/403:
+the Condition scope not granted; 404: no Condition search; any other final error), the result
+says "not checked" and why: never "nothing is on the list". A transient failure (retried by the
+client and still failing) is raised like every other read, so the task is retried.
+
+Least privilege: `fhir.auth.worker_access` adds `Condition: s` to what the worker needs, and
+the default scope asks for it, only while the check is on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping, MutableSequence
+from dataclasses import dataclass
+from typing import Any
+
+from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError
+
+ENV = "CLINRAGEN_PROBLEM_LIST"  # on | off (default off)
+_ON, _OFF = {"on", "true", "1", "yes"}, {"off", "false", "0", "no", ""}
+# clinical-status codes that mean the problem is current (recurrence and relapse are kinds of
+# active in condition-clinical); a search on `active` alone would miss them
+ACTIVE = ("active", "recurrence", "relapse")
+_NOT_A_PROBLEM = {"refuted", "entered-in-error"}  # verificationStatus: not on the list at all
+OFF_REASON = "the problem list is not read at this site"
+
+
+def problem_list_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the worker reads the problem list (`CLINRAGEN_PROBLEM_LIST`, default off); an
+    unknown value is an error, as a misspelt setting is, rather than silently off."""
+    value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise FhirConfigError(f"{ENV} must be on or off (got {value[:20]!r})")
+
+
+@dataclass(frozen=True)
+class ListedCondition:
+    """One active Condition as the report needs it."""
+
+    reference: str  # "Condition/<id>/_history/<n>" (unversioned where the server gave none)
+    codings: tuple[tuple[str, str, str], ...]  # (system, code, display)
+    since: str = ""  # onset (dateTime or period start), else recordedDate: YYYY-MM-DD
+
+
+@dataclass(frozen=True)
+class ProblemList:
+    """The patient's active Conditions, or why they were not read (`checked` False)."""
+
+    checked: bool
+    conditions: tuple[ListedCondition, ...] = ()
+    reason: str = ""  # not checked: why, in words a clinician can read
+
+
+def problem_query(patient_id: str) -> dict[str, Any]:
+    return {"patient": patient_id, "clinical-status": ",".join(ACTIVE)}
+
+
+def _since(resource: Mapping[str, Any]) -> str:
+    period = resource.get("onsetPeriod")
+    for value in (resource.get("onsetDateTime"),
+                  period.get("start") if isinstance(period, Mapping) else None,
+                  resource.get("recordedDate")):
+        if isinstance(value, str) and len(value) >= 4:
+            return value[:10]
+    return ""
+
+
+def _coded(value: Any, key: str) -> set[str]:
+    concept = value.get(key) if isinstance(value, Mapping) else None
+    return {str(c.get("code")) for c in (concept or {}).get("coding") or []
+            if isinstance(c, Mapping)} if isinstance(concept, Mapping) else set()
+
+
+def listed_condition(resource: Mapping[str, Any]) -> ListedCondition | None:
+    """The Condition as listed, or None when it is not a current problem (not active, refuted or
+    entered in error, or without a code): the server's filter is checked again here."""
+    if resource.get("resourceType") != "Condition":
+        return None
+    clinical = _coded(resource, "clinicalStatus")
+    if clinical and not clinical & set(ACTIVE):
+        return None
+    if _coded(resource, "verificationStatus") & _NOT_A_PROBLEM:
+        return None
+    code = resource.get("code")
+    codings = tuple((str(c.get("system", "")), str(c.get("code")), str(c.get("display") or ""))
+                    for c in ((code or {}).get("coding") or [] if isinstance(code, Mapping)
+                              else []) if isinstance(c, Mapping) and c.get("code"))
+    if not codings:
+        return None
+    meta = resource.get("meta")
+    version = str(meta.get("versionId") or "") if isinstance(meta, Mapping) else ""
+    ref = f"Condition/{resource.get('id', '?')}"
+    return ListedCondition(f"{ref}/_history/{version}" if version else ref, codings,
+                           _since(resource))
+
+
+def _refused(exc: FhirError) -> str:
+    if isinstance(exc, FhirHTTPError) and exc.status in (401, 403):
+        return (f"the FHIR server refused the Condition search (HTTP {exc.status}): the "
+                "Condition scope is not granted")
+    if isinstance(exc, FhirHTTPError) and exc.status == 404:
+        return "the FHIR server has no Condition search (HTTP 404)"
+    status = f", HTTP {exc.status}" if isinstance(exc, FhirHTTPError) else ""
+    return f"the Condition search failed ({type(exc).__name__}{status})"
+
+
+def read_problem_list(client: FhirClient, patient_id: str,
+                      queries: MutableSequence[tuple[str, dict[str, Any]]] | None = None,
+                      n_read: MutableMapping[str, int] | None = None,
+                      enabled: bool | None = None) -> ProblemList:
+    """The patient's active Conditions, when the check is on (`enabled`, else the setting).
+
+    The search is appended to `queries` and the count to `n_read` (the read AuditEvent's query
+    entities and details) when given. Refused or failing for good: not checked, with the reason;
+    a transient failure the client's retries did not cure is raised (the task is retried)."""
+    if not (problem_list_enabled() if enabled is None else enabled):
+        return ProblemList(False, reason=OFF_REASON)
+    params = problem_query(patient_id)
+    if queries is not None:
+        queries.append(("Condition", params))
+    found: list[ListedCondition] = []
+    try:
+        for resource in client.search("Condition", params):
+            listed = listed_condition(resource)
+            if listed is not None:
+                found.append(listed)
+    except FhirError as exc:
+        if exc.retryable:
+            raise
+        return ProblemList(False, reason=_refused(exc))
+    finally:
+        if n_read is not None:
+            n_read["Condition"] = len(found)
+    return ProblemList(True, tuple(found))
