@@ -77,6 +77,7 @@ from training.gate import GateResult, check_release
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = ROOT / "model" / "default"
+PARITY_DATA = ROOT.parent / "shared" / "data" / "synthea-exafluence-qicore"  # export's parity set
 RELEASE = "release.json"
 WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.json"
@@ -120,6 +121,12 @@ def load_results(run_dir: Path) -> dict[str, Any] | None:
     return results
 
 
+def run_metrics(cfg: TrainConfig, run_dir: Path, variant: str) -> dict[str, Any] | None:
+    """`release_metrics` of an evaluated run (the gate asked afresh); None when not evaluated."""
+    results = load_results(run_dir)
+    return release_metrics(cfg, run_dir, variant, results) if results else None
+
+
 def trained_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The config the run really used (reproduce/rebuild write it; --threads may differ)."""
     f = run_dir / "config.json"
@@ -159,7 +166,7 @@ def write_artifact(cfg: TrainConfig, run_dir: Path, out_dir: Path, variant: str 
     """The artifact's files, without the gate: `release` calls it once the gate passed;
     `default-model rebuild` calls it for its comparison copy (an unevaluated retraining, never
     shipped). metrics.json is written (and hashed) when `metrics` is given."""
-    from training.cli import model_card
+    from training.card import model_card
 
     weights = _finished(cfg, run_dir, variant)
     vdir = run_dir / variant
@@ -187,7 +194,9 @@ def write_artifact(cfg: TrainConfig, run_dir: Path, out_dir: Path, variant: str 
         "rebuild": "clinragen-train default-model rebuild",
     }
     (out_dir / RELEASE).write_text(json.dumps(manifest, indent=1) + "\n")
-    (out_dir / "MODEL_CARD.md").write_text(model_card(trained, run_dir, variant) + _card_tail())
+    (out_dir / "MODEL_CARD.md").write_text(model_card(trained, run_dir, variant,
+                                                      run_metrics(trained, run_dir, variant))
+                                           + _card_tail())
     return manifest
 
 
@@ -397,7 +406,9 @@ def install(out_dir: Path, artifact: Path = ARTIFACT, int8: bool = True,
     """Artifact -> ClinRaGen.save directory -> ONNX (parity-checked); skipped when `out_dir`
     already holds an export of this very artifact."""
     from clinragen_fhir.knowledge import load_graph
-    from model import export
+    from model.clinragen import ClinRaGen
+    from model.export import MIN_PARITY_PATIENTS, export
+    from model.parity import bundle_patients
 
     manifest = read_release(artifact)
     stamp = {"artifact_sha256": manifest["sha256"], "int8": int8}
@@ -411,12 +422,16 @@ def install(out_dir: Path, artifact: Path = ARTIFACT, int8: bool = True,
     model.save(out_dir, merge=True)
     shutil.copyfile(artifact / "MODEL_CARD.md", out_dir / "MODEL_CARD.md")
     del model
-    argv = [str(out_dir)] + (["--int8"] if int8 else [])
-    if parity_patients:
-        argv += ["--patients", str(parity_patients)]
     if threads:
-        argv += ["--threads", str(threads)]
-    export.main(argv)
+        import torch
+
+        torch.set_num_threads(threads)
+    # the parity check runs the saved directory, as the worker will load it
+    patients = bundle_patients(PARITY_DATA, parity_patients or MIN_PARITY_PATIENTS, kg)
+    saved = ClinRaGen.load(out_dir, kg)
+    export(out_dir, [saved.featurise(labs, notes, patient) for labs, notes, patient, _ in patients],
+           saved, int8, gold=[gold for *_, gold in patients])
+    del saved
     (out_dir / INSTALLED).write_text(json.dumps(stamp, indent=1) + "\n")
     return out_dir
 

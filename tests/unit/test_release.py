@@ -246,7 +246,7 @@ def test_the_model_card_reads_the_student_data_and_figures_from_the_run(
         run_and_artifact: tuple[Path, Path]) -> None:
     from dataclasses import replace
 
-    from training.cli import model_card
+    from training.card import model_card
 
     run, artifact = run_and_artifact
     card = " ".join((artifact / "MODEL_CARD.md").read_text().split())  # wrapping aside
