@@ -51,6 +51,7 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import DISCLAIMER, EXT_BASE, SOFTWARE
 from clinragen_fhir.report.html import decode_presented_form
+from clinragen_fhir.report.problem_list import KNOWN, NOT_CHECKED, SUSPECTED, read_extension
 from clinragen_fhir.site_secrets import is_placeholder
 
 log = logging.getLogger(__name__)
@@ -310,17 +311,34 @@ def md(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
 
 
-def disorders(report: Mapping[str, Any]) -> list[str]:
-    """The report's concluded disorders in its own order (SNOMED display, else the code)."""
-    out: list[str] = []
+# the card leads with what the clinician may not know: suspected, not on the problem list;
+# "" is a report from before the problem-list check (its disorders read as suspected, as then)
+_CARD_ORDER = (SUSPECTED, "", NOT_CHECKED, KNOWN)
+_CARD_HEADINGS = {SUSPECTED: "Suspected, not on the problem list", "": "Suspected",
+                  NOT_CHECKED: "Concluded (problem list not checked)",
+                  KNOWN: "Known (on the problem list)"}
+
+
+def disorders_by_status(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(name, problem-list status) of each concluded disorder (SNOMED display, else the code),
+    suspected ones first, each group in the report's order; status "" on reports written
+    before the problem-list check (`report.problem_list`'s extension)."""
+    out: dict[str, str] = {}
     for cc in report.get("conclusionCode") or []:
         if not isinstance(cc, dict):
             continue
         for c in cc.get("coding") or []:
             if isinstance(c, dict) and c.get("system") == SNOMED and c.get("code"):
-                out.append(str(c.get("display") or cc.get("text") or c["code"]))
+                status = read_extension(cc).get("status", "")
+                out.setdefault(str(c.get("display") or cc.get("text") or c["code"]),
+                               status if status in _CARD_ORDER else "")
                 break
-    return list(dict.fromkeys(out))
+    return sorted(out.items(), key=lambda kv: _CARD_ORDER.index(kv[1]))
+
+
+def disorders(report: Mapping[str, Any]) -> list[str]:
+    """The report's concluded disorders, suspected ones first (`disorders_by_status`)."""
+    return [name for name, _ in disorders_by_status(report)]
 
 
 def claim_counts(report: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -344,11 +362,15 @@ def summary_of(names: list[str]) -> str:
 
 
 def build_card(report: Mapping[str, Any], link: str, card_id: str) -> dict[str, Any]:
-    """The CDS Hooks card for one stored report."""
-    names = disorders(report)
-    lines = ["**Suspected:** " + "; ".join(md(n) for n in names[:MAX_DISORDERS]) +
-             (f" (and {len(names) - MAX_DISORDERS} more in the report)"
-              if len(names) > MAX_DISORDERS else "")]
+    """The CDS Hooks card for one stored report: suspected disorders first, then those whose
+    problem list was not checked, then the known ones (already on the problem list)."""
+    found = disorders_by_status(report)
+    names = [f"{n} (known)" if status == KNOWN else n for n, status in found]
+    shown = found[:MAX_DISORDERS]
+    lines = [f"**{_CARD_HEADINGS[status]}:** " + "; ".join(md(n) for n, s in shown if s == status)
+             for status in _CARD_ORDER if any(s == status for _, s in shown)]
+    if len(found) > MAX_DISORDERS:
+        lines[-1] += f" (and {len(found) - MAX_DISORDERS} more in the report)"
     counts = claim_counts(report)
     if counts is not None:
         matched, claims = counts

@@ -259,6 +259,15 @@ def report_figures(outcomes: list[dict[str, Any]]) -> list[tuple[str, str]]:
                   f"{with_cited} of {with_dx}"),
                  ("lab claims that hold (claim check)", f"{held} of {claims}" + (
                      f" ({100 * held / claims:.1f} %)" if claims else ""))]
+    # the concluded disorders against the problem list (report.problem_list), when compared
+    status: Counter[str] = Counter()
+    for o in reports:
+        status.update({str(k): int(v) for k, v in (o.get("problem_list") or {}).items()})
+    if status:
+        rows += [("concluded disorders suspected, not on the problem list",
+                  str(status["suspected"])),
+                 ("concluded disorders known (on the problem list)", str(status["known"])),
+                 ("concluded disorders, problem list not checked", str(status["not-checked"]))]
     return rows
 
 
@@ -573,15 +582,23 @@ def check_scope(endpoint: FhirEndpoint) -> bool:
 
     A scope-enforcing server refuses those requests, so every task would end dead-lettered;
     here it is one line per scope, before the first task runs."""
-    from clinragen_fhir.fhir.auth import ClientCredentialsAuth, SmartBackendAuth, missing_scopes
+    from clinragen_fhir.fhir.auth import (
+        ClientCredentialsAuth,
+        SmartBackendAuth,
+        missing_scopes,
+        requested_scope,
+        worker_access,
+    )
 
     if endpoint.auth not in ("client-credentials", "smart-backend"):
         click.echo(f"scope: not checked (auth: {endpoint.auth}, no token endpoint)")
         return True
-    click.echo(f"scope requested: {endpoint.scope or '(none: the server chooses)'}")
+    # Condition search too while the problem-list check is on (CLINRAGEN_PROBLEM_LIST)
+    needed, scope_sent = worker_access(), requested_scope(endpoint.scope)
+    click.echo(f"scope requested: {scope_sent or '(none: the server chooses)'}")
     ok = True
-    if endpoint.scope is not None:
-        for scope in missing_scopes(endpoint.scope):
+    if scope_sent is not None:
+        for scope in missing_scopes(scope_sent, needed):
             click.echo(f"  MISSING from the configured scope: {scope}")
             ok = False
     try:
@@ -593,7 +610,7 @@ def check_scope(endpoint: FhirEndpoint) -> bool:
         return False
     granted = auth.granted_scope or ""
     click.echo(f"  granted: {granted or '(none)'}")
-    for scope in missing_scopes(granted):
+    for scope in missing_scopes(granted, needed):
         rtype, letters = scope.removeprefix("system/").split(".")
         what = ", ".join(_LETTERS[c] for c in letters)
         click.echo(f"  MISSING scope: {scope} (the server would refuse the worker's "

@@ -9,7 +9,9 @@ Secrets are held as SecretStr and never appear in reprs, errors or logs. A token
 sent in a header is refused when read: httpx's "Illegal header value" error quotes it.
 
 The default scope is least privilege, made from `WORKER_ACCESS` (what the worker reads and
-writes); `missing_scopes` compares a token's granted scope with it (`check-config`).
+writes); `missing_scopes` compares a token's granted scope with it (`check-config`). Condition
+search (`PROBLEM_LIST_ACCESS`) is added to both only while the problem-list check is on
+(`CLINRAGEN_PROBLEM_LIST=on`, fhir/conditions.py): `worker_access`, `requested_scope`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from pydantic import SecretStr
 
 from clinragen_fhir.fhir import keys
 from clinragen_fhir.fhir.client import check_url, parse_retry_after
+from clinragen_fhir.fhir.conditions import problem_list_enabled
 from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
 
-__all__ = ["WORKER_ACCESS", "WORKER_SCOPE", "BearerAuth", "ClientCredentialsAuth",
-           "SmartBackendAuth", "TokenError", "header_safe", "missing_scopes"]
+__all__ = ["PROBLEM_LIST_ACCESS", "WORKER_ACCESS", "WORKER_SCOPE", "BearerAuth",
+           "ClientCredentialsAuth", "SmartBackendAuth", "TokenError", "header_safe",
+           "missing_scopes", "requested_scope", "worker_access"]
 
 EXPIRY_SKEW_S = 30.0  # refresh this long before the server says the token expires
 _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value can carry
@@ -54,6 +58,25 @@ WORKER_ACCESS: dict[str, str] = {
     "AuditEvent": "cu",  # POST (read and failure events), PUT AuditEvent/<id> (write events)
 }
 WORKER_SCOPE = " ".join(f"system/{t}.{p}" for t, p in WORKER_ACCESS.items())
+# Only while the site turns the problem-list check on (fhir.conditions.read_problem_list): the
+# patient's active Conditions, searched at report time (never a model input)
+PROBLEM_LIST_ACCESS: dict[str, str] = {"Condition": "s"}
+
+
+def worker_access(problem_list: bool | None = None) -> dict[str, str]:
+    """What the worker reads and writes: `WORKER_ACCESS`, plus `PROBLEM_LIST_ACCESS` while the
+    problem-list check is on (`problem_list`; None: `CLINRAGEN_PROBLEM_LIST`)."""
+    on = problem_list_enabled() if problem_list is None else problem_list
+    return {**WORKER_ACCESS, **PROBLEM_LIST_ACCESS} if on else dict(WORKER_ACCESS)
+
+
+def requested_scope(scope: str | None, problem_list: bool | None = None) -> str | None:
+    """The scope a token is asked for: the default (`WORKER_SCOPE`) gains
+    `system/Condition.s` while the problem-list check is on, and only then; a scope the site
+    configured is sent as configured (`check-config` names what it lacks)."""
+    if scope == WORKER_SCOPE:
+        return " ".join(f"system/{t}.{p}" for t, p in worker_access(problem_list).items())
+    return scope
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}  # SMART v1 names, as v2 letters
 SMART_CONFIGURATION = ".well-known/smart-configuration"
 DISCOVERY_TTL_S = 3600.0  # a discovered token endpoint is kept this long, per process
@@ -133,7 +156,7 @@ class _CachedTokenAuth(httpx.Auth):
         self._discovery_base = discovery_base
         self._allow_insecure_http = allow_insecure_http
         self._transport = transport
-        self.scope = scope
+        self.scope = requested_scope(scope)
         self._verify = verify
         self._timeout = timeout
         self._lock = threading.Lock()
