@@ -91,7 +91,12 @@ class FhirEndpoint(BaseModel):
     client_key: Path | None = None
     allow_insecure_http: bool = False  # plain http to a non-loopback host
     timeout_s: float = 30.0
-    retries: int = 3
+    # The client's layer of the retry policy (clinragen_fhir/retry.py, docs/reliability.md):
+    # retries + 1 tries of one request, waits from retry_backoff_s doubling, at most
+    # retry_backoff_max_s; a Retry-After over that goes to the task's retry instead.
+    retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    retry_backoff_max_s: float = Field(30.0, ge=0)
     page_size: int = 200
     # Bounds on what one server answer may cost, each a final error when passed (a retry gets
     # the same answer). A page of 200 resources is well under 1 MiB; 64 MiB still takes a page
@@ -180,6 +185,7 @@ class FhirEndpoint(BaseModel):
                observer: Callable[[str, int | None], None] | None = None) -> FhirClient:
         return FhirClient(self.base_url, auth=self.http_auth(), timeout=self.timeout_s,
                           verify=self.verify(), retries=self.retries,
+                          backoff=self.retry_backoff_s, max_backoff=self.retry_backoff_max_s,
                           page_size=self.page_size, max_pages=self.max_pages,
                           max_response_bytes=self.max_response_bytes,
                           max_wire_bytes=self.max_wire_bytes,
@@ -215,9 +221,11 @@ class WorkerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_retries: int = 5
-    retry_backoff_s: float = 5.0
-    retry_backoff_max_s: float = 300.0
+    # The task's layer of the retry policy (worker.tasks.retry_policy): max_retries + 1 runs of
+    # one patient, countdowns from retry_backoff_s doubling, at most retry_backoff_max_s.
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(5.0, ge=0)
+    retry_backoff_max_s: float = Field(300.0, ge=0)
     # soft: SoftTimeLimitExceeded is raised in the task (logged, dead-lettered); hard: the pool
     # child is killed, the task fails and is dead-lettered. soft < hard < visibility timeout.
     soft_time_limit_s: int = 300

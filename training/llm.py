@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import httpx
 
 from clinragen_fhir.fhir.client import check_url, parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError
+from clinragen_fhir.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
 class LLMError(RuntimeError):
     """The endpoint failed for good (non-retryable status, or retries used up)."""
+
+
+class _Transient(Exception):
+    """One try got no answer or a RETRYABLE status: the retry policy tries again."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -187,38 +195,51 @@ class LLMClient:
         key = (os.environ.get(env) or "").strip() if env else ""  # a file's trailing newline
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def policy(self) -> RetryPolicy:
+        """The teacher's layer of the retry policy (clinragen_fhir/retry.py): `retries` + 1
+        tries of one completion, for no answer (timeouts included) and the RETRYABLE statuses;
+        nothing above this layer retries, so that is the bound per completion."""
+        c = self.config
+        return RetryPolicy(attempts=c.retries + 1, backoff_s=c.backoff_s,
+                           max_backoff_s=c.max_backoff_s,
+                           retry_on=lambda exc: isinstance(exc, _Transient))
+
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        attempt = 0
-        while True:
-            self._limiter.wait()
-            self.stats.add(requests=1)
-            retry_after: float | None = None
-            try:
-                response = self._http.post("chat/completions", json=body, headers=self._headers())
-            except httpx.TransportError as exc:  # timeouts included
-                reason = f"{type(exc).__name__}"
-            else:
-                if response.status_code < 400:
-                    try:
-                        data = response.json()
-                    except ValueError as exc:
-                        raise LLMError("chat completion answer is not JSON") from exc
-                    if not isinstance(data, dict):
-                        raise LLMError("chat completion answer is not a JSON object")
-                    return data
-                if response.status_code not in RETRYABLE:
-                    raise LLMError(f"chat completion failed: HTTP {response.status_code} "
-                                   f"{response.text[:200]}")
-                reason = f"HTTP {response.status_code}"
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            if attempt >= self.config.retries:
-                raise LLMError(f"chat completion failed after {attempt + 1} tries: {reason}")
-            delay = min(self.config.max_backoff_s,
-                        self.config.backoff_s * 2**attempt) * (0.5 + random.random())
-            if retry_after is not None:
-                delay = min(self.config.max_backoff_s, max(delay, retry_after))
-            log.warning("llm retry", extra={"fields": {"attempt": attempt + 1, "reason": reason,
+        def logged(failed: int, error: BaseException, delay: float) -> None:
+            log.warning("llm retry", extra={"fields": {"attempt": failed, "reason": str(error),
                                                         "delay_s": round(delay, 2)}})
             self.stats.add(retries=1)
-            time.sleep(delay)
-            attempt += 1
+
+        tries = [0]
+
+        def attempt() -> dict[str, Any]:
+            tries[0] += 1
+            return self._attempt(body)
+
+        try:
+            return self.policy().call(attempt, on_retry=logged)
+        except _Transient as exc:
+            raise LLMError(f"chat completion failed after {tries[0]} tries: {exc}") from None
+
+    def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request: the answer's JSON object, else _Transient (a retry can help) or
+        LLMError (final)."""
+        self._limiter.wait()
+        self.stats.add(requests=1)
+        try:
+            response = self._http.post("chat/completions", json=body, headers=self._headers())
+        except httpx.TransportError as exc:  # timeouts included
+            raise _Transient(type(exc).__name__) from None
+        if response.status_code in RETRYABLE:
+            raise _Transient(f"HTTP {response.status_code}",
+                             parse_retry_after(response.headers.get("Retry-After")))
+        if response.status_code >= 400:
+            raise LLMError(f"chat completion failed: HTTP {response.status_code} "
+                           f"{response.text[:200]}")
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise LLMError("chat completion answer is not JSON") from exc
+        if not isinstance(data, dict):
+            raise LLMError("chat completion answer is not a JSON object")
+        return data

@@ -1,7 +1,8 @@
 """A thin synchronous FHIR R4 REST client over httpx (in the spirit of fhirpy).
 
 It knows only what the worker needs: search with paging, read, transaction, capabilities.
-Bounded retries for transient failures; every error is a FhirError naming method and path.
+Bounded retries for transient failures (the retry policy, clinragen_fhir/retry.py); every
+error is a FhirError naming method and path.
 Every answer is read as a stream under byte caps (on the wire and decoded), and a search under
 a page limit, a byte budget and a cycle check: a server's answer cannot exhaust the worker.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
-import random
 import re
 import ssl
 import threading
@@ -30,8 +30,10 @@ from clinragen_fhir.fhir.errors import (
     FhirHTTPError,
     FhirTooLarge,
     FhirUnavailable,
+    is_retryable,
 )
 from clinragen_fhir.logs import hash_id
+from clinragen_fhir.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -371,67 +373,76 @@ class FhirClient:
         self.close()
 
     # -- transport -------------------------------------------------------------------------
+    def policy(self) -> RetryPolicy:
+        """This client's layer of the retry policy (clinragen_fhir/retry.py): `retries` + 1
+        tries of one request, for the errors that say so themselves (`FhirError.retryable`:
+        no answer, a timeout, 408, 429, 5xx, a write's 409, a token endpoint blip); a
+        Retry-After over `max_backoff` goes to the task at once (its countdown honours it)."""
+        return RetryPolicy(attempts=self.retries + 1, backoff_s=self.backoff,
+                           max_backoff_s=self.max_backoff, retry_on=is_retryable,
+                           defer_long_waits=True)
+
     def _send(self, method: str, url: str, *, params: Params | None = None,
               json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
-        """One request with bounded retries on transient failures (honours Retry-After).
+        """One request, retried by this client's layer of the retry policy (`policy`).
 
         The answer is streamed and read under the byte caps (`read_capped`); what is returned
         holds the decoded body (no Content-Encoding left on it).
+        """
+        path = redact_url(url)
+
+        def logged(failed: int, error: BaseException, delay: float) -> None:
+            log.warning("fhir retry", extra={"fields": {
+                "method": method, "path": path, "attempt": failed, "delay_s": round(delay, 2),
+                "error": type(error).__name__, "status": getattr(error, "status", None)}})
+
+        return self.policy().call(
+            lambda: self._attempt(method, url, path, params=params, json=json, headers=headers),
+            on_retry=logged)
+
+    def _attempt(self, method: str, url: str, path: str, *, params: Params | None,
+                 json: Any, headers: Mapping[str, str] | None) -> httpx.Response:
+        """One try of a request: the answer (status < 400), else a FhirError saying whether a
+        retry can help.
 
         A transport error's text is never kept: it can quote the request (httpx's "Illegal
         header value" quotes the Authorization header), and errors end in logs and dead letters.
         """
-        path = redact_url(url)
-        attempt = 0
-        while True:
+        hdrs = dict(headers or {})
+        if json is not None:
+            hdrs.setdefault("Content-Type", FHIR_JSON)
+        try:
+            if self.bucket is not None:
+                self.bucket.acquire()
+            request = self._http.build_request(method, url, json=json,
+                                               params=param_pairs(params) or None, headers=hdrs)
+            streamed = self._http.send(request, stream=True)
             try:
-                hdrs = dict(headers or {})
-                if json is not None:
-                    hdrs.setdefault("Content-Type", FHIR_JSON)
-                if self.bucket is not None:
-                    self.bucket.acquire()
-                request = self._http.build_request(method, url, json=json,
-                                                   params=param_pairs(params) or None,
-                                                   headers=hdrs)
-                streamed = self._http.send(request, stream=True)
-                try:
-                    body = read_capped(streamed, f"{method} {path}", self.max_response_bytes,
-                                       self.max_wire_bytes)
-                finally:
-                    streamed.close()
-                response = httpx.Response(
-                    streamed.status_code, content=body, request=streamed.request,
-                    headers=[(k, v) for k, v in streamed.headers.multi_items() if k.lower()
-                             not in ("content-encoding", "content-length", "transfer-encoding")])
-            except httpx.TimeoutException as exc:
-                error: FhirError = FhirUnavailable(f"{method} {path}: timed out "
-                                                   f"({type(exc).__name__})")
-                self._observe(method, None)
-            except httpx.TransportError as exc:
-                error = FhirUnavailable(f"{method} {path}: {type(exc).__name__}{_tls_reason(exc)}")
-                self._observe(method, None)
-            except FhirError as exc:  # the token endpoint (TokenError), a cap (FhirTooLarge)
-                error = exc
-            except httpx.HTTPError as exc:  # not transport (a body that does not decode): final
-                raise FhirError(f"{method} {path}: {type(exc).__name__}") from None
-            else:
-                self._observe(method, response.status_code)
-                if response.status_code < 400:
-                    return response
-                detail = redact_text(_outcome_text(response), _sent_tokens(url, params))
-                error = FhirHTTPError(response.status_code, method, path, detail,
-                                      parse_retry_after(response.headers.get("Retry-After")))
-            if not error.retryable or attempt >= self.retries:
-                raise error
-            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
-            if error.retry_after is not None:
-                delay = min(self.max_backoff, max(delay, error.retry_after))
-            log.warning("fhir retry", extra={"fields": {
-                "method": method, "path": path, "attempt": attempt + 1, "delay_s": round(delay, 2),
-                "error": type(error).__name__,
-                "status": getattr(error, "status", None)}})
-            time.sleep(delay)
-            attempt += 1
+                body = read_capped(streamed, f"{method} {path}", self.max_response_bytes,
+                                   self.max_wire_bytes)
+            finally:
+                streamed.close()
+            response = httpx.Response(
+                streamed.status_code, content=body, request=streamed.request,
+                headers=[(k, v) for k, v in streamed.headers.multi_items() if k.lower()
+                         not in ("content-encoding", "content-length", "transfer-encoding")])
+        except httpx.TimeoutException as exc:
+            self._observe(method, None)
+            raise FhirUnavailable(f"{method} {path}: timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            self._observe(method, None)
+            raise FhirUnavailable(f"{method} {path}: {type(exc).__name__}{_tls_reason(exc)}"
+                                  ) from None
+        except FhirError:  # the token endpoint (TokenError), a cap (FhirTooLarge)
+            raise
+        except httpx.HTTPError as exc:  # not transport (a body that does not decode): final
+            raise FhirError(f"{method} {path}: {type(exc).__name__}") from None
+        self._observe(method, response.status_code)
+        if response.status_code < 400:
+            return response
+        detail = redact_text(_outcome_text(response), _sent_tokens(url, params))
+        raise FhirHTTPError(response.status_code, method, path, detail,
+                            parse_retry_after(response.headers.get("Retry-After")))
 
     def _observe(self, method: str, status: int | None) -> None:
         if self.observer is not None:

@@ -10,6 +10,12 @@ class FhirError(Exception):
     retry_after: float | None = None
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """The retry decision, as the error itself made it: what every layer of the retry policy
+    (clinragen_fhir/retry.py: the client, the task) asks."""
+    return isinstance(exc, FhirError) and exc.retryable
+
+
 class FhirUnavailable(FhirError):
     """No answer: connection refused or reset, or a timeout. Worth retrying."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,11 +18,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 
 from clinragen_fhir import logs, metrics
-from clinragen_fhir.config import Settings
-from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.config import Settings, WorkerSettings
+from clinragen_fhir.fhir.errors import FhirError, is_retryable
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import Predictor, diagnose_patient
+from clinragen_fhir.retry import RetryPolicy
 from clinragen_fhir.worker.app import app, task_reprs
 from clinragen_fhir.worker.state import CLAIM_TTL_S, RedisSeen, ReportLocked, WorkerState
 
@@ -38,6 +38,16 @@ def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     logs.configure(settings.log_level)
     kg = load_graph(settings.knowledge_path)
     return settings, kg, build_predictor(settings.model_dir, kg, settings.inference)
+
+
+def retry_policy(worker: WorkerSettings) -> RetryPolicy:
+    """The task's layer of the retry policy (clinragen_fhir/retry.py): `max_retries` + 1 runs
+    of one patient, for what the FHIR client gave up on (a retryable FhirError: the error says
+    so) and a report lock held by another run; each retry is a new message, `countdown` the
+    policy's wait (`retry_backoff_s` doubling to `retry_backoff_max_s`, Retry-After a floor)."""
+    return RetryPolicy(attempts=worker.max_retries + 1, backoff_s=worker.retry_backoff_s,
+                       max_backoff_s=worker.retry_backoff_max_s,
+                       retry_on=lambda exc: isinstance(exc, ReportLocked) or is_retryable(exc))
 
 
 class DeliveryLimitExceeded(Exception):
@@ -145,7 +155,7 @@ def _report_lock(state: WorkerState, owner: str, settings: Settings, phash: str,
 
 @app.task(bind=True, base=DeadLetteringTask, name="clinragen.diagnose")
 def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[str, Any]:
-    """Diagnose one patient and write its report; retry transient FHIR failures.
+    """Diagnose one patient and write its report; retry transient FHIR failures (`retry_policy`).
 
     `backfill`: the `diagnose-all` run this task belongs to; the patient is checkpointed as done
     there once the outcome is final, so a re-run of that backfill skips it.
@@ -168,19 +178,16 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
                 log.warning("backfill checkpoint not saved", extra={"fields": {"patient": phash}})
         metrics.MODEL_SECONDS.labels(outcome.method or "none").observe(outcome.model_seconds)
     except (FhirError, ReportLocked) as exc:  # ReportLocked: another run writes this report
-        w = settings.worker
-        fhir_error = exc if isinstance(exc, FhirError) else None
-        retryable = fhir_error.retryable if fhir_error else True
-        if retryable and self.request.retries < w.max_retries:
-            delay = min(w.retry_backoff_max_s, w.retry_backoff_s * 2 ** self.request.retries)
-            delay *= 0.5 + random.random()
-            if fhir_error and fhir_error.retry_after is not None:
-                delay = max(delay, fhir_error.retry_after)
+        policy = retry_policy(settings.worker)
+        wait = policy.next_wait(self.request.retries + 1, exc)
+        if wait is not None:
             log.warning("diagnose retry", extra={"fields": {
-                "patient": phash, "retry": self.request.retries + 1, "delay_s": round(delay, 1),
+                "patient": phash, "retry": self.request.retries + 1, "delay_s": round(wait, 1),
                 "error": type(exc).__name__}})
             outcome_label = "retry"
-            raise self.retry(exc=exc, countdown=delay,  # Celery's retry drops argsrepr
+            # max_retries: Celery's own default (3) would otherwise end the task before the
+            # policy does; Celery's retry drops argsrepr, hence task_reprs
+            raise self.retry(exc=exc, countdown=wait, max_retries=policy.attempts - 1,
                              **task_reprs(self.request.args or (), self.request.kwargs)) from exc
         log.error("diagnose failed", extra={"fields": {"patient": phash,
                                                         "error": logs.error_text(exc)}})
