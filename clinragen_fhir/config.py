@@ -91,8 +91,8 @@ class FhirEndpoint(BaseModel):
     client_key: Path | None = None
     allow_insecure_http: bool = False  # plain http to a non-loopback host
     timeout_s: float = 30.0
-    # The client's layer of the retry policy (clinragen_fhir/retry.py, docs/reliability.md):
-    # retries + 1 tries of one request, waits from retry_backoff_s doubling, at most
+    # The client's layer of the retry policy (clinragen_fhir/retry.py; docs/integration.md
+    # section 4): retries + 1 tries of one request, waits from retry_backoff_s doubling, at most
     # retry_backoff_max_s; a Retry-After over that goes to the task's retry instead.
     retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.5, ge=0)

@@ -14,8 +14,8 @@ is set (the client's layer): the error goes up at once, and the task's countdown
 a server asking for two minutes does not hold a worker for two minutes, nor get asked again
 after 30 seconds.
 
-The bound on one failing call is the product of the layers' `attempts` (docs/reliability.md,
-"Retry policy"): what the client gave up on, the task tries again later.
+The bound on one failing call is the product of the layers' `attempts` (docs/integration.md
+section 4, "Retry policy"): what the client gave up on, the task tries again later.
 """
 
 from __future__ import annotations

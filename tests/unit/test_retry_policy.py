@@ -3,7 +3,7 @@ each layer makes, counted at an httpx.MockTransport: the FHIR client (one reques
 task (one patient: the two layers together), the teacher's LLM client (one completion).
 
 The bound per failing call is (fhir.retries + 1) x (worker.max_retries + 1) requests for a
-transient error, one for a final one (docs/reliability.md, "Retry policy").
+transient error, one for a final one (docs/integration.md, "Retry policy").
 """
 
 from __future__ import annotations
