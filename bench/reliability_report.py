@@ -355,7 +355,7 @@ def section_bad_input() -> str:
            "arbitrary JSON links; non-Bundles) "
            "and webhook notifications (R4 resources, R4 backport `Parameters`, R5 "
            "`SubscriptionStatus`, arbitrary JSON). They go through the worker's own code: "
-           "`encoding.labs.build_lab_frame`, `encoding.notes.decode_notes`, the rule "
+           "`encoding.labs.build_lab_frame`, `encoding.notes.extract_notes`, the rule "
            "predictor, `report.build.build_transaction`, the whole `pipeline.diagnose_patient` "
            "over a FHIR client whose transport serves the fuzzed answers, and the webhook ASGI "
            "app. Properties: nothing raises but a `FhirError`; every input is used or skipped "
@@ -707,7 +707,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   case, query order) is a final error, and `max_pages` (default 1,000) and `max_search_bytes`
   (256 MiB decoded over all pages) are settings, each a final `FhirTooLarge`. Notes are kept
   newest first up to 1,000,000 characters in all (`MAX_NOTES_TOTAL_CHARS`), each older one a
-  recorded skip, pruned as they stream; `decode_notes(since=...)` skips notes before the
+  recorded skip, pruned as they stream; `extract_notes(since=...)` skips notes before the
   lookback window; the lab frame prunes to the newest readings as observations stream.
   `pipeline.gather_inputs` still lists each search before encoding it (not changed here), so
   `max_search_bytes` is what bounds its memory per search today. Test:

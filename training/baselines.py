@@ -20,8 +20,8 @@ import pandas as pd
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude_matrix
+from clinragen_fhir.predict.diagnosis_line import abstain
 from clinragen_fhir.predict.rules import RuleBaseline
-from model.decode import abstain
 from training.example import Example
 from training.metrics import tune_thresholds
 
@@ -129,7 +129,7 @@ def rule_outputs(kg: KnowledgeGraph, examples: Sequence[Example],
 
 
 def _z(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    from model.features import normalise_values
+    from clinragen_fhir.encoding.features import normalise_values
 
     return np.asarray(normalise_values(values, low, high))
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.features import Budgets, Modalities
+from clinragen_fhir.encoding.features import Budgets, Modalities
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STAGES: tuple[str, ...] = ("notes", "labs", "multimodal", "diagnosis")

@@ -94,9 +94,10 @@ def _newest_within(notes: list[Note], budget: int, skips: list[Skip]) -> list[No
     return kept
 
 
-def decode_notes(documents: Iterable[dict[str, Any]], since: datetime | None = None,
-                 max_total_chars: int = MAX_NOTES_TOTAL_CHARS) -> tuple[list[Note], list[Skip]]:
-    """Decode each DocumentReference's first text attachment; record why others are unused.
+def extract_notes(documents: Iterable[dict[str, Any]], since: datetime | None = None,
+                  max_total_chars: int = MAX_NOTES_TOTAL_CHARS) -> tuple[list[Note], list[Skip]]:
+    """The text of each DocumentReference's first text attachment (base64 decoded, HTML
+    stripped); record why the others are unused.
 
     Notes dated before `since` (the lookback window) are skipped, and the newest kept up to
     `max_total_chars` in all; `documents` may be a stream (a search generator): what is held

@@ -21,7 +21,7 @@ from fhir.resources.R4B.patient import Patient
 from pydantic import ValidationError
 
 from clinragen_fhir.encoding.labs import LabKnowledge, build_lab_frame
-from clinragen_fhir.encoding.notes import decode_notes
+from clinragen_fhir.encoding.notes import extract_notes
 from clinragen_fhir.encoding.schema import Note, PatientContext, Skip
 from clinragen_fhir.fhir.resources import first_error, to_utc
 from clinragen_fhir.logs import hash_id
@@ -66,5 +66,5 @@ def encode_patient(patient: dict[str, Any] | None, observations: Iterable[dict[s
     context = (patient_context(patient, now) if patient
                else PatientContext(patient_id=patient_id, index_time=now))
     labs, lab_skips = build_lab_frame(observations, kg, context, now)
-    notes, note_skips = decode_notes(documents)
+    notes, note_skips = extract_notes(documents)
     return PatientInputs(context, labs, notes, lab_skips + note_skips, patient or {})

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from clinragen_fhir.predict.decode import abstain
+from clinragen_fhir.predict.diagnosis_line import abstain
 
 IMPOSSIBLE = "impossible for sex/age"
 PARENT = "parent of a concluded code"

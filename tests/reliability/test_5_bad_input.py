@@ -43,13 +43,14 @@ from starlette.testclient import TestClient
 
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.encoding.labs import MAX_READINGS, build_lab_frame
-from clinragen_fhir.encoding.notes import MAX_NOTE_CHARS, decode_notes
+from clinragen_fhir.encoding.notes import MAX_NOTE_CHARS, extract_notes
 from clinragen_fhir.encoding.schema import PatientContext, Skip
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from clinragen_fhir.pipeline import Predictor, diagnose_patient
+from clinragen_fhir.pipeline import diagnose_patient
+from clinragen_fhir.predict.types import Predictor
 from clinragen_fhir.report.build import InputRef, build_transaction
 from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app, patients_in
 from tests.reliability.stack import FULL, record
@@ -315,7 +316,7 @@ def test_fuzzed_observations() -> None:
 @given(st.lists(document(), max_size=5))
 def _documents(documents: list[Any]) -> None:
     def check() -> None:
-        notes, skips = decode_notes(documents)
+        notes, skips = extract_notes(documents)
         _accounted(documents, {n.document_id for n in notes}, skips, "DocumentReference")
         assert all(len(n.text) <= MAX_NOTE_CHARS and n.text.strip() for n in notes)
         if notes:
@@ -602,16 +603,16 @@ def test_explicit_hard_inputs_in_bounded_time_and_memory() -> None:
     patient = PatientContext("p1", "female", datetime(1960, 1, 1, tzinfo=UTC), NOW)
     five_mb = (b"HbA1c 8.1 % on 2026-01-02. Polyuria and polydipsia. " * 100_000)[:5 * 2**20]
     with bounded("note_5_MB_plain", 10, 80, EXPLICIT):
-        notes, skips = decode_notes([note("big", five_mb)])
+        notes, skips = extract_notes([note("big", five_mb)])
     assert len(notes) == 1 and len(notes[0].text) == MAX_NOTE_CHARS and not skips
     with bounded("note_5_MB_html", 30, 200, EXPLICIT):
-        notes, skips = decode_notes([note("bightml", b"<p>" + five_mb + b"</p>", "text/html")])
+        notes, skips = extract_notes([note("bightml", b"<p>" + five_mb + b"</p>", "text/html")])
     assert len(notes) == 1 and len(notes[0].text) == MAX_NOTE_CHARS
     with bounded("note_9_MB_skipped", 10, 80, EXPLICIT):
-        notes, skips = decode_notes([note("huge", b"x" * (9 * 2**20))])
+        notes, skips = extract_notes([note("huge", b"x" * (9 * 2**20))])
     assert not notes and "larger than 8 MiB" in skips[0].reason
     with bounded("note_non_utf8", 2, 20, EXPLICIT):
-        notes, skips = decode_notes([
+        notes, skips = extract_notes([
             note("latin", "Hämoglobin A1c erhöht".encode("latin-1")),
             note("bytes", bytes(range(256)) * 4),
             note("charset", "Glukose".encode("utf-16"), "text/plain; charset=bogus")])

@@ -19,7 +19,7 @@ import pytest
 
 from clinragen_fhir.config import FhirEndpoint, ReportSettings
 from clinragen_fhir.encoding import notes as notes_mod
-from clinragen_fhir.encoding.notes import decode_notes
+from clinragen_fhir.encoding.notes import extract_notes
 from clinragen_fhir.fhir.client import MAX_PAGES, MAX_RESPONSE_BYTES, FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirTooLarge
 from clinragen_fhir.knowledge import load_graph
@@ -185,7 +185,7 @@ def test_huge_notes_set_is_bounded_newest_first() -> None:
 
     tracemalloc.start()
     try:
-        notes, skips = decode_notes(documents())
+        notes, skips = extract_notes(documents())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -200,7 +200,7 @@ def test_huge_notes_set_is_bounded_newest_first() -> None:
 
     # the lookback window applies to notes as to labs: an old note is a skip with its reason
     old, recent = docref(1, 100, now - timedelta(days=4_000)), docref(2, 100, now)
-    notes, skips = decode_notes([old, recent], since=now - timedelta(days=3 * 365))
+    notes, skips = extract_notes([old, recent], since=now - timedelta(days=3 * 365))
     assert [n.document_id for n in notes] == ["DocumentReference/d2"]
     assert skips[0].reference == "DocumentReference/d1" and "lookback" in skips[0].reason
 

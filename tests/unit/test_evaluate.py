@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from clinragen_fhir.predict.diagnosis_line import uncertain_band
 from clinragen_fhir.report.faithfulness import LabLexicon
-from model.decode import uncertain_band
 from tests.unit.train_examples import CKD, DM2, HTN, make_examples
 from training.baselines import (
     FeatureClassifier,

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from clinragen_fhir.encoding.features import reading_texts
-from clinragen_fhir.inference.decoding import greedy
+from clinragen_fhir.inference.generation import greedy
 from clinragen_fhir.inference.grounding import (
     NO_SUPPORT,
     NOTHING,

@@ -21,9 +21,9 @@ from clinragen_fhir.inference import (
     OnnxPredictor,
     build_predictor,
 )
-from clinragen_fhir.inference.decoding import DiagnosisConstraint, greedy
+from clinragen_fhir.inference.generation import DiagnosisConstraint, greedy
 from clinragen_fhir.inference.session import providers_for
-from clinragen_fhir.predict.decode import split_output
+from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.predict.rules import RuleBaseline
 
 pytest.importorskip("torch")  # the export that makes the model needs torch; the runtime does not

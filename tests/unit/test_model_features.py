@@ -11,10 +11,7 @@ import pandas as pd
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
-from clinragen_fhir.knowledge.retrieval import FindingHit, PathStep, Retrieval, TriggerRow
-from model.decode import abstain, format_target, split_output, uncertain_band, verhoeff_ok
-from model.features import (
+from clinragen_fhir.encoding.features import (
     UNK_ID,
     Budgets,
     Modalities,
@@ -25,6 +22,15 @@ from model.features import (
     knowledge_facts,
     loinc_vocabulary,
     normalise_values,
+)
+from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
+from clinragen_fhir.knowledge.retrieval import FindingHit, PathStep, Retrieval, TriggerRow
+from clinragen_fhir.predict.diagnosis_line import (
+    abstain,
+    format_target,
+    split_output,
+    uncertain_band,
+    verhoeff_ok,
 )
 
 WORDS = ["glucose", "is", "high", "hba1c", "diabetes", "supports", "observed", "as", "note", "the",

@@ -43,7 +43,7 @@ def test_blocker_really_blocks_torch() -> None:
 def test_runtime_and_worker_import_without_torch() -> None:
     run_blocked("""
 import clinragen_fhir.inference, clinragen_fhir.worker.tasks
-import clinragen_fhir.encoding.features, clinragen_fhir.predict.decode
+import clinragen_fhir.encoding.features, clinragen_fhir.predict.diagnosis_line
 assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)
 """)
 
