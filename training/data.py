@@ -565,7 +565,8 @@ def build_dataset(sources: Sequence[Source | str | Path], out_dir: Path, seed: i
     return manifest
 
 
-def read_manifest(out_dir: Path) -> Manifest:
+def read_dataset_manifest(out_dir: Path) -> Manifest:
+    """A built dataset's manifest.json (the ONNX model's is `inference.manifest.read_manifest`)."""
     return Manifest.from_json(json.loads((out_dir / "manifest.json").read_text()))
 
 

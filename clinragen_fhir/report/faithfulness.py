@@ -339,10 +339,16 @@ class FaithfulnessSummary:
         return self.claims / self.rationales if self.rationales else float("nan")
 
 
-def summarise(checks: Sequence[Sequence[ClaimCheck]]) -> FaithfulnessSummary:
+def summarise_claims(checks: Sequence[Sequence[ClaimCheck]]) -> FaithfulnessSummary:
+    """The claim checks of many rationales (one list each) counted together."""
     return FaithfulnessSummary(
         claims=sum(len(c) for c in checks), matched=sum(x.matched for c in checks for x in c),
         rationales=len(checks), rationales_with_claims=sum(1 for c in checks if c))
+
+
+# The old name (`report.audit.summarise` is another thing): only for training/evaluate.py, which
+# imports it; delete once that imports `summarise_claims`.
+summarise = summarise_claims
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from clinragen_fhir.report.faithfulness import (
     LabLexicon,
     check_rationale,
     extract_claims,
-    summarise,
+    summarise_claims,
 )
 from tests.unit.train_examples import frame
 
@@ -71,7 +71,7 @@ def test_units_codes_and_counts_are_not_values(lexicon: LabLexicon) -> None:
 def test_summary_pools_claims(lexicon: LabLexicon) -> None:
     checks = [check_rationale(t, LABS, lexicon) for t in
               ("HbA1c 7.1 % on 2024-03-02.", "HbA1c 9 % on 2024-03-02.", "No labs cited.")]
-    s = summarise(checks)
+    s = summarise_claims(checks)
     assert (s.claims, s.matched, s.rationales, s.rationales_with_claims) == (2, 1, 3, 2)
     assert s.share == pytest.approx(0.5)
 

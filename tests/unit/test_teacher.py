@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from model.decode import split_output
+from clinragen_fhir.predict.diagnosis_line import split_output
 from training.annotate import annotate_dataset
-from training.data import BuildConfig, build_dataset, load_split, read_manifest
+from training.data import BuildConfig, build_dataset, load_split, read_dataset_manifest
 from training.example import Example
 from training.llm import LLMClient, LLMConfig, LLMError, cache_key
 from training.prompts import fmt_value
@@ -342,7 +342,7 @@ def test_llm_teacher_rejects_disagreeing_answers_and_annotates(
     written = all_examples(tmp_path / "out")
     assert all(e.meta["teacher"] == "teacher-x" and "notes" not in e.rationales
                for e in written)
-    assert read_manifest(tmp_path / "out").seed == 2
+    assert read_dataset_manifest(tmp_path / "out").seed == 2
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["teacher"]["rejected"]
 
 

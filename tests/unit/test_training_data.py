@@ -25,7 +25,7 @@ from training.data import (
     encode_record,
     examples_for_patient,
     load_split,
-    read_manifest,
+    read_dataset_manifest,
     source_from_spec,
     split_of,
 )
@@ -256,7 +256,7 @@ def real_dataset(kg: KnowledgeGraph, data_dir: Path,
 @pytest.mark.slow
 def test_real_records_no_label_term_in_any_input_note(kg: KnowledgeGraph,
                                                       real_dataset: Path) -> None:
-    manifest = read_manifest(real_dataset)
+    manifest = read_dataset_manifest(real_dataset)
     n_examples = n_notes = 0
     for split in ("train", "valid", "test"):
         for ex in load_split(real_dataset, split):
@@ -276,7 +276,7 @@ def test_real_records_no_label_term_in_any_input_note(kg: KnowledgeGraph,
 
 @pytest.mark.slow
 def test_real_records_inputs_precede_index_and_splits_hold(real_dataset: Path) -> None:
-    manifest = read_manifest(real_dataset)
+    manifest = read_dataset_manifest(real_dataset)
     patients: dict[str, str] = {}
     onset_with_same_day_label = 0
     for split in ("train", "valid", "test"):
@@ -310,7 +310,7 @@ def test_cli_build_is_reproducible(data_dir: Path, tmp_path: Path) -> None:
             (tmp_path / "b" / f"{split}.jsonl").read_bytes()
     examples = list(read_examples(tmp_path / "a" / "train.jsonl"))
     assert examples and all(e.source == "syn" for e in examples)
-    assert read_manifest(tmp_path / "a").config["max_patients"] == 6
+    assert read_dataset_manifest(tmp_path / "a").config["max_patients"] == 6
 
 
 def test_source_needs_something_to_read() -> None:
