@@ -380,14 +380,28 @@ def audit(patient: str | None, since: str | None, until: str | None, method: str
         click.echo(f"CSV: {csv_path}")
 
 
+def _serve_metrics(port: int, host: str | None, settings: Settings) -> None:
+    """Prometheus /metrics of this process (the webhook's, the CDS Hooks service's) on
+    `host` (default: `worker.metrics_host`, loopback unless a site sets it) and `port`."""
+    if port > 0:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host or settings.worker.metrics_host)
+
+
+_METRICS_HOST_HELP = "Address /metrics binds (default: worker.metrics_host, 127.0.0.1 unless set)."
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True)
-def webhook(host: str, port: int) -> None:
+@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on this port.")
+@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP)
+def webhook(host: str, port: int, metrics_port: int, metrics_host: str | None) -> None:
     """Run the Subscription rest-hook receiver (needs CLINRAGEN_WEBHOOK_SECRET)."""
     import uvicorn
 
-    _settings()
+    _serve_metrics(metrics_port, metrics_host, _settings())
     uvicorn.run("clinragen_fhir.webhook:create_app", factory=True, host=host, port=port,
                 log_config=None, access_log=False)
 
@@ -395,22 +409,20 @@ def webhook(host: str, port: int) -> None:
 @main.command("cds-hooks")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8091, show_default=True)
-@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on 127.0.0.1:<port>.")
-def cds_hooks(host: str, port: int, metrics_port: int) -> None:
+@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on this port.")
+@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP)
+def cds_hooks(host: str, port: int, metrics_port: int, metrics_host: str | None) -> None:
     """Run the CDS Hooks patient-view service (JWT auth: CLINRAGEN_CDS_JWT_ISSUER/KEYS_FILE)."""
     import uvicorn
 
     from clinragen_fhir.cds_hooks import create_app
 
-    _settings()
+    settings = _settings()
     try:  # refuses to start off loopback without JWT settings
         app = create_app(host)
     except (ValueError, FhirError) as exc:
         raise click.ClickException(str(exc)) from None
-    if metrics_port > 0:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, addr="127.0.0.1")
+    _serve_metrics(metrics_port, metrics_host, settings)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
 
 

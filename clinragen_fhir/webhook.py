@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from clinragen_fhir import metrics
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.site_secrets import is_placeholder
 from clinragen_fhir.worker.state import CLAIM_TTL_S, Claim, RedisSeen
@@ -165,6 +166,30 @@ def authenticate(headers: dict[str, str], body: bytes, secret: bytes,
     if not hmac.compare_digest(signature.encode(), sign(secret, timestamp, body).encode()):
         return "bad signature"
     return None
+
+
+# authenticate()'s reasons as metric labels (clinragen_webhook_auth_failures_total{reason})
+AUTH_REASONS = {"wrong secret": "wrong-secret", "no credentials": "no-credentials",
+                "header secret refused (HMAC required)": "header-secret-refused",
+                "bad timestamp": "bad-timestamp",
+                "timestamp outside the allowed window": "stale-timestamp",
+                "bad signature": "bad-signature"}
+# the answers' reasons as outcomes (clinragen_webhook_requests_total{outcome})
+_OUTCOMES = {"duplicate": "duplicate", "empty notification": "empty",
+             "names no patient": "no-patient", "invalid patient id": "no-patient",
+             "delete": "delete"}
+_STATUS_OUTCOMES = {400: "invalid", 401: "unauthorised", 413: "too-large", 503: "unavailable"}
+
+
+def outcome_of(answer: JSONResponse) -> str:
+    """What became of a request, as a metric label: accepted (a task queued), debounced,
+    duplicate, empty, no-patient, delete, invalid, unauthorised, too-large, unavailable."""
+    if answer.status_code in _STATUS_OUTCOMES:
+        return _STATUS_OUTCOMES[answer.status_code]
+    data = json.loads(bytes(answer.body))
+    if answer.status_code == 202:
+        return "accepted" if data.get("accepted") else "debounced"
+    return _OUTCOMES.get(str(data.get("reason", "")), "other")
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:
@@ -408,6 +433,7 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
                         if recover is not None:
                             recover(prev[1], missed)
                     except Exception as exc:
+                        metrics.WEBHOOK_ENQUEUE_FAILURES.labels("poll").inc()
                         events.record_event(sub, 1, prev[1])  # back: the retry sees the gap
                         events.record_event(sub, prev[0], prev[1])
                         log.error("webhook could not queue the recovery poll", extra={
@@ -459,6 +485,7 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
             try:
                 enqueue(pid, config.debounce_s)
             except Exception as exc:
+                metrics.WEBHOOK_ENQUEUE_FAILURES.labels("diagnose").inc()
                 log.error("webhook could not queue", extra={"fields": {
                     "error": type(exc).__name__, "queued": queued,
                     "not_queued": len(todo) - queued}})
@@ -477,7 +504,22 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
             answer["reason"] = "debounced: a task for each patient is queued already"
         return JSONResponse(answer, status_code=202)
 
+    def refused(request: Request, body: bytes) -> str | None:
+        """authenticate(), the refusal counted by reason."""
+        reason = authenticate({k.lower(): v for k, v in request.headers.items()}, body,
+                              config.secret, require_hmac=config.require_hmac)
+        if reason is not None:
+            metrics.WEBHOOK_AUTH_FAILURES.labels(AUTH_REASONS.get(reason, "other")).inc()
+        return reason
+
+    def counted(answer: JSONResponse) -> JSONResponse:
+        metrics.WEBHOOK_REQUESTS.labels(outcome_of(answer)).inc()
+        return answer
+
     async def notify(request: Request) -> JSONResponse:
+        return counted(await receive(request))
+
+    async def receive(request: Request) -> JSONResponse:
         length = int(request.headers.get("content-length") or 0)
         if length > config.max_body_bytes:
             return JSONResponse({"error": "payload too large"}, status_code=413)
@@ -486,8 +528,7 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
             body += chunk
             if len(body) > config.max_body_bytes:
                 return JSONResponse({"error": "payload too large"}, status_code=413)
-        reason = authenticate({k.lower(): v for k, v in request.headers.items()}, body,
-                              config.secret, require_hmac=config.require_hmac)
+        reason = refused(request, body)
         if reason is not None:
             log.warning("webhook rejected", extra={"fields": {"reason": reason}})
             return JSONResponse({"error": "unauthorised"}, status_code=401)
@@ -521,12 +562,12 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
     async def notify_resource(request: Request) -> JSONResponse:
         """HAPI's delivery: `PUT /notify/Type/id` (create/update) or `DELETE` (ignored)."""
         if request.method == "DELETE":
-            reason = authenticate({k.lower(): v for k, v in request.headers.items()}, b"",
-                                  config.secret, require_hmac=config.require_hmac)
-            answer = JSONResponse({"accepted": 0, "reason": "delete"}) if reason is None else \
+            answer = JSONResponse({"accepted": 0, "reason": "delete"}) \
+                if refused(request, b"") is None else \
                 JSONResponse({"error": "unauthorised"}, status_code=401)
         else:
-            answer = await notify(request)
+            answer = await receive(request)
+        counted(answer)
         data = json.loads(bytes(answer.body))
         severity = "information" if answer.status_code < 400 else "error"
         text = ", ".join(f"{k}: {v}" for k, v in data.items())

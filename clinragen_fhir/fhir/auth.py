@@ -238,7 +238,13 @@ class _CachedTokenAuth(httpx.Auth):
     def token(self, force: bool = False) -> SecretStr:
         with self._lock:
             if force or self._token is None or time.monotonic() >= self._expires_at:
-                self._fetch()
+                try:
+                    self._fetch()
+                except TokenError as exc:  # counted for the token-failure alert
+                    from clinragen_fhir import metrics  # late: see metrics' multiprocess note
+
+                    metrics.token_failure(exc.status, exc.retryable)
+                    raise
             assert self._token is not None
             return self._token
 

@@ -105,6 +105,7 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
         settings = _runtime()[0]
+        metrics.DEAD_LETTERS.labels(self.name).inc()  # the ClinragenDeadLetters alert
         # our own texts name no patient or secret; any other error goes by its type only
         error = f"{type(exc).__name__}: {exc}" if isinstance(
             exc, DeliveryLimitExceeded | ReportLocked) else logs.error_text(exc)

@@ -47,3 +47,28 @@ def test_the_worker_command_binds_the_configured_host(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(main, ["worker"])
     assert result.exit_code == 0, result.output
     assert served == [(9808, "0.0.0.0")]
+
+
+@pytest.mark.parametrize("command", ["webhook", "cds-hooks"])
+def test_the_webhook_and_cds_hooks_metrics_bind_like_the_workers(
+        command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--metrics-port` serves this process's metrics on `--metrics-host`, or else on
+    `worker.metrics_host` (loopback unless a site sets it): no hard-coded 127.0.0.1."""
+    import uvicorn
+
+    from clinragen_fhir import cds_hooks
+
+    served: list[tuple[int, str]] = []
+    monkeypatch.setattr(prometheus_client, "start_http_server",
+                        lambda port, addr="0.0.0.0", **_: served.append((port, addr)))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(cds_hooks, "create_app", lambda host: None)
+    monkeypatch.setenv("CLINRAGEN_BROKER_URL", "memory://")
+    assert CliRunner().invoke(main, [command, "--metrics-port", "9810"]).exit_code == 0
+    monkeypatch.setenv("CLINRAGEN_WORKER__METRICS_HOST", "0.0.0.0")
+    assert CliRunner().invoke(main, [command, "--metrics-port", "9811"]).exit_code == 0
+    result = CliRunner().invoke(main, [command, "--metrics-port", "9812",
+                                       "--metrics-host", "10.0.0.7"])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, [command]).exit_code == 0  # no port: no server
+    assert served == [(9810, "127.0.0.1"), (9811, "0.0.0.0"), (9812, "10.0.0.7")]
