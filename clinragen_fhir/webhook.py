@@ -35,6 +35,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from clinragen_fhir import metrics
 from clinragen_fhir.logs import hash_id
@@ -589,8 +590,11 @@ def make_app(config: WebhookConfig, seen: SeenStore | ClaimStore,
                              Route("/health", health, methods=["GET"])])
 
 
-def create_app() -> Starlette:
-    """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`)."""
+def create_app() -> ASGIApp:
+    """Entry point for uvicorn (`uvicorn --factory clinragen_fhir.webhook:create_app`). With
+    `[tracing] enabled`, the app is wrapped in the ASGI instrumentation and each publish is a
+    child span whose `traceparent` travels in the task message (clinragen_fhir/tracing.py)."""
+    from clinragen_fhir import tracing
     from clinragen_fhir.config import Settings
     from clinragen_fhir.worker.app import task_reprs
     from clinragen_fhir.worker.tasks import diagnose, poll_changes
@@ -609,4 +613,5 @@ def create_app() -> Starlette:
         poll_changes.apply_async(kwargs={"since": since}, ignore_result=True,
                                  **task_reprs((), {"since": since}))
 
-    return make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue, recover)
+    app = make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue, recover)
+    return tracing.asgi(app, tracing.setup(settings.tracing, "webhook"))

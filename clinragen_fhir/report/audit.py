@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
 
-from clinragen_fhir import __version__
+from clinragen_fhir import __version__, tracing
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
@@ -49,6 +49,9 @@ _INTERACTION = "http://hl7.org/fhir/restful-interaction"
 _ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
+# IHE BALP's transaction entity type; its identifier here is the OpenTelemetry trace id
+BALP_ENTITY_TYPE = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
+TRACE_ID_SYSTEM = "https://www.w3.org/TR/trace-context/#trace-id"
 # IHE BALP: the purpose of use on each agent (the worker reads and writes for treatment)
 PURPOSE_OF_USE = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
                                "code": "TREAT", "display": "treatment"}]}]
@@ -77,6 +80,17 @@ def query_entity(patient_id: str, resource_type: str,
             "query": base64.b64encode(text.encode()).decode()}
 
 
+def transaction_entity(trace_id: str) -> dict[str, Any]:
+    """IHE BALP's transaction entity (type `XrequestId`, the id that ties the event to the
+    request that caused it), holding the W3C trace id of the trace this event was written in,
+    so the audit record leads to the run's spans (clinragen_fhir/tracing.py) and back."""
+    return {"what": {"identifier": {"system": TRACE_ID_SYSTEM, "value": trace_id}},
+            "type": {"system": BALP_ENTITY_TYPE, "code": "XrequestId",
+                     "display": "transport specific unique identifier where http X-Request-Id "
+                                "is used"},
+            "description": "OpenTelemetry trace id (W3C trace-context)"}
+
+
 def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
                 device_ref: str = "", details: Mapping[str, object] | None = None,
                 error: BaseException | None = None,
@@ -87,7 +101,8 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
     """One R4 AuditEvent in the IHE BALP shape: our application Device as the requesting
     (client) agent, the site's `organization` and the FHIR `server` as agents when given, each
     with the purpose of use; the patient (and report) as entity, and one query entity per
-    search in `queries` ((type, parameters) as sent).
+    search in `queries` ((type, parameters) as sent); with tracing on, a transaction entity
+    holding the current trace id (`transaction_entity`).
 
     `device_ref` may stay empty when the event goes through `audit_bundle`, which sets it.
     `written` is a logical Reference (by identifier) to what was written: a literal reference
@@ -104,6 +119,8 @@ def audit_event(action: str, patient_id: str, *, interactions: Sequence[str],
                          "type": {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "role": {"system": _OBJECT_ROLE, "code": "3", "display": "Report"}})
     entities += [query_entity(patient_id, rtype, params) for rtype, params in queries]
+    if (trace_id := tracing.trace_id()) is not None:
+        entities.append(transaction_entity(trace_id))
     agents: list[dict[str, Any]] = [{
         "type": {"coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]},
         "role": [{"coding": [{"system": _DCM, "code": "110150", "display": "Application"}]}],

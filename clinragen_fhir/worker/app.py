@@ -18,6 +18,9 @@ Measured in tests/reliability/test_3_broker_restart.py (graceful stop and SIGKIL
 TLS to the broker and the result backend (rediss://, amqps://) verifies the certificate and the
 host name (`broker_tls`): kombu's own defaults do neither for rediss:// and no host name check
 for amqps://.
+
+Tracing (`[tracing] enabled`, off by default) starts in each pool process (`worker_process_init`,
+after the fork: the exporter's thread would not survive it): clinragen_fhir/tracing.py.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from clinragen_fhir.config import Settings
 from clinragen_fhir.logs import hash_id
@@ -110,6 +114,15 @@ def make_app(settings: Settings | None = None) -> Celery:
         app.conf.beat_schedule = {"poll-fhir-changes": {
             "task": "clinragen.poll", "schedule": float(w.poll_interval_s)}}
     return app
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _start_tracing(**_: Any) -> None:
+    """OpenTelemetry in this pool process, when the settings turn it on: the Celery task and
+    every httpx request it makes become spans of one trace (clinragen_fhir/tracing.py)."""
+    from clinragen_fhir import tracing
+
+    tracing.setup(Settings().tracing, "worker")
 
 
 app = make_app()
