@@ -24,6 +24,7 @@ from clinragen_fhir.fhir.patient_read import read_patient
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import Predictor as Predictor  # re-exported: worker.tasks
+from clinragen_fhir.predict.types import has_inputs
 from clinragen_fhir.report import problem_list
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (
@@ -184,7 +185,7 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
             queries=inputs.queries)]))
     base = Outcome(phash, "skipped", n_labs=len(inputs.labs), n_notes=len(inputs.notes),
                    n_skipped_inputs=len(inputs.skips))
-    if inputs.labs.empty and not inputs.notes:
+    if not has_inputs(inputs.labs, inputs.notes):
         base.reason = "no usable labs or notes"
         log.info("patient skipped", extra={"fields": {"patient": phash, "reason": base.reason,
                                                        "skipped_inputs": len(inputs.skips)}})
@@ -217,11 +218,12 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
         latest = [t for t in [inputs.labs["time"].max() if not inputs.labs.empty else None,
                               *(n.time for n in inputs.notes)] if t is not None]
         effective = max(pd.Timestamp(t) for t in latest).to_pydatetime() if latest else now
-        claims = check_report_rationale(prediction.rationale, inputs.labs, kg)
+        lexicon = LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])
+        claims = check_report_rationale(prediction.rationale, inputs.labs, kg, lexicon)
         base.claims, base.claims_held = len(claims), sum(c.matched for c in claims)
         base.diagnoses_cited = sum(dc.cited for dc in diagnosis_claims(
             prediction.rationale, [d.term for d in prediction.diagnoses], inputs.labs,
-            LabLexicon.build(kg, [inputs.labs] if len(inputs.labs) else [])))
+            lexicon))
         bundle, _ = build_transaction(patient_id, prediction, inputs.used, inputs.skips,
                                       settings, now=now, effective=effective, labs=inputs.labs,
                                       claims=claims, patient=inputs.resource,

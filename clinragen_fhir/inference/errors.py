@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clinragen_fhir.knowledge import Retrieval
 
 
 class ModelUnavailable(Exception):
@@ -20,10 +24,14 @@ class ModelUnavailable(Exception):
 
 
 class InputTooLong(ValueError):
-    """An input exceeds what the exported graphs were declared for."""
+    """An input exceeds what the exported graphs were declared for.
+
+    `retrieval`: the patient's knowledge retrieval when the predictor had run it (so the rule
+    baseline that takes over does not run it again), else None."""
 
     def __init__(self, path: Path | str, what: str, size: int, limit: int) -> None:
         self.path, self.what, self.size, self.limit = Path(path), what, size, limit
+        self.retrieval: Retrieval | None = None
         super().__init__(f"{what} is {size}, over the limit of {limit} declared by {self.path}")
 
     @property

@@ -13,7 +13,7 @@ import pandas as pd
 
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
-from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.predict.types import Prediction, Predictor
 
@@ -47,12 +47,12 @@ class ModelOrBaseline:
             except InputTooLong as exc:
                 log.warning("model input too long, rule baseline used", extra={"fields": {
                     "error": str(exc)}})
-                return self._baseline(labs, notes, patient, exc.short)
+                return self._baseline(labs, notes, patient, exc.short, exc.retrieval)
         return self._baseline(labs, notes, patient, self.reason)
 
     def _baseline(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
-                  reason: str) -> Prediction:
-        p = self.baseline.predict(labs, notes, patient)
+                  reason: str, retrieval: Retrieval | None = None) -> Prediction:
+        p = self.baseline.predict(labs, notes, patient, retrieval)
         p.rationale = f"{fallback_note(reason)}\n{p.rationale}".strip()
         return p
 

@@ -19,7 +19,13 @@ from clinragen_fhir.knowledge.retrieval import (
     Retrieval,
     TriggerRow,
 )
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.types import (
+    Diagnosis,
+    Evidence,
+    Prediction,
+    abstain_without_inputs,
+    has_inputs,
+)
 
 METHOD_VERSION = "1"
 _SYMBOL = {"high": ">=", "above": ">", "low": "<"}
@@ -52,16 +58,15 @@ class RuleBaseline:
     def __init__(self, kg: KnowledgeGraph) -> None:
         self.kg = kg
 
-    def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
-                patient: PatientContext) -> Prediction:
-        """One Prediction: diagnoses with evidence and a rationale citing values and dates."""
+    def predict(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
+                retrieval: Retrieval | None = None) -> Prediction:
+        """One Prediction: diagnoses with evidence and a rationale citing values and dates.
+        `retrieval`: this patient's, when the caller already ran it (the model's fallback)."""
         base = Prediction(self.name, METHOD_VERSION, self.kg.version, [], "")
-        if (labs is None or labs.empty) and not notes:
-            base.abstained = True
-            base.abstain_reason = "no usable lab results or notes"
-            base.rationale = "Abstained: the patient has no usable lab results or notes."
-            return base
-        r = retrieve(self.kg, labs if labs is not None else pd.DataFrame(), notes, patient)
+        if not has_inputs(labs, notes):
+            return abstain_without_inputs(base)
+        r = retrieval if retrieval is not None and retrieval.knowledge_version == self.kg.version \
+            else retrieve(self.kg, labs if labs is not None else pd.DataFrame(), notes, patient)
         sex, age = patient.sex, patient.age_years()
         concluded = [d for d in r.disorders if d.supporting and d.score >= d.conclusion_threshold
                      and self.kg.possible(d.snomed, sex, age)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -75,3 +76,19 @@ class Predictor(Protocol):
 
     def predict(self, labs: pd.DataFrame, notes: list[Note],
                 patient: PatientContext) -> Prediction: ...
+
+
+NO_INPUT = "no usable lab results or notes"  # a predictor's abstain reason without inputs
+
+
+def has_inputs(labs: pd.DataFrame | None, notes: Sequence[Note]) -> bool:
+    """Whether there is anything to predict from: a lab reading or a note. The pipeline skips a
+    patient without (no report); a predictor called directly abstains (`abstain_without_inputs`)."""
+    return (labs is not None and not labs.empty) or bool(notes)
+
+
+def abstain_without_inputs(prediction: Prediction) -> Prediction:
+    """`prediction` (with no diagnoses) marked as abstaining for want of inputs."""
+    prediction.abstained, prediction.abstain_reason = True, NO_INPUT
+    prediction.rationale = f"Abstained: the patient has {NO_INPUT}."
+    return prediction

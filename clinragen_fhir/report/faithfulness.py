@@ -19,6 +19,8 @@ The share of matching claims, pooled over rationales, is the faithfulness score.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -106,27 +108,18 @@ class LabLexicon:
     @classmethod
     def build(cls, kg: KnowledgeGraph | None = None, frames: Iterable[pd.DataFrame] = (),
               extra: dict[str, str] | None = None) -> LabLexicon:
-        names: dict[str, set[str]] = {}
-        terms: list[str] = []
-        if kg is not None:
-            from clinragen_fhir.knowledge.retrieval import rule_index
-
-            for d in kg.disorders().values():
-                terms += [d.term, *d.synonyms]
-            # the graph's finding labels name criteria ("HbA1c normal", "Urine protein >= 30
-            # mg/dL"); the reading cited after them is the claim
-            terms += [f.label for f in rule_index(kg).findings]
+        """The graph's lab names (and its disorder terms and finding labels, which are not
+        claims), the display texts of `frames` and `extra` names. Cached: the graph's part per
+        graph version, the compiled lexicon per graph version and set of added names, so a
+        worker compiles it once per display vocabulary, not once per report."""
+        base, terms = _graph_names(kg)
+        added: set[tuple[str, str]] = set()
 
         def add(name: str, code: str) -> None:
             name = " ".join(str(name).split())
-            if name:
-                names.setdefault(name, set()).add(code)
+            if name and _is_name(name) and code not in base.get(name, ()):
+                added.add((name, code))
 
-        if kg is not None:
-            for code, lab in kg.labs().items():
-                add(lab.name, code)
-                add(re.sub(r"\s*\([^)]*\)\s*$", "", lab.name), code)  # "Glucose (blood)"
-                add(code, code)
         displays: dict[str, int] = {}  # per code: a server can send a new text per reading
         for frame in frames:
             for code, display in frame[["loinc", "display"]].drop_duplicates().itertuples(
@@ -142,10 +135,64 @@ class LabLexicon:
                     add(short, str(code))
         for name, code in (extra or {}).items():
             add(name, code)
-        return cls(names, terms)
+        key = (kg.version if kg is not None else "", frozenset(added))
+        with _cache_lock:
+            cached = _lexicons.get(key)
+            if cached is not None:
+                _lexicons.move_to_end(key)
+                return cached
+        names = {k: set(v) for k, v in base.items()}
+        for name, code in added:
+            names.setdefault(name, set()).add(code)
+        lexicon = cls(names, terms)
+        with _cache_lock:
+            _lexicons[key] = lexicon
+            while len(_lexicons) > MAX_CACHED_LEXICONS:
+                _lexicons.popitem(last=False)
+        return lexicon
 
     def codes(self, name: str) -> frozenset[str]:
         return self.lower.get(" ".join(name.split()).lower(), frozenset())
+
+
+MAX_CACHED_LEXICONS = 64  # compiled lexicons kept (one per graph version and display set)
+_lexicons: OrderedDict[tuple[str, frozenset[tuple[str, str]]], LabLexicon] = OrderedDict()
+_graph_cache: dict[str, tuple[dict[str, frozenset[str]], tuple[str, ...]]] = {}
+_cache_lock = threading.Lock()
+
+
+def _is_name(name: str) -> bool:
+    """What `LabLexicon` keeps as a test name."""
+    return (len(name) >= 3 or name.isupper()) and len(name) <= MAX_NAME_CHARS
+
+
+def _graph_names(kg: KnowledgeGraph | None) -> tuple[dict[str, frozenset[str]], tuple[str, ...]]:
+    """The graph's lab names -> LOINC codes, and the terms that are not lab claims (disorder
+    names and synonyms, finding labels), once per graph version."""
+    if kg is None:
+        return {}, ()
+    with _cache_lock:
+        if kg.version in _graph_cache:
+            return _graph_cache[kg.version]
+    from clinragen_fhir.knowledge.retrieval import rule_index
+
+    terms: list[str] = []
+    for d in kg.disorders().values():
+        terms += [d.term, *d.synonyms]
+    # the graph's finding labels name criteria ("HbA1c normal", "Urine protein >= 30 mg/dL");
+    # the reading cited after them is the claim
+    terms += [f.label for f in rule_index(kg).findings]
+    names: dict[str, set[str]] = {}
+    for code, lab in kg.labs().items():
+        bare = re.sub(r"\s*\([^)]*\)\s*$", "", lab.name)  # "Glucose (blood)" is "Glucose"
+        for name in (lab.name, bare, code):
+            name = " ".join(str(name).split())
+            if name and _is_name(name):
+                names.setdefault(name, set()).add(code)
+    out = ({k: frozenset(v) for k, v in names.items()}, tuple(terms))
+    with _cache_lock:
+        _graph_cache[kg.version] = out
+    return out
 
 
 def _direction(word: str) -> str:
@@ -307,13 +354,15 @@ def check_rationale(text: str, labs: pd.DataFrame, lexicon: LabLexicon) -> list[
     return [check_claim(c, labs) for c in extract_claims(text, lexicon)]
 
 
-def check_report_rationale(text: str, labs: pd.DataFrame, kg: KnowledgeGraph
-                           ) -> list[ClaimCheck]:
+def check_report_rationale(text: str, labs: pd.DataFrame, kg: KnowledgeGraph,
+                           lexicon: LabLexicon | None = None) -> list[ClaimCheck]:
     """What the worker runs on every generated rationale before writing it back: each lab claim
-    checked against this patient's own frame, so the report can say which ones hold."""
+    checked against this patient's own frame, so the report can say which ones hold.
+    `lexicon`: the one built for this graph and frame, when the caller has it."""
     if not text.strip():
         return []
-    return check_rationale(text, labs, LabLexicon.build(kg, [labs] if len(labs) else []))
+    return check_rationale(text, labs, lexicon or LabLexicon.build(
+        kg, [labs] if len(labs) else []))
 
 
 def claim_text(check: ClaimCheck, rationale: str) -> str:
