@@ -117,6 +117,10 @@ def test_every_metric_an_alert_names_is_exported() -> None:
     assert metric_names(rules["ClinragenDeadLetters"]) == {"clinragen_dead_letters_total"}
     assert metric_names(rules["ClinragenTaskFailures"]) == {"clinragen_tasks_total"}
     assert metric_names(rules["ClinragenTokenFailures"]) == {"clinragen_token_failures_total"}
+    assert metric_names(rules["ClinragenWebhookEnqueueFailures"]) == {
+        "clinragen_webhook_enqueue_failures_total"}
+    assert metric_names(rules["ClinragenWebhookAuthFailures"]) == {
+        "clinragen_webhook_auth_failures_total"}
 
 
 def value(name: str, **labels: str) -> float:

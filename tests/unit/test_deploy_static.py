@@ -480,11 +480,11 @@ def test_webhook_ingress_has_tls_and_the_network_is_fenced() -> None:
     assert tls and all(t["secretName"] for t in tls)
     assert hosts <= {h for t in tls for h in t["hosts"]}
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"]
-    assert backend == one(docs, "Service", "-webhook")["metadata"]["name"]
+    assert backend == one(docs, "Service", "clinragen-webhook")["metadata"]["name"]
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {8090, 9808}
+    assert ports == {8090, 9808, 9809}  # the webhook, the worker's and the webhook's /metrics
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for d in kinds(docs, "Deployment"):
         assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
@@ -532,6 +532,15 @@ def test_service_monitor_and_alerts_use_metrics_that_exist() -> None:
         "ports"]}
     assert service["spec"]["selector"].items() <= one(docs, "Deployment", "-worker")["spec"][
         "template"]["metadata"]["labels"].items()
+    # the webhook's /metrics: scraped by the same ServiceMonitor, from the webhook's pods
+    webhook = one(docs, "Service", "-metrics-webhook")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= webhook["metadata"][
+        "labels"].items()
+    pod = one(docs, "Deployment", "-webhook")["spec"]["template"]
+    assert webhook["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert "metrics" in {p["name"] for p in container["ports"]}
+    assert container["command"][-4:] == ["--metrics-port", "9809", "--metrics-host", "0.0.0.0"]
     rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} >= {"ClinragenQueueDepthHigh", "ClinragenDeadLetters",
                                            "ClinragenTaskFailures", "ClinragenTokenFailures"}
