@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.identity import RULE_BASELINE
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval
 from clinragen_fhir.predict.rules import RuleBaseline
-from clinragen_fhir.predict.types import Prediction, Predictor
+from clinragen_fhir.predict.types import Identity, Prediction, Predictor
 
 if TYPE_CHECKING:
     from clinragen_fhir.config import InferenceSettings
@@ -38,6 +39,16 @@ class ModelOrBaseline:
         self.baseline = baseline
         self.reason = reason
         self.name = model.name if model is not None else baseline.name
+
+    def identity(self) -> Identity:
+        """The maker its predictions name (`predict.types.declared_identity`): the model's, or
+        the baseline's when there is no model (a patient the model refuses, `InputTooLong`, is
+        the baseline's too, under the baseline's report key)."""
+        if self.model is None:
+            return self.baseline.identity()
+        cfg = self.model.model.config
+        return (self.model.name, cfg.method_version, cfg.knowledge_version,
+                self.model.model_id or RULE_BASELINE)
 
     def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
                 patient: PatientContext) -> Prediction:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.identity import RULE_BASELINE
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import (
     DisorderSupport,
@@ -22,6 +23,7 @@ from clinragen_fhir.knowledge.retrieval import (
 from clinragen_fhir.predict.types import (
     Diagnosis,
     Evidence,
+    Identity,
     Prediction,
     abstain_without_inputs,
     has_inputs,
@@ -57,6 +59,10 @@ class RuleBaseline:
 
     def __init__(self, kg: KnowledgeGraph) -> None:
         self.kg = kg
+
+    def identity(self) -> Identity:
+        """The maker its predictions name (`predict.types.declared_identity`)."""
+        return self.name, METHOD_VERSION, self.kg.version, RULE_BASELINE
 
     def predict(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
                 retrieval: Retrieval | None = None) -> Prediction:

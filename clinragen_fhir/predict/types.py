@@ -92,3 +92,15 @@ def abstain_without_inputs(prediction: Prediction) -> Prediction:
     prediction.abstained, prediction.abstain_reason = True, NO_INPUT
     prediction.rationale = f"Abstained: the patient has {NO_INPUT}."
     return prediction
+
+
+# (method, method version, knowledge version, model identity): what a prediction's report names
+# its maker by (`report.build.model_of` gives the last for a prediction)
+Identity = tuple[str, str, str, str]
+
+
+def declared_identity(predictor: object) -> Identity | None:
+    """The identity a predictor's predictions will carry, where it says so before predicting
+    (an `identity()` method: the rule baseline, the model with its fallback); else None."""
+    identity = getattr(predictor, "identity", None)
+    return identity() if callable(identity) else None
