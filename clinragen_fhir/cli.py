@@ -437,24 +437,23 @@ def cds_hooks(host: str, port: int, metrics_port: int, metrics_host: str | None)
 def subscribe(endpoint: str, criteria: tuple[str, ...], allow_insecure_http: bool) -> None:
     """Register R4 rest-hook Subscriptions on the FHIR server (idempotent: PUT by a fixed id).
 
-    The shared secret travels as a channel header, read from CLINRAGEN_WEBHOOK_SECRET.
+    The shared secret travels as a channel header: the receiver's own (`[webhook]` settings:
+    CLINRAGEN_WEBHOOK_SECRET by default, or `webhook.secret_file`).
     """
     import hashlib
-    import os
 
     from clinragen_fhir.fhir.client import check_url
-    from clinragen_fhir.site_secrets import is_placeholder
 
     try:  # every notification carries the secret to this URL
         check_url(endpoint, "--endpoint", allow_insecure_http)
     except FhirError as exc:
         raise click.UsageError(str(exc).replace("allow_insecure_http = true for this endpoint",
                                                 "--allow-insecure-http")) from None
-    secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "").strip()
-    if len(secret) < 16 or is_placeholder(secret):
-        raise click.UsageError("set CLINRAGEN_WEBHOOK_SECRET (>= 16 characters, not the "
-                               "example configs' placeholder)")
     settings = _settings()
+    try:
+        secret = settings.webhook.secret().get_secret_value()
+    except FhirError as exc:  # unset, short or a placeholder: named, never shown
+        raise click.UsageError(str(exc)) from None
     with settings.fhir.client() as client:
         for crit in criteria:
             sid = "clinragen-" + hashlib.sha256(f"{endpoint}|{crit}".encode()).hexdigest()[:24]
@@ -631,16 +630,75 @@ def check_scope(endpoint: FhirEndpoint) -> bool:
     return ok
 
 
-@main.command("check-config")
-def check_config() -> None:
-    """Connect to the FHIR endpoint and the broker, fetch a token and compare its scope with
-    what the worker needs; say plainly what is missing."""
-    settings = _settings()
+def masked(url: str) -> str:
+    """A URL with its password (and any query, which can carry a token) replaced by ****."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:****@{netloc.rpartition('@')[2]}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "****" if parts.query else "", ""))
+
+
+def _secret_state(env: str | None, file: Path | None) -> str:
+    """Where a secret is read from and whether it is there; never the value."""
+    import os
+
+    if env and os.environ.get(env, "").strip():
+        return f"environment variable {env} (set)"
+    if file is not None:
+        return f"file {file}" + ("" if file.is_file() else " (MISSING)")
+    return f"environment variable {env} (NOT SET)" if env else "NOT SET"
+
+
+def credential_lines(endpoint: FhirEndpoint) -> list[str]:
+    """How this endpoint authenticates: which client, which secret from where (never a secret
+    itself), which key id; mutual TLS and the CA."""
+    lines: list[str] = []
+    if endpoint.auth == "bearer":
+        lines.append(f"token: {_secret_state(endpoint.token_env, endpoint.token_file)}")
+    elif endpoint.auth in ("client-credentials", "smart-backend"):
+        token_url = masked(endpoint.token_url) if endpoint.token_url else \
+            f"discovered from {masked(endpoint.base_url)}/.well-known/smart-configuration"
+        lines.append(f"client_id: {endpoint.client_id or '(NOT SET)'}; token endpoint: "
+                     f"{token_url}")
+    if endpoint.auth == "client-credentials":
+        lines.append("client secret: "
+                     + _secret_state(endpoint.client_secret_env, endpoint.client_secret_file))
+    if endpoint.auth == "smart-backend":
+        if endpoint.private_key_dir is not None:
+            from clinragen_fhir.fhir.keys import newest
+
+            try:
+                key = newest(endpoint.private_key_dir)
+                lines.append(f"signing key: newest of {endpoint.private_key_dir}: kid {key.kid}, "
+                             f"{key.alg}, created {key.created:%Y-%m-%d}")
+            except (FhirError, OSError, ValueError) as exc:
+                lines.append(f"signing key: {endpoint.private_key_dir}: UNUSABLE: "
+                             f"{type(exc).__name__}: {exc}")
+        else:
+            held = _secret_state(endpoint.private_key_env, endpoint.private_key_file)
+            lines.append(f"signing key: {held}, {endpoint.jwt_alg}, kid "
+                         f"{endpoint.jwt_kid or '(NOT SET)'}")
+    if endpoint.client_cert:
+        lines.append(f"mutual TLS: certificate {endpoint.client_cert}"
+                     + (f", key {endpoint.client_key}" if endpoint.client_key else ""))
+    if endpoint.base_url.startswith("https:"):
+        lines.append(f"TLS: verify {endpoint.verify_tls}, CA "
+                     f"{endpoint.ca_file or 'the system store'}")
+    return lines
+
+
+def _check_fhir(settings: Settings) -> bool:
+    endpoint = settings.fhir
     ok = True
-    click.echo(f"FHIR endpoint {settings.fhir.base_url} (auth: {settings.fhir.auth}, "
-               f"TLS verify: {settings.fhir.verify_tls})")
+    click.echo(f"FHIR endpoint {masked(endpoint.base_url)} (auth: {endpoint.auth}, "
+               f"TLS verify: {endpoint.verify_tls})")
+    for line in credential_lines(endpoint):
+        click.echo(f"  {line}")
     try:
-        with settings.fhir.client() as client:
+        with endpoint.client() as client:
             cap = client.capabilities()
         software = cap.get("software", {})
         click.echo(f"  reachable: {software.get('name', '?')} {software.get('version', '')}, "
@@ -654,7 +712,21 @@ def check_config() -> None:
     except FhirError as exc:
         click.echo(f"  UNREACHABLE: {exc}")
         ok = False
-    ok = check_scope(settings.fhir) and ok
+    return ok
+
+
+def _check_retries(settings: Settings) -> bool:
+    from clinragen_fhir.worker.tasks import retry_policy
+
+    client = settings.fhir.retries + 1
+    runs = retry_policy(settings.worker).attempts
+    click.echo(f"retries: {client} tries per request (fhir.retries {settings.fhir.retries}) x "
+               f"{runs} runs per patient (worker.max_retries {settings.worker.max_retries}) = "
+               f"at most {client * runs} requests per failing call; a final error is sent once")
+    return True
+
+
+def _check_broker(settings: Settings) -> bool:
     from kombu.connection import Connection
 
     from clinragen_fhir.worker.app import broker_tls
@@ -666,9 +738,119 @@ def check_config() -> None:
                         ) as conn:
             conn.ensure_connection(max_retries=1)
         click.echo("  reachable")
+        return True
     except Exception as exc:  # kombu raises transport-specific errors
         click.echo(f"  UNREACHABLE: {type(exc).__name__}")
-        ok = False
+        return False
+
+
+def _check_redis(what: str, url: str, settings: Settings) -> bool:
+    """A Redis URL answering PING (with the worker's TLS checks); others are not checked."""
+    import redis
+
+    from clinragen_fhir.worker.app import broker_tls
+
+    click.echo(f"{what} {masked(url)}")
+    if not url.startswith(("redis://", "rediss://")):
+        click.echo("  not checked (not Redis)")
+        return True
+    try:
+        tls = broker_tls(url, settings.broker_ca_file) or {}
+        with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                  **tls) as conn:
+            conn.ping()
+        click.echo("  reachable")
+        return True
+    except Exception as exc:  # never the text: it can name the host and port
+        click.echo(f"  UNREACHABLE: {type(exc).__name__}")
+        return False
+
+
+def _check_model(settings: Settings) -> bool:
+    from clinragen_fhir.inference.errors import ModelUnavailable
+    from clinragen_fhir.inference.manifest import read_manifest
+
+    identity = model_identity(settings.model_dir)
+    if settings.model_dir is None:
+        click.echo(f"model: {identity} (model_dir unset: reports say rule-baseline)")
+        return True
+    click.echo(f"model {settings.model_dir}: {identity}")
+    try:
+        read_manifest(settings.model_dir, verify_hashes=settings.inference.verify_hashes,
+                      variant=settings.inference.precision)
+    except (ModelUnavailable, OSError) as exc:
+        click.echo(f"  UNUSABLE: {exc} (the worker would write rule-baseline reports)")
+        return False
+    click.echo("  manifest and files match" + (" (sha256 of every file)"
+                                                 if settings.inference.verify_hashes else
+                                                 " (sizes; verify_hashes is off)"))
+    return True
+
+
+def _check_webhook(settings: Settings) -> bool:
+    hook = settings.webhook
+    source = hook.secret_source()
+    click.echo(f"webhook secret: {source}")
+    if source == "not set":
+        click.echo(f"  `clinragen-fhir webhook` and `subscribe` refuse to start without it "
+                   f"({hook.secret_env} or webhook.secret_file); the worker does not need it")
+        ok = True
+    else:
+        try:
+            hook.secret()
+            ok = True
+        except FhirError as exc:  # names where, never the value
+            click.echo(f"  REFUSED: {exc}")
+            ok = False
+    click.echo(f"  {'HMAC signatures required' if hook.require_hmac else 'header secret or HMAC'}"
+               f"; debounce {hook.debounce_s} s; at most {hook.max_patients} patients per "
+               f"notification; replay window {hook.dedupe_ttl_s} s")
+    return ok
+
+
+def _check_metrics(settings: Settings) -> bool:
+    w = settings.worker
+    where = f"on {w.metrics_host}:{w.metrics_port}" if w.metrics_port > 0 else \
+        "off (worker.metrics_port = 0)"
+    click.echo(f"metrics: worker /metrics {where}; webhook and cds-hooks: their --metrics-port")
+    tracing = settings.tracing
+    click.echo("tracing: " + (f"on, OTLP to {masked(tracing.otlp_endpoint)}"
+                              if tracing.enabled and tracing.otlp_endpoint else
+                              "on, OTLP to the OTEL_EXPORTER_OTLP_* endpoint"
+                              if tracing.enabled else "off"))
+    return True
+
+
+def _check_log_key(settings: Settings) -> bool:
+    import os
+
+    from clinragen_fhir.logs import KEY_ENV
+
+    state = "a site key (set)" if os.environ.get(KEY_ENV, "").strip() else \
+        "the public default key (every service is on loopback)"
+    click.echo(f"log ids: hashed with {KEY_ENV}: {state}")
+    return True
+
+
+@main.command("check-config")
+def check_config() -> None:
+    """Report what the worker, the webhook and the CLI will use, trying each service: the FHIR
+    endpoint (capabilities), its auth (where each secret comes from, never its value) and the
+    granted scope, the retry bound, the broker, result backend and state store, the model (its
+    hash, its files), the webhook secret's source, metrics and tracing. Exit 1 when anything
+    would fail (a configuration refused at load is named, and exits 1 too)."""
+    try:
+        settings = _settings()
+    except FhirError as exc:
+        click.echo(f"configuration REFUSED: {exc}")
+        raise SystemExit(1) from None
+    results = [_check_fhir(settings), check_scope(settings.fhir), _check_retries(settings),
+               _check_broker(settings),
+               _check_redis("result backend", settings.result_backend, settings),
+               _check_redis("state store", settings.state_url, settings),
+               _check_model(settings), _check_webhook(settings), _check_metrics(settings),
+               _check_log_key(settings)]
+    ok = all(results)
     click.echo("OK" if ok else "problems found")
     if not ok:
         raise SystemExit(1)

@@ -253,6 +253,61 @@ class WorkerSettings(BaseModel):
         return self
 
 
+# The webhook's environment variables before they were settings: refused, not ignored (a site
+# that set CLINRAGEN_WEBHOOK_REQUIRE_HMAC=1 would otherwise take the header secret again unseen)
+LEGACY_WEBHOOK_ENV = {
+    "CLINRAGEN_WEBHOOK_SECRET_FILE": "CLINRAGEN_WEBHOOK__SECRET_FILE",
+    "CLINRAGEN_WEBHOOK_REQUIRE_HMAC": "CLINRAGEN_WEBHOOK__REQUIRE_HMAC",
+    "CLINRAGEN_WEBHOOK_MAX_PATIENTS": "CLINRAGEN_WEBHOOK__MAX_PATIENTS",
+    "CLINRAGEN_WEBHOOK_DEBOUNCE_S": "CLINRAGEN_WEBHOOK__DEBOUNCE_S",
+}
+MIN_WEBHOOK_SECRET_CHARS = 16
+WEBHOOK_MAX_SKEW_S = 300  # webhook.MAX_SKEW_S: a signed request's window either side of now
+
+
+class WebhookSettings(BaseModel):
+    """The Subscription rest-hook receiver (`clinragen-fhir webhook`, clinragen_fhir/webhook.py)
+    and what `subscribe` registers. The shared secret is never here: `secret_env` names the
+    environment variable that holds it, or `secret_file` a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_env: str = "CLINRAGEN_WEBHOOK_SECRET"  # the variable holding the shared secret ...
+    secret_file: Path | None = None  # ... or a file holding it (when the variable is unset)
+    # refuse the plain header secret: only signed, timestamped requests (X-Clinragen-Signature);
+    # whoever can read the server's Subscriptions can read that header
+    require_hmac: bool = False
+    debounce_s: int = Field(30, ge=0)  # one task per patient per this many seconds
+    # a notification naming more patients is refused (413): one request cannot queue a backfill
+    max_patients: int = Field(100, ge=1)
+    # a body (or event) seen within this is a duplicate or a replay; it must outlive the
+    # signature window on both sides of now, or a replay after the key expired is accepted
+    dedupe_ttl_s: int = Field(24 * 3600, ge=2 * WEBHOOK_MAX_SKEW_S)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+
+    def secret_source(self) -> str:
+        """Where the secret is read from, for check-config (never the value)."""
+        if os.environ.get(self.secret_env, "").strip():
+            return f"environment variable {self.secret_env}"
+        if self.secret_file:
+            return f"file {self.secret_file}"
+        return "not set"
+
+    def secret(self) -> SecretStr:
+        """The shared secret, read now; FhirConfigError (naming where, never the value) if it
+        is unset, unreadable, shorter than 16 characters or the example configs' placeholder."""
+        where = f"the webhook secret ({self.secret_env}" + (
+            f" or {self.secret_file})" if self.secret_file else ")")
+        try:
+            value = _secret(self.secret_env, self.secret_file, where)
+        except OSError as exc:
+            raise FhirConfigError(f"{where}: unreadable ({type(exc).__name__})") from None
+        if value is None or len(value.get_secret_value()) < MIN_WEBHOOK_SECRET_CHARS:
+            raise FhirConfigError(f"set {where} to a secret of >= {MIN_WEBHOOK_SECRET_CHARS} "
+                                  "characters (e.g. `openssl rand -hex 24`)")
+        return value
+
+
 class TracingSettings(BaseModel):
     """OpenTelemetry tracing (clinragen_fhir/tracing.py): off unless `enabled`. Spans go by
     OTLP/HTTP to a collector, every URL, span name and message scrubbed of ids first."""
@@ -306,11 +361,19 @@ class Settings(BaseSettings):
     report: ReportSettings = Field(default_factory=ReportSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     log_level: str = "INFO"
 
     def __init__(self, **values: Any) -> None:
         """As BaseSettings, with unknown keys named in a FhirConfigError (pydantic's own error
-        would also print each value given, and a value can be a secret)."""
+        would also print each value given, and a value can be a secret). A webhook variable
+        of the old names is refused with the new one (`LEGACY_WEBHOOK_ENV`)."""
+        legacy = sorted(name for name in LEGACY_WEBHOOK_ENV if name in os.environ)
+        if legacy:
+            raise FhirConfigError(
+                "no longer read: " + ", ".join(f"{n} (now {LEGACY_WEBHOOK_ENV[n]}, or [webhook] "
+                                               f"{LEGACY_WEBHOOK_ENV[n].split('__')[1].lower()} "
+                                               "in the TOML)" for n in legacy))
         try:
             super().__init__(**values)
         except ValidationError as exc:

@@ -23,13 +23,12 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,8 +38,10 @@ from starlette.types import ASGIApp
 
 from clinragen_fhir import metrics
 from clinragen_fhir.logs import hash_id
-from clinragen_fhir.site_secrets import is_placeholder
 from clinragen_fhir.worker.state import CLAIM_TTL_S, Claim, RedisSeen
+
+if TYPE_CHECKING:
+    from clinragen_fhir.config import WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,6 @@ class _AddOnly:
         return None
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass
 class WebhookConfig:
     secret: bytes  # shared secret: header value, or HMAC key
@@ -126,21 +123,14 @@ class WebhookConfig:
             raise ValueError("max_patients must be >= 1")
 
     @classmethod
-    def from_env(cls) -> WebhookConfig:
-        secret = os.environ.get("CLINRAGEN_WEBHOOK_SECRET", "").strip()  # as `subscribe` sends it
-        debounce = int(os.environ.get("CLINRAGEN_WEBHOOK_DEBOUNCE_S", "30"))
-        max_patients = int(os.environ.get("CLINRAGEN_WEBHOOK_MAX_PATIENTS", str(MAX_PATIENTS)))
-        path = os.environ.get("CLINRAGEN_WEBHOOK_SECRET_FILE")
-        if not secret and path:
-            with open(path) as fh:
-                secret = fh.read().strip()
-        if len(secret) < 16:
-            raise ValueError("set CLINRAGEN_WEBHOOK_SECRET(_FILE) to a secret of >= 16 chars")
-        if is_placeholder(secret):
-            raise ValueError("CLINRAGEN_WEBHOOK_SECRET(_FILE) is the example configs' "
-                             "placeholder: set a real secret")
-        return cls(secret=secret.encode(), debounce_s=debounce, max_patients=max_patients,
-                   require_hmac=_flag("CLINRAGEN_WEBHOOK_REQUIRE_HMAC"))
+    def from_settings(cls, settings: WebhookSettings) -> WebhookConfig:
+        """The receiver's configuration from the `[webhook]` settings (config.WebhookSettings:
+        TOML, CLINRAGEN_WEBHOOK__*), the secret read now: FhirConfigError when it is unset,
+        short or a placeholder, so the receiver does not start."""
+        return cls(secret=settings.secret().get_secret_value().encode(),
+                   dedupe_ttl_s=settings.dedupe_ttl_s, debounce_s=settings.debounce_s,
+                   max_body_bytes=settings.max_body_bytes, max_patients=settings.max_patients,
+                   require_hmac=settings.require_hmac)
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -613,5 +603,6 @@ def create_app() -> ASGIApp:
         poll_changes.apply_async(kwargs={"since": since}, ignore_result=True,
                                  **task_reprs((), {"since": since}))
 
-    app = make_app(WebhookConfig.from_env(), RedisSeen(settings.state_url), enqueue, recover)
+    app = make_app(WebhookConfig.from_settings(settings.webhook),
+                   RedisSeen(settings.state_url), enqueue, recover)
     return tracing.asgi(app, tracing.setup(settings.tracing, "webhook"))

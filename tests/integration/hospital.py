@@ -100,7 +100,7 @@ def webhook_url() -> Iterator[str]:
     (ROOT / ".run").mkdir(exist_ok=True)
     log_path = ROOT / ".run" / "test-webhook.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed at teardown
-    env = worker_env(CLINRAGEN_WEBHOOK_SECRET=WEBHOOK_SECRET, CLINRAGEN_WEBHOOK_DEBOUNCE_S="1",
+    env = worker_env(CLINRAGEN_WEBHOOK_SECRET=WEBHOOK_SECRET, CLINRAGEN_WEBHOOK__DEBOUNCE_S="1",
                      CLINRAGEN_STATE_URL=os.environ.get("CLINRAGEN_TEST_STATE",
                                                         "redis://127.0.0.1:6379/5"))
     proc = subprocess.Popen([sys.executable, "-m", "clinragen_fhir.cli", "webhook", "--host",

@@ -117,7 +117,7 @@ def _receiver(monkeypatch: pytest.MonkeyPatch, broker: PrivateRedis,
     from clinragen_fhir.worker import tasks
 
     monkeypatch.setenv("CLINRAGEN_WEBHOOK_SECRET", SECRET)
-    monkeypatch.setenv("CLINRAGEN_WEBHOOK_DEBOUNCE_S", "1")
+    monkeypatch.setenv("CLINRAGEN_WEBHOOK__DEBOUNCE_S", "1")
     monkeypatch.setenv("CLINRAGEN_BROKER_URL", broker.url(0))
     monkeypatch.setenv("CLINRAGEN_RESULT_BACKEND", broker.url(1))
     monkeypatch.setenv("CLINRAGEN_STATE_URL", state.url(4))

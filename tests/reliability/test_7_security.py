@@ -63,7 +63,7 @@ def receiver(hapi: Hapi, clean_redis: Redis) -> Iterator[str]:
     port = _free_port()
     LOGS.mkdir(parents=True, exist_ok=True)
     env = base_env(hapi.url, clean_redis, CLINRAGEN_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                   CLINRAGEN_WEBHOOK_DEBOUNCE_S="1")
+                   CLINRAGEN_WEBHOOK__DEBOUNCE_S="1")
     with open(LOGS / "webhook.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "clinragen_fhir.cli", "webhook",
                                  "--host", "127.0.0.1", "--port", str(port)], env=env,

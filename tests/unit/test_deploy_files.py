@@ -22,8 +22,9 @@ from clinragen_fhir.cli import main
 from clinragen_fhir.config import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-OTHER_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", "CLINRAGEN_WEBHOOK_SECRET_FILE",
-             "CLINRAGEN_LOG_ID_KEY"}
+# read by name (the webhook secret: webhook.secret_env's default); the old CLINRAGEN_WEBHOOK_*
+# names are refused by Settings (config.LEGACY_WEBHOOK_ENV), so they are not here
+OTHER_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", "CLINRAGEN_LOG_ID_KEY"}
 
 
 def setting_exists(env_name: str) -> bool:

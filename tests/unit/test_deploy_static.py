@@ -49,9 +49,9 @@ CRD_KINDS = {
     "ScaledObject": "KEDA CRD (keda.sh/v1alpha1): no schema shipped",
     "TriggerAuthentication": "KEDA CRD (keda.sh/v1alpha1): no schema shipped",
 }
-# CLINRAGEN_* variables that are not settings fields (read by name in clinragen_fhir)
-NON_SETTINGS_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_LOG_ID_KEY", "CLINRAGEN_WEBHOOK_SECRET",
-                    "CLINRAGEN_WEBHOOK_SECRET_FILE"}
+# CLINRAGEN_* variables that are not settings fields (read by name in clinragen_fhir; the
+# webhook secret by webhook.secret_env's default; the old CLINRAGEN_WEBHOOK_* names are refused)
+NON_SETTINGS_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_LOG_ID_KEY", "CLINRAGEN_WEBHOOK_SECRET"}
 
 
 def tool(path: Path) -> str:

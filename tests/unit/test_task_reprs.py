@@ -126,7 +126,8 @@ def test_webhook_sends_hashed_ids(memory_app: Celery, monkeypatch: pytest.Monkey
         hooks.update(enqueue=enqueue, recover=recover)
 
     monkeypatch.setattr(webhook, "make_app", capture)
-    monkeypatch.setattr(webhook.WebhookConfig, "from_env", classmethod(lambda cls: None))
+    monkeypatch.setattr(webhook.WebhookConfig, "from_settings",
+                        classmethod(lambda cls, settings: None))
     monkeypatch.setattr(Settings, "check_site_secrets", lambda self: None)
     monkeypatch.setattr(webhook, "RedisSeen", lambda url: None)
     webhook.create_app()

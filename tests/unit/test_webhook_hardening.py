@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from clinragen_fhir.config import Settings
 from clinragen_fhir.webhook import (
     MAX_SKEW_S,
     SECRET_HEADER,
@@ -234,11 +235,13 @@ def test_require_hmac_refuses_the_header_secret() -> None:
     assert post(client, body, signed(body)).status_code == 202 and queue.tasks == ["p1"]
 
 
-def test_require_hmac_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_require_hmac_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[webhook] settings by environment (CLINRAGEN_WEBHOOK__*, as every setting); the old
+    single-underscore names are refused, not ignored (tests/unit/test_webhook_settings.py)."""
     monkeypatch.setenv("CLINRAGEN_WEBHOOK_SECRET", "a-real-webhook-secret-0123456789")
-    monkeypatch.setenv("CLINRAGEN_WEBHOOK_REQUIRE_HMAC", "1")
-    monkeypatch.setenv("CLINRAGEN_WEBHOOK_MAX_PATIENTS", "7")
-    config = WebhookConfig.from_env()
+    monkeypatch.setenv("CLINRAGEN_WEBHOOK__REQUIRE_HMAC", "1")
+    monkeypatch.setenv("CLINRAGEN_WEBHOOK__MAX_PATIENTS", "7")
+    config = WebhookConfig.from_settings(Settings().webhook)
     assert config.require_hmac and config.max_patients == 7
 
 
