@@ -43,6 +43,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from clinragen_fhir.fhir.client import FhirClient, is_loopback
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
@@ -736,9 +737,11 @@ def count_feedback(item: Feedback) -> None:
     CDS_FEEDBACK.labels(item.outcome, item.reason or "none").inc()
 
 
-def create_app(host: str = "") -> Starlette:
+def create_app(host: str = "") -> ASGIApp:
     """Entry point (`clinragen-fhir cds-hooks`; for uvicorn `--factory`, JWT auth is required
-    since the bind address is not known here)."""
+    since the bind address is not known here). With `[tracing] enabled`: ASGI server spans and
+    the FHIR reads as their children (clinragen_fhir/tracing.py; `/reports/{id}` scrubbed)."""
+    from clinragen_fhir import tracing
     from clinragen_fhir.config import Settings
     from clinragen_fhir.metrics import observe_fhir
 
@@ -748,7 +751,8 @@ def create_app(host: str = "") -> Starlette:
     config.check_bind(host or "0.0.0.0")
     if config.auth is None:
         log.warning("cds hooks service without auth (loopback only)")
-    return make_app(config, lambda: settings.fhir.client(observer=observe_fhir),
-                    settings.report.identifier_system, RedisStore(settings.state_url),
-                    count_feedback)
+    app = make_app(config, lambda: settings.fhir.client(observer=observe_fhir),
+                   settings.report.identifier_system, RedisStore(settings.state_url),
+                   count_feedback)
+    return tracing.asgi(app, tracing.setup(settings.tracing, "cds-hooks", celery=False))
 

@@ -315,3 +315,23 @@ def test_the_worker_starts_tracing_in_each_pool_process(monkeypatch: pytest.Monk
     monkeypatch.setenv("CLINRAGEN_TRACING__ENABLED", "true")
     worker_process_init.send(sender=None)
     assert started == [(True, "worker")]
+
+
+def test_the_cds_hooks_report_page_is_traced_without_the_report_id(
+        traced: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    """cds_hooks.create_app wraps its app the same way: `/reports/<id>` is scrubbed too."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    provider, exporter = traced
+
+    async def page(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = tracing.asgi(Starlette(routes=[Route("/reports/{rid}/_history/{v}", page)]), provider)
+    with TestClient(app) as client:
+        assert client.get(f"/reports/{PID}/_history/2?patient={PID}").status_code == 200
+    [server] = exporter.get_finished_spans()
+    assert server.name == "GET /reports/{id}/_history/{id}"
+    assert_no_patient_id((server,))
