@@ -410,7 +410,8 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
                 f"<tr><td>{esc(d.term)}</td><td>{esc(d.snomed)}</td>"
                 f'<td class="num">{d.probability:.0%}</td>'
                 f'<td class="num">{len(d.evidence)}</td>'
-                + (f"<td>{esc(status_text(d).removeprefix('known: '))}</td>" if known else "")
+                + (f"<td>{esc(status_text(d).removeprefix('known: on the problem list '))}</td>"
+                   if known else "")
                 + "</tr>" for d in group)
             conclusion += (f"<h2>{esc(heading)}</h2>"
                            "<table><thead><tr><th>diagnosis</th><th>SNOMED CT</th>"

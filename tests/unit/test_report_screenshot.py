@@ -8,8 +8,11 @@ Run as a script, this module also makes the screenshots in docs/images/ from rea
 Synthea patients through `pipeline.diagnose_patient` with the released model, the report taken
 from the transaction the pipeline would POST (the bundle stands in for the FHIR server's reads):
 
-    .venv/bin/python -m tests.unit.test_report_screenshot --model .run/model/default \\
-        49644ad4-3f2c-ecff-52c0-0bd1022aa1b6 3458d2d7-2b13-ee85-cd49-4ab409c1af5d
+    CLINRAGEN_PROBLEM_LIST=on .venv/bin/python -m tests.unit.test_report_screenshot \\
+        --model .run/model/default 49644ad4-3f2c-ecff-52c0-0bd1022aa1b6 \\
+        3458d2d7-2b13-ee85-cd49-4ab409c1af5d 1a00efb9-3b83-1420-f821-ce64a9d97c7e
+
+(with the problem list read, from the bundle's Conditions: known vs suspected).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from tests.unit.test_report_html import NOW, PATIENT, USED, labs, prediction
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_IMAGES = ROOT / "docs" / "images"
-SHOTS = ("report-metabolic.png", "report-kidney.png")  # referenced from docs/integration.md
+# referenced from docs/integration.md; the third shows known and suspected side by side
+SHOTS = ("report-metabolic.png", "report-kidney.png", "report-suspected.png")
 WIDTH, HEIGHT = 1000, 1400
 DATA = ROOT.parent / "shared" / "data" / "synthea-exafluence-qicore"
 
