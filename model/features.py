@@ -1,32 +1,7 @@
 """Moved to `clinragen_fhir.encoding.features` (the torch-free runtime featurises exactly as
-training does); this re-export keeps `model.features` imports working."""
+training does). Kept only for the importers not yet changed: training/distill.py and
+tests/unit/test_model.py; delete it once they import `clinragen_fhir.encoding.features`."""
 
-from clinragen_fhir.encoding.features import (
-    BATCH_KEYS,
-    DAY_SECONDS,
-    PAD_ID,
-    UNK_ID,
-    Budgets,
-    Encoding,
-    Fact,
-    Features,
-    LabRef,
-    Modalities,
-    TextTokenizer,
-    collate,
-    featurise,
-    featurise_facts,
-    featurise_labs,
-    featurise_notes,
-    knowledge_facts,
-    loinc_vocabulary,
-    normalise_values,
-    squash,
-)
+from clinragen_fhir.encoding.features import Budgets, Features, Modalities, featurise
 
-__all__ = [
-    "BATCH_KEYS", "DAY_SECONDS", "PAD_ID", "UNK_ID", "Budgets", "Encoding", "Fact", "Features",
-    "LabRef", "Modalities", "TextTokenizer", "collate", "featurise", "featurise_facts",
-    "featurise_labs", "featurise_notes", "knowledge_facts", "loinc_vocabulary",
-    "normalise_values", "squash",
-]
+__all__ = ["Budgets", "Features", "Modalities", "featurise"]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
+from clinragen_fhir.predict.diagnosis_line import DIAGNOSIS_LABEL
 
 # (inputs_embeds [B,T,D], attention_mask [B,S], position_ids [B,T], past) -> (logits [B,V], past)
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray] | None],
