@@ -53,7 +53,7 @@ _REFERENCE = re.compile(r"\b([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})")
 _URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.\-]*://[^\s'\"<>]+", re.IGNORECASE)
 # attributes whose whole value is a URL, a path, a query or a route
 _URL_KEYS = frozenset({"http.url", "url.full", "http.target", "url.path", "url.query",
-                       "http.route", "http.server_name"})
+                       "http.route"})
 _DROPPED_EVENT_KEYS = frozenset({"exception.message", "exception.stacktrace"})
 
 
@@ -203,6 +203,7 @@ def provider_for(settings: TracingSettings, kind: str,
 
 
 _installed: list[Any] = []  # the instrumentors this process turned on (for `uninstrument`)
+_providers: list[TracerProvider] = []  # what `setup` made the global provider (for `shutdown`)
 
 
 def instrument(provider: TracerProvider, celery: bool = True, httpx: bool = True) -> None:
@@ -237,10 +238,20 @@ def setup(settings: TracingSettings, kind: str, *, celery: bool = True,
         return None
     provider = provider_for(settings, kind)
     trace.set_tracer_provider(provider)
+    _providers.append(provider)
     instrument(provider, celery=celery, httpx=httpx)
     log.info("tracing on", extra={"fields": {"service": f"{settings.service_name}-{kind}",
                                              "sample_ratio": settings.sample_ratio}})
     return provider
+
+
+def shutdown(timeout_s: float = 5.0) -> None:
+    """Export what is still batched and stop (a pool process exiting: billiard's children end
+    without running atexit, so the SDK's own exit hook would not)."""
+    while _providers:
+        provider = _providers.pop()
+        provider.force_flush(int(timeout_s * 1000))
+        provider.shutdown()
 
 
 def _span_details(scope: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from clinragen_fhir.config import Settings
 from clinragen_fhir.logs import hash_id
@@ -123,6 +123,14 @@ def _start_tracing(**_: Any) -> None:
     from clinragen_fhir import tracing
 
     tracing.setup(Settings().tracing, "worker")
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_tracing(**_: Any) -> None:
+    """The spans still batched in this pool process, exported before it exits."""
+    from clinragen_fhir import tracing
+
+    tracing.shutdown()
 
 
 app = make_app()

@@ -317,6 +317,19 @@ def test_the_worker_starts_tracing_in_each_pool_process(monkeypatch: pytest.Monk
     assert started == [(True, "worker")]
 
 
+def test_a_pool_process_exports_its_last_spans_before_it_exits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.signals import worker_process_shutdown
+
+    exporter = InMemorySpanExporter()
+    provider = tracing.provider_for(TracingSettings(enabled=True), "worker", exporter=exporter)
+    flushed: list[int] = []
+    monkeypatch.setattr(provider, "force_flush", lambda ms: flushed.append(ms) or True)
+    monkeypatch.setattr(tracing, "_providers", [provider])
+    worker_process_shutdown.send(sender=None, pid=1, exitcode=0)
+    assert flushed == [5000] and tracing._providers == []
+
+
 def test_the_cds_hooks_report_page_is_traced_without_the_report_id(
         traced: tuple[TracerProvider, InMemorySpanExporter]) -> None:
     """cds_hooks.create_app wraps its app the same way: `/reports/<id>` is scrubbed too."""
