@@ -170,6 +170,10 @@ def diagnose_patient(client: FhirClient, kg: KnowledgeGraph, predictor: Predicto
     (updated in place, its old identifier kept) and the others are linked as revised from the
     new version's Provenance; none is duplicated or deleted.
 
+    Before predicting, a predictor that declares its identity (`declared_identity`) has its
+    current report looked up: when that report's inputs fingerprint equals this run's
+    (`inputs_fingerprint`), the prediction would be the same, so none is made ("exists").
+
     `lock(current_key)` is held from the look-up of the current report to the write: the
     server's conditional update is not atomic against a concurrent one, and backfill, webhook
     and CLI runs for one patient can overlap (the worker passes a Redis lock).
