@@ -569,7 +569,11 @@ def capability_gaps(cap: dict[str, Any]) -> list[str]:
     if not any(i.get("code") == "transaction" for i in rest.get("interaction", [])):
         gaps.append("system interaction 'transaction'")
     resources = {r.get("type"): r for r in rest.get("resource", [])}
-    for rtype, params in REQUIRED_SEARCH.items():
+    from clinragen_fhir.fhir.conditions import PROBLEM_LIST_SEARCH, problem_list_enabled
+
+    # the problem list's Condition search, only while the check is on (CLINRAGEN_PROBLEM_LIST)
+    needed = {**REQUIRED_SEARCH, **(PROBLEM_LIST_SEARCH if problem_list_enabled() else {})}
+    for rtype, params in needed.items():
         res = resources.get(rtype)
         if res is None:
             gaps.append(f"resource {rtype}")

@@ -30,6 +30,8 @@ _ON, _OFF = {"on", "true", "1", "yes"}, {"off", "false", "0", "no", ""}
 ACTIVE = ("active", "recurrence", "relapse")
 _NOT_A_PROBLEM = {"refuted", "entered-in-error"}  # verificationStatus: not on the list at all
 OFF_REASON = "the problem list is not read at this site"
+# what `check-config` asks of the CapabilityStatement while the check is on
+PROBLEM_LIST_SEARCH: dict[str, tuple[str, ...]] = {"Condition": ("patient", "clinical-status")}
 
 
 def problem_list_enabled(environ: Mapping[str, str] | None = None) -> bool:

@@ -392,3 +392,23 @@ def test_the_summary_counts_suspected_separately() -> None:
 def test_listed_condition_keeps_every_coding() -> None:
     got = listed_condition({**condition("c9", T2DM), "meta": {}})
     assert got == ListedCondition("Condition/c9", ((SNOMED, T2DM, T2DM),), "2015-06-01")
+
+
+def test_check_config_asks_for_the_condition_search_only_while_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from clinragen_fhir.cli import capability_gaps
+
+    def resource(rtype: str, *params: str) -> dict[str, Any]:
+        return {"type": rtype, "searchParam": [{"name": p} for p in params],
+                "conditionalCreate": True, "conditionalUpdate": True}
+
+    cap = {"rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
+        resource("Observation", "patient", "category", "code", "date"),
+        resource("DocumentReference", "patient"),
+        resource("DiagnosticReport", "subject", "identifier"), resource("Patient")]}]}
+    monkeypatch.delenv(ENV, raising=False)
+    assert capability_gaps(cap) == []
+    monkeypatch.setenv(ENV, "on")
+    assert capability_gaps(cap) == ["resource Condition"]
+    cap["rest"][0]["resource"].append(resource("Condition", "patient"))
+    assert capability_gaps(cap) == ["Condition search parameter 'clinical-status'"]
