@@ -807,9 +807,9 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `#`, so every such notification after the first was a "duplicate". Fix: Patient ids must be
   FHIR ids (`[A-Za-z0-9\-.]{1,64}`, no `..`, no query or fragment) in a plain relative or
   absolute reference, the rest refused and counted (`"reason": "invalid patient id"`); at most
-  `CLINRAGEN_WEBHOOK_MAX_PATIENTS` (100) patients per notification, else 413; the HMAC timestamp
+  `webhook.max_patients` (100) patients per notification, else 413; the HMAC timestamp
   must be whole seconds, the signature covers timestamp and every body byte, `dedupe_ttl_s` must
-  cover twice the 300 s window, and `CLINRAGEN_WEBHOOK_REQUIRE_HMAC=1` refuses the header secret
+  cover twice the 300 s window, and `webhook.require_hmac = true` refuses the header secret
   (HMAC documented as preferred, the header mode kept for HAPI); the body-digest key is over
   canonical JSON; `focus`, `additional-context`/`additionalContext` and id-only `fullUrl`s name
   the patient (a non-Patient focus through its resource in the Bundle); a status lacking a
