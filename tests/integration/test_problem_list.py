@@ -11,6 +11,7 @@ HAPI's `$validate` with the project's StructureDefinitions loaded.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -101,8 +102,12 @@ def test_a_condition_on_the_list_turns_suspected_into_known(
     assert any(str(e["what"].get("reference", "")).startswith(f"Condition/{pid}-dm")
                for e in provenance["entity"]), provenance["entity"]
 
-    # unchanged list, unchanged inputs: nothing written
+    # unchanged list, unchanged inputs: nothing written, also through the operator's CLI
     assert run(fhir, pid).status == "exists"
+    done = cli("diagnose", pid, "--local", CLINRAGEN_PROBLEM_LIST="on")
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert (again["status"], again["problem_list"]) == ("exists", second.problem_list), again
 
     bad = [(i["severity"], i.get("diagnostics"), i.get("expression")) for r in (report,
                                                                               provenance)
@@ -111,3 +116,15 @@ def test_a_condition_on_the_list_turns_suspected_into_known(
            or ("Unknown extension" in str(i.get("diagnostics", ""))
                and EXT_BASE in str(i.get("diagnostics", "")))]
     assert not bad, bad
+
+    # the check turned off: the next run reads no Condition and says "not checked", a new
+    # version (what the report says changed), never "suspected"
+    done = cli("diagnose", pid, "--local", CLINRAGEN_PROBLEM_LIST="off")
+    assert done.returncode == 0, done.stderr
+    off = json.loads(done.stdout)
+    assert off["status"] == "written" and off["version"] == "3", off
+    assert set(off["problem_list"]) == {"not-checked"}, off
+    report = fhir.read("DiagnosticReport", off["report_id"])
+    assert {read_extension(cc)["status"] for cc in report["conclusionCode"]} == {"not-checked"}
+    assert "Problem list not checked" in page(report)
+    assert "Suspected, not on the problem list" not in page(report)
