@@ -135,7 +135,8 @@ def test_collate_pads_and_masks_and_modalities_switch_inputs_off() -> None:
 
 
 def test_features_and_decode_do_not_import_torch() -> None:
-    code = "import sys, model.features, model.decode; assert 'torch' not in sys.modules"
+    code = ("import sys, clinragen_fhir.encoding.features, clinragen_fhir.predict.diagnosis_line; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
