@@ -46,12 +46,9 @@ from clinragen_fhir.report.build import (
     site_organization,
     stored_fingerprint,
 )
-from clinragen_fhir.report.faithfulness import (
-    LabLexicon,
-    check_report_rationale,
-    diagnosis_claims,
-)
+from clinragen_fhir.report.faithfulness import check_report_rationale, diagnosis_claims
 from clinragen_fhir.report.html import fact_labels
+from clinragen_fhir.report.lexicon import LabLexicon
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,10 @@ from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.report.faithfulness import (
     _NUMBER,
     MAX_CLAIMS,
-    MAX_DISPLAYS_PER_CODE,
-    LabLexicon,
     check_rationale,
     diagnosis_claims,
 )
+from clinragen_fhir.report.lexicon import MAX_DISPLAYS_PER_CODE, LabLexicon
 from tests.unit.train_examples import frame
 
 N = 100_000
