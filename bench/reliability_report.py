@@ -8,6 +8,9 @@ bench/load.py; a scenario without results says so instead of showing a stale fig
 renderer refuses (exit 1, writing nothing) when the last run's junit.xml is missing or has
 failures or errors, or when a results file was recorded before that run started: a figure
 from an earlier run must never be shown as this run's.
+
+Over 400 lines because most of it is the page's own prose (each scenario's set-up, the findings
+and their fixes), kept beside the code that fills in its figures.
 """
 
 from __future__ import annotations
