@@ -29,6 +29,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from clinragen_fhir.encoding.features import (
+    PATIENT_STATS,
+    TEST_STATS,
+    UNK_ID,
+    Budgets,
+    Features,
+    Modalities,
+    collate,
+    featurise,
+    loinc_vocabulary,
+)
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
@@ -43,15 +54,6 @@ from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 from model.decode import split_output
-from model.features import (
-    UNK_ID,
-    Budgets,
-    Features,
-    Modalities,
-    collate,
-    featurise,
-    loinc_vocabulary,
-)
 from model.prefix import PrefixBuilder, PrefixConfig
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,9 @@ class ClinRaGen(nn.Module):
             d_model=lm_cfg.hidden_size, n_loinc=len(self.loinc_vocab) + 2,
             n_disorders=len(config.disorders), n_heads=config.n_heads
             or lm_cfg.num_attention_heads, n_fusion_layers=config.n_fusion_layers,
-            gate_init=config.gate_init, dropout=config.dropout),
+            gate_init=config.gate_init, dropout=config.dropout,
+            n_test_stats=TEST_STATS if config.budgets.max_tests > 0 else 0,
+            n_patient_stats=PATIENT_STATS),
             slm.get_input_embeddings(), prompt)
 
     # -- construction -------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clinragen_fhir.encoding.features import BATCH_KEYS, Features, collate
+from clinragen_fhir.encoding.features import Features, collate
 from clinragen_fhir.inference.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -186,9 +186,11 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: lis
 def export_prefix(model: ClinRaGen, features: Sequence[Features], path: Path,
                   opset: int = OPSET) -> None:
     batch = model.batch(list(features))
-    _export(model.prefix, tuple(batch.tensors[k] for k in BATCH_KEYS), path, list(BATCH_KEYS),
+    names = model.prefix.input_names()
+    _export(model.prefix, tuple(batch.tensors[k] for k in names), path, names,
             PREFIX_OUTPUTS,
-            {**{k: {0: "batch", 1: f"{k}_len"} for k in BATCH_KEYS},
+            {**{k: {0: "batch"} if k == "patient_stats" else {0: "batch", 1: f"{k}_len"}
+                for k in names},
              "inputs_embeds": {0: "batch", 1: "prefix"}, "attention_mask": {0: "batch",
                                                                             1: "prefix"},
              "knowledge_attention": {0: "batch", 2: "queries", 3: "facts"},
@@ -443,7 +445,7 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
                     "vocab_size": int(emb.shape[0]), "eos_token_id": eos,
                     "pad_token_id": int(pad if pad is not None else eos)},
         "prompt_tokens": sum(model.prefix.piece_lengths().values()),
-        "inputs": {"prefix": list(BATCH_KEYS), "prefix_outputs": PREFIX_OUTPUTS},
+        "inputs": {"prefix": model.prefix.input_names(), "prefix_outputs": PREFIX_OUTPUTS},
         "variants": variants,
         "model_files": {n: file_entry(model_dir / n) for n in MODEL_FILES},
         "files": {n: file_entry(out / n) for n in [*files, "embeddings.npy"]},

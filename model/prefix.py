@@ -18,6 +18,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from clinragen_fhir.encoding.features import CORE_BATCH_KEYS
+
 NEG_INF = -1e9  # additive mask; finite so a fully masked row cannot produce NaN
 
 
@@ -31,6 +33,8 @@ class PrefixConfig:
     n_time_freqs: int = 8
     gate_init: float = 0.1  # tanh(0.1) ~ 0.1: knowledge starts as a small nudge, not noise
     dropout: float = 0.0
+    n_test_stats: int = 0  # > 0: the head also reads the record summary (`TestEncoder`)
+    n_patient_stats: int = 0
 
 
 class LabEncoder(nn.Module):
@@ -70,6 +74,27 @@ class LabEncoder(nn.Module):
              + self.trend(torch.stack([trend * trend_mask, trend_mask,
                                        torch.log1p(gap) * trend_mask], -1))
              + self.time(torch.cat([torch.sin(t), torch.cos(t)], -1)))
+        return x * mask.unsqueeze(-1)
+
+
+class TestEncoder(nn.Module):
+    """One token per test over the whole lookback: the test's code embedding plus an MLP of its
+    summary (newest, lowest, highest, mean...) read *together with* the code, so the same
+    number can mean high for one test and normal for another (a sum of a code and a shared value
+    projection cannot say that). The last layer starts near zero: a test token starts as its
+    name."""
+
+    def __init__(self, d_model: int, n_stats: int, hidden: int = 256, code_dim: int = 32) -> None:
+        super().__init__()
+        self.code = nn.Linear(d_model, code_dim)
+        self.mlp = nn.Sequential(nn.Linear(n_stats + code_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, d_model))
+        last = cast(nn.Linear, self.mlp[2])
+        nn.init.normal_(last.weight, std=0.02)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, code_embeds: Tensor, stats: Tensor, mask: Tensor) -> Tensor:
+        x = code_embeds + self.mlp(torch.cat([stats, self.code(code_embeds)], -1))
         return x * mask.unsqueeze(-1)
 
 
@@ -186,6 +211,19 @@ class PrefixBuilder(nn.Module):
         self.facts = FactEncoder(cfg.d_model)
         self.fusion = nn.ModuleList(GatedCrossAttention(cfg) for _ in range(cfg.n_fusion_layers))
         self.head = DiagnosisHead(cfg.d_model, cfg.n_disorders)
+        # the record summary: the head's alone (the decoder's prefix does not change with it)
+        self.tests = TestEncoder(cfg.d_model, cfg.n_test_stats) if cfg.n_test_stats else None
+        self.patient = nn.Linear(cfg.n_patient_stats, cfg.d_model) \
+            if cfg.n_test_stats and cfg.n_patient_stats else None
+
+    def input_names(self) -> list[str]:
+        """The `BATCH_KEYS` this builder reads, in order (the ONNX graph's inputs)."""
+        names = list(CORE_BATCH_KEYS)
+        if self.tests is not None:
+            names += ["test_code", "test_stats", "test_mask"]
+        if self.patient is not None:
+            names.append("patient_stats")
+        return names
 
     def piece_lengths(self) -> dict[str, int]:
         return {name: int(getattr(self, f"{name}_ids").numel()) for name in self.PIECES}
@@ -202,25 +240,41 @@ class PrefixBuilder(nn.Module):
     def forward(self, lab_code: Tensor, lab_value: Tensor, lab_value_mask: Tensor,
                 lab_time: Tensor, lab_trend: Tensor, lab_trend_mask: Tensor, lab_gap: Tensor,
                 lab_mask: Tensor, note_ids: Tensor, note_mask: Tensor, fact_ids: Tensor,
-                fact_token_mask: Tensor, fact_mask: Tensor
+                fact_token_mask: Tensor, fact_mask: Tensor, test_code: Tensor | None = None,
+                test_stats: Tensor | None = None, test_mask: Tensor | None = None,
+                patient_stats: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The record summary (`test_*`, `patient_stats`) is read only when the model has it:
+        a model without it exports a graph without those inputs."""
         b, n_labs = lab_code.shape
+        n_notes = note_ids.shape[1]
         labs = self.labs(lab_code, lab_value, lab_value_mask, lab_time, lab_trend,
                          lab_trend_mask, lab_gap, lab_mask)
         notes = self.embed(note_ids) * note_mask.unsqueeze(-1)
         facts = self.facts(self.embed(fact_ids), fact_token_mask)
         facts = facts * fact_mask.unsqueeze(-1)
 
-        x = torch.cat([labs, notes], 1)  # queries: every lab and note token
-        x_mask = torch.cat([lab_mask, note_mask], 1)
+        queries, query_masks = [labs, notes], [lab_mask, note_mask]  # every lab and note token
+        if self.tests is not None:  # ... and every test summary (its knowledge too)
+            assert test_code is not None and test_stats is not None and test_mask is not None
+            queries.append(self.tests(self.labs.code(test_code), test_stats, test_mask))
+            query_masks.append(test_mask)
+        x, x_mask = torch.cat(queries, 1), torch.cat(query_masks, 1)
         attention = []
         for layer in self.fusion:
             x, w = layer(x, facts, fact_mask)
             x = x * x_mask.unsqueeze(-1)
-            attention.append(w)
-        labs, notes = x[:, :n_labs], x[:, n_labs:]
-        logits = self.head(torch.cat([labs, facts, notes], 1),
-                           torch.cat([lab_mask, fact_mask, note_mask], 1))
+            attention.append(w[:, :n_labs + n_notes])  # what `explain` maps to the record
+        labs, notes = x[:, :n_labs], x[:, n_labs:n_labs + n_notes]
+        head_tokens, head_masks = [labs, facts, notes], [lab_mask, fact_mask, note_mask]
+        if self.tests is not None:
+            head_tokens.append(x[:, n_labs + n_notes:])
+            head_masks.append(query_masks[2])
+        if self.patient is not None:
+            assert patient_stats is not None
+            head_tokens.append(self.patient(patient_stats).unsqueeze(1))
+            head_masks.append(torch.ones_like(lab_mask[:, :1]))
+        logits = self.head(torch.cat(head_tokens, 1), torch.cat(head_masks, 1))
 
         ones = {n: torch.ones(b, int(getattr(self, f"{n}_ids").numel()), dtype=lab_mask.dtype,
                               device=lab_mask.device) for n in self.PIECES}

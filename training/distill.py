@@ -137,9 +137,18 @@ def trainable_state(model: ClinRaGen) -> dict[str, Tensor]:
             if p.requires_grad}
 
 
-def load_trainable(model: ClinRaGen, state: dict[str, Tensor]) -> None:
+# Modules only the diagnosis stage trains (the record summary reaches the head alone): a run
+# resumed from stages written before they existed starts them from their seeded initial values,
+# which is where a run from nothing has them at that point too (the LM stages never touch them).
+HEAD_ONLY_MODULES = ("prefix.tests.", "prefix.patient.")
+
+
+def load_trainable(model: ClinRaGen, state: dict[str, Tensor],
+                   may_lack: tuple[str, ...] = ()) -> None:
+    """Copy trained tensors in; every trainable tensor must be there, except under `may_lack`."""
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state
+               and not n.startswith(may_lack)]
     unknown = [n for n in state if n not in params]
     if missing or unknown:
         raise ValueError(f"checkpoint does not fit the model: {missing[:3]=} {unknown[:3]=}")
@@ -419,7 +428,8 @@ def train_variant(cfg: TrainConfig, variant: VariantConfig, examples: Sequence[E
             pending = sdir / "weights.safetensors"
             continue
         if pending is not None:  # warm start from the previous stage's weights
-            load_trainable(model, load_file(str(pending)))
+            load_trainable(model, load_file(str(pending)),
+                           HEAD_ONLY_MODULES if stage == "diagnosis" else ())
             pending = None
         if on_stage_start is not None:
             on_stage_start(stage, model)

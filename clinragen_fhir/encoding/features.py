@@ -31,7 +31,13 @@ DAY_SECONDS = 86400.0
 BATCH_KEYS: tuple[str, ...] = (
     "lab_code", "lab_value", "lab_value_mask", "lab_time", "lab_trend", "lab_trend_mask",
     "lab_gap", "lab_mask", "note_ids", "note_mask", "fact_ids", "fact_token_mask", "fact_mask",
+    "test_code", "test_stats", "test_mask", "patient_stats",
 )
+# What every prefix graph takes; the record summary (`test_*`, `patient_stats`) only a model
+# trained with `Budgets.max_tests > 0` reads, and an ONNX graph declares only what it reads.
+CORE_BATCH_KEYS: tuple[str, ...] = BATCH_KEYS[:13]
+TEST_STATS = 8  # columns of `test_stats` (see `featurise_tests`)
+PATIENT_STATS = 4  # columns of `patient_stats` (see `featurise_patient`)
 
 
 class Encoding(Protocol):
@@ -61,6 +67,11 @@ class Budgets:
     # The same readings as text after the prefix, in the decoder's prompt (`encoding.prompt`):
     # the rationale copies from there, and the fusion and head never pay for these tokens.
     prompt_reading_tokens: int = 0
+    # The record summary for the diagnosis head: one token per test over the whole lookback
+    # (newest, lowest, highest, mean...), the tests read most recently first, plus one token for
+    # age and sex. The readings budget keeps a few readings per test, and a diagnosis often rests
+    # on the history (the highest HbA1c in three years). 0 = off (models trained before this).
+    max_tests: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,11 @@ class Features:
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
     readings: list[str] = field(default_factory=list)  # `reading_texts`, for the prompt
     reading_codes: list[str] = field(default_factory=list)  # the LOINC code of each reading
+    test_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [S]
+    test_stats: np.ndarray = field(  # float32 [S, TEST_STATS]
+        default_factory=lambda: np.zeros((0, TEST_STATS), np.float32))
+    patient_stats: np.ndarray = field(  # float32 [PATIENT_STATS]
+        default_factory=lambda: np.zeros(PATIENT_STATS, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +232,62 @@ def _kept_readings(codes: np.ndarray, seconds: np.ndarray, max_labs: int) -> np.
         seen[codes[i]] = rank[i] + 1
     order = np.lexsort((-seconds, rank))[:max_labs]
     return np.sort(order)
+
+
+def featurise_tests(frame: pd.DataFrame, vocab: dict[str, int], index_time: datetime | None,
+                    max_tests: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row per test over the whole frame: ([S] LOINC ids, [S, TEST_STATS] stats), the tests
+    read most recently first, at most `max_tests`.
+
+    Stats: newest, lowest, highest and mean value, newest minus oldest, 1 if those are on the
+    reference-range scale (else the raw value, for tests without a range such as body weight),
+    log1p(readings), log1p(days since the newest)/8. Values are squashed after aggregating, so
+    the order of readings is kept. Tests the vocabulary does not know are left out: their one
+    shared embedding would say nothing about which test it was.
+    """
+    empty = (np.zeros(0, np.int64), np.zeros((0, TEST_STATS), np.float32))
+    if len(frame) == 0 or max_tests <= 0:
+        return empty
+    codes = frame["loinc"].astype(str).to_numpy()
+    ids = np.fromiter((vocab.get(c, UNK_ID) for c in codes), dtype=np.int64, count=len(codes))
+    value = frame["value"].to_numpy(dtype=float)
+    z = normalise_values(value, frame["ref_low"].to_numpy(dtype=float),
+                         frame["ref_high"].to_numpy(dtype=float))
+    keep = (ids != UNK_ID) & np.isfinite(value)
+    if not keep.any():
+        return empty
+    times = pd.to_datetime(frame["time"], utc=True)
+    seconds = np.asarray((times - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float)
+    ids, value, z, seconds = ids[keep], value[keep], z[keep], seconds[keep]
+    index = pd.Timestamp(index_time) if index_time is not None else None
+    if index is not None:
+        index = index.tz_localize("UTC") if index.tzinfo is None else index.tz_convert("UTC")
+    index_s = (index - pd.Timestamp(0, tz="UTC")).total_seconds() if index is not None \
+        else float(seconds.max())
+    order = np.lexsort((seconds, ids))  # by test, then time
+    ids, value, z, seconds = ids[order], value[order], z[order], seconds[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)] - 1
+    on_range = np.array([bool(np.isfinite(z[a:b + 1]).all()) for a, b in zip(starts, ends,
+                                                                             strict=True)])
+    v = np.where(np.repeat(on_range, ends - starts + 1), z, value)
+    stats = np.stack([
+        squash(v[ends]), squash(np.minimum.reduceat(v, starts)),
+        squash(np.maximum.reduceat(v, starts)),
+        squash(np.add.reduceat(v, starts) / (ends - starts + 1)),
+        squash(v[ends] - v[starts]), on_range.astype(float), np.log1p(ends - starts + 1),
+        np.log1p(np.maximum(index_s - seconds[ends], 0.0) / DAY_SECONDS) / 8.0], 1)
+    newest_first = np.argsort(-seconds[ends], kind="stable")[:max_tests]
+    return ids[starts][newest_first], stats[newest_first].astype(np.float32)
+
+
+def featurise_patient(patient: PatientContext) -> np.ndarray:
+    """[age/100, age known, female, male]: what the classifiers get, and what makes a reading
+    mean something (an HbA1c of 6.0 % at 25 is not the same news as at 75)."""
+    age = patient.age_years()
+    return np.array([(age or 0.0) / 100.0, float(age is not None),
+                     float(patient.sex == "female"), float(patient.sex == "male")],
+                    dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +423,14 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
     names = retrieval.lab_names if retrieval is not None else lab_names
     shown = reading_texts(labs, names) \
         if modalities.labs and budgets.prompt_reading_tokens > 0 and len(labs) else []
+    test_code, test_stats = featurise_tests(labs if modalities.labs else labs.iloc[:0],
+                                            loinc_vocab, index_time, budgets.max_tests)
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
                     fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
-                    readings=[t for _, t in shown], reading_codes=[c for c, _ in shown])
+                    readings=[t for _, t in shown], reading_codes=[c for c, _ in shown],
+                    test_code=test_code, test_stats=test_stats,
+                    patient_stats=featurise_patient(patient) if budgets.max_tests > 0
+                    else np.zeros(PATIENT_STATS, np.float32))
 
 
 def _pad(rows: Sequence[np.ndarray], length: int, dtype: type[np.generic]) -> np.ndarray:
@@ -382,6 +459,12 @@ def collate(batch: Sequence[Features]) -> dict[str, np.ndarray]:
     out["fact_token_mask"] = _pad([f.fact_token_mask for f in batch], n_facts, np.float32)
     out["fact_mask"] = _pad([np.ones(len(f.fact_ids), np.float32) for f in batch], n_facts,
                             np.float32)
+    n_tests = max(1, *(len(f.test_code) for f in batch))
+    out["test_code"] = _pad([f.test_code for f in batch], n_tests, np.int64)
+    out["test_stats"] = _pad([f.test_stats for f in batch], n_tests, np.float32)
+    out["test_mask"] = _pad([np.ones(len(f.test_code), np.float32) for f in batch], n_tests,
+                            np.float32)
+    out["patient_stats"] = np.stack([f.patient_stats for f in batch]).astype(np.float32)
     return {k: out[k] for k in BATCH_KEYS}
 
 

@@ -13,7 +13,12 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from clinragen_fhir.encoding.features import BATCH_KEYS, Budgets, loinc_vocabulary
+from clinragen_fhir.encoding.features import (
+    BATCH_KEYS,
+    CORE_BATCH_KEYS,
+    Budgets,
+    loinc_vocabulary,
+)
 from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows, shown_readings
 from clinragen_fhir.inference.decoding import (
     Constraint,
@@ -132,9 +137,11 @@ class OnnxModel:
 
     def _check_graph_io(self) -> None:
         names = [i.name for i in self.prefix_session.get_inputs()]
-        if names != list(BATCH_KEYS):
+        if names[:len(CORE_BATCH_KEYS)] != list(CORE_BATCH_KEYS) or \
+                not set(names) <= set(BATCH_KEYS):
             raise ModelUnavailable(self.prefix_path, f"inputs {names} are not the runtime's "
                                    f"{list(BATCH_KEYS)}")
+        self._prefix_inputs = names  # a model without the record summary reads no test_*
         n = self.manifest.decoder.n_layers
         want = ["inputs_embeds", "attention_mask", "position_ids"] + [
             f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
@@ -172,7 +179,8 @@ class OnnxModel:
 
     # -- graphs -------------------------------------------------------------------------------
     def run_prefix(self, arrays: dict[str, np.ndarray]) -> PrefixOutput:
-        out = self.prefix_session.run(list(PREFIX_OUTPUTS), {k: arrays[k] for k in BATCH_KEYS})
+        feeds = {k: arrays[k] for k in self._prefix_inputs}
+        out = self.prefix_session.run(list(PREFIX_OUTPUTS), feeds)
         return PrefixOutput(*out)
 
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,

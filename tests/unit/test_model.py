@@ -194,20 +194,21 @@ def test_prefix_builder_exports_to_onnx_with_dynamic_axes(model: ClinRaGen, tmp_
     """Issue 6 runs the prefix builder on onnxruntime: trace once, run other shapes."""
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from model.features import BATCH_KEYS
+    names = model.prefix.input_names()
+    assert "test_code" not in names  # this model has no record summary: its graph reads none
 
     batch = model.batch([features(model, 3), features(model, 1)])
     path = tmp_path / "prefix.onnx"
     outputs = ["inputs_embeds", "attention_mask", "knowledge_attention", "diagnosis_logits"]
     with pytest.warns(torch.jit.TracerWarning):  # shape reads become graph ops; that is fine
-        torch.onnx.export(model.prefix, tuple(batch.tensors[k] for k in BATCH_KEYS), str(path),
-                          input_names=list(BATCH_KEYS), output_names=outputs,
-                          dynamic_axes={k: {0: "batch", 1: f"{k}_len"} for k in BATCH_KEYS},
+        torch.onnx.export(model.prefix, tuple(batch.tensors[k] for k in names), str(path),
+                          input_names=names, output_names=outputs,
+                          dynamic_axes={k: {0: "batch", 1: f"{k}_len"} for k in names},
                           dynamo=False, opset_version=17)
     other = model.batch([features(model, 5), features(model, 2, Modalities(knowledge=False)),
                          features(model, 1)])
-    got = ort.InferenceSession(str(path)).run(None, {k: v.numpy()
-                                                     for k, v in other.tensors.items()})
+    got = ort.InferenceSession(str(path)).run(None, {k: other.tensors[k].numpy()
+                                                     for k in names})
     with torch.no_grad():
         want = model.prefix(**other.tensors)
     for g, w in zip(got, want, strict=True):
