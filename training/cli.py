@@ -147,7 +147,7 @@ def export(config: str, run_dir: Path, out_dir: Path, variant: str) -> None:
 def export_model(cfg: TrainConfig, run_dir: Path, out_dir: Path, variant: str = "full") -> Path:
     from training.card import model_card
     from training.distill import load_variant
-    from training.release import run_metrics
+    from training.release_metrics import run_metrics
 
     model = load_variant(cfg, cfg.variant(variant), run_dir, _kg())
     if out_dir.exists():

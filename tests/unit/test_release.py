@@ -25,7 +25,6 @@ from training.example import Example  # noqa: E402
 from training.release import (  # noqa: E402
     INSTALLED,
     METRICS,
-    METRICS_SCHEMA,
     WEIGHTS,
     ReleaseError,
     compare_weights,
@@ -35,6 +34,7 @@ from training.release import (  # noqa: E402
     read_release,
     release,
 )
+from training.release_metrics import METRICS_SCHEMA  # noqa: E402
 
 
 def config() -> TrainConfig:
@@ -162,7 +162,7 @@ def test_metrics_and_gate_read_what_evaluate_writes(run_and_artifact: tuple[Path
 
     from training.evaluate import evaluate
     from training.gate import check_release
-    from training.release import release_metrics
+    from training.release_metrics import release_metrics
 
     run, _ = run_and_artifact
     external = [replace(e, split="test") for e in make_examples(6, seed=3)]
@@ -182,7 +182,7 @@ def test_metrics_and_gate_read_what_evaluate_writes(run_and_artifact: tuple[Path
 
 
 def test_examples_seen_count_head_only_steps_at_their_batch_size(tmp_path: Path) -> None:
-    from training.release import release_metrics
+    from training.release_metrics import release_metrics
 
     cfg = config()
     cfg.head_batch_size, cfg.variants = 32, [VariantConfig("full"),
