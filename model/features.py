@@ -1,7 +1,7 @@
 """Moved to `clinragen_fhir.encoding.features` (the torch-free runtime featurises exactly as
-training does). Kept only for the importers not yet changed: training/distill.py and
-tests/unit/test_model.py; delete it once they import `clinragen_fhir.encoding.features`."""
+training does). Kept only for the importer not yet changed: training/distill.py; delete it once that imports
+`clinragen_fhir.encoding.features`."""
 
-from clinragen_fhir.encoding.features import Budgets, Features, Modalities, featurise
+from clinragen_fhir.encoding.features import Features, Modalities
 
-__all__ = ["Budgets", "Features", "Modalities", "featurise"]
+__all__ = ["Features", "Modalities"]

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from clinragen_fhir.encoding.features import Budgets, Features, Modalities, featurise  # noqa: E402
 from clinragen_fhir.encoding.schema import PatientContext  # noqa: E402
 from model.backbone import tiny_backbone  # noqa: E402
 from model.clinragen import Batch, ClinRaGen, ClinRaGenConfig  # noqa: E402
-from model.features import Budgets, Features, Modalities, featurise  # noqa: E402
 from tests.unit.test_model_features import (  # noqa: E402
     INDEX,
     NOTES,
@@ -222,7 +222,7 @@ def test_real_patient_end_to_end_with_the_default_slm(patient_bundles: list[Path
     pytest.importorskip("gguf")
     from clinragen_fhir.knowledge import load_graph
     from clinragen_fhir.knowledge.bundle import inputs_from_bundle, read_bundle
-    from clinragen_fhir.pipeline import Predictor
+    from clinragen_fhir.predict.types import Predictor
     from model.backbone import DEFAULT_DIR, gguf_path, load_backbone
 
     if not (DEFAULT_DIR / "config.json").is_file():
