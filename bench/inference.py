@@ -1,7 +1,9 @@
-"""PyTorch eager vs onnxruntime fp32 vs onnxruntime int8 on the same real patients.
+"""PyTorch eager vs onnxruntime fp32 vs onnxruntime int8 on the same real patients, beside the
+feature baselines and the memory-bandwidth limit.
 
     .venv/bin/python -m bench.inference [--patients 8] [--new-tokens 32] [--threads 2]
                                         [--batch 4] [--model-dir DIR] [--provider cpu]
+                                        [--untrained]
 
 Each backend runs in its own child process (so peak RSS is its own): load, one warm-up patient,
 then every patient alone (batch 1, the fastest of `--repeat` runs: on a shared machine other
@@ -13,8 +15,22 @@ the summed per-patient latency, p50/p95 latency, peak RSS, the ratio to PyTorch,
 greedy tokens equal PyTorch's, and batched patients/s; then the int8 cost the export measured
 (from the manifest).
 
-Without `--model-dir` an untrained ClinRaGen over SmolLM2-135M (fresh prefix builder, zero LoRA)
-is saved once and exported: speed does not depend on training.
+The model: by default the trained default model, `model/default`, installed into
+`.run/model/default` (the directory `make demo` uses) by `clinragen-train default-model
+install` when that directory does not hold an export of the artifact's current weights. The
+prefix graph's own input names are fed (the runtime reads them from the graph), so a retrained
+model with another prefix input set runs unchanged. `--untrained`: an untrained ClinRaGen over
+SmolLM2-135M (fresh prefix builder, zero LoRA), saved once and exported, as the first version
+of this bench measured.
+
+Beside the three backends, in the same run:
+* the feature baselines a user would otherwise run, per patient on the same patients:
+  logistic regression on lab features + TF-IDF (`training.baselines.FeatureClassifier`, fitted
+  on the first `--baseline-train` / `--baseline-valid` examples of the built dataset
+  `--baseline-data`) and the knowledge-rule baseline (`predict.rules.RuleBaseline`, retrieval
+  included, as the worker runs it without a model);
+* the physical limit: bytes of weights (+ KV cache) streamed per decoded token / this machine's
+  memory bandwidth measured by a large numpy copy (`bench.bandwidth`).
 """
 
 from __future__ import annotations
@@ -33,8 +49,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "synthea-exafluence-qicore"
-DEFAULT_MODEL = Path.home() / ".cache" / "clinragen" / "untrained-smollm2"
+DEFAULT_MODEL = ROOT / ".run" / "model" / "default"  # what `make demo` installs and loads
+ARTIFACT = ROOT / "model" / "default"
+UNTRAINED_MODEL = Path.home() / ".cache" / "clinragen" / "untrained-smollm2"
+BASELINE_DATA = ROOT / ".run" / "train" / "default" / "data"
 BACKENDS = ("torch", "ort-fp32", "ort-int8")
+BASELINES = ("logistic", "rules")
+# the files of the artifact that make the ONNX graphs (metrics.json only describes them)
+GRAPH_INPUTS = ("weights.safetensors", "calibration.json")
 
 
 def peak_rss_mib() -> float:
@@ -58,8 +80,34 @@ ClinRaGen.build(slm, tok, load_graph()).eval().save({str(model_dir)!r})
                     "--patients", str(max(patients, 32))], cwd=ROOT, check=True)
 
 
-def load_features(model_dir: Path, data: Path, n: int) -> tuple[list[Any], list[set[str]]]:
-    """The same patients for every backend, featurised by the torch-free runtime code."""
+def installed_matches(model_dir: Path, artifact: Path = ARTIFACT) -> bool:
+    """`model_dir` holds an ONNX export of the artifact's current weights and calibration
+    (`training.release.install` stamps it with the artifact's hashes: installed-from.json)."""
+    stamp, release = model_dir / "installed-from.json", artifact / "release.json"
+    if not (stamp.is_file() and release.is_file()
+            and (model_dir / "onnx" / "manifest.json").is_file()):
+        return False
+    have = json.loads(stamp.read_text()).get("artifact_sha256", {})
+    want = json.loads(release.read_text()).get("sha256", {})
+    return all(name in want and have.get(name) == want[name] for name in GRAPH_INPUTS)
+
+
+def ensure_default_model(model_dir: Path, artifact: Path = ARTIFACT) -> None:
+    """Install the trained default model into `model_dir` unless it is there already."""
+    if installed_matches(model_dir, artifact):
+        return
+    print(f"installing {artifact} into {model_dir} (clinragen-train default-model install)",
+          file=sys.stderr)
+    subprocess.run([str(Path(sys.executable).with_name("clinragen-train")), "default-model",
+                    "install", "--out", str(model_dir), "--artifact", str(artifact), "--force"],
+                   cwd=ROOT, check=True)
+
+
+def load_features(model_dir: Path, data: Path, n: int
+                  ) -> tuple[list[Any], list[set[str]], list[float]]:
+    """The same patients for every backend, featurised by the torch-free runtime code; with the
+    seconds each patient's retrieval + featurisation took (shared by every backend, untimed in
+    the table's latencies)."""
     from tokenizers import Tokenizer
 
     from clinragen_fhir.encoding.features import featurise, loinc_vocabulary
@@ -71,19 +119,79 @@ def load_features(model_dir: Path, data: Path, n: int) -> tuple[list[Any], list[
     cfg = RuntimeConfig.read(model_dir / "config.json")
     tok = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
     vocab = loinc_vocabulary(cfg.loinc_codes)
-    feats, gold = [], []
+    feats, gold, took = [], [], []
     for labs, notes, patient, g in bundle_patients(data, n, kg):
+        t = time.perf_counter()
         feats.append(featurise(labs, notes, patient, retrieve(kg, labs, notes, patient), tok,
                                vocab, cfg.budgets))
+        took.append(time.perf_counter() - t)
         gold.append(g)
-    return feats, gold
+    return feats, gold, took
+
+
+def run_baseline(kind: str, model_dir: Path, data: Path, n: int, baseline_data: Path,
+                 n_train: int, n_valid: int, repeat: int = 1) -> dict[str, Any]:
+    """A baseline in this process: per-patient seconds on the same patients as the backends
+    (the first is the warm-up), from the encoded inputs (what each baseline does itself
+    included: the rules' retrieval, the classifier's features)."""
+    from itertools import islice
+
+    from clinragen_fhir.inference.runtime import RuntimeConfig
+    from clinragen_fhir.knowledge import load_graph
+    from model.parity import bundle_patients
+
+    kg = load_graph()
+    patients = bundle_patients(data, n + 1, kg)
+    fitted: dict[str, Any] = {}
+    if kind == "rules":
+        from clinragen_fhir.predict.rules import RuleBaseline
+
+        rules = RuleBaseline(kg)
+
+        def one(i: int) -> Any:
+            labs, notes, patient, _ = patients[i]
+            return rules.predict(labs, notes, patient)
+        name = "knowledge rules (retrieval + thresholds)"
+    else:
+        from training.baselines import FeatureClassifier
+        from training.example import Example, read_examples
+
+        cfg = RuntimeConfig.read(model_dir / "config.json")
+        t = time.perf_counter()
+        train = list(islice(read_examples(baseline_data / "train.jsonl"), n_train))
+        valid = list(islice(read_examples(baseline_data / "valid.jsonl"), n_valid))
+        read_s = time.perf_counter() - t
+        t = time.perf_counter()
+        clf = FeatureClassifier("logistic").fit(train, valid, cfg.disorders)
+        fitted = {"train_examples": len(train), "valid_examples": len(valid),
+                  "read_s": read_s, "fit_s": time.perf_counter() - t,
+                  "classifiers": len(clf.models), "disorders": len(cfg.disorders)}
+        examples = [Example(f"bench:{p.patient_id}", "bench", p, labs, list(notes), [])
+                    for labs, notes, p, _ in patients]
+
+        def one(i: int) -> Any:
+            return clf.outputs([examples[i]], kg, cfg.min_confidence, cfg.max_codes)
+        name = clf.name
+    one(0)
+    latencies = []
+    for i in range(1, len(patients)):
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            one(i)
+            best = min(best, time.perf_counter() - t)
+        latencies.append(best)
+    return {"backend": kind, "name": name, "latencies": latencies, "fitted": fitted,
+            "peak_rss_mib": peak_rss_mib(), "loadavg_after": os.getloadavg()[0]}
 
 
 def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: int,
                 threads: int, provider: str, batch: int, repeat: int = 1) -> dict[str, Any]:
     """One backend in this process: per-patient latencies and generated ids."""
-    feats, _ = load_features(model_dir, data, n + 1)
+    feats, _, featurise_s = load_features(model_dir, data, n + 1)
     warm, feats = feats[0], feats[1:]
+    prefix_lengths: list[int] = []
+    prefix_inputs: list[str] = []
     marks: list[float] = []  # perf_counter after each decoder call (torch: each logits step)
     started = time.perf_counter()
     if backend == "torch":
@@ -117,6 +225,9 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         ort_model = OnnxModel(model_dir, "int8" if backend == "ort-int8" else "fp32",
                               "cuda" if provider == "cuda" else "auto" if provider == "auto"
                               else "cpu", threads)
+        # what this model's prefix graph reads, and the decoder positions each patient fills
+        prefix_inputs = [i.name for i in ort_model.prefix_session.get_inputs()]
+        prefix_lengths = [ort_model.prefix_length(collate([f])) for f in feats]
 
         step = ort_model.step
 
@@ -157,8 +268,8 @@ def run_backend(backend: str, model_dir: Path, data: Path, n: int, new_tokens: i
         batched = time.perf_counter() - t
     return {"backend": backend, "device": device, "load_s": load_s, "latencies": latencies,
             "batched_s": batched, "batch": batch, "ttft": ttft,
-            "ids": ids, "prefix_lengths": [len(f.lab_code) + len(f.fact_ids) + len(f.note_ids)
-                                           for f in feats],
+            "ids": ids, "prefix_lengths": prefix_lengths, "prefix_inputs": prefix_inputs,
+            "featurise_s": featurise_s[1:],
             "peak_rss_mib": peak_rss_mib(), "torch_imported": "torch" in sys.modules,
             "loadavg_after": os.getloadavg()[0]}
 
@@ -188,6 +299,50 @@ def summarise(results: list[dict[str, Any]], new_tokens: int) -> list[dict[str, 
     return rows
 
 
+PRECISION = {"torch": "fp32", "ort-fp32": "fp32", "ort-int8": "int8"}
+
+
+def physical_limits(rows: list[dict[str, Any]], weight_bytes: dict[str, int],
+                    decoder: dict[str, Any], positions: float,
+                    bandwidth: dict[str, float]) -> list[dict[str, Any]]:
+    """Per backend: bytes streamed per decoded token (the decoder's weights in its precision +
+    the KV cache at `positions`), the tokens/s the measured bandwidth allows at batch 1 (the
+    faster of the copy and read figures: a limit must not be beaten), and the share of it the
+    measured decode tokens/s reach."""
+    from bench.bandwidth import bytes_per_token, token_limit
+
+    bw = max(bandwidth["copy_gb_s"], bandwidth["read_gb_s"])
+    out = []
+    for r in rows:
+        precision = PRECISION.get(r["backend"], "fp32")
+        per_token = bytes_per_token(weight_bytes[precision], int(decoder["n_layers"]),
+                                    int(decoder["n_kv_heads"]), int(decoder["head_dim"]),
+                                    positions)
+        limit = token_limit(bw, per_token)
+        out.append({"backend": r["backend"], "precision": precision,
+                    "weight_mb": weight_bytes[precision] / 1e6, "mb_per_token": per_token / 1e6,
+                    "bandwidth_gb_s": bw, "limit_tokens_per_s": limit,
+                    "decode_tokens_per_s": r["decode_tokens_per_s"],
+                    "share_of_limit": r["decode_tokens_per_s"] / limit})
+    return out
+
+
+def summarise_baselines(results: list[dict[str, Any]], torch_row: dict[str, Any] | None
+                        ) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        lat = np.array(r["latencies"])
+        row = {"backend": r["backend"], "name": r["name"], "ms_per_patient": 1e3 * lat.mean(),
+               "p95_ms": 1e3 * float(np.percentile(lat, 95)),
+               "patients_per_s": len(lat) / lat.sum(), "patients": len(lat),
+               "peak_rss_mib": r["peak_rss_mib"], "fitted": r["fitted"],
+               "loadavg_after": r["loadavg_after"]}
+        if torch_row:
+            row["x_pytorch_patients_per_s"] = row["patients_per_s"] / torch_row["patients_per_s"]
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| backend | device | tokens/s | x PyTorch | decode tokens/s | x PyTorch | "
              "first token s | patients/s | p50 s | p95 s | peak RSS MiB | greedy = PyTorch | "
@@ -203,56 +358,139 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| baseline | ms/patient | p95 ms | patients/s | x PyTorch patients/s | "
+             "peak RSS MiB |", "|" + "---|" * 6]
+    for r in rows:
+        x = r.get("x_pytorch_patients_per_s")
+        lines.append(f"| {r['name']} | {r['ms_per_patient']:.1f} | {r['p95_ms']:.1f} | "
+                     f"{r['patients_per_s']:.1f} | {f'{x:.0f}' if x else '-'} | "
+                     f"{r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def limit_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| backend | weights MB | MB streamed / token | limit tokens/s | "
+             "decode tokens/s | share of limit |", "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['backend']} ({r['precision']}) | {r['weight_mb']:.1f} | "
+                     f"{r['mb_per_token']:.1f} | {r['limit_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {100 * r['share_of_limit']:.0f} % |")
+    return "\n".join(lines)
+
+
+def _child(args: argparse.Namespace, what: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.inference", "--child", what, "--model-dir",
+           str(args.model_dir), "--data", str(args.data), "--patients", str(args.patients),
+           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+           "--provider", args.provider, "--batch", str(args.batch), "--repeat",
+           str(args.repeat), "--baseline-data", str(args.baseline_data),
+           "--baseline-train", str(args.baseline_train),
+           "--baseline-valid", str(args.baseline_valid)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{what}: done ({np.sum(result['latencies']):.1f} s)", file=sys.stderr)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="an exported ClinRaGen.save dir (default: the trained default "
+                             "model, installed into .run/model/default)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="an untrained SmolLM2 ClinRaGen (saved + exported once)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--patients", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="feature baselines to time too ('' for none)")
+    parser.add_argument("--baseline-data", type=Path, default=BASELINE_DATA,
+                        help="a built dataset (train.jsonl, valid.jsonl) to fit them on")
+    parser.add_argument("--baseline-train", type=int, default=1500)
+    parser.add_argument("--baseline-valid", type=int, default=500)
     parser.add_argument("--batch", type=int, default=4, help="also time batches of this size")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per patient, the fastest counts (a shared machine's noise)")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=ROOT / ".run" / "bench" / "inference.json")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.model_dir is None:
+        args.model_dir = UNTRAINED_MODEL if args.untrained else DEFAULT_MODEL
+    if args.child in BASELINES:
+        print(json.dumps(run_baseline(args.child, args.model_dir, args.data, args.patients,
+                                      args.baseline_data, args.baseline_train,
+                                      args.baseline_valid, args.repeat)))
+        return
     if args.child:
         print(json.dumps(run_backend(args.child, args.model_dir, args.data, args.patients,
                                      args.new_tokens, args.threads, args.provider,
                                      args.batch, args.repeat)))
         return
-    ensure_model(args.model_dir, args.patients)
+    if args.untrained:
+        ensure_model(args.model_dir, args.patients)
+    elif args.model_dir == DEFAULT_MODEL:
+        ensure_default_model(args.model_dir)
     load_before = os.getloadavg()[0]
-    results = []
-    for backend in args.backends.split(","):
-        cmd = [sys.executable, "-m", "bench.inference", "--child", backend, "--model-dir",
-               str(args.model_dir), "--data", str(args.data), "--patients", str(args.patients),
-               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--provider", args.provider, "--batch", str(args.batch), "--repeat",
-               str(args.repeat)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{backend}: done ({np.sum(results[-1]['latencies']):.1f} s)", file=sys.stderr)
+    results = [_child(args, backend) for backend in args.backends.split(",") if backend]
+    baselines = []
+    for kind in (k for k in args.baselines.split(",") if k):
+        if kind == "logistic" and not (args.baseline_data / "train.jsonl").is_file():
+            print(f"logistic: skipped, no built dataset in {args.baseline_data} "
+                  "(clinragen-train build)", file=sys.stderr)
+            continue
+        baselines.append(_child(args, kind))
+    from bench.bandwidth import graph_weight_bytes, measure_bandwidth
+
+    bandwidth = measure_bandwidth(args.bandwidth_mib)
     rows = summarise(results, args.new_tokens)
+    torch_row = next((r for r in rows if r["backend"] == "torch"), None)
+    base_rows = summarise_baselines(baselines, torch_row)
     manifest = json.loads((args.model_dir / "onnx" / "manifest.json").read_text())
-    report = {"patients": args.patients, "new_tokens": args.new_tokens, "threads": args.threads,
-              "repeat": args.repeat,
+    onnx_dir = args.model_dir / "onnx"
+    weight_bytes = {v: graph_weight_bytes(onnx_dir / manifest["variants"][v]["decoder"])
+                    for v in ("fp32", "int8") if v in manifest["variants"]}
+    with_prefix = next((r for r in results if r.get("prefix_lengths")), results[0])
+    lengths = with_prefix.get("prefix_lengths") or [0]
+    positions = float(np.mean(lengths)) + args.new_tokens / 2  # mean cached positions per step
+    limits = physical_limits([r for r in rows if PRECISION.get(r["backend"], "fp32")
+                              in weight_bytes], weight_bytes, manifest["decoder"], positions,
+                             bandwidth)
+    report = {"model_dir": str(args.model_dir), "patients": args.patients,
+              "new_tokens": args.new_tokens, "threads": args.threads, "repeat": args.repeat,
               "cpu_count": os.cpu_count(), "loadavg_before": load_before, "rows": rows,
-              "prefix_lengths": results[0]["prefix_lengths"],
+              "baselines": base_rows, "bandwidth": bandwidth, "limits": limits,
+              "prefix_lengths": lengths, "prefix_inputs": with_prefix.get("prefix_inputs"),
+              "featurise_ms": 1e3 * float(np.mean(with_prefix.get("featurise_s") or [0.0])),
+              "installed_from": (json.loads((args.model_dir / "installed-from.json").read_text())
+                                 if (args.model_dir / "installed-from.json").is_file() else None),
               "parity": manifest.get("parity"), "int8_cost": manifest.get("int8_cost")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    loads = ", ".join(f"{r['loadavg_after']:.1f}" for r in rows)
-    print(f"{args.patients} patients, {args.new_tokens} new tokens each, batch 1, "
-          f"fastest of {args.repeat}, {args.threads} threads; prefix lengths "
-          f"{min(report['prefix_lengths'])}-"
-          f"{max(report['prefix_lengths'])} (+ prompt); {os.cpu_count()} CPUs, 1-min load "
-          f"{load_before:.1f} before, {loads} after each backend")
+    loads = ", ".join(f"{r['loadavg_after']:.1f}" for r in [*rows, *base_rows])
+    print(f"model {args.model_dir}; {args.patients} patients, {args.new_tokens} new tokens "
+          f"each, batch 1, fastest of {args.repeat}, {args.threads} threads; decoder positions "
+          f"after the prefix and prompt {min(lengths)}-{max(lengths)}; prefix graph inputs: "
+          f"{', '.join(report['prefix_inputs'] or [])}; {os.cpu_count()} CPUs, 1-min load "
+          f"{load_before:.1f} before, {loads} after each child")
     print(table(rows))
+    print(f"retrieval + featurisation (shared, not in the latencies above): "
+          f"{report['featurise_ms']:.1f} ms/patient")
+    if base_rows:
+        print(baseline_table(base_rows))
+        for r in base_rows:
+            if r["fitted"]:
+                print(f"{r['name']}: fitted on {json.dumps(r['fitted'])}")
+    print(f"memory bandwidth (1 thread, {args.bandwidth_mib} MiB): copy "
+          f"{bandwidth['copy_gb_s']:.1f} GB/s (read + write), read {bandwidth['read_gb_s']:.1f}"
+          f" GB/s; KV cache at {positions:.0f} positions")
+    print(limit_table(limits))
     if report["int8_cost"]:
         print("int8 vs fp32 (export, manifest):", json.dumps(report["int8_cost"]))
     print(f"written to {args.out}")
