@@ -11,7 +11,8 @@ against a configured issuer and key set, audience (this service's URL), expiry (
 minutes ahead) and a `jti` not seen before. The EHR's `fhirServer`/`fhirAuthorization` are
 ignored: reports are read from the configured server with the project's own credentials, so a
 request cannot point the service at another host. Without JWT settings the service starts only
-on loopback, and only when told so (`CLINRAGEN_CDS_AUTH=none`): it never fails open.
+on loopback, and only when told so (`[cds_hooks] auth = "none"`): it never fails open. The
+settings are `[cds_hooks]` (config.CdsHooksSettings, CLINRAGEN_CDS_HOOKS__* by environment).
 
 Feedback (`POST /cds-services/<id>/feedback`) records each accept or override as an AuditEvent
 and a Prometheus count. Cards are remembered by uuid (Redis in production) so the AuditEvent can
@@ -24,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import threading
@@ -45,6 +45,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from clinragen_fhir.config import CdsHooksSettings
 from clinragen_fhir.fhir.client import FhirClient, is_loopback
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 from clinragen_fhir.fhir.resources import SNOMED
@@ -53,7 +54,6 @@ from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_ev
 from clinragen_fhir.report.build import DISCLAIMER, EXT_BASE, SOFTWARE
 from clinragen_fhir.report.html import decode_presented_form
 from clinragen_fhir.report.problem_list import KNOWN, NOT_CHECKED, SUSPECTED, read_extension
-from clinragen_fhir.site_secrets import is_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,6 @@ class RedisStore:
 
 
 # -- configuration --------------------------------------------------------------------------
-def _env(name: str) -> str:
-    return os.environ.get(name, "").strip()
-
-
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as fh:
         return fh.read()
@@ -204,7 +200,7 @@ class JwtAuth:
 
 @dataclass
 class CdsConfig:
-    """The service's settings (environment, like the webhook's: they hold keys and URLs)."""
+    """The service's settings as it runs them (`from_settings`: `[cds_hooks]` checked)."""
 
     auth: JwtAuth | None  # None: no auth, refused off loopback (`check_bind`)
     base_url: str = ""  # public URL the EHR calls, e.g. https://cds.example.org: JWT audience
@@ -218,44 +214,43 @@ class CdsConfig:
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         if self.auth is not None and not self.base_url:
-            raise ValueError("CDS JWT auth needs CLINRAGEN_CDS_BASE_URL (the audience the EHR "
-                             "signs for)")
+            raise ValueError("CDS JWT auth needs cds_hooks.base_url (CLINRAGEN_CDS_HOOKS__BASE_URL"
+                             ": the audience the EHR signs for)")
         if self.report_url and "{id}" not in self.report_url:
-            raise ValueError("CLINRAGEN_CDS_REPORT_URL must hold {id}")
+            raise ValueError("cds_hooks.report_url (CLINRAGEN_CDS_HOOKS__REPORT_URL) must hold "
+                             "{id}")
+
+    @classmethod
+    def from_settings(cls, settings: CdsHooksSettings) -> CdsConfig:
+        """The service's settings (`[cds_hooks]`, CLINRAGEN_CDS_HOOKS__*) checked and loaded: a
+        missing or unsafe one is an error here, at start, not a refused request later."""
+        auth: JwtAuth | None = None
+        if settings.auth == "jwt":
+            if not settings.jwt_issuer or settings.jwt_keys_file is None:
+                raise ValueError("set cds_hooks.jwt_issuer and cds_hooks.jwt_keys_file "
+                                 "(CLINRAGEN_CDS_HOOKS__JWT_ISSUER, _JWT_KEYS_FILE: the EHR's "
+                                 "public key or JWKS), or cds_hooks.auth = \"none\" for a "
+                                 "loopback-only test service")
+            auth = JwtAuth(settings.jwt_issuer, load_keys(_read(str(settings.jwt_keys_file))))
+        secret = settings.link_secret()  # FhirConfigError: unreadable, short, a placeholder
+        extra: dict[str, Any] = {"link_secret": secret.get_secret_value().encode()} \
+            if secret is not None else {}
+        return cls(auth=auth, base_url=settings.base_url, report_url=settings.report_url,
+                   cors_origins=settings.origins(), **extra)
 
     @classmethod
     def from_env(cls) -> CdsConfig:
-        """Settings from CLINRAGEN_CDS_* variables; a missing or unsafe one is an error here,
-        at start, not a refused request later."""
-        mode = _env("CLINRAGEN_CDS_AUTH").lower() or "jwt"
-        if mode not in ("jwt", "none"):
-            raise ValueError("CLINRAGEN_CDS_AUTH must be 'jwt' or 'none'")
-        auth: JwtAuth | None = None
-        if mode == "jwt":
-            issuer, path = _env("CLINRAGEN_CDS_JWT_ISSUER"), _env("CLINRAGEN_CDS_JWT_KEYS_FILE")
-            if not issuer or not path:
-                raise ValueError("set CLINRAGEN_CDS_JWT_ISSUER and CLINRAGEN_CDS_JWT_KEYS_FILE "
-                                 "(the EHR's public key or JWKS), or CLINRAGEN_CDS_AUTH=none "
-                                 "for a loopback-only test service")
-            auth = JwtAuth(issuer, load_keys(_read(path)))
-        secret = _env("CLINRAGEN_CDS_LINK_SECRET")
-        if not secret and (path := _env("CLINRAGEN_CDS_LINK_SECRET_FILE")):
-            secret = _read(path).strip()
-        if secret and (len(secret) < 16 or is_placeholder(secret)):
-            raise ValueError("CLINRAGEN_CDS_LINK_SECRET(_FILE) must be a real secret of >= 16 "
-                             "chars")
-        extra: dict[str, Any] = {"link_secret": secret.encode()} if secret else {}
-        return cls(auth=auth, base_url=_env("CLINRAGEN_CDS_BASE_URL"),
-                   report_url=_env("CLINRAGEN_CDS_REPORT_URL"),
-                   cors_origins=[o.strip() for o in _env("CLINRAGEN_CDS_CORS_ORIGINS").split(",")
-                                 if o.strip()], **extra)
+        """`from_settings` of the settings as configured now (the TOML and the environment)."""
+        from clinragen_fhir.config import Settings
+
+        return cls.from_settings(Settings().cds_hooks)
 
     def check_bind(self, host: str) -> None:
         """Refuse to serve without auth anywhere but loopback (an open service would hand any
         caller on the network every patient's diagnoses)."""
         if self.auth is None and not is_loopback(host):
             raise ValueError(f"the CDS Hooks service binds {host} without JWT auth: set "
-                             "CLINRAGEN_CDS_JWT_ISSUER and CLINRAGEN_CDS_JWT_KEYS_FILE")
+                             "cds_hooks.jwt_issuer and cds_hooks.jwt_keys_file")
 
 
 # -- auth -----------------------------------------------------------------------------------
@@ -747,7 +742,7 @@ def create_app(host: str = "") -> ASGIApp:
 
     settings = Settings()
     settings.check_site_secrets()
-    config = CdsConfig.from_env()
+    config = CdsConfig.from_settings(settings.cds_hooks)
     config.check_bind(host or "0.0.0.0")
     if config.auth is None:
         log.warning("cds hooks service without auth (loopback only)")

@@ -380,28 +380,32 @@ def audit(patient: str | None, since: str | None, until: str | None, method: str
         click.echo(f"CSV: {csv_path}")
 
 
-def _serve_metrics(port: int, host: str | None, settings: Settings) -> None:
-    """Prometheus /metrics of this process (the webhook's, the CDS Hooks service's) on
-    `host` (default: `worker.metrics_host`, loopback unless a site sets it) and `port`."""
+def _serve_metrics(port: int | None, host: str | None, configured: tuple[int, str]) -> None:
+    """Prometheus /metrics of this process (the webhook's, the CDS Hooks service's) on `host`
+    and `port`: the command line's when given, else the settings' (`configured`: the process's
+    `metrics_port` and `metrics_host`, off and loopback unless a site sets them)."""
+    port = configured[0] if port is None else port
     if port > 0:
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=host or settings.worker.metrics_host)
+        start_http_server(port, addr=host or configured[1])
 
 
-_METRICS_HOST_HELP = "Address /metrics binds (default: worker.metrics_host, 127.0.0.1 unless set)."
+_METRICS_PORT_HELP = "> 0: Prometheus /metrics on this port (default: {}.metrics_port, 0 = off)."
+_METRICS_HOST_HELP = ("Address /metrics binds (default: {}.metrics_host, else worker.metrics_host,"
+                      " 127.0.0.1 unless set).")
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True)
-@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on this port.")
-@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP)
-def webhook(host: str, port: int, metrics_port: int, metrics_host: str | None) -> None:
+@click.option("--metrics-port", type=int, default=None, help=_METRICS_PORT_HELP.format("webhook"))
+@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP.format("webhook"))
+def webhook(host: str, port: int, metrics_port: int | None, metrics_host: str | None) -> None:
     """Run the Subscription rest-hook receiver (needs CLINRAGEN_WEBHOOK_SECRET)."""
     import uvicorn
 
-    _serve_metrics(metrics_port, metrics_host, _settings())
+    _serve_metrics(metrics_port, metrics_host, _settings().metrics_bind("webhook"))
     uvicorn.run("clinragen_fhir.webhook:create_app", factory=True, host=host, port=port,
                 log_config=None, access_log=False)
 
@@ -409,20 +413,21 @@ def webhook(host: str, port: int, metrics_port: int, metrics_host: str | None) -
 @main.command("cds-hooks")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8091, show_default=True)
-@click.option("--metrics-port", default=0, help="> 0: Prometheus /metrics on this port.")
-@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP)
-def cds_hooks(host: str, port: int, metrics_port: int, metrics_host: str | None) -> None:
-    """Run the CDS Hooks patient-view service (JWT auth: CLINRAGEN_CDS_JWT_ISSUER/KEYS_FILE)."""
+@click.option("--metrics-port", type=int, default=None,
+              help=_METRICS_PORT_HELP.format("cds_hooks"))
+@click.option("--metrics-host", default=None, help=_METRICS_HOST_HELP.format("cds_hooks"))
+def cds_hooks(host: str, port: int, metrics_port: int | None, metrics_host: str | None) -> None:
+    """Run the CDS Hooks patient-view service (JWT auth: [cds_hooks] jwt_issuer, jwt_keys_file)."""
     import uvicorn
 
     from clinragen_fhir.cds_hooks import create_app
 
-    settings = _settings()
     try:  # refuses to start off loopback without JWT settings
+        bind = _settings().metrics_bind("cds_hooks")
         app = create_app(host)
     except (ValueError, FhirError) as exc:
         raise click.ClickException(str(exc)) from None
-    _serve_metrics(metrics_port, metrics_host, settings)
+    _serve_metrics(metrics_port, metrics_host, bind)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
 
 
@@ -560,8 +565,9 @@ REQUIRED_SEARCH = {
 }
 
 
-def capability_gaps(cap: dict[str, Any]) -> list[str]:
-    """What the server's CapabilityStatement lacks of what the worker needs."""
+def capability_gaps(cap: dict[str, Any], problem_list: bool | None = None) -> list[str]:
+    """What the server's CapabilityStatement lacks of what the worker needs (Condition search
+    too while the problem-list check is on: `problem_list`, None: `[report] problem_list`)."""
     gaps: list[str] = []
     rest = next((r for r in cap.get("rest", []) if r.get("mode") == "server"), None)
     if rest is None:
@@ -571,8 +577,9 @@ def capability_gaps(cap: dict[str, Any]) -> list[str]:
     resources = {r.get("type"): r for r in rest.get("resource", [])}
     from clinragen_fhir.fhir.conditions import PROBLEM_LIST_SEARCH, problem_list_enabled
 
-    # the problem list's Condition search, only while the check is on (CLINRAGEN_PROBLEM_LIST)
-    needed = {**REQUIRED_SEARCH, **(PROBLEM_LIST_SEARCH if problem_list_enabled() else {})}
+    # the problem list's Condition search, only while the check is on ([report] problem_list)
+    needed = {**REQUIRED_SEARCH,
+              **(PROBLEM_LIST_SEARCH if problem_list_enabled(problem_list) else {})}
     for rtype, params in needed.items():
         res = resources.get(rtype)
         if res is None:
@@ -592,7 +599,7 @@ def capability_gaps(cap: dict[str, Any]) -> list[str]:
 _LETTERS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
 
-def check_scope(endpoint: FhirEndpoint) -> bool:
+def check_scope(endpoint: FhirEndpoint, problem_list: bool | None = None) -> bool:
     """Token auth: fetch a token and name each scope the worker needs that the grant lacks.
 
     A scope-enforcing server refuses those requests, so every task would end dead-lettered;
@@ -608,8 +615,9 @@ def check_scope(endpoint: FhirEndpoint) -> bool:
     if endpoint.auth not in ("client-credentials", "smart-backend"):
         click.echo(f"scope: not checked (auth: {endpoint.auth}, no token endpoint)")
         return True
-    # Condition search too while the problem-list check is on (CLINRAGEN_PROBLEM_LIST)
-    needed, scope_sent = worker_access(), requested_scope(endpoint.scope)
+    # Condition search too while the problem-list check is on ([report] problem_list)
+    needed = worker_access(problem_list)
+    scope_sent = requested_scope(endpoint.scope, problem_list)
     click.echo(f"scope requested: {scope_sent or '(none: the server chooses)'}")
     ok = True
     if scope_sent is not None:
@@ -710,7 +718,7 @@ def _check_fhir(settings: Settings) -> bool:
         if not str(cap.get("fhirVersion", "")).startswith("4.0"):
             click.echo("  MISSING: FHIR R4 (4.0.x)")
             ok = False
-        for gap in capability_gaps(cap):
+        for gap in capability_gaps(cap, settings.report.problem_list):
             click.echo(f"  MISSING: {gap}")
             ok = False
     except FhirError as exc:
@@ -813,15 +821,104 @@ def _check_webhook(settings: Settings) -> bool:
 
 
 def _check_metrics(settings: Settings) -> bool:
-    w = settings.worker
-    where = f"on {w.metrics_host}:{w.metrics_port}" if w.metrics_port > 0 else \
-        "off (worker.metrics_port = 0)"
-    click.echo(f"metrics: worker /metrics {where}; webhook and cds-hooks: their --metrics-port")
-    tracing = settings.tracing
-    click.echo("tracing: " + (f"on, OTLP to {masked(tracing.otlp_endpoint)}"
-                              if tracing.enabled and tracing.otlp_endpoint else
-                              "on, OTLP to the OTEL_EXPORTER_OTLP_* endpoint"
-                              if tracing.enabled else "off"))
+    """Where each process serves /metrics (the webhook's and the CDS Hooks service's: their
+    settings, `--metrics-port/--metrics-host` override them)."""
+    port, host = settings.metrics_bind("worker")
+    click.echo("metrics: worker /metrics " + (f"on {host}:{port}" if port > 0 else
+                                              "off (worker.metrics_port = 0)"))
+    for process in ("webhook", "cds_hooks"):
+        port, host = settings.metrics_bind(process)
+        click.echo(f"  {process.replace('_', '-')} /metrics " + (
+            f"on {host}:{port}" if port > 0 else
+            f"off ({process}.metrics_port = 0, unless its --metrics-port is given)"))
+    return True
+
+
+def _otlp_source(settings: Settings) -> str:
+    import os
+
+    if settings.tracing.otlp_endpoint:
+        return "tracing.otlp_endpoint"
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if os.environ.get(name, "").strip():
+            return name
+    return "the OTLP/HTTP default"
+
+
+def _check_tracing(settings: Settings) -> bool:
+    """Tracing: on or off; on, the collector (masked), where that URL comes from, the
+    sampling, the service names, whether collector headers are set (never their value), and
+    an endpoint the exporter would refuse (plain http off loopback) is a problem."""
+    import os
+
+    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.tracing import otlp_endpoint
+
+    t = settings.tracing
+    if not t.enabled:
+        click.echo("tracing: off (tracing.enabled = false)")
+        return True
+    endpoint = otlp_endpoint(t)
+    click.echo(f"tracing: on, OTLP/HTTP to {masked(endpoint)} (from {_otlp_source(settings)})")
+    click.echo(f"  sampling {t.sample_ratio:.0%} of root traces (children follow their "
+               f"parent); services {t.service_name}-worker, -webhook, -cds-hooks; export "
+               f"timeout {t.timeout_s:g} s")
+    headers = [n for n in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+               if os.environ.get(n, "").strip()]
+    click.echo("  collector headers: " + (f"{headers[0]} (set, not shown)" if headers else
+                                          "none (OTEL_EXPORTER_OTLP_HEADERS unset)"))
+    try:
+        check_url(endpoint, "tracing.otlp_endpoint", t.allow_insecure_http)
+    except FhirError as exc:
+        click.echo(f"  REFUSED: {exc}")
+        return False
+    return True
+
+
+def _check_problem_list(settings: Settings) -> bool:
+    if settings.report.problem_list:
+        click.echo("problem list: on (report.problem_list): at report time the worker searches "
+                   "the patient's active Conditions (never a model input), known vs suspected; "
+                   "the default scope asks for system/Condition.s")
+    else:
+        click.echo("problem list: off (report.problem_list = false): no Condition is read; "
+                   "reports say \"problem list not checked\"")
+    return True
+
+
+def _check_cds_hooks(settings: Settings) -> bool:
+    """The CDS Hooks service's settings, loaded as `clinragen-fhir cds-hooks` would: unset is
+    said (the worker does not need them), set but refused is a problem."""
+    from clinragen_fhir.cds_hooks import CdsConfig
+
+    cds = settings.cds_hooks
+    link = cds.link_secret_source()
+    if cds.auth == "none":
+        click.echo("cds hooks: auth none (test only: `clinragen-fhir cds-hooks` refuses any "
+                   "address but loopback)")
+    elif not (cds.jwt_issuer or cds.jwt_keys_file or cds.base_url):
+        click.echo("cds hooks: not configured (`clinragen-fhir cds-hooks` refuses to start "
+                   "without cds_hooks.jwt_issuer, jwt_keys_file and base_url); the worker does "
+                   "not need it")
+        return True
+    else:
+        click.echo(f"cds hooks: JWT auth, issuer {cds.jwt_issuer or '(NOT SET)'}, keys "
+                   f"{cds.jwt_keys_file or '(NOT SET)'}, audience "
+                   f"{masked(cds.base_url) if cds.base_url else '(NOT SET)'}")
+    click.echo("  report links: " + (masked(cds.report_url) if cds.report_url else
+                                     "the service's /reports/{id}") + "; link secret: "
+               + (link if link != "not set" else
+                  "not set (a random key per process: links die with a restart)")
+               + "; CORS origins: " + (", ".join(cds.origins()) or "none"))
+    try:
+        config = CdsConfig.from_settings(cds)
+    except (ValueError, OSError, FhirError) as exc:  # names the setting, never a secret
+        click.echo(f"  REFUSED: {type(exc).__name__}: {exc}" if isinstance(exc, OSError)
+                   else f"  REFUSED: {exc}")
+        return False
+    if config.auth is not None:
+        click.echo(f"  {len(config.auth.keys)} verification key"
+                   f"{'s' if len(config.auth.keys) != 1 else ''} loaded")
     return True
 
 
@@ -841,19 +938,22 @@ def check_config() -> None:
     """Report what the worker, the webhook and the CLI will use, trying each service: the FHIR
     endpoint (capabilities), its auth (where each secret comes from, never its value) and the
     granted scope, the retry bound, the broker, result backend and state store, the model (its
-    hash, its files), the webhook secret's source, metrics and tracing. Exit 1 when anything
+    hash, its files), the problem-list check, the webhook secret's source, the CDS Hooks
+    service's settings, each process's metrics address and tracing. Exit 1 when anything
     would fail (a configuration refused at load is named, and exits 1 too)."""
     try:
         settings = _settings()
     except FhirError as exc:
         click.echo(f"configuration REFUSED: {exc}")
         raise SystemExit(1) from None
-    results = [_check_fhir(settings), check_scope(settings.fhir), _check_retries(settings),
+    results = [_check_fhir(settings), check_scope(settings.fhir, settings.report.problem_list),
+               _check_retries(settings),
                _check_broker(settings),
                _check_redis("result backend", settings.result_backend, settings),
                _check_redis("state store", settings.state_url, settings),
-               _check_model(settings), _check_webhook(settings), _check_metrics(settings),
-               _check_log_key(settings)]
+               _check_model(settings), _check_problem_list(settings),
+               _check_webhook(settings), _check_cds_hooks(settings), _check_metrics(settings),
+               _check_tracing(settings), _check_log_key(settings)]
     ok = all(results)
     click.echo("OK" if ok else "problems found")
     if not ok:

@@ -16,7 +16,15 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -214,6 +222,11 @@ class ReportSettings(BaseModel):
     organization_reference: str | None = Field(None, pattern=r"^Organization/[A-Za-z0-9\-.]{1,64}$")
     organization_identifier: str | None = Field(None, pattern=r"^[^|\s]+\|[^|]+$")
     organization_name: str = ""
+    # Known vs suspected: at report time (never as a model input) the worker searches the
+    # patient's active Conditions and splits what it concluded into known (on the problem list)
+    # and suspected; the default scope then asks for system/Condition.s too (fhir.conditions).
+    # Off: no Condition is read or asked for, and reports say "problem list not checked".
+    problem_list: bool = False
 
 
 class WorkerSettings(BaseModel):
@@ -284,6 +297,11 @@ class WebhookSettings(BaseModel):
     # signature window on both sides of now, or a replay after the key expired is accepted
     dedupe_ttl_s: int = Field(24 * 3600, ge=2 * WEBHOOK_MAX_SKEW_S)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    # > 0: the receiver's Prometheus /metrics on <metrics_host>:<port> (`clinragen-fhir webhook
+    # --metrics-port/--metrics-host` override both); host None: worker.metrics_host (loopback
+    # unless a site sets it)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str | None = None
 
     def secret_source(self) -> str:
         """Where the secret is read from, for check-config (never the value)."""
@@ -305,6 +323,76 @@ class WebhookSettings(BaseModel):
         if value is None or len(value.get_secret_value()) < MIN_WEBHOOK_SECRET_CHARS:
             raise FhirConfigError(f"set {where} to a secret of >= {MIN_WEBHOOK_SECRET_CHARS} "
                                   "characters (e.g. `openssl rand -hex 24`)")
+        return value
+
+
+# The CDS Hooks service's and the problem list's environment variables before they were
+# settings: refused with their new names, like the webhook's (`Settings.__init__`)
+LEGACY_ENV = {
+    **LEGACY_WEBHOOK_ENV,
+    "CLINRAGEN_PROBLEM_LIST": "CLINRAGEN_REPORT__PROBLEM_LIST",
+    "CLINRAGEN_CDS_AUTH": "CLINRAGEN_CDS_HOOKS__AUTH",
+    "CLINRAGEN_CDS_JWT_ISSUER": "CLINRAGEN_CDS_HOOKS__JWT_ISSUER",
+    "CLINRAGEN_CDS_JWT_KEYS_FILE": "CLINRAGEN_CDS_HOOKS__JWT_KEYS_FILE",
+    "CLINRAGEN_CDS_BASE_URL": "CLINRAGEN_CDS_HOOKS__BASE_URL",
+    "CLINRAGEN_CDS_REPORT_URL": "CLINRAGEN_CDS_HOOKS__REPORT_URL",
+    "CLINRAGEN_CDS_CORS_ORIGINS": "CLINRAGEN_CDS_HOOKS__CORS_ORIGINS",
+    "CLINRAGEN_CDS_LINK_SECRET_FILE": "CLINRAGEN_CDS_HOOKS__LINK_SECRET_FILE",
+}
+MIN_CDS_LINK_SECRET_CHARS = 16
+
+
+class CdsHooksSettings(BaseModel):
+    """The CDS Hooks patient-view service (`clinragen-fhir cds-hooks`, clinragen_fhir/cds_hooks.py;
+    `CdsConfig.from_settings` checks them at start). The EHR's public keys are a file it names;
+    the report-link key is never here: `link_secret_env` names the variable holding it, or
+    `link_secret_file` a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # jwt: every request carries the EHR's signed JWT; none: no auth, refused off loopback
+    auth: Literal["jwt", "none"] = "jwt"
+    jwt_issuer: str | None = None  # the EHR's `iss`
+    jwt_keys_file: Path | None = None  # the EHR's public key (PEM) or JWKS (JSON)
+    base_url: str = ""  # the public URL the EHR calls: the JWT audience (needed with jwt)
+    report_url: str = ""  # a link template with {id} (and {version}); "": our /reports/{id}
+    # browser-based EHR origins allowed by CORS, comma-separated (in the TOML a list as well)
+    cors_origins: str = ""
+    link_secret_env: str = "CLINRAGEN_CDS_LINK_SECRET"  # signs report links (>= 16 chars) ...
+    link_secret_file: Path | None = None  # ... or a file; neither: a random key per process
+    metrics_port: int = Field(0, ge=0, le=65535)  # > 0: /metrics (`--metrics-port` overrides)
+    metrics_host: str | None = None  # None: worker.metrics_host; `--metrics-host` overrides
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _a_list_is_joined(cls, value: Any) -> Any:
+        return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+    def origins(self) -> list[str]:
+        """`cors_origins` as a list."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def link_secret_source(self) -> str:
+        """Where the link key is read from, for check-config (never the value)."""
+        if os.environ.get(self.link_secret_env, "").strip():
+            return f"environment variable {self.link_secret_env}"
+        if self.link_secret_file:
+            return f"file {self.link_secret_file}"
+        return "not set"
+
+    def link_secret(self) -> SecretStr | None:
+        """The report-link key, read now; None when neither is set (a random key per process:
+        links die with a restart). FhirConfigError, naming where and never the value, when it
+        is unreadable, short or the example configs' placeholder."""
+        where = f"the CDS link secret ({self.link_secret_env}" + (
+            f" or {self.link_secret_file})" if self.link_secret_file else ")")
+        try:
+            value = _secret(self.link_secret_env, self.link_secret_file, where)
+        except OSError as exc:
+            raise FhirConfigError(f"{where}: unreadable ({type(exc).__name__})") from None
+        if value is not None and len(value.get_secret_value()) < MIN_CDS_LINK_SECRET_CHARS:
+            raise FhirConfigError(f"{where} must be a real secret of >= "
+                                  f"{MIN_CDS_LINK_SECRET_CHARS} characters")
         return value
 
 
@@ -340,6 +428,12 @@ class InferenceSettings(BaseModel):
     verify_hashes: bool = True  # sha256 of every graph at load (a few seconds, once)
 
 
+def _toml_key(env_name: str) -> str:
+    """CLINRAGEN_CDS_HOOKS__JWT_ISSUER -> `[cds_hooks] jwt_issuer`."""
+    section, _, key = env_name.removeprefix("CLINRAGEN_").lower().partition("__")
+    return f"[{section}] {key}"
+
+
 class Settings(BaseSettings):
     """Everything the CLI and the worker read."""
 
@@ -362,18 +456,19 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    cds_hooks: CdsHooksSettings = Field(default_factory=CdsHooksSettings)
     log_level: str = "INFO"
 
     def __init__(self, **values: Any) -> None:
         """As BaseSettings, with unknown keys named in a FhirConfigError (pydantic's own error
-        would also print each value given, and a value can be a secret). A webhook variable
-        of the old names is refused with the new one (`LEGACY_WEBHOOK_ENV`)."""
-        legacy = sorted(name for name in LEGACY_WEBHOOK_ENV if name in os.environ)
+        would also print each value given, and a value can be a secret). A variable of the
+        names before these were settings (the webhook's, CLINRAGEN_PROBLEM_LIST, the CDS Hooks
+        service's) is refused with its new one (`LEGACY_ENV`), never ignored."""
+        legacy = sorted(name for name in LEGACY_ENV if name in os.environ)
         if legacy:
-            raise FhirConfigError(
-                "no longer read: " + ", ".join(f"{n} (now {LEGACY_WEBHOOK_ENV[n]}, or [webhook] "
-                                               f"{LEGACY_WEBHOOK_ENV[n].split('__')[1].lower()} "
-                                               "in the TOML)" for n in legacy))
+            raise FhirConfigError("no longer read: " + ", ".join(
+                f"{n} (now {LEGACY_ENV[n]}, or {_toml_key(LEGACY_ENV[n])} in the TOML)"
+                for n in legacy))
         try:
             super().__init__(**values)
         except ValidationError as exc:
@@ -384,6 +479,16 @@ class Settings(BaseSettings):
             raise FhirConfigError(
                 f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
                 "(misspelt? the keys are in deploy/config.example.toml)") from None
+
+    def metrics_bind(self, process: Literal["worker", "webhook", "cds_hooks"]
+                     ) -> tuple[int, str]:
+        """(port, host) of a process's /metrics (port 0: off); the webhook's and the CDS Hooks
+        service's host falls back to the worker's."""
+        w = self.worker
+        if process == "worker":
+            return w.metrics_port, w.metrics_host
+        own = self.webhook if process == "webhook" else self.cds_hooks
+        return own.metrics_port, own.metrics_host or w.metrics_host
 
     def check_site_secrets(self) -> None:
         """Refuse to start with a secret that fails open: the log-id hash key a placeholder, or,

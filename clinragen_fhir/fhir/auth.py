@@ -11,7 +11,7 @@ sent in a header is refused when read: httpx's "Illegal header value" error quot
 The default scope is least privilege, made from `WORKER_ACCESS` (what the worker reads and
 writes); `missing_scopes` compares a token's granted scope with it (`check-config`). Condition
 search (`PROBLEM_LIST_ACCESS`) is added to both only while the problem-list check is on
-(`CLINRAGEN_PROBLEM_LIST=on`, fhir/conditions.py): `worker_access`, `requested_scope`.
+(`[report] problem_list`, fhir/conditions.py): `worker_access`, `requested_scope`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ PROBLEM_LIST_ACCESS: dict[str, str] = {"Condition": "s"}
 
 def worker_access(problem_list: bool | None = None) -> dict[str, str]:
     """What the worker reads and writes: `WORKER_ACCESS`, plus `PROBLEM_LIST_ACCESS` while the
-    problem-list check is on (`problem_list`; None: `CLINRAGEN_PROBLEM_LIST`)."""
+    problem-list check is on (`problem_list`; None: the `[report] problem_list` setting)."""
     on = problem_list_enabled() if problem_list is None else problem_list
     return {**WORKER_ACCESS, **PROBLEM_LIST_ACCESS} if on else dict(WORKER_ACCESS)
 

@@ -1,7 +1,8 @@
 """The patient's problem list: their active Conditions, read at report time.
 
 The model never sees Conditions (it concludes from labs, vital signs and notes alone). After it
-has concluded, and only where the site turns the check on (`CLINRAGEN_PROBLEM_LIST=on`), the
+has concluded, and only where the site turns the check on (`[report] problem_list = true`,
+CLINRAGEN_REPORT__PROBLEM_LIST=on by environment), the
 worker searches `Condition?patient=<id>&clinical-status=active,recurrence,relapse` (every page,
 under the client's read bounds) so the report can tell a disorder already on the problem list
 from one only suspected (`report.problem_list`). The check off, or the search refused (401/403:
@@ -15,16 +16,16 @@ the default scope asks for it, only while the check is on.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError
+from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 
-ENV = "CLINRAGEN_PROBLEM_LIST"  # on | off (default off)
-_ON, _OFF = {"on", "true", "1", "yes"}, {"off", "false", "0", "no", ""}
+# the setting `[report] problem_list` (config.ReportSettings) by environment: on | off (default
+# off); the old CLINRAGEN_PROBLEM_LIST is refused with this name (config.LEGACY_ENV)
+ENV = "CLINRAGEN_REPORT__PROBLEM_LIST"
 # clinical-status codes that mean the problem is current (recurrence and relapse are kinds of
 # active in condition-clinical); a search on `active` alone would miss them
 ACTIVE = ("active", "recurrence", "relapse")
@@ -34,15 +35,17 @@ OFF_REASON = "the problem list is not read at this site"
 PROBLEM_LIST_SEARCH: dict[str, tuple[str, ...]] = {"Condition": ("patient", "clinical-status")}
 
 
-def problem_list_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the worker reads the problem list (`CLINRAGEN_PROBLEM_LIST`, default off); an
-    unknown value is an error, as a misspelt setting is, rather than silently off."""
-    value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
-    if value in _ON:
-        return True
-    if value in _OFF:
-        return False
-    raise FhirConfigError(f"{ENV} must be on or off (got {value[:20]!r})")
+def problem_list_enabled(setting: bool | None = None) -> bool:
+    """Whether the worker reads the problem list: `setting` when given, else `[report]
+    problem_list` as configured now (the TOML and CLINRAGEN_REPORT__PROBLEM_LIST, default off;
+    read at each call, as the worker's other settings are read per process). A value that is
+    not a boolean is an error, as any misspelt setting is, never silently off; so is the old
+    CLINRAGEN_PROBLEM_LIST (config.LEGACY_ENV names the new one)."""
+    if setting is not None:
+        return setting
+    from clinragen_fhir.config import Settings  # config imports this module (fhir.auth)
+
+    return Settings().report.problem_list
 
 
 @dataclass(frozen=True)

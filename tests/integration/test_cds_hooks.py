@@ -50,11 +50,12 @@ def service(ehr_key: ec.EllipticCurvePrivateKey, tmp_path_factory: pytest.TempPa
     (ROOT / ".run").mkdir(exist_ok=True)
     log_path = ROOT / ".run" / "test-cds-hooks.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed at teardown
-    env = worker_env(CLINRAGEN_CDS_JWT_ISSUER=ISSUER, CLINRAGEN_CDS_JWT_KEYS_FILE=str(keys),
-                     CLINRAGEN_CDS_BASE_URL=base,
+    env = worker_env(CLINRAGEN_CDS_HOOKS__JWT_ISSUER=ISSUER,
+                     CLINRAGEN_CDS_HOOKS__JWT_KEYS_FILE=str(keys),
+                     CLINRAGEN_CDS_HOOKS__BASE_URL=base,
                      CLINRAGEN_STATE_URL=os.environ.get("CLINRAGEN_TEST_STATE",
                                                         "redis://127.0.0.1:6379/5"))
-    env.pop("CLINRAGEN_CDS_AUTH", None)
+    env.pop("CLINRAGEN_CDS_HOOKS__AUTH", None)
     proc = subprocess.Popen([sys.executable, "-m", "clinragen_fhir.cli", "cds-hooks", "--host",
                              "127.0.0.1", "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -148,8 +149,8 @@ def test_hook_answers_from_the_stored_report_and_feedback_is_audited(
 
 
 def test_the_service_refuses_to_start_open_off_loopback() -> None:
-    env = worker_env(CLINRAGEN_CDS_AUTH="none")
-    for name in ("CLINRAGEN_CDS_JWT_ISSUER", "CLINRAGEN_CDS_JWT_KEYS_FILE"):
+    env = worker_env(CLINRAGEN_CDS_HOOKS__AUTH="none")
+    for name in ("CLINRAGEN_CDS_HOOKS__JWT_ISSUER", "CLINRAGEN_CDS_HOOKS__JWT_KEYS_FILE"):
         env.pop(name, None)
     done = subprocess.run([sys.executable, "-m", "clinragen_fhir.cli", "cds-hooks", "--host",
                            "0.0.0.0", "--port", str(free_port())], env=env, capture_output=True,

@@ -104,7 +104,7 @@ def test_a_condition_on_the_list_turns_suspected_into_known(
 
     # unchanged list, unchanged inputs: nothing written, also through the operator's CLI
     assert run(fhir, pid).status == "exists"
-    done = cli("diagnose", pid, "--local", CLINRAGEN_PROBLEM_LIST="on")
+    done = cli("diagnose", pid, "--local", CLINRAGEN_REPORT__PROBLEM_LIST="on")
     assert done.returncode == 0, done.stderr
     again = json.loads(done.stdout)
     assert (again["status"], again["problem_list"]) == ("exists", second.problem_list), again
@@ -119,7 +119,7 @@ def test_a_condition_on_the_list_turns_suspected_into_known(
 
     # the check turned off: the next run reads no Condition and says "not checked", a new
     # version (what the report says changed), never "suspected"
-    done = cli("diagnose", pid, "--local", CLINRAGEN_PROBLEM_LIST="off")
+    done = cli("diagnose", pid, "--local", CLINRAGEN_REPORT__PROBLEM_LIST="off")
     assert done.returncode == 0, done.stderr
     off = json.loads(done.stdout)
     assert off["status"] == "written" and off["version"] == "3", off

@@ -29,8 +29,9 @@ from clinragen_fhir.cds_hooks import (
     load_keys,
     make_app,
 )
-from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.config import LEGACY_ENV, ReportSettings, Settings
 from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.errors import FhirConfigError
 from clinragen_fhir.metrics import CDS_FEEDBACK
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 from clinragen_fhir.report.build import InputRef, build_transaction
@@ -39,6 +40,9 @@ PID = "pat-4711"
 SYSTEM = ReportSettings().identifier_system
 BASE = "https://cds.example.org"
 ISSUER = "https://ehr.example.org"
+CDS_ENV = [f"CLINRAGEN_CDS_HOOKS__{k.upper()}" for k in (
+    "auth", "jwt_issuer", "jwt_keys_file", "base_url", "report_url", "cors_origins",
+    "link_secret_env", "link_secret_file", "metrics_port", "metrics_host")]
 HOOK_URL = f"/cds-services/{SERVICE_ID}"
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -338,24 +342,24 @@ def test_a_signed_ehr_token_is_required(alg: str, rsa_key: rsa.RSAPrivateKey) ->
 
 def test_config_never_fails_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  rsa_key: rsa.RSAPrivateKey) -> None:
-    for name in ("CLINRAGEN_CDS_AUTH", "CLINRAGEN_CDS_JWT_ISSUER", "CLINRAGEN_CDS_JWT_KEYS_FILE",
-                 "CLINRAGEN_CDS_BASE_URL", "CLINRAGEN_CDS_LINK_SECRET"):
+    """`[cds_hooks]` (CLINRAGEN_CDS_HOOKS__* by environment), checked at start."""
+    for name in ("CLINRAGEN_CONFIG", "CLINRAGEN_CDS_LINK_SECRET", *CDS_ENV):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match="CLINRAGEN_CDS_JWT_ISSUER"):
+    with pytest.raises(ValueError, match="jwt_issuer"):
         CdsConfig.from_env()
-    monkeypatch.setenv("CLINRAGEN_CDS_AUTH", "none")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__AUTH", "none")
     open_config = CdsConfig.from_env()
     open_config.check_bind("127.0.0.1")
     with pytest.raises(ValueError, match="without JWT auth"):
         open_config.check_bind("0.0.0.0")
     keyfile = tmp_path / "ehr.pem"
     keyfile.write_text(pem_public(rsa_key))
-    monkeypatch.setenv("CLINRAGEN_CDS_AUTH", "jwt")
-    monkeypatch.setenv("CLINRAGEN_CDS_JWT_ISSUER", ISSUER)
-    monkeypatch.setenv("CLINRAGEN_CDS_JWT_KEYS_FILE", str(keyfile))
-    with pytest.raises(ValueError, match="CLINRAGEN_CDS_BASE_URL"):
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__AUTH", "jwt")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__JWT_ISSUER", ISSUER)
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__JWT_KEYS_FILE", str(keyfile))
+    with pytest.raises(ValueError, match="base_url"):
         CdsConfig.from_env()
-    monkeypatch.setenv("CLINRAGEN_CDS_BASE_URL", BASE + "/")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__BASE_URL", BASE + "/")
     config = CdsConfig.from_env()
     config.check_bind("0.0.0.0")
     assert config.auth is not None and config.base_url == BASE
@@ -370,8 +374,49 @@ def test_config_never_fails_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         CdsConfig.from_env()
     keyfile.write_text(pem_public(rsa_key))
     monkeypatch.setenv("CLINRAGEN_CDS_LINK_SECRET", "short")
-    with pytest.raises(ValueError, match="LINK_SECRET"):
+    with pytest.raises(FhirConfigError, match="CLINRAGEN_CDS_LINK_SECRET"):
         CdsConfig.from_env()
+    monkeypatch.setenv("CLINRAGEN_CDS_LINK_SECRET", "change-me-cds-link-secret")
+    with pytest.raises(FhirConfigError, match="placeholder"):
+        CdsConfig.from_env()
+    monkeypatch.delenv("CLINRAGEN_CDS_LINK_SECRET")
+    link = tmp_path / "link-secret"
+    link.write_text("a-real-link-secret-0123456789\n")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__LINK_SECRET_FILE", str(link))
+    assert CdsConfig.from_env().link_secret == b"a-real-link-secret-0123456789"
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__CORS_ORIGINS", "https://ehr.example, https://b.example")
+    assert CdsConfig.from_env().cors_origins == ["https://ehr.example", "https://b.example"]
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__REPORT_URL", "https://ehr.example/report")
+    with pytest.raises(ValueError, match="report_url"):
+        CdsConfig.from_env()
+
+
+def test_the_settings_come_from_the_toml_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             rsa_key: rsa.RSAPrivateKey) -> None:
+    for name in ("CLINRAGEN_CDS_LINK_SECRET", *CDS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    keyfile = tmp_path / "ehr.pem"
+    keyfile.write_text(pem_public(rsa_key))
+    toml = tmp_path / "site.toml"
+    toml.write_text(f'[cds_hooks]\njwt_issuer = "{ISSUER}"\njwt_keys_file = "{keyfile}"\n'
+                    f'base_url = "{BASE}"\ncors_origins = ["https://ehr.example"]\n'
+                    'metrics_port = 9810\n')
+    monkeypatch.setenv("CLINRAGEN_CONFIG", str(toml))
+    config = CdsConfig.from_env()
+    assert config.auth is not None and config.auth.issuer == ISSUER
+    assert config.cors_origins == ["https://ehr.example"]
+    assert Settings().metrics_bind("cds_hooks") == (9810, "127.0.0.1")
+
+
+@pytest.mark.parametrize("old", sorted(n for n in LEGACY_ENV if n.startswith("CLINRAGEN_CDS_")))
+def test_the_old_variables_are_refused_with_their_new_names(
+        monkeypatch: pytest.MonkeyPatch, old: str) -> None:
+    """Left as they were, CLINRAGEN_CDS_AUTH=none or an issuer would be ignored unseen."""
+    monkeypatch.setenv(old, "x")
+    with pytest.raises(FhirConfigError) as info:
+        Settings()
+    assert old in str(info.value) and LEGACY_ENV[old] in str(info.value)
+    assert "[cds_hooks] " in str(info.value)
 
 
 def test_a_lone_pem_key_verifies_tokens_without_kid(rsa_key: rsa.RSAPrivateKey) -> None:
@@ -397,7 +442,7 @@ def test_cli_refuses_an_open_service_off_loopback(monkeypatch: pytest.MonkeyPatc
     from clinragen_fhir import cli
 
     monkeypatch.setattr("clinragen_fhir.logs.configure", lambda *a, **k: None)
-    monkeypatch.setenv("CLINRAGEN_CDS_AUTH", "none")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__AUTH", "none")
     done = CliRunner().invoke(cli.main, ["cds-hooks", "--host", "0.0.0.0"])
     assert done.exit_code != 0 and "without JWT auth" in done.output
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -194,17 +196,40 @@ def test_the_fingerprint_is_unchanged_when_the_list_was_not_read() -> None:
 
 
 # -- the setting, the read and the scope ------------------------------------------------------
-def test_the_setting_is_off_by_default_and_a_typo_is_an_error() -> None:
-    assert problem_list_enabled({}) is False
-    assert problem_list_enabled({ENV: "on"}) is True
-    assert problem_list_enabled({ENV: "off"}) is False
-    with pytest.raises(FhirConfigError, match=ENV):
-        problem_list_enabled({ENV: "yse"})
-
-
-def test_the_variable_is_not_a_settings_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_setting_is_off_by_default_and_a_typo_is_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[report] problem_list` (CLINRAGEN_REPORT__PROBLEM_LIST by environment): off unless set,
+    an explicit value wins, a value that is no boolean is refused rather than read as off."""
+    monkeypatch.delenv(ENV, raising=False)
+    assert problem_list_enabled() is False and Settings().report.problem_list is False
+    assert problem_list_enabled(True) is True
     monkeypatch.setenv(ENV, "on")
-    Settings()  # extra="forbid" ignores CLINRAGEN_* variables that are no settings key
+    assert problem_list_enabled() is True and problem_list_enabled(False) is False
+    monkeypatch.setenv(ENV, "off")
+    assert problem_list_enabled() is False
+    monkeypatch.setenv(ENV, "yse")
+    with pytest.raises(ValueError, match="problem_list"):
+        problem_list_enabled()
+
+
+def test_the_setting_comes_from_the_toml_too(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    toml = tmp_path / "site.toml"
+    toml.write_text("[report]\nproblem_list = true\n")
+    monkeypatch.setenv("CLINRAGEN_CONFIG", str(toml))
+    assert problem_list_enabled() is True
+
+
+def test_the_old_variable_is_refused_with_its_new_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLINRAGEN_PROBLEM_LIST=on left as it was would otherwise turn the check off unseen."""
+    monkeypatch.setenv("CLINRAGEN_PROBLEM_LIST", "on")
+    with pytest.raises(FhirConfigError, match=re.escape(
+            "CLINRAGEN_PROBLEM_LIST (now CLINRAGEN_REPORT__PROBLEM_LIST, or [report] "
+            "problem_list in the TOML)")):
+        Settings()
+    with pytest.raises(FhirConfigError, match="CLINRAGEN_PROBLEM_LIST"):
+        problem_list_enabled()
 
 
 def test_least_privilege_the_condition_scope_only_while_on() -> None:

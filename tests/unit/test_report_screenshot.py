@@ -8,7 +8,7 @@ Run as a script, this module also makes the screenshots in docs/images/ from rea
 Synthea patients through `pipeline.diagnose_patient` with the released model, the report taken
 from the transaction the pipeline would POST (the bundle stands in for the FHIR server's reads):
 
-    CLINRAGEN_PROBLEM_LIST=on .venv/bin/python -m tests.unit.test_report_screenshot \\
+    CLINRAGEN_REPORT__PROBLEM_LIST=on .venv/bin/python -m tests.unit.test_report_screenshot \\
         --model .run/model/default 49644ad4-3f2c-ecff-52c0-0bd1022aa1b6 \\
         3458d2d7-2b13-ee85-cd49-4ab409c1af5d 1a00efb9-3b83-1420-f821-ce64a9d97c7e
 
@@ -137,6 +137,12 @@ class BundleClient:
             found = [r for r in found if wanted & {c.get("code") for cat in r.get("category", [])
                                                    for c in cat.get("coding", [])}]
         return iter(found if resource_type != "DiagnosticReport" else [])
+
+    def batch_search(self, reads: list[tuple[str, Mapping[str, Any] | None]]
+                     ) -> list[list[dict[str, Any]]]:
+        """`FhirClient.batch_search`: reads (`Type/id`, None) and searches, answered here."""
+        return [[self.read(*rtype.split("/"))] if params is None
+                else list(self.search(rtype, params)) for rtype, params in reads]
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         self.written.append(bundle)
