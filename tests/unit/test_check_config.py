@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from clinragen_fhir.cli import REQUIRED_SEARCH, main, masked
-from clinragen_fhir.config import LEGACY_WEBHOOK_ENV, FhirEndpoint
+from clinragen_fhir.config import LEGACY_ENV, LEGACY_WEBHOOK_ENV, FhirEndpoint
 from clinragen_fhir.fhir.auth import WORKER_SCOPE
 from clinragen_fhir.fhir.keys import generate
 from tests.unit.test_delivery_limit import free_port, private_redis
@@ -60,7 +60,8 @@ def redis_url() -> Iterator[str]:
 def site(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> dict[str, Any]:
     """A site on loopback: client-credentials auth, every service reachable, every secret set.
     `site["capabilities"]` is what the FHIR server answers."""
-    for name in ("CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", *LEGACY_WEBHOOK_ENV):
+    for name in ("CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", "CLINRAGEN_CDS_LINK_SECRET",
+                 *LEGACY_ENV):
         monkeypatch.delenv(name, raising=False)
     env = {"CLINRAGEN_FHIR__BASE_URL": "http://127.0.0.1:8080/fhir",
            "CLINRAGEN_FHIR__AUTH": "client-credentials",
@@ -120,7 +121,9 @@ def test_everything_is_reported_and_no_secret_printed(site: dict[str, Any]) -> N
         "webhook secret: environment variable CLINRAGEN_WEBHOOK_SECRET",
         "  header secret or HMAC; debounce 30 s; at most 100 patients per notification",
         "metrics: worker /metrics on 0.0.0.0:9808",
-        "tracing: off",
+        "tracing: off (tracing.enabled = false)",
+        "problem list: off (report.problem_list = false)",
+        "cds hooks: not configured",
         "log ids: hashed with CLINRAGEN_LOG_ID_KEY: a site key (set)",
     ]
     for line in expected:
@@ -205,3 +208,97 @@ def test_masked_hides_passwords_and_queries() -> None:
     assert masked("amqp://user:pw@h/vh") == "amqp://user:****@h/vh"
     assert masked("https://h/fhir?token=abc") == "https://h/fhir?****"
     assert masked("https://h/fhir") == "https://h/fhir"
+
+
+def test_tracing_is_reported_endpoint_masked(site: dict[str, Any],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing: on or off; on, the collector (masked: a query can carry a token), where its URL
+    comes from, the sampling and service names, the collector headers set or not (never their
+    value); a plain http collector off loopback, which the exporter refuses, is a problem."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert "tracing: off (tracing.enabled = false)" in check().output
+    monkeypatch.setenv("CLINRAGEN_TRACING__ENABLED", "true")
+    monkeypatch.setenv("CLINRAGEN_TRACING__SAMPLE_RATIO", "0.25")
+    monkeypatch.setenv("CLINRAGEN_TRACING__OTLP_ENDPOINT",
+                       "https://otel:pw-0123456789@collector.example:4318/v1/traces?key=k-42")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"authorization=Bearer {TOKEN}")
+    result = check()
+    out = result.output
+    assert result.exit_code == 0, out
+    assert ("tracing: on, OTLP/HTTP to https://otel:****@collector.example:4318/v1/traces?**** "
+            "(from tracing.otlp_endpoint)") in out
+    assert "  sampling 25% of root traces" in out and "clinragen-fhir-worker, -webhook" in out
+    assert "  collector headers: OTEL_EXPORTER_OTLP_HEADERS (set, not shown)" in out
+    assert "pw-0123456789" not in out and "k-42" not in out
+    monkeypatch.delenv("CLINRAGEN_TRACING__OTLP_ENDPOINT")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.example:4318")
+    result = check()
+    assert result.exit_code == 1, result.output
+    assert ("tracing: on, OTLP/HTTP to http://collector.example:4318/v1/traces (from "
+            "OTEL_EXPORTER_OTLP_ENDPOINT)") in result.output
+    assert "  REFUSED: " in result.output
+    monkeypatch.setenv("CLINRAGEN_TRACING__ALLOW_INSECURE_HTTP", "true")
+    assert check().exit_code == 0
+
+
+def test_problem_list_cds_hooks_and_every_metrics_address(
+        site: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = check().output
+    assert "problem list: off (report.problem_list = false)" in out
+    assert "cds hooks: not configured" in out
+    assert "  webhook /metrics off (webhook.metrics_port = 0" in out
+    assert "  cds-hooks /metrics off (cds_hooks.metrics_port = 0" in out
+    monkeypatch.setenv("CLINRAGEN_REPORT__PROBLEM_LIST", "on")
+    monkeypatch.setenv("CLINRAGEN_WEBHOOK__METRICS_PORT", "9809")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__METRICS_PORT", "9810")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__METRICS_HOST", "10.0.0.7")
+    result = check()
+    out = result.output
+    # on: Condition search is asked of the server (the mock lacks it) and of the token
+    assert result.exit_code == 1 and "problem list: on (report.problem_list)" in out
+    assert "  MISSING: resource Condition" in out
+    assert "  MISSING scope: system/Condition.s" in out
+    assert "  webhook /metrics on 0.0.0.0:9809" in out  # the worker's host
+    assert "  cds-hooks /metrics on 10.0.0.7:9810" in out
+    monkeypatch.delenv("CLINRAGEN_REPORT__PROBLEM_LIST")
+
+    ehr = tmp_path / "ehr.pem"
+    ehr.write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__JWT_ISSUER", "https://ehr.example")
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__JWT_KEYS_FILE", str(ehr))
+    result = check()  # no audience: the service would refuse to start
+    assert result.exit_code == 1 and "  REFUSED: CDS JWT auth needs cds_hooks.base_url" in \
+        result.output
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__BASE_URL", "https://cds.example")
+    monkeypatch.setenv("CLINRAGEN_CDS_LINK_SECRET", HOOK_SECRET[::-1])
+    result = check()
+    out = result.output
+    assert result.exit_code == 0, out
+    assert (f"cds hooks: JWT auth, issuer https://ehr.example, keys {ehr}, audience "
+            "https://cds.example") in out
+    assert ("  report links: the service's /reports/{id}; link secret: environment variable "
+            "CLINRAGEN_CDS_LINK_SECRET; CORS origins: none") in out
+    assert "  1 verification key loaded" in out and HOOK_SECRET[::-1] not in out
+    monkeypatch.setenv("CLINRAGEN_CDS_LINK_SECRET", "change-me-cds-link-secret")
+    result = check()
+    assert result.exit_code == 1 and "  REFUSED: the CDS link secret" in result.output
+    monkeypatch.setenv("CLINRAGEN_CDS_HOOKS__AUTH", "none")
+    monkeypatch.delenv("CLINRAGEN_CDS_LINK_SECRET")
+    result = check()
+    assert result.exit_code == 0 and "cds hooks: auth none (test only" in result.output
+
+
+@pytest.mark.parametrize("old", sorted(set(LEGACY_ENV) - set(LEGACY_WEBHOOK_ENV)))
+def test_the_old_problem_list_and_cds_variables_are_refused(
+        site: dict[str, Any], monkeypatch: pytest.MonkeyPatch, old: str) -> None:
+    monkeypatch.setenv(old, "on")
+    result = check()
+    assert result.exit_code == 1
+    assert f"configuration REFUSED: no longer read: {old} (now {LEGACY_ENV[old]}" in \
+        result.output
