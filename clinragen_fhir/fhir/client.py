@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
+import json
 import logging
 import re
 import ssl
@@ -152,6 +153,21 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _outcome_detail(body: Any) -> str:
+    """An OperationOutcome's diagnostics (a batch entry's answer), else ""."""
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        issues = body.get("issue") or []
+        texts = [str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))
+                 for i in issues if isinstance(i, dict)]
+        return "; ".join(texts)[:500]
+    return ""
+
+
+def _json_bytes(value: Any) -> bytes:
+    """A decoded answer's size as JSON, for the search byte budget of a batch entry."""
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _outcome_text(response: httpx.Response) -> str:
@@ -383,13 +399,15 @@ class FhirClient:
                            defer_long_waits=True)
 
     def _send(self, method: str, url: str, *, params: Params | None = None,
-              json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
+              json: Any = None, headers: Mapping[str, str] | None = None,
+              where: str | None = None) -> httpx.Response:
         """One request, retried by this client's layer of the retry policy (`policy`).
 
         The answer is streamed and read under the byte caps (`read_capped`); what is returned
-        holds the decoded body (no Content-Encoding left on it).
+        holds the decoded body (no Content-Encoding left on it). `where`: the request's name in
+        logs and errors (default: its URL, redacted).
         """
-        path = redact_url(url)
+        path = where or redact_url(url)
 
         def logged(failed: int, error: BaseException, delay: float) -> None:
             log.warning("fhir retry", extra={"fields": {
@@ -473,14 +491,23 @@ class FhirClient:
         pages, `max_search_bytes` decoded bytes in all, and a `next` link to a page already
         read (a cycle would otherwise page until the limit, the same page each time).
         """
-        pairs = param_pairs(params)  # repeated names kept (`date=ge…&date=le…`)
-        query = pairs if any(k == "_count" for k, _ in pairs) else \
-            [("_count", self.page_size), *pairs]
-        response = self._send("GET", resource_type, params=query)
-        seen = {_page_key(str(response.request.url))}
-        total = len(response.content)
+        response = self._send("GET", resource_type, params=self._query(params))
+        first_url, total = str(response.request.url), len(response.content)
         bundle = _searchset(self._json(response))
         del response
+        yield from self._paged(resource_type, bundle, first_url, total)
+
+    def _query(self, params: Params) -> list[tuple[str, Any]]:
+        """A search's parameters with this client's page size unless they name one."""
+        pairs = param_pairs(params)  # repeated names kept (`date=ge…&date=le…`)
+        return pairs if any(k == "_count" for k, _ in pairs) else \
+            [("_count", self.page_size), *pairs]
+
+    def _paged(self, resource_type: str, bundle: JsonDict, first_url: str,
+               total: int) -> Iterator[JsonDict]:
+        """The first page (already read, `total` bytes, asked for as `first_url`), then the
+        pages its `next` links lead to, under the bounds `search_pages` names."""
+        seen = {_page_key(first_url)}
         pages = 1
         while True:
             yield bundle
@@ -506,6 +533,67 @@ class FhirClient:
             bundle = _searchset(self._json(response))
             del response
             pages += 1
+
+    def search_url(self, resource_type: str, params: Params) -> str:
+        """A search as the relative URL of a batch entry (`Type?_count=...&...`)."""
+        return f"{resource_type}?{urlencode(self._query(params), safe=',:|/')}"
+
+    def batch(self, requests: Sequence[str]) -> list[JsonDict | FhirError]:
+        """GET each relative URL (`Patient/1`, `Observation?...`, `search_url`) in one batch
+        Bundle: one round trip. Each answer in order, the resource (a searchset Bundle for a
+        search) or the FhirError its entry's status gives (the caller decides, as for a
+        request of its own: `FhirHTTPError.retryable` says whether a retry can help). An
+        answer that is not a batch-response of as many entries is a FhirError."""
+        bundle = {"resourceType": "Bundle", "type": "batch",
+                  "entry": [{"request": {"method": "GET", "url": url}} for url in requests]}
+        named = ", ".join(redact_path(url.partition("?")[0]) for url in requests)
+        answer = self._json(self._send("POST", "", json=bundle, where=f"batch[{named}]"))
+        entries = answer.get("entry")
+        if answer.get("resourceType") != "Bundle" or not isinstance(entries, list) or \
+                len(entries) != len(requests) or not all(isinstance(e, dict) for e in entries):
+            raise FhirError(f"batch of {len(requests)} reads: the answer is not a "
+                            "batch-response with one entry per request")
+        out: list[JsonDict | FhirError] = []
+        for url, entry in zip(requests, entries, strict=True):
+            path = redact_url(url)
+            status_text = str((entry.get("response") or {}).get("status", ""))
+            status = int(status_text[:3]) if status_text[:3].isdigit() else 0
+            resource = entry.get("resource")
+            if 200 <= status < 300 and isinstance(resource, dict):
+                out.append(resource)
+                continue
+            if not status:
+                out.append(FhirError(f"GET {path}: batch entry without a status"))
+                continue
+            outcome = resource if isinstance(resource, dict) else \
+                (entry.get("response") or {}).get("outcome")
+            detail = redact_text(_outcome_detail(outcome), _sent_tokens(url, None))
+            out.append(FhirHTTPError(status, "GET", path, detail))
+        return out
+
+    def batch_search(self, reads: Sequence[tuple[str, Params | None]]
+                     ) -> list[list[JsonDict] | FhirError]:
+        """Reads (`(type/id, None)`) and searches (`(type, params)`) in one batch Bundle, each
+        search then paged beyond its first page through its `next` links (one request a page,
+        the bounds of `search_pages`: pages, bytes, cycles). Each answer in order: the
+        resources (one for a read), or the FhirError of that entry; a failing page after the
+        first raises, as in `search`."""
+        urls = [rtype if params is None else self.search_url(rtype, params)
+                for rtype, params in reads]
+        out: list[list[JsonDict] | FhirError] = []
+        for (rtype, params), url, answer in zip(reads, urls, self.batch(urls), strict=True):
+            if isinstance(answer, FhirError) or params is None:
+                out.append(answer if isinstance(answer, FhirError) else [answer])
+                continue
+            first = _searchset(answer)
+            size = len(_json_bytes(first))
+            if size > self.max_search_bytes:
+                raise FhirTooLarge(f"search {rtype}: more than {self.max_search_bytes} bytes in "
+                                   "1 page (max_search_bytes)")
+            out.append([e["resource"] for page in self._paged(
+                rtype, first, urljoin(self.base_url + "/", url), size)
+                for e in page.get("entry", []) or [] if isinstance(e.get("resource"), dict)])
+        return out
 
     def search(self, resource_type: str, params: Params) -> Iterator[JsonDict]:
         """Every matching resource (entries with search.mode 'include' too), across pages."""

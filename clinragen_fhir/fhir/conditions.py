@@ -16,7 +16,7 @@ the default scope asks for it, only while the check is on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, MutableSequence
+from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,22 +127,36 @@ def read_problem_list(client: FhirClient, patient_id: str,
 
     The search is appended to `queries` and the count to `n_read` (the read AuditEvent's query
     entities and details) when given. Refused or failing for good: not checked, with the reason;
-    a transient failure the client's retries did not cure is raised (the task is retried)."""
+    a transient failure the client's retries did not cure is raised (the task is retried).
+    (The worker reads the same search inside its batch of reads: `problem_list_of`.)"""
     if not (problem_list_enabled() if enabled is None else enabled):
         return ProblemList(False, reason=OFF_REASON)
     params = problem_query(patient_id)
     if queries is not None:
         queries.append(("Condition", params))
+    found: list[dict[str, Any]] = []
+    try:
+        found.extend(client.search("Condition", params))
+    except FhirError as exc:
+        return problem_list_of(exc, n_read)
+    return problem_list_of(found, n_read)
+
+
+def problem_list_of(answer: Iterable[Mapping[str, Any]] | FhirError,
+                    n_read: MutableMapping[str, int] | None = None) -> ProblemList:
+    """The problem list from the answer to `problem_query` (the resources, or the error of that
+    search, e.g. a batch entry's): a final error is "not checked" with the reason, a transient
+    one is raised (the task is retried). The count of listed Conditions goes to `n_read`."""
     found: list[ListedCondition] = []
     try:
-        for resource in client.search("Condition", params):
+        if isinstance(answer, FhirError):
+            if answer.retryable:
+                raise answer
+            return ProblemList(False, reason=_refused(answer))
+        for resource in answer:
             listed = listed_condition(resource)
             if listed is not None:
                 found.append(listed)
-    except FhirError as exc:
-        if exc.retryable:
-            raise
-        return ProblemList(False, reason=_refused(exc))
     finally:
         if n_read is not None:
             n_read["Condition"] = len(found)

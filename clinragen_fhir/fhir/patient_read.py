@@ -1,5 +1,7 @@
 """What the worker reads from the server for one patient: the Patient, their laboratory and
-vital-signs Observations within the lookback, and their DocumentReferences (every page).
+vital-signs Observations within the lookback, and their DocumentReferences (every page), in
+one batch Bundle with whatever else the caller needs of the patient (its current report, the
+problem list).
 
 One function, so that the pipeline (`pipeline.gather_inputs`) and `clinragen-fhir knowledge
 explain --fhir` read the same resources with the same searches; encoding them is
@@ -8,11 +10,13 @@ explain --fhir` read the same resources with the same searches; encoding them is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from clinragen_fhir.fhir.client import FhirClient
+from clinragen_fhir.fhir.errors import FhirError
 
 
 @dataclass
@@ -24,6 +28,8 @@ class PatientRead:
     observations: list[dict[str, Any]]
     documents: list[dict[str, Any]]
     queries: list[tuple[str, dict[str, Any]]]
+    # the answers of the `extra` searches read in the same batch, in order
+    extra: list[list[dict[str, Any]] | FhirError] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Resources read, by type (for the audit)."""
@@ -38,12 +44,18 @@ def patient_queries(patient_id: str, since: str) -> list[tuple[str, dict[str, An
             ("DocumentReference", {"patient": patient_id})]
 
 
-def read_patient(client: FhirClient, patient_id: str, lookback_days: int,
-                 now: datetime) -> PatientRead:
-    """Read the patient, their labs/vitals of the last `lookback_days` and their notes."""
+def read_patient(client: FhirClient, patient_id: str, lookback_days: int, now: datetime,
+                 extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> PatientRead:
+    """Read the patient, their labs/vitals of the last `lookback_days` and their notes, in one
+    batch Bundle (`FhirClient.batch_search`: one round trip, then a request per page beyond
+    each search's first). `extra` searches go in the same batch; their answers (the resources,
+    or the FhirError of that entry) are in `PatientRead.extra`, in order. A failing read of the
+    patient's own inputs raises its error, as a request of its own would."""
     since = (now - timedelta(days=lookback_days)).date().isoformat()
-    resource = client.read("Patient", patient_id)
     queries = patient_queries(patient_id, since)
-    observations = list(client.search(*queries[0]))
-    documents = list(client.search(*queries[1]))
-    return PatientRead(resource, observations, documents, queries)
+    answers = client.batch_search([(f"Patient/{patient_id}", None), *queries, *extra])
+    for answer in answers[:3]:
+        if isinstance(answer, FhirError):
+            raise answer
+    resource, observations, documents = (cast(list[dict[str, Any]], a) for a in answers[:3])
+    return PatientRead(resource[0], observations, documents, queries, answers[3:])

@@ -21,6 +21,7 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 PID = "p-audit-1"
@@ -104,7 +105,8 @@ class FakeServer:
 def test_retried_committed_transaction_writes_one_write_audit_event() -> None:
     server = FakeServer()
     kg = load_graph(None)
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(server.handler),
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(server.handler)),
                     retries=3, backoff=0.001) as client:
         outcome = diagnose_patient(client, kg, RuleBaseline(kg), PID, ReportSettings())
     assert outcome.status == "written"

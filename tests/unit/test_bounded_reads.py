@@ -24,6 +24,7 @@ from clinragen_fhir.fhir.client import MAX_PAGES, MAX_RESPONSE_BYTES, FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirTooLarge
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import gather_inputs
+from tests.fhir_batch import batching
 
 BASE = "http://127.0.0.1:8080/fhir"
 MIB = 1024 * 1024
@@ -33,7 +34,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 def client(handler: Handler, **settings: Any) -> FhirClient:
     """A client built from the settings, as the worker builds it."""
     endpoint = FhirEndpoint(base_url=BASE, retries=2, **settings)
-    return endpoint.client(transport=httpx.MockTransport(handler))
+    return endpoint.client(transport=httpx.MockTransport(batching(handler)))
 
 
 def gzip_bomb(inflated: int) -> bytes:

@@ -23,6 +23,7 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker import tasks
 from clinragen_fhir.worker.state import LOCK_KEY, WorkerState
+from tests.fhir_batch import batching
 from tests.unit.test_delivery_limit import free_port, private_redis
 from tests.unit.test_report_lock import PID, NonAtomicServer
 
@@ -50,7 +51,7 @@ def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(cli, "_settings", lambda: settings)
         monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, observer=None: client(
-            self, transport=httpx.MockTransport(server.handler), observer=observer))
+            self, transport=httpx.MockTransport(batching(server.handler)), observer=observer))
         result = CliRunner().invoke(cli.main, ["diagnose", "--local", PID])
         return server, result
 

@@ -37,6 +37,7 @@ from clinragen_fhir.report.build import (
     build_transaction,
     site_organization,
 )
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +227,8 @@ def test_pipeline_audits_its_searches_and_the_site() -> None:
                                          "entry": [{"resource": r} for r in found]})
 
     kg = load_graph(None)
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(handler)) as c:
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(handler))) as c:
         outcome = diagnose_patient(c, kg, RuleBaseline(kg), pid, SITE)
     assert outcome.status == "written"
     events = [e["resource"] for b in posted for e in b["entry"]

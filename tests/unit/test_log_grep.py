@@ -28,6 +28,7 @@ from clinragen_fhir.config import FhirEndpoint, Settings
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker import tasks
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 TOKEN = "tok-" + uuid.uuid4().hex
@@ -178,7 +179,7 @@ def assert_clean(run: Run) -> None:
 def test_page_two_errors_are_redacted_and_a_trailing_newline_is_stripped(
         run_task: Callable[..., Run], monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     monkeypatch.setenv("SITE_TOKEN", TOKEN + suffix)
-    run = run_task(H11LikeTransport(page_two_fails), token_env="SITE_TOKEN")
+    run = run_task(H11LikeTransport(batching(page_two_fails)), token_env="SITE_TOKEN")
     assert_clean(run)
     assert len(run.retry_reasons) == 2  # page 2's 500 is retried, then dead-lettered
     assert run.dead_letters and "HTTP 500" in run.dead_letters[0]
@@ -191,14 +192,15 @@ def test_a_failing_transport_is_named_by_type_only(run_task: Callable[..., Run],
     run = run_task(QuotingTransport(), token_env="SITE_TOKEN")
     assert_clean(run)
     assert len(run.retry_reasons) == 2
-    assert run.dead_letters == [f"FhirUnavailable: GET Patient/#{logs.hash_id(PID)[:10]}: "
-                                "ConnectError"]
+    assert run.dead_letters == [  # the batch of reads (fhir.patient_read), its entries named
+        f"FhirUnavailable: POST batch[Patient/#{logs.hash_id(PID)[:10]}, Observation, "
+        "DocumentReference, DiagnosticReport]: ConnectError"]
 
 
 def test_a_token_that_cannot_be_a_header_is_refused_without_quoting_it(
         run_task: Callable[..., Run], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SITE_TOKEN", TOKEN[:10] + "\n" + TOKEN[10:])
-    run = run_task(H11LikeTransport(page_two_fails), token_env="SITE_TOKEN")
+    run = run_task(H11LikeTransport(batching(page_two_fails)), token_env="SITE_TOKEN")
     assert TOKEN[:10] not in run.everything() and TOKEN[10:] not in run.everything()
     assert run.retry_reasons == []  # a config error is final
     assert run.dead_letters == ["FhirConfigError: the bearer token (token_env/file) is unusable: "

@@ -14,6 +14,7 @@ from clinragen_fhir.identity import RULE_BASELINE
 from clinragen_fhir.pipeline import INPUTS_EXT, diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.predict.types import Identity, Prediction
+from tests.fhir_batch import batching
 from tests.unit.test_report_lifecycle import KG, PID, VersionedServer
 
 
@@ -36,7 +37,8 @@ class Counted:
 
 
 def run(server: VersionedServer, predictor: Any) -> Any:
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(server.handler),
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(server.handler)),
                     retries=0) as client:
         return diagnose_patient(client, KG, predictor, PID, ReportSettings(audit_events=False))
 

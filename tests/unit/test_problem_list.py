@@ -49,6 +49,7 @@ from clinragen_fhir.predict.types import Diagnosis, Prediction
 from clinragen_fhir.report.build import content_fingerprint
 from clinragen_fhir.report.html import decode_presented_form
 from clinragen_fhir.report.problem_list import PROBLEM_LIST_EXT, compare, match, read_extension
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 PID = "p-problems-1"
@@ -120,7 +121,8 @@ def run(server: Server, monkeypatch: pytest.MonkeyPatch, on: bool = True) -> Out
         monkeypatch.setenv(ENV, "on")
     else:
         monkeypatch.delenv(ENV, raising=False)
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(server.handler),
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(server.handler)),
                     retries=0) as client:
         return diagnose_patient(client, KG, RuleBaseline(KG), PID, SETTINGS)
 

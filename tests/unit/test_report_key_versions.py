@@ -17,6 +17,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import gather_inputs
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.build import InputRef, input_stamp, report_key
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 PID = "p-noversion"
@@ -32,7 +33,7 @@ def key_for(kg: KnowledgeGraph, observations: list[dict[str, Any]]) -> str:
         return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset",
                                          "entry": [{"resource": r} for r in found]})
 
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(handler),
+    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(batching(handler)),
                     retries=0) as client:
         inputs = gather_inputs(client, kg, PID, ReportSettings())
     assert len(inputs.used) == len(observations)

@@ -30,6 +30,7 @@ from clinragen_fhir.report.build import (
     is_legacy_key,
     report_key,
 )
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 PID = "p-life-1"
@@ -158,7 +159,8 @@ class Named:
 
 
 def run(server: VersionedServer, predictor: Any = None) -> Any:
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(server.handler),
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(server.handler)),
                     retries=0) as client:
         return diagnose_patient(client, KG, predictor or RuleBaseline(KG), PID,
                                 ReportSettings(audit_events=False))

@@ -28,6 +28,7 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker import tasks
 from clinragen_fhir.worker.state import LOCK_KEY, ReportLocked, WorkerState
+from tests.fhir_batch import batching
 from tests.observations import a1c
 from tests.unit.test_delivery_limit import free_port, private_redis
 
@@ -148,7 +149,7 @@ def run_tasks(redis_url: str, monkeypatch: pytest.MonkeyPatch
         predictor = OneAtATime(RuleBaseline(kg))
         monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, predictor))
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, observer=None: client(
-            self, transport=httpx.MockTransport(server.handler), observer=observer))
+            self, transport=httpx.MockTransport(batching(server.handler)), observer=observer))
         results: list[Any] = [None] * n
 
         def one(i: int) -> None:

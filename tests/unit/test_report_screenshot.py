@@ -138,6 +138,12 @@ class BundleClient:
                                                    for c in cat.get("coding", [])}]
         return iter(found if resource_type != "DiagnosticReport" else [])
 
+    def batch_search(self, reads: list[tuple[str, Mapping[str, Any] | None]]
+                     ) -> list[list[dict[str, Any]]]:
+        """`FhirClient.batch_search`: reads (`Type/id`, None) and searches, answered here."""
+        return [[self.read(*rtype.split("/"))] if params is None
+                else list(self.search(rtype, params)) for rtype, params in reads]
+
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         self.written.append(bundle)
         return {"entry": [  # by type: the report's request URL is a conditional update's query

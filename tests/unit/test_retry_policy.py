@@ -8,6 +8,7 @@ transient error, one for a final one (docs/integration.md, "Retry policy").
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.retry import RetryPolicy
 from clinragen_fhir.worker import tasks
 from clinragen_fhir.worker.state import ReportLocked
+from tests.fhir_batch import is_batch
 from tests.unit.test_log_grep import FakeState
 from training.llm import LLMClient, LLMConfig, LLMError
 
@@ -204,10 +206,12 @@ def test_a_failing_call_is_sent_at_most_client_times_task_attempts(
     with caplog.at_level(logging.WARNING):
         result, state = run_task(server, fhir_retries=fhir_retries, max_retries=max_retries)
     assert result.failed() and "HTTP 503" in str(result.result)
-    # the failing call: the Patient read (each run also tries to record its failure: POST)
-    reads = [r for r in server.requests if r.method == "GET"]
+    # the failing call: the batch of reads, the Patient first (each run also tries to record
+    # its failure: a transaction)
+    reads = [r for r in server.requests if is_batch(r)]
     assert len(reads) == (fhir_retries + 1) * (max_retries + 1)
-    assert {r.url.path for r in reads} == {f"/fhir/Patient/{PID}"}
+    assert {json.loads(r.content)["entry"][0]["request"]["url"] for r in reads} == {
+        f"Patient/{PID}"}
     task_retries = [r for r in caplog.records if r.getMessage() == "diagnose retry"]
     assert len(task_retries) == max_retries
     assert len(state.letters) == 1  # dead-lettered once, after the last run
@@ -217,7 +221,7 @@ def test_a_final_error_is_sent_once_and_dead_lettered(
         run_task: Callable[..., tuple[Any, FakeState]]) -> None:
     server = always(404)
     result, state = run_task(server, fhir_retries=3, max_retries=5)
-    assert result.failed() and len([r for r in server.requests if r.method == "GET"]) == 1
+    assert result.failed() and len([r for r in server.requests if is_batch(r)]) == 1
     assert "HTTP 404" in state.letters[0][1]
 
 
@@ -235,7 +239,7 @@ def test_the_task_retries_a_long_retry_after_the_client_left_to_it(
     monkeypatch.setattr(tasks.diagnose, "retry", spy)
     server = always(503, {"Retry-After": "120"})
     result, _ = run_task(server, fhir_retries=3, max_retries=2)
-    reads = [r for r in server.requests if r.method == "GET"]
+    reads = [r for r in server.requests if is_batch(r)]
     assert result.failed() and len(reads) == 3  # 1 per run, 3 runs
     assert countdowns == [120, 120]
 

@@ -34,6 +34,7 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker.tasks import POLLED
+from tests.fhir_batch import batching
 from tests.observations import a1c
 
 PID = "p-scope-1"
@@ -86,7 +87,8 @@ def worker_access() -> dict[str, set[str]]:
     """What a report run and the poll task do, as recorded."""
     server = RecordingServer()
     kg = load_graph(None)
-    with FhirClient("http://127.0.0.1:9/fhir", transport=httpx.MockTransport(server.handler),
+    with FhirClient("http://127.0.0.1:9/fhir",
+                    transport=httpx.MockTransport(batching(server.handler)),
                     retries=0) as client:
         outcome = diagnose_patient(client, kg, RuleBaseline(kg), PID,
                                    ReportSettings(audit_events=True))
