@@ -22,9 +22,12 @@ from clinragen_fhir.cli import main
 from clinragen_fhir.config import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-# read by name (the webhook secret: webhook.secret_env's default); the old CLINRAGEN_WEBHOOK_*
-# names are refused by Settings (config.LEGACY_WEBHOOK_ENV), so they are not here
-OTHER_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", "CLINRAGEN_LOG_ID_KEY"}
+# read by name (the webhook secret: webhook.secret_env's default; the CDS link secret:
+# cds_hooks.link_secret_env's; the OTLP exporter's headers); the old CLINRAGEN_WEBHOOK_*,
+# CLINRAGEN_CDS_* and CLINRAGEN_PROBLEM_LIST names are refused by Settings (config.LEGACY_ENV),
+# so they are not here
+OTHER_ENV = {"CLINRAGEN_CONFIG", "CLINRAGEN_WEBHOOK_SECRET", "CLINRAGEN_LOG_ID_KEY",
+             "CLINRAGEN_CDS_LINK_SECRET", "OTEL_EXPORTER_OTLP_HEADERS"}
 
 
 def setting_exists(env_name: str) -> bool:
@@ -81,6 +84,9 @@ def test_kubernetes_manifests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     settings = Settings()
     assert settings.fhir.auth == "smart-backend" and settings.fhir.verify_tls
     assert settings.worker.metrics_port == 9808
+    assert settings.metrics_bind("webhook") == (9809, "0.0.0.0")  # the pod address
+    assert "problem_list" in tomllib.loads(config["data"]["site.toml"])["report"]
+    assert settings.report.problem_list is False  # known vs suspected: the site turns it on
     for d in docs:
         if d["kind"] != "Deployment":
             continue

@@ -143,6 +143,58 @@ def test_compose_environment_names_real_settings() -> None:
                 assert_setting_env(var, f"compose {name}")
 
 
+def dotenv() -> dict[str, str]:
+    """deploy/compose/.env, as compose reads it for its ${...} substitutions."""
+    pairs = (line.split("=", 1) for line in (COMPOSE_DIR / ".env").read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def interpolated(svc: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """A service's environment after compose's ${VAR}, ${VAR:-default}, ${VAR:?error}."""
+    def sub(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        assert op != ":?", f"{name}: {arg}"
+        return arg if op == ":-" else ""
+
+    return {k: re.sub(r"\$\{(\w+)(:-|:\?)?([^}]*)\}", sub, str(v))
+            for k, v in svc.get("environment", {}).items()}
+
+
+def test_compose_switches_are_settings_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The problem list and tracing come from .env into every app service's environment, off
+    as shipped; the webhook serves /metrics on its container address, published on loopback."""
+    from clinragen_fhir.config import Settings
+
+    services = compose()["services"]
+    shipped = dotenv()
+    assert shipped["CLINRAGEN_REPORT__PROBLEM_LIST"] == "false"
+    assert shipped["CLINRAGEN_TRACING__ENABLED"] == "false"
+    on = {**shipped, "CLINRAGEN_REPORT__PROBLEM_LIST": "true", "CLINRAGEN_TRACING__ENABLED":
+          "true", "CLINRAGEN_TRACING__OTLP_ENDPOINT": "https://collector.example:4318/v1/traces",
+          "CLINRAGEN_REDIS_PASSWORD": "a-real-redis-password-0123456789"}
+    for name in ("worker", "beat", "webhook"):
+        for dotenv_values, enabled in ((shipped, False), (on, True)):
+            env = interpolated(services[name], dotenv_values)
+            for var in list(os.environ):
+                if var.startswith(("CLINRAGEN_", "OTEL_")):
+                    monkeypatch.delenv(var)
+            for var, value in env.items():
+                monkeypatch.setenv(var, value)
+            monkeypatch.delenv("CLINRAGEN_CONFIG")  # the container's path; the example's keys
+            settings = Settings()  # are checked in test_deploy_files
+            assert settings.report.problem_list is enabled, name
+            assert settings.tracing.enabled is enabled, name
+            if enabled:
+                assert settings.tracing.otlp_endpoint == on["CLINRAGEN_TRACING__OTLP_ENDPOINT"]
+            if name == "webhook":
+                assert settings.metrics_bind("webhook") == (9809, "0.0.0.0")
+    assert "127.0.0.1:9809:9809" in services["webhook"]["ports"]
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in (COMPOSE_DIR / "site.env").read_text()
+
+
 def load_flowerconfig(secret: Path) -> Any:
     flower = compose()["services"]["flower"]
     conf = next(a.split("=", 1)[1] for a in flower["command"] if a.startswith("--conf="))
@@ -433,7 +485,7 @@ def test_only_existing_secrets_are_referenced(path: Path) -> None:
     v = values(path)
     allowed = {v["redis"]["existingSecret"], v["fhir"]["smartKey"]["existingSecret"],
                v["logIdKey"]["existingSecret"], v["webhook"]["existingSecret"],
-               v["webhook"]["ingress"]["tlsSecretName"]}
+               v["webhook"]["ingress"]["tlsSecretName"], v["tracing"]["existingSecret"]} - {""}
     text = yaml.safe_dump_all(docs)
     referenced = set(re.findall(r"secretName: (\S+)", text))
     referenced |= {m for m in re.findall(r"secretKeyRef:\n\s+key: \S+\n\s+name: (\S+)", text)}
@@ -540,7 +592,10 @@ def test_service_monitor_and_alerts_use_metrics_that_exist() -> None:
     assert webhook["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     container = pod["spec"]["containers"][0]
     assert "metrics" in {p["name"] for p in container["ports"]}
-    assert container["command"][-4:] == ["--metrics-port", "9809", "--metrics-host", "0.0.0.0"]
+    env = {e["name"]: e.get("value") for e in container["env"]}  # the [webhook] settings
+    assert (env["CLINRAGEN_WEBHOOK__METRICS_PORT"], env["CLINRAGEN_WEBHOOK__METRICS_HOST"]) == \
+        ("9809", "0.0.0.0")
+    assert "--metrics-port" not in container["command"]
     rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} >= {"ClinragenQueueDepthHigh", "ClinragenDeadLetters",
                                            "ClinragenTaskFailures", "ClinragenTokenFailures"}
@@ -552,6 +607,58 @@ def test_service_monitor_and_alerts_use_metrics_that_exist() -> None:
         for outcomes in re.findall(r'outcome=~"([^"]+)"', rule["expr"]):
             for outcome in outcomes.split("|"):  # label values the worker really sets
                 assert f'"{outcome}"' in tasks_src, (rule["alert"], outcome)
+
+
+def main_env(deploy: dict[str, Any]) -> dict[str, Any]:
+    """The first container's environment: name -> value, or the valueFrom of a secret."""
+    return {e["name"]: e.get("value", e.get("valueFrom"))
+            for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_tracing_on_sets_the_settings_the_token_secret_and_the_egress() -> None:
+    """tracing.enabled: every process gets the [tracing] settings by environment (real settings,
+    which load), the collector's headers from tracing.existingSecret, and the NetworkPolicy an
+    egress rule to the collector; off (the default), none of that."""
+    from clinragen_fhir.config import Settings
+
+    path = CHART / "ci" / "tracing-values.yaml"
+    v = values(path)["tracing"]
+    docs = render(path)
+    deploys = kinds(docs, "Deployment")
+    assert {d["metadata"]["name"].rsplit("-", 1)[1] for d in deploys} == {"worker", "beat",
+                                                                          "webhook"}
+    for d in deploys:
+        env = main_env(d)
+        tracing = {k.removeprefix("CLINRAGEN_TRACING__").lower(): val for k, val in env.items()
+                   if k.startswith("CLINRAGEN_TRACING__")}
+        for var in env:
+            if var.startswith("CLINRAGEN_"):
+                assert_setting_env(var, d["metadata"]["name"])
+        settings = Settings(tracing=tracing).tracing
+        assert settings.enabled and settings.otlp_endpoint == v["otlpEndpoint"]
+        assert settings.sample_ratio == 0.25 and settings.allow_insecure_http
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"] == {"secretKeyRef": {
+            "name": v["existingSecret"], "key": v["headersKey"]}}
+    assert main_env(one(docs, "Deployment", "-worker"))["CLINRAGEN_REPORT__PROBLEM_LIST"] == \
+        "true"
+    egress = one(docs, "NetworkPolicy")["spec"]["egress"]
+    collector = [r for r in egress if {p["port"] for p in r["ports"]} == {4318}]
+    assert len(collector) == 1 and collector[0]["to"] == v["collector"]["to"]
+
+    off = render(CHART / "ci" / "test-values.yaml")
+    for d in kinds(off, "Deployment"):
+        assert not {k for k in main_env(d) if "TRACING" in k or k.startswith("OTEL_")}
+    assert not [r for r in one(off, "NetworkPolicy")["spec"]["egress"]
+                if 4318 in {p["port"] for p in r["ports"]}]
+
+
+def test_tracing_on_needs_the_collector_url(tmp_path: Path) -> None:
+    site = tmp_path / "site-values.yaml"
+    site.write_text((CHART / "ci" / "tracing-values.yaml").read_text().replace(
+        "  otlpEndpoint: http://otel-collector.observability.svc:4318/v1/traces\n", ""))
+    proc = run(helm(), "template", "site", str(CHART), "-f", str(site), "--kube-version",
+               KUBE_VERSIONS[-1], ok=False)
+    assert proc.returncode != 0 and "tracing.otlpEndpoint" in proc.stderr, proc.stderr
 
 
 def test_the_site_config_names_real_settings() -> None:

@@ -38,7 +38,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{/* The Redis URLs and the log key: every process needs them. */}}
+{{/* The Redis URLs and the log key: every process needs them; tracing when it is on. */}}
 {{- define "clinragen.commonEnv" -}}
 - name: CLINRAGEN_CONFIG
   value: /etc/clinragen/site.toml
@@ -62,6 +62,29 @@ app.kubernetes.io/component: {{ index . 1 }}
     secretKeyRef:
       name: {{ .Values.redis.existingSecret }}
       key: {{ .Values.redis.stateUrlKey }}
+{{- include "clinragen.tracingEnv" . }}
+{{- end -}}
+
+{{/* [tracing] by environment, when tracing.enabled; the collector's headers from a Secret */}}
+{{- define "clinragen.tracingEnv" -}}
+{{- $t := .Values.tracing -}}
+{{- if $t.enabled }}
+- name: CLINRAGEN_TRACING__ENABLED
+  value: "true"
+- name: CLINRAGEN_TRACING__OTLP_ENDPOINT
+  value: {{ required "tracing.otlpEndpoint: the collector's traces URL (or set tracing.enabled=false)" $t.otlpEndpoint | quote }}
+- name: CLINRAGEN_TRACING__SAMPLE_RATIO
+  value: {{ $t.sampleRatio | quote }}
+- name: CLINRAGEN_TRACING__ALLOW_INSECURE_HTTP
+  value: {{ $t.allowInsecureHttp | quote }}
+{{- if $t.existingSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $t.existingSecret }}
+      key: {{ $t.headersKey }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "clinragen.podSpecCommon" -}}
