@@ -5,9 +5,10 @@ used for the whole worker or for one patient."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -39,6 +40,13 @@ class ModelOrBaseline:
         self.baseline = baseline
         self.reason = reason
         self.name = model.name if model is not None else baseline.name
+        # seconds per stage of the last predict / predict_batch call (the pipeline shares them
+        # out over the batch's patients: Outcome.timings): featurise_s (knowledge retrieval and
+        # the model's input arrays), prefix_s (the prefix graph: encoders, knowledge attention,
+        # diagnosis head), prefill_s (the decoder over the prefix), decode_s (cached steps)
+        self.stage_seconds: dict[str, float] = {}
+        if model is not None:
+            _time_stages(model, self.stage_seconds)
 
     def identity(self) -> Identity:
         """The maker its predictions name (`predict.types.declared_identity`): the model's, or
@@ -50,8 +58,27 @@ class ModelOrBaseline:
         return (self.model.name, cfg.method_version, cfg.knowledge_version,
                 self.model.model_id or RULE_BASELINE)
 
+    def predict_batch(self, items: Sequence[tuple[pd.DataFrame, Sequence[Note],
+                                                  PatientContext]]) -> list[Prediction]:
+        """`OnnxPredictor.predict_batch` (`inference.batch_size` patients per graph call); a
+        batch with a patient over the model's limits is run again one at a time, so only that
+        patient gets the baseline."""
+        self.stage_seconds.clear()
+        if self.model is None:
+            return [self.predict(*item) for item in items]
+        try:
+            return self.model.predict_batch(items)
+        except InputTooLong:
+            self.stage_seconds.clear()
+            return [self._predict(*item) for item in items]
+
     def predict(self, labs: pd.DataFrame, notes: Sequence[Note],
                 patient: PatientContext) -> Prediction:
+        self.stage_seconds.clear()
+        return self._predict(labs, notes, patient)
+
+    def _predict(self, labs: pd.DataFrame, notes: Sequence[Note],
+                 patient: PatientContext) -> Prediction:
         if self.model is not None:
             try:
                 return self.model.predict(labs, notes, patient)
@@ -66,6 +93,26 @@ class ModelOrBaseline:
         p = self.baseline.predict(labs, notes, patient, retrieval)
         p.rationale = f"{fallback_note(reason)}\n{p.rationale}".strip()
         return p
+
+
+def _time_stages(model: OnnxPredictor, into: dict[str, float]) -> None:
+    """Add each stage's seconds to `into` as the predictor runs (wrapping the bound methods of
+    this one predictor and its session object; nothing else changes)."""
+    def timed(fn: Callable[..., Any], stage: Callable[..., str]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                name = stage(*args, **kwargs)
+                into[name] = into.get(name, 0.0) + time.perf_counter() - started
+        return run
+
+    onnx = model.model
+    model.featurise = timed(model.featurise, lambda *a, **k: "featurise_s")  # type: ignore
+    onnx.run_prefix = timed(onnx.run_prefix, lambda *a, **k: "prefix_s")  # type: ignore
+    onnx.step = timed(onnx.step, lambda embeds, mask, positions, past, **k:  # type: ignore
+                      "prefill_s" if past is None else "decode_s")
 
 
 def build_predictor(model_dir: Path | None, kg: KnowledgeGraph,

@@ -53,6 +53,8 @@ def task_reprs(args: Sequence[Any] = (),
     def shown(key: str | None, value: Any) -> Any:
         if isinstance(value, str) and key not in PLAIN_KWARGS:
             return f"#{hash_id(value)}"
+        if isinstance(value, list | tuple):  # a batch of patient ids (diagnose_batch)
+            return [shown(key, v) for v in value]
         return value
 
     return {"argsrepr": repr(tuple(shown(None, v) for v in args)),

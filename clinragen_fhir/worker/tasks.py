@@ -22,7 +22,7 @@ from clinragen_fhir.config import Settings, WorkerSettings
 from clinragen_fhir.fhir.errors import FhirError, is_retryable
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from clinragen_fhir.pipeline import Predictor, diagnose_patient
+from clinragen_fhir.pipeline import Predictor, diagnose_patient, diagnose_patients
 from clinragen_fhir.retry import RetryPolicy
 from clinragen_fhir.worker.app import app, task_reprs
 from clinragen_fhir.worker.state import CLAIM_TTL_S, RedisSeen, ReportLocked, WorkerState
@@ -80,12 +80,17 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
         except Exception:  # the state store is down: run it uncounted, as before counting
             log.warning("delivery not counted", extra={"fields": {"task": self.name}})
             return
-        if n > limit:
+        self.request.delivery = n  # the task body reads it (diagnose_batch splits a redelivery)
+        if n > limit and not self._splits(args):
             raise DeliveryLimitExceeded(
                 f"delivered {n} times without finishing (max_deliveries = {limit}): its worker "
                 "died on every run (out of memory, or killed); dead-lettered, not run again")
         if n > 1:
             log.warning("task redelivered", extra={"fields": {"task": self.name, "delivery": n}})
+
+    def _splits(self, args: Any) -> bool:
+        """Whether this message, redelivered, is split rather than run (`diagnose_batch`)."""
+        return False
 
     def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                  einfo: Any) -> None:
@@ -201,6 +206,129 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
         metrics.TASKS.labels(outcome_label).inc()
         metrics.TASK_SECONDS.observe(time.perf_counter() - started)
     return outcome.as_dict()
+
+
+class BatchTask(DeadLetteringTask):
+    """`diagnose_batch`: a batch message redelivered (its worker died during it) is split into
+    one `diagnose` task per patient instead of being run again, so a patient that kills its
+    worker is dead-lettered alone after `max_deliveries` and the others are done once; a final
+    failure of the whole message dead-letters each patient as a `diagnose` task of its own (what
+    `dlq requeue` sends again, and what the reliability checks count)."""
+
+    def _splits(self, args: Any) -> bool:
+        return bool(args) and len(args[0]) > 1
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        ids = list(args[0]) if args else []
+        for pid in ids:
+            _dead_letter(DIAGNOSE, pid, exc, self.request.retries)
+
+
+DIAGNOSE = "clinragen.diagnose"
+
+
+def _dead_letter(task: str, patient_id: str, exc: BaseException, retries: int) -> None:
+    """One patient's final failure in the dead-letter queue, as a `diagnose` task's would be."""
+    settings = _runtime()[0]
+    metrics.DEAD_LETTERS.labels(task).inc()
+    error = f"{type(exc).__name__}: {exc}" if isinstance(
+        exc, DeliveryLimitExceeded | ReportLocked) else logs.error_text(exc)
+    try:
+        letter = WorkerState(settings.state_url).dead_letter(task, [patient_id], error, retries)
+        log.error("task dead-lettered", extra={"fields": {
+            "task": task, "dead_letter": letter.id, "error": type(exc).__name__,
+            "patient": logs.hash_id(patient_id)}})
+    except Exception:
+        log.exception("could not dead-letter task", extra={"fields": {"task": task}})
+
+
+def _queue_singles(patient_ids: list[str], backfill: str | None, why: str) -> None:
+    """One `diagnose` task per patient (published before this message is acknowledged: a
+    worker lost in between redelivers the batch, which queues them again; a second run of a
+    patient finds its report)."""
+    kwargs = {"backfill": backfill} if backfill else {}
+    for pid in patient_ids:
+        diagnose.apply_async((pid,), kwargs, **task_reprs((pid,), kwargs))
+    log.warning("batch split", extra={"fields": {"patients": len(patient_ids), "why": why}})
+
+
+@app.task(bind=True, base=BatchTask, name="clinragen.diagnose_batch")
+def diagnose_batch(self: Task, patient_ids: list[str],
+                   backfill: str | None = None) -> dict[str, Any]:
+    """Diagnose a batch of patients in one task: each read in its own batch of reads, the
+    predictions made together (`predict_batch`: the model runs `inference.batch_size` patients
+    per graph call), each report written in its own transaction (`pipeline.diagnose_patients`).
+
+    Per patient as `diagnose` is: the same report lock, idempotent writes, the backfill
+    checkpoint. A patient whose run failed transiently goes on, with the others that did, in one
+    new batch message after the retry policy's countdown (its `retries` one up, so the policy's
+    bound holds per patient); a final error, or retries spent, dead-letters that patient alone
+    as a `diagnose` task. A redelivered batch is split into single tasks (BatchTask); so is one
+    that ran out of time or failed unexpectedly (each patient then succeeds or fails alone).
+    """
+    settings, kg, predictor = _runtime()
+    ids = [str(p) for p in patient_ids]
+    if len(ids) > 1 and getattr(self.request, "delivery", 1) > 1:
+        _queue_singles(ids, backfill, "redelivered: its worker died during it")
+        return {"outcomes": [], "split": len(ids)}
+    started = time.perf_counter()
+    state = WorkerState(settings.state_url)
+    owner = self.request.id or uuid.uuid4().hex
+
+    def lock(key: str) -> Any:
+        return _report_lock(state, owner, settings, key.rsplit(":", 1)[-1][:12], key)
+
+    try:
+        with settings.fhir.client(observer=metrics.observe_fhir) as client:
+            results = diagnose_patients(client, kg, predictor, ids, settings.report, lock=lock,
+                                        errors=(ReportLocked,))
+    except SoftTimeLimitExceeded:
+        metrics.TASKS.labels("timeout").inc()
+        _queue_singles(ids, backfill, "out of time")
+        return {"outcomes": [], "split": len(ids)}
+    except Exception as exc:  # a bug in one patient's run: each alone, the failing one lettered
+        log.error("batch failed", extra={"fields": {"error": type(exc).__name__}})
+        _queue_singles(ids, backfill, f"failed: {type(exc).__name__}")
+        return {"outcomes": [], "split": len(ids)}
+    policy = retry_policy(settings.worker)
+    outcomes: list[dict[str, Any]] = []
+    retry: list[str] = []
+    waits: list[float] = []
+    for pid, result in zip(ids, results, strict=True):
+        if isinstance(result, Exception):
+            wait = policy.next_wait(self.request.retries + 1, result)
+            if wait is not None:
+                retry.append(pid)
+                waits.append(wait)
+                metrics.TASKS.labels("retry").inc()
+            else:
+                metrics.TASKS.labels("failed").inc()
+                log.error("diagnose failed", extra={"fields": {
+                    "patient": logs.hash_id(pid), "error": logs.error_text(result)}})
+                _dead_letter(DIAGNOSE, pid, result, self.request.retries)
+            continue
+        metrics.TASKS.labels(result.status).inc()
+        metrics.MODEL_SECONDS.labels(result.method or "none").observe(result.model_seconds)
+        if backfill:
+            try:
+                state.mark_done(backfill, pid)
+            except Exception:
+                log.warning("backfill checkpoint not saved",
+                            extra={"fields": {"patient": logs.hash_id(pid)}})
+        outcomes.append(result.as_dict())
+    if retry:
+        countdown = max(waits)
+        kwargs = {"backfill": backfill} if backfill else {}
+        diagnose_batch.apply_async((retry,), kwargs, countdown=countdown,
+                                   retries=self.request.retries + 1,
+                                   **task_reprs((retry,), kwargs))
+        log.warning("diagnose retry", extra={"fields": {
+            "patients": len(retry), "retry": self.request.retries + 1,
+            "delay_s": round(countdown, 1)}})
+    metrics.TASK_SECONDS.observe(time.perf_counter() - started)
+    return {"outcomes": outcomes, "retried": len(retry),
+            "failed": len(ids) - len(outcomes) - len(retry)}
 
 
 @worker_process_shutdown.connect
