@@ -65,3 +65,14 @@ def test_baselines_are_summarised_per_patient_against_pytorch() -> None:
     assert rows[0]["ms_per_patient"] == pytest.approx(20.0)
     assert rows[0]["patients_per_s"] == pytest.approx(50.0)
     assert rows[0]["x_pytorch_patients_per_s"] == pytest.approx(100.0)
+
+
+def test_greedy_agreement_is_judged_up_to_the_first_eos() -> None:
+    from bench.inference import same_greedy, until_eos
+
+    assert until_eos([5, 6, 2, 7], 2) == [5, 6, 2]
+    assert until_eos([5, 6], 2) == [5, 6]
+    # transformers bars eos (min_new_tokens) where the runtime writes it: equal up to there
+    assert same_greedy([5, 6, 1, 9], [5, 6, 2, 9], 2)
+    assert not same_greedy([5, 7, 1, 9], [5, 6, 2, 9], 2)
+    assert same_greedy([5, 6, 7], [5, 6, 7], None)
