@@ -283,7 +283,10 @@ def same_greedy(a: list[int], b: list[int], eos: int | None) -> bool:
     """The same tokens up to where either writes eos. Every backend decodes exactly the same
     number of tokens, but transformers' generate bars eos until then (min_new_tokens) where
     the runtime writes it and goes on: past the first eos the two differ by design."""
-    n = min(len(until_eos(a, eos)), len(until_eos(b, eos)))
+    def before_eos(ids: list[int]) -> int:
+        return ids.index(eos) if eos is not None and eos in ids else len(ids)
+
+    n = min(before_eos(a), before_eos(b))
     return a[:n] == b[:n]
 
 
@@ -482,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
               "cpu_count": os.cpu_count(), "loadavg_before": load_before, "rows": rows,
               "baselines": base_rows, "bandwidth": bandwidth, "limits": limits,
               "prefix_lengths": lengths, "prefix_inputs": with_prefix.get("prefix_inputs"),
+              "ids": {r["backend"]: r["ids"] for r in results},
               "featurise_ms": 1e3 * float(np.mean(with_prefix.get("featurise_s") or [0.0])),
               "installed_from": (json.loads((args.model_dir / "installed-from.json").read_text())
                                  if (args.model_dir / "installed-from.json").is_file() else None),
