@@ -246,36 +246,13 @@ class PrefixBuilder(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The record summary (`test_*`, `patient_stats`) is read only when the model has it:
         a model without it exports a graph without those inputs."""
-        b, n_labs = lab_code.shape
-        n_notes = note_ids.shape[1]
-        labs = self.labs(lab_code, lab_value, lab_value_mask, lab_time, lab_trend,
-                         lab_trend_mask, lab_gap, lab_mask)
-        notes = self.embed(note_ids) * note_mask.unsqueeze(-1)
-        facts = self.facts(self.embed(fact_ids), fact_token_mask)
-        facts = facts * fact_mask.unsqueeze(-1)
-
-        queries, query_masks = [labs, notes], [lab_mask, note_mask]  # every lab and note token
-        if self.tests is not None:  # ... and every test summary (its knowledge too)
-            assert test_code is not None and test_stats is not None and test_mask is not None
-            queries.append(self.tests(self.labs.code(test_code), test_stats, test_mask))
-            query_masks.append(test_mask)
-        x, x_mask = torch.cat(queries, 1), torch.cat(query_masks, 1)
-        attention = []
-        for layer in self.fusion:
-            x, w = layer(x, facts, fact_mask)
-            x = x * x_mask.unsqueeze(-1)
-            attention.append(w[:, :n_labs + n_notes])  # what `explain` maps to the record
-        labs, notes = x[:, :n_labs], x[:, n_labs:n_labs + n_notes]
-        head_tokens, head_masks = [labs, facts, notes], [lab_mask, fact_mask, note_mask]
-        if self.tests is not None:
-            head_tokens.append(x[:, n_labs + n_notes:])
-            head_masks.append(query_masks[2])
-        if self.patient is not None:
-            assert patient_stats is not None
-            head_tokens.append(self.patient(patient_stats).unsqueeze(1))
-            head_masks.append(torch.ones_like(lab_mask[:, :1]))
-        logits = self.head(torch.cat(head_tokens, 1), torch.cat(head_masks, 1))
-
+        b = lab_code.shape[0]
+        labs, notes, facts, attention = self.fuse(
+            lab_code, lab_value, lab_value_mask, lab_time, lab_trend, lab_trend_mask, lab_gap,
+            lab_mask, note_ids, note_mask, fact_ids, fact_token_mask, fact_mask)
+        logits = self.diagnose(torch.cat([labs, facts, notes], 1),
+                               torch.cat([lab_mask, fact_mask, note_mask], 1),
+                               test_code, test_stats, test_mask, patient_stats)
         ones = {n: torch.ones(b, int(getattr(self, f"{n}_ids").numel()), dtype=lab_mask.dtype,
                               device=lab_mask.device) for n in self.PIECES}
         embeds = torch.cat([self._piece("pre", b), self._piece("lab_header", b), labs,
@@ -283,7 +260,49 @@ class PrefixBuilder(nn.Module):
                             self._piece("note_header", b), notes, self._piece("post", b)], 1)
         mask = torch.cat([ones["pre"], ones["lab_header"], lab_mask, ones["fact_header"],
                           fact_mask, ones["note_header"], note_mask, ones["post"]], 1)
-        return embeds, mask, torch.stack(attention, 1), logits
+        return embeds, mask, attention, logits
+
+    def fuse(self, lab_code: Tensor, lab_value: Tensor, lab_value_mask: Tensor,
+             lab_time: Tensor, lab_trend: Tensor, lab_trend_mask: Tensor, lab_gap: Tensor,
+             lab_mask: Tensor, note_ids: Tensor, note_mask: Tensor, fact_ids: Tensor,
+             fact_token_mask: Tensor, fact_mask: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(labs, notes, facts, knowledge attention): the lab and note tokens after attending
+        to the knowledge, which the decoder's prefix and the head share."""
+        n_labs = lab_code.shape[1]
+        labs = self.labs(lab_code, lab_value, lab_value_mask, lab_time, lab_trend,
+                         lab_trend_mask, lab_gap, lab_mask)
+        notes = self.embed(note_ids) * note_mask.unsqueeze(-1)
+        facts = self.facts(self.embed(fact_ids), fact_token_mask)
+        facts = facts * fact_mask.unsqueeze(-1)
+        x = torch.cat([labs, notes], 1)  # queries: every lab and note token
+        x_mask = torch.cat([lab_mask, note_mask], 1)
+        attention = []
+        for layer in self.fusion:
+            x, w = layer(x, facts, fact_mask)
+            x = x * x_mask.unsqueeze(-1)
+            attention.append(w)
+        return x[:, :n_labs], x[:, n_labs:], facts, torch.stack(attention, 1)
+
+    def diagnose(self, tokens: Tensor, mask: Tensor, test_code: Tensor | None = None,
+                 test_stats: Tensor | None = None, test_mask: Tensor | None = None,
+                 patient_stats: Tensor | None = None) -> Tensor:
+        """Diagnosis logits from the fused tokens plus, when the model has it, the record
+        summary. Training's head phase calls this alone on cached fused tokens: the summary
+        goes straight to the head (not through the fusion), so nothing before it changes."""
+        tokens_, masks = [tokens], [mask]
+        if self.tests is not None:
+            assert test_code is not None and test_stats is not None and test_mask is not None
+            # the test's name as the lab tokens read it; the head does not retrain it
+            code = self.labs.code(test_code).detach()
+            tokens_.append(self.tests(code, test_stats, test_mask))
+            masks.append(test_mask)
+        if self.patient is not None:
+            assert patient_stats is not None
+            tokens_.append(self.patient(patient_stats).unsqueeze(1))
+            masks.append(torch.ones_like(mask[:, :1]))
+        logits: Tensor = self.head(torch.cat(tokens_, 1), torch.cat(masks, 1))
+        return logits
 
     def gates(self) -> list[tuple[float, float]]:
         """tanh(attention gate), tanh(feed-forward gate) of each fusion layer."""

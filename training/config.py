@@ -25,6 +25,9 @@ class StageConfig:
     lr: float = 1e-3  # prefix builder (trained fully)
     lora_lr: float = 3e-4  # LoRA adapters
     head_steps: int = 0  # stage 4: cheap prefix-only BCE steps before the joint ones
+    # stage 4: head-only steps after the joint ones, on the final fused tokens (cached: the head
+    # is all that trains), so the head is fitted to the trunk the released model has
+    refit_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class TrainConfig:
             return [(s, self.stages[s]) for s in STAGES]
         d = self.stages["diagnosis"]
         total = sum(self.stages[s].steps for s in STAGES)
-        return [("diagnosis", StageConfig(total, d.lr, d.lora_lr, d.head_steps))]
+        return [("diagnosis", StageConfig(total, d.lr, d.lora_lr, d.head_steps, d.refit_steps))]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -167,7 +167,7 @@ def _training_metrics(cfg: TrainConfig, run_dir: Path,
                 continue
             done = json.loads(f.read_text())
             steps = int(done["steps"])
-            head = min(sc.head_steps, steps) if stage == "diagnosis" else 0
+            head = min(sc.head_steps + sc.refit_steps, steps) if stage == "diagnosis" else 0
             stages.append({"stage": stage, "steps": steps, "head_steps": head,
                            "lm_steps": steps - head,
                            "examples_seen": (steps - head) * cfg.batch_size + head * head_batch,

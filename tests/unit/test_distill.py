@@ -184,3 +184,43 @@ def test_unstaged_variant_runs_only_stage_four_with_all_the_steps(
     assert [s.stage for s in r.stages] == ["diagnosis"]
     assert r.stages[0].steps == 3 + 3 + 4 + 3 + 4
     assert not (tmp_path / "no_staging" / "notes").exists()
+
+
+def test_the_refit_trains_the_head_alone_on_the_final_fused_tokens(
+        kg: KnowledgeGraph, examples: list[Example], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 4 ends with head-only steps on cached fused tokens: the record summary and the head
+    move, nothing the decoder's prefix is made of does, and the cached logits are the prefix's."""
+    import dataclasses
+
+    from training.distill import HEAD_ONLY_MODULES, cached_head_logits, encode, fused_tokens
+
+    base = config()
+    cfg = dataclasses.replace(
+        base, budgets=dataclasses.replace(base.budgets, max_tests=8),
+        stages={**base.stages, "diagnosis": StageConfig(3, head_steps=2, refit_steps=3)})
+    variant = cfg.variants[0]
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def keep(stage: str, step: int) -> None:
+        if stage == "diagnosis" and step == 5:  # the last joint step: the refit starts here
+            seen["joint"] = {k: v.clone() for k, v in trainable_state(model).items()}
+
+    model = build_model(cfg, kg, tmp_path, examples)
+    # the test watches the very model trained
+    monkeypatch.setattr("training.distill.build_model", lambda *a, **k: model)
+    train_variant(cfg, variant, examples, kg, tmp_path, on_step=keep, progress=False)
+    after = trainable_state(model)
+    head = ("prefix.head.", *HEAD_ONLY_MODULES)
+    assert json.loads((tmp_path / "full" / "diagnosis" / "done.json").read_text())["steps"] == 8
+    moved = [k for k in after if not torch.equal(after[k], seen["joint"][k])]
+    assert moved and all(k.startswith(head) for k in moved)  # only the head refits
+    assert any(k.startswith("prefix.tests.") for k in moved)  # the record summary is trained
+    train = [e for e in examples if e.split == "train"][:4]
+    data = encode(model, train, stage_modalities("diagnosis", True), None, kg, 24)
+    cache = fused_tokens(model, data, 2)
+    with torch.no_grad():
+        want = model.prefix(**model.batch([e.features for e in data]).tensors)[3]
+        got = cached_head_logits(model, cache, list(range(len(data))),
+                                 model.batch([e.features for e in data]))
+    assert torch.allclose(got, want, atol=1e-2)  # half-precision cache
