@@ -72,3 +72,30 @@ def test_the_webhook_and_cds_hooks_metrics_bind_like_the_workers(
     assert result.exit_code == 0, result.output
     assert CliRunner().invoke(main, [command]).exit_code == 0  # no port: no server
     assert served == [(9810, "127.0.0.1"), (9811, "0.0.0.0"), (9812, "10.0.0.7")]
+
+
+@pytest.mark.parametrize(("command", "section"), [("webhook", "WEBHOOK"),
+                                                  ("cds-hooks", "CDS_HOOKS")])
+def test_the_webhook_and_cds_hooks_metrics_are_settings_the_options_override(
+        command: str, section: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[webhook]` / `[cds_hooks]` metrics_port and metrics_host (check-config reports them);
+    `--metrics-port/--metrics-host` still override them, `--metrics-port 0` turns it off."""
+    import uvicorn
+
+    from clinragen_fhir import cds_hooks
+
+    served: list[tuple[int, str]] = []
+    monkeypatch.setattr(prometheus_client, "start_http_server",
+                        lambda port, addr="0.0.0.0", **_: served.append((port, addr)))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(cds_hooks, "create_app", lambda host: None)
+    monkeypatch.setenv("CLINRAGEN_BROKER_URL", "memory://")
+    monkeypatch.delenv("CLINRAGEN_WORKER__METRICS_HOST", raising=False)
+    monkeypatch.setenv(f"CLINRAGEN_{section}__METRICS_PORT", "9813")
+    assert CliRunner().invoke(main, [command]).exit_code == 0
+    monkeypatch.setenv(f"CLINRAGEN_{section}__METRICS_HOST", "10.0.0.8")
+    assert CliRunner().invoke(main, [command]).exit_code == 0
+    assert CliRunner().invoke(main, [command, "--metrics-port", "9814", "--metrics-host",
+                                     "10.0.0.9"]).exit_code == 0
+    assert CliRunner().invoke(main, [command, "--metrics-port", "0"]).exit_code == 0
+    assert served == [(9813, "127.0.0.1"), (9813, "10.0.0.8"), (9814, "10.0.0.9")]
