@@ -226,6 +226,8 @@ class ReportSettings(BaseModel):
     # patient's active Conditions and splits what it concluded into known (on the problem list)
     # and suspected; the default scope then asks for system/Condition.s too (fhir.conditions).
     # Off: no Condition is read or asked for, and reports say "problem list not checked".
+    # Read where it is used through fhir.conditions.problem_list_enabled(), which takes the
+    # process's settings (TOML and environment) unless a caller passes the value.
     problem_list: bool = False
 
 
