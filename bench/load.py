@@ -2,6 +2,14 @@
 
     .venv/bin/python bench/load.py --patients 1000          # default
     .venv/bin/python bench/load.py --patients 200 --population 600
+    .venv/bin/python bench/load.py --patients 300 --model .run/model/default --batch 8
+
+`--batch N` sends `clinragen.diagnose_batch` tasks of N patients (1: one `clinragen.diagnose`
+task per patient, as the webhook and polling do); `--model DIR` runs the ONNX model instead of
+the rule baseline (`--threads`, `--model-batch`: its intra-op threads and patients per graph
+call). Where the time goes per patient is read from each outcome's `timings` (pipeline.Outcome:
+the batch of reads, encoding, retrieval and model inputs, prefix graph, prefill, decoding, the
+comparison, rendering and write), a batch's prediction shared out evenly over its patients.
 
 Uses the reliability suite's private services (HAPI on 127.0.0.1:8091, Redis on 6391; started
 when down). Measures throughput, per-patient task time (p50/p95, from the worker's own
@@ -45,7 +53,10 @@ from tests.reliability.stack import (
     wait_all_done,
 )
 
-SUCCEEDED = re.compile(r"Task clinragen\.diagnose\[[^\]]+\] succeeded in ([0-9.]+)s")
+SUCCEEDED = re.compile(r"Task clinragen\.diagnose(?:_batch)?\[[^\]]+\] succeeded in ([0-9.]+)s")
+STAGES = ("fhir_read_s", "encode_s", "featurise_s", "prefix_s", "prefill_s", "decode_s",
+          "predict_s", "write_s")
+WORK = ("fhir_read_s", "encode_s", "predict_s", "write_s")  # a patient's work, in sequence
 
 
 def cohort(population: int, seed: int) -> Path:
@@ -117,6 +128,55 @@ def fhir_calls(metrics_port: int) -> float:
                if line.startswith("clinragen_fhir_requests_total{"))
 
 
+def enqueue_batches(app: Any, pids: list[str], size: int) -> dict[str, str]:
+    """`size` patients per `clinragen.diagnose_batch` task (1: `enqueue`, a task each); task id
+    by its first patient."""
+    if size <= 1:
+        return enqueue(app, pids)
+    return {chunk[0]: app.send_task("clinragen.diagnose_batch", args=(chunk,),
+                                    queue="clinragen").id
+            for chunk in (pids[i:i + size] for i in range(0, len(pids), size))}
+
+
+def task_outcomes(app: Any, tasks: dict[str, str]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Outcome counts (a patient each; a task's state where it failed) and every patient's
+    outcome dict, from the result backend (a batch task's result holds a list of them)."""
+    counts: dict[str, int] = {}
+    outcomes: list[dict[str, Any]] = []
+    for tid in tasks.values():
+        res = app.AsyncResult(tid)
+        if res.state != "SUCCESS":
+            counts[res.state] = counts.get(res.state, 0) + 1
+            continue
+        result = res.result or {}
+        found = list(result.get("outcomes") or []) if "outcomes" in result else [result]
+        outcomes += found
+        for o in found:
+            counts[o.get("status", "?")] = counts.get(o.get("status", "?"), 0) + 1
+        for key in ("retried", "failed", "split"):
+            if result.get(key):
+                counts[key] = counts.get(key, 0) + int(result[key])
+    return counts, outcomes
+
+
+def stage_table(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per stage: mean and p95 seconds per patient over the patients that ran it, its share of
+    all patients' work (`WORK`: featurise, prefix, prefill and decode are parts of predict),
+    and the patients it was measured on."""
+    total = sum(float((o.get("timings") or {}).get(k, 0.0)) for o in outcomes
+                for k in WORK) or 1.0
+    table = {}
+    for stage in STAGES:
+        values = [float(o["timings"][stage]) for o in outcomes
+                  if stage in (o.get("timings") or {})]
+        if values:
+            table[stage] = {"mean_s": round(statistics.fmean(values), 4),
+                            "p95_s": round(percentile(values, 0.95), 4),
+                            "share_of_work": round(sum(values) / total, 3),
+                            "patients": len(values)}
+    return table
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
@@ -144,6 +204,16 @@ def main() -> None:
                         help="diagnose every patient this many times (later rounds find the "
                              "report: the whole read path without the write), for a longer "
                              "RSS series")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="patients per task (clinragen.diagnose_batch); 1: a "
+                             "clinragen.diagnose task each")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="ONNX model directory (default: the rule baseline)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads per worker process (0: its default)")
+    parser.add_argument("--model-batch", type=int, default=0,
+                        help="patients per model graph call (inference.batch_size; 0: the "
+                             "config default)")
     args = parser.parse_args()
     population = args.population or int(args.patients * 1.9)
 
@@ -186,6 +256,11 @@ def main() -> None:
     # 2,800 Observations; their report transaction took HAPI > 10 s on the loaded machine).
     env = base_env(hapi.url, redis, CLINRAGEN_WORKER__METRICS_PORT=str(metrics_port),
                    CLINRAGEN_WORKER__CONCURRENCY=str(args.concurrency))
+    if args.model is not None:
+        env["CLINRAGEN_MODEL_DIR"] = str(args.model.resolve())
+        env["CLINRAGEN_INFERENCE__THREADS"] = str(args.threads)
+        if args.model_batch:
+            env["CLINRAGEN_INFERENCE__BATCH_SIZE"] = str(args.model_batch)
     if not args.suite_timeouts:
         for key in ("CLINRAGEN_WORKER__SOFT_TIME_LIMIT_S", "CLINRAGEN_WORKER__TIME_LIMIT_S",
                     "CLINRAGEN_WORKER__VISIBILITY_TIMEOUT_S", "CLINRAGEN_FHIR__TIMEOUT_S"):
@@ -211,7 +286,7 @@ def main() -> None:
     by_round: list[list[float]] = []  # children's RSS at the end of each round
     try:
         for n in range(args.rounds):
-            batch = enqueue(app, pids)
+            batch = enqueue_batches(app, pids, args.batch)
             tasks.update({f"{pid}#{n}": tid for pid, tid in batch.items()})
             wait_all_done(app, batch, args.timeout, sample)
             by_round.append([round(rss_kib(p) / 1024, 1) for p in worker.pool()])
@@ -220,13 +295,11 @@ def main() -> None:
         calls = fhir_calls(metrics_port) - calls_before
         worker.stop()
     check = outcome_check(hapi.url, redis, pids)
-    states = [app.AsyncResult(t) for t in tasks.values()]
-    outcomes: dict[str, int] = {}
-    for s in states:
-        key = s.result.get("status", "?") if s.state == "SUCCESS" else s.state
-        outcomes[key] = outcomes.get(key, 0) + 1
+    outcomes, per_patient = task_outcomes(app, tasks)
+    work = [sum(float((o.get("timings") or {}).get(k, 0.0)) for k in WORK) for o in per_patient]
     durations = [float(m.group(1)) for path in worker.logs
                  for m in SUCCEEDED.finditer(path.read_text(errors="replace"))]
+    n1 = len(durations) // max(1, args.rounds)  # rounds run one after the other: round 1 first
     q = max(1, len(rss) // 4)
     first = [sum(r["children_mib"]) for r in rss[:q]]
     last = [sum(r["children_mib"]) for r in rss[-q:]]
@@ -236,19 +309,29 @@ def main() -> None:
         "load_resources_per_s": round(loaded / load_s, 1) if load_s else 0,
         "load_references_removed": stripped, "load_errors": load_errors[:20],
         "load_error_count": len(load_errors),
-        "rounds": args.rounds, "tasks": len(tasks),
+        "rounds": args.rounds, "tasks": len(tasks), "patients_per_task": args.batch,
+        "model": str(args.model) if args.model else "rule baseline",
+        "onnx_threads": args.threads, "model_batch": args.model_batch or "config default",
+        "diagnosed": len(pids) * args.rounds,
+        "throughput_patients_per_hour": round(3600 * len(pids) * args.rounds / elapsed),
         "worker_processes": args.concurrency, "seconds": round(elapsed, 1),
-        "throughput_patients_per_min": round(60 * len(tasks) / elapsed, 1),
+        "throughput_patients_per_min": round(60 * len(pids) * args.rounds / elapsed, 1),
         "task_p50_s": round(percentile(durations, 0.5), 2),
         "task_p95_s": round(percentile(durations, 0.95), 2),
         "task_mean_s": round(statistics.fmean(durations), 2) if durations else 0,
-        # rounds run one after the other, so the first len(pids) lines are round 1 (writes)
-        "task_p50_s_round1": round(percentile(durations[:len(pids)], 0.5), 2),
-        "task_p95_s_round1": round(percentile(durations[:len(pids)], 0.95), 2),
-        "fhir_calls": int(calls), "fhir_calls_per_patient": round(calls / len(tasks), 2),
+        "task_p50_s_round1": round(percentile(durations[:n1], 0.5), 2),
+        "task_p95_s_round1": round(percentile(durations[:n1], 0.95), 2),
+        # the worker's own count of FHIR exchanges (retries included), over the patients
+        "fhir_calls": int(calls),
+        "fhir_calls_per_patient": round(calls / (len(pids) * args.rounds), 2),
+        # per patient: the summed stages (a batch's prediction shared out evenly), and each
+        "patient_work_p50_s": round(percentile(work, 0.5), 3),
+        "patient_work_p95_s": round(percentile(work, 0.95), 3),
+        "stages": stage_table(per_patient),
         "outcomes": outcomes, **check,
         "settings": {k: v for k, v in worker.env.items() if k.startswith((
-            "CLINRAGEN_WORKER__", "CLINRAGEN_FHIR__TIMEOUT", "CLINRAGEN_FHIR__RETRIES"))}
+            "CLINRAGEN_WORKER__", "CLINRAGEN_FHIR__TIMEOUT", "CLINRAGEN_FHIR__RETRIES",
+            "CLINRAGEN_INFERENCE__", "CLINRAGEN_MODEL_DIR"))}
         or "config defaults",
         "rss_children_first_quarter_mib": round(statistics.fmean(first), 1) if first else 0,
         "rss_children_last_quarter_mib": round(statistics.fmean(last), 1) if last else 0,
