@@ -166,9 +166,12 @@ def _patient_ids(settings: Settings, query: str, since: str | None = None,
 @click.option("--bulk", is_flag=True,
               help="Find the patients by Bulk Data $export where the server offers it.")
 @click.option("--group", default=None, help="With --bulk: export this Group's patients.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Patients per task (clinragen.diagnose_batch: predicted together); 1: a "
+                   "clinragen.diagnose task each.")
 def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
                  json_out: Path | None, restart: bool, since: str | None = None,
-                 bulk: bool = False, group: str | None = None) -> None:
+                 bulk: bool = False, group: str | None = None, batch: int = 1) -> None:
     """Diagnose every patient a search returns; with --wait, print a summary table.
 
     Resumable: the patients finished for this query (on this server) are checkpointed in the
@@ -204,19 +207,36 @@ def diagnose_all(query: str, wait: bool, local: bool, timeout: int,
     else:
         from clinragen_fhir.worker.app import task_reprs
         from clinragen_fhir.worker.tasks import diagnose as task
+        from clinragen_fhir.worker.tasks import diagnose_batch
 
-        pending = [task.apply_async((pid,), {"backfill": run},
-                                    **task_reprs((pid,), {"backfill": run}))
-                   for pid in tqdm(ids, unit="queued")]
+        if batch > 1:
+            chunks = [ids[i:i + batch] for i in range(0, len(ids), batch)]
+            pending = [diagnose_batch.apply_async((c,), {"backfill": run},
+                                                  **task_reprs((c,), {"backfill": run}))
+                       for c in tqdm(chunks, unit="queued")]
+        else:
+            pending = [task.apply_async((pid,), {"backfill": run},
+                                        **task_reprs((pid,), {"backfill": run}))
+                       for pid in tqdm(ids, unit="queued")]
         if not wait:
             click.echo(f"queued {len(pending)} tasks")
             return
         deadline = time.monotonic() + timeout
-        for result in tqdm(pending, unit="patient"):
+        for result in tqdm(pending, unit="task"):
             try:
-                outcomes.append(result.get(timeout=max(1.0, deadline - time.monotonic())))
+                got = result.get(timeout=max(1.0, deadline - time.monotonic()))
             except Exception as exc:  # the task's error as Celery re-raises it
                 outcomes.append({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            if batch <= 1:
+                outcomes.append(got)
+                continue
+            outcomes += got.get("outcomes", [])  # a batch: its patients' outcomes, and those
+            # sent on (retried later, or split into single tasks) or dead-lettered, by count
+            outcomes += [{"status": "failed", "reason": "dead-lettered (clinragen-fhir dlq "
+                          "list)"}] * int(got.get("failed", 0))
+            outcomes += [{"status": "queued again", "reason": "retried or split"}] * int(
+                got.get("retried", 0) + got.get("split", 0))
     elapsed = time.monotonic() - started
     _print_summary(outcomes, elapsed)
     if json_out:

@@ -136,3 +136,27 @@ def test_webhook_sends_hashed_ids(memory_app: Celery, monkeypatch: pytest.Monkey
     first, poll = headers_sent(memory_app)
     assert_hashed([first], 1)
     assert poll["kwargsrepr"] == "{'since': '2025-01-01T00:00:00Z'}"
+
+
+def test_diagnose_all_in_batches_sends_batch_tasks_with_hashed_ids(
+        memory_app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`diagnose-all --batch 2`: clinragen.diagnose_batch tasks of two patients (the last of
+    one), every id in argsrepr as its log hash."""
+    from clinragen_fhir import cli
+
+    class Checkpoints:
+        def __init__(self, url: str) -> None:
+            pass
+
+        def backfill_done(self, run: str) -> set[str]:
+            return set()
+
+    monkeypatch.setenv("CLINRAGEN_BROKER_URL", "memory://")
+    monkeypatch.setattr(cli, "_patient_ids", lambda *a: [PID, f"{PID}-2", f"{PID}-3"])
+    monkeypatch.setattr("clinragen_fhir.worker.state.WorkerState", Checkpoints)
+    result = CliRunner().invoke(main, ["diagnose-all", "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    headers = headers_sent(memory_app)
+    assert [h["task"] for h in headers] == ["clinragen.diagnose_batch"] * 2
+    assert all(PID not in h["argsrepr"] and hash_id(PID) in h["argsrepr"] for h in headers[:1])
+    assert all(PID not in h["argsrepr"] for h in headers)
