@@ -43,7 +43,7 @@ from clinragen_fhir.encoding.features import (
 from clinragen_fhir.encoding.numbers import format_value
 from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
 from clinragen_fhir.encoding.schema import Note, PatientContext
-from clinragen_fhir.inference.decoding import greedy
+from clinragen_fhir.inference.generation import greedy
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
@@ -52,8 +52,8 @@ from clinragen_fhir.inference.grounding import (
 )
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude
+from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
-from model.decode import split_output
 from model.prefix import PrefixBuilder, PrefixConfig
 
 log = logging.getLogger(__name__)

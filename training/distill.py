@@ -6,7 +6,7 @@
     stage 4 "diagnosis"   rationale ending in the diagnosis line (LM loss) + the head's BCE;
                           then temperature scaling and the decision threshold on the valid split
 
-The modalities are switched with `model.features.Modalities`, so the network is the same in every
+The modalities are switched with `encoding.features.Modalities`, so the network is the same in every
 stage; the teacher's per-stage rationales (`Example.rationales[stage]`) are the targets.
 
 A plain torch loop that goes through `accelerate` (device placement, DDP wrapping, backward,
@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from clinragen_fhir.encoding.features import CORE_BATCH_KEYS, Features, Modalities
 from clinragen_fhir.encoding.prompt import condition_text
 from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.predict.diagnosis_line import format_target, split_output
 from model.clinragen import ClinRaGen, LoraSettings
-from model.decode import format_target, split_output
 from training.config import STAGES, StageConfig, TrainConfig, VariantConfig, stage_modalities
 from training.example import Example
 from training.teacher import most_specific, ordered_diagnoses

@@ -3,9 +3,10 @@ classifiers, the SLM without knowledge, the SLM without staged distillation, and
 
 Columns: micro/macro F1 over (a) every disorder with a positive in the test split and (b) the
 lab-revealable ones among them (`revealable_disorders`: at least one crg:Finding supports them in
-the graph), macro AUROC over (a) and (b), ECE, abstention rate (`model.decode.abstain`, the same
-rule for every system), BLEU-4 and ROUGE-L of the rationale against the teacher's diagnosis
-rationale, and faithfulness (share of lab claims that match the record, `training.faithfulness`).
+the graph), macro AUROC over (a) and (b), ECE, abstention rate
+(`predict.diagnosis_line.abstain`, the same rule for every system), BLEU-4 and ROUGE-L of the
+rationale against the teacher's diagnosis rationale, and faithfulness (share of lab claims
+that match the record, `report.faithfulness`).
 SLM decisions are what the worker concludes (codes on the generated diagnosis line, plus any the
 calibrated head puts at or above the tuned threshold); the head-only scores are in the JSON too.
 Abstentions do not remove examples from F1 (an abstaining system still made its call); the
@@ -27,13 +28,13 @@ import torch
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.predict.conclude import conclude
+from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
     check_rationale,
     diagnosis_claims,
-    summarise,
+    summarise_claims,
 )
-from model.decode import split_output
 from training.baselines import (
     FeatureClassifier,
     SystemOutput,
@@ -201,7 +202,7 @@ def score(output: SystemOutput, y: np.ndarray, disorders: Sequence[str],
     hyps = [output.rationales[i] for i, _ in refs]
     checks = [check_rationale(r, ex.labs, lexicon)
               for r, ex, m in zip(output.rationales, examples, made, strict=True) if m]
-    faith = summarise(checks)
+    faith = summarise_claims(checks)
     failures: dict[str, int] = {}
     for c in checks:
         for x in c:

@@ -1,7 +1,7 @@
 """Patient inputs -> plain integer/float arrays the prefix builder reads.
 
 numpy, pandas and a `tokenizers` tokenizer only (no torch): it lives in the runtime so that the
-onnxruntime worker featurises exactly as training did (`model.features` re-exports it).
+onnxruntime worker featurises exactly as training did.
 Nothing is imputed: a reading without a reference range, or without an earlier reading to give a
 trend, gets value 0 and a mask of 0, and the encoder sees the mask.
 """

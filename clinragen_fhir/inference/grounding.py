@@ -10,7 +10,7 @@ that keep the current line a prefix of one of its allowed lines (a trie over the
 patient's readings). Values, units and dates are then copied from the record by construction,
 and the claim check (`report.faithfulness`) can only confirm them.
 
-Pure numpy/Python, driven by `inference.decoding.greedy` with any step function.
+Pure numpy/Python, driven by `inference.generation.greedy` with any step function.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import Retrieval, supporting_tests
 from clinragen_fhir.predict.conclude import Conclusion, conclude
-from clinragen_fhir.predict.decode import split_output
+from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
 
 METHOD = "clinragen-onnx"

@@ -20,14 +20,14 @@ from clinragen_fhir.encoding.features import (
     loinc_vocabulary,
 )
 from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows, shown_readings
-from clinragen_fhir.inference.decoding import (
+from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
+from clinragen_fhir.inference.generation import (
     Constraint,
     DiagnosisConstraint,
     Generated,
     greedy,
     token_pieces,
 )
-from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
@@ -36,7 +36,7 @@ from clinragen_fhir.inference.grounding import (
 )
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
-from clinragen_fhir.predict.decode import DIAGNOSIS_LABEL
+from clinragen_fhir.predict.diagnosis_line import DIAGNOSIS_LABEL
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "int8"]

@@ -285,9 +285,6 @@ def summarise_claims(checks: Sequence[Sequence[ClaimCheck]]) -> FaithfulnessSumm
         rationales=len(checks), rationales_with_claims=sum(1 for c in checks if c))
 
 
-# The old name (`report.audit.summarise` is another thing): only for training/evaluate.py, which
-# imports it; delete once that imports `summarise_claims`.
-summarise = summarise_claims
 
 
 @dataclass(frozen=True)
