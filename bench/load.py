@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from clinragen_fhir.fhir.loader import compartment_of, load, read_ndjson
 from tests.reliability.stack import (
     RESULTS,
     RUN,
+    SYSTEM,
     Hapi,
     Redis,
     Worker,
@@ -103,10 +105,40 @@ def load_cohort(url: str, folder: Path, pids: list[str]) -> tuple[int, int, list
     return sum(report.counts.values()), report.stripped, [e for _, e in report.errors]
 
 
-def outcome_check(url: str, redis: Redis, pids: list[str]) -> dict[str, Any]:
-    """Lost and duplicated, from the FHIR server (our reports per patient) and the dead-letter
-    queue: lost = no report and no dead letter; duplicated = more than one report."""
-    counts = reports_by_patient(url, pids)
+def reports_of_method(url: str, pids: list[str], method: str) -> Counter[str]:
+    """Our reports per patient whose identifier names `method` (`<method>:<hash>`): each
+    method has its own current report, so a run of the model after one of the baseline on the
+    same server (`--skip-load`) checks its own."""
+    counts: Counter[str] = Counter({p: 0 for p in pids})
+    with httpx.Client(timeout=120) as http:
+        next_url: str | None = f"{url}/DiagnosticReport"
+        params: dict[str, Any] | None = {"identifier": f"{SYSTEM}|", "_count": 500,
+                                         "_elements": "subject,identifier"}
+        for _ in range(1000):
+            if not next_url:
+                break
+            r = http.get(next_url, params=params)
+            r.raise_for_status()
+            bundle = r.json()
+            for e in bundle.get("entry", []) or []:
+                res = e["resource"]
+                pid = str(res.get("subject", {}).get("reference", "")).removeprefix("Patient/")
+                if pid in counts and any(str(i.get("value", "")).startswith(f"{method}:")
+                                         for i in res.get("identifier", [])):
+                    counts[pid] += 1
+            next_url = next((lk["url"] for lk in bundle.get("link", [])
+                             if lk.get("relation") == "next"), None)
+            params = None
+    return counts
+
+
+def outcome_check(url: str, redis: Redis, pids: list[str],
+                  method: str | None = None) -> dict[str, Any]:
+    """Lost and duplicated, from the FHIR server (our reports per patient; of `method` only
+    when given) and the dead-letter queue: lost = no report and no dead letter; duplicated =
+    more than one report."""
+    counts = reports_by_patient(url, pids) if method is None else \
+        reports_of_method(url, pids, method)
     letters = dead_letters(redis)
     lettered = {str(d["args"][0]) for d in letters if d.get("args")}
     lost, duplicated = lost_and_duplicated(pids, counts, letters)
@@ -214,6 +246,13 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=0,
                         help="patients per model graph call (inference.batch_size; 0: the "
                              "config default)")
+    parser.add_argument("--page-size", type=int, default=0,
+                        help="fhir.page_size (_count of each search; 0: the config default, "
+                             "200): HAPI pages slowly, 1000 reads most patients in one page")
+    parser.add_argument("--skip-load", action="store_true",
+                        help="the cohort is on the server already (an earlier run): do not "
+                             "load it again; lost/duplicated are checked for this run's "
+                             "method only")
     args = parser.parse_args()
     population = args.population or int(args.patients * 1.9)
 
@@ -245,7 +284,8 @@ def main() -> None:
               file=sys.stderr)
     pids = pids[:args.patients]
     t_load = time.monotonic()
-    loaded, stripped, load_errors = load_cohort(hapi.url, folder, pids)
+    loaded, stripped, load_errors = (0, 0, []) if args.skip_load else \
+        load_cohort(hapi.url, folder, pids)
     load_s = time.monotonic() - t_load
     print(f"loaded {loaded} resources in {load_s:.0f} s ({stripped} references to types not "
           f"loaded removed, {len(load_errors)} errors)", file=sys.stderr, flush=True)
@@ -256,6 +296,8 @@ def main() -> None:
     # 2,800 Observations; their report transaction took HAPI > 10 s on the loaded machine).
     env = base_env(hapi.url, redis, CLINRAGEN_WORKER__METRICS_PORT=str(metrics_port),
                    CLINRAGEN_WORKER__CONCURRENCY=str(args.concurrency))
+    if args.page_size:
+        env["CLINRAGEN_FHIR__PAGE_SIZE"] = str(args.page_size)
     if args.model is not None:
         env["CLINRAGEN_MODEL_DIR"] = str(args.model.resolve())
         env["CLINRAGEN_INFERENCE__THREADS"] = str(args.threads)
@@ -294,7 +336,9 @@ def main() -> None:
         elapsed = time.monotonic() - t0
         calls = fhir_calls(metrics_port) - calls_before
         worker.stop()
-    check = outcome_check(hapi.url, redis, pids)
+    check = outcome_check(hapi.url, redis, pids, method=(
+        "clinragen-onnx" if args.model else "knowledge-rule-baseline") if args.skip_load
+        else None)
     outcomes, per_patient = task_outcomes(app, tasks)
     work = [sum(float((o.get("timings") or {}).get(k, 0.0)) for k in WORK) for o in per_patient]
     durations = [float(m.group(1)) for path in worker.logs
@@ -331,7 +375,7 @@ def main() -> None:
         "outcomes": outcomes, **check,
         "settings": {k: v for k, v in worker.env.items() if k.startswith((
             "CLINRAGEN_WORKER__", "CLINRAGEN_FHIR__TIMEOUT", "CLINRAGEN_FHIR__RETRIES",
-            "CLINRAGEN_INFERENCE__", "CLINRAGEN_MODEL_DIR"))}
+            "CLINRAGEN_INFERENCE__", "CLINRAGEN_MODEL_DIR", "CLINRAGEN_FHIR__PAGE_SIZE"))}
         or "config defaults",
         "rss_children_first_quarter_mib": round(statistics.fmean(first), 1) if first else 0,
         "rss_children_last_quarter_mib": round(statistics.fmean(last), 1) if last else 0,
