@@ -246,6 +246,10 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=0,
                         help="patients per model graph call (inference.batch_size; 0: the "
                              "config default)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="inference.precision (int8: the quantised graphs)")
+    parser.add_argument("--max-new-tokens", type=int, default=0,
+                        help="inference.max_new_tokens (0: the model's own)")
     parser.add_argument("--page-size", type=int, default=0,
                         help="fhir.page_size (_count of each search; 0: the config default, "
                              "200): HAPI pages slowly, 1000 reads most patients in one page")
@@ -303,6 +307,9 @@ def main() -> None:
         env["CLINRAGEN_INFERENCE__THREADS"] = str(args.threads)
         if args.model_batch:
             env["CLINRAGEN_INFERENCE__BATCH_SIZE"] = str(args.model_batch)
+        env["CLINRAGEN_INFERENCE__PRECISION"] = args.precision
+        if args.max_new_tokens:
+            env["CLINRAGEN_INFERENCE__MAX_NEW_TOKENS"] = str(args.max_new_tokens)
     if not args.suite_timeouts:
         for key in ("CLINRAGEN_WORKER__SOFT_TIME_LIMIT_S", "CLINRAGEN_WORKER__TIME_LIMIT_S",
                     "CLINRAGEN_WORKER__VISIBILITY_TIMEOUT_S", "CLINRAGEN_FHIR__TIMEOUT_S"):
