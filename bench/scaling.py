@@ -254,7 +254,7 @@ def stage_shares(seconds: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, cap: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,6 +271,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax1.loglog(sizes, vals, ".--", alpha=0.7, label=stage)
     s0, t0 = sizes[0], rows[0]["seconds_without_model"]
     ax1.loglog(sizes, [t0 * s / s0 for s in sizes], ":", color="grey", label="linear from 10")
+    for ax in (ax1, ax2):
+        if cap and sizes[0] <= cap <= sizes[-1]:
+            ax.axvline(cap, color="black", lw=0.8, alpha=0.5)
+            ax.text(cap, ax.get_ylim()[0], " reading cap", fontsize=7, rotation=90,
+                    va="bottom", alpha=0.7)
     ax1.set_xlabel("Observations of the patient")
     ax1.set_ylabel("seconds (fastest run)")
     ax1.legend(fontsize=7)
@@ -302,8 +307,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0,
                         help="cProfile one run at this size and print the top functions")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true",
+                        help="only draw --plot again from --out (no run)")
     parser.add_argument("--out", type=Path, default=ROOT / ".run" / "bench" / "scaling.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.out.read_text())
+        plot(saved["rows"], args.plot, f"cost per patient vs Observations ({saved['method']}, "
+             f"{saved['precision']}, {saved['threads']} thread, reading cap "
+             f"{saved['max_readings']:,})", saved["max_readings"])
+        return
 
     from clinragen_fhir.config import InferenceSettings
     from clinragen_fhir.encoding.labs import MAX_READINGS
@@ -389,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
               + " | ".join(f"{1e3 * r['stages'][k]:.0f} ms" for k in names) + " |")
     if args.plot:
         plot(rows, args.plot, f"cost per patient vs Observations ({method}, "
-             f"{args.precision}, {args.threads} thread, reading cap {MAX_READINGS:,})")
+             f"{args.precision}, {args.threads} thread, reading cap {MAX_READINGS:,})",
+             MAX_READINGS)
         print(f"plot: {args.plot}")
     print(f"written to {args.out}")
 
