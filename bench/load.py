@@ -76,10 +76,19 @@ def cohort(population: int, seed: int) -> Path:
 WORKER_TYPES = {"Patient", "Observation", "DocumentReference"}  # what the worker reads
 
 
+def first_ids(folder: Path, n: int) -> list[str]:
+    """The cohort's first `n` patient ids, in file order."""
+    with open(folder / "Patient.ndjson") as fh:
+        return [json.loads(line)["id"] for line, _ in zip(fh, range(n), strict=False)
+                if line.strip()]
+
+
 def subset(folder: Path, pids: list[str]) -> Path:
     """The chosen patients' compartments and every shared resource, all types, as NDJSON in a
     folder of their own (cached): the loader then knows which references would dangle."""
-    out = folder.parent / f"subset-{len(pids)}"
+    # named by the first patient too: a slice further on (--offset) is another subset
+    out = folder.parent / (f"subset-{len(pids)}" if pids[:1] == first_ids(folder, 1)
+                           else f"subset-{len(pids)}-{pids[0]}")
     if (out / "Patient.ndjson").is_file():
         return out
     chosen = set(pids)
@@ -246,6 +255,10 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=0,
                         help="patients per model graph call (inference.batch_size; 0: the "
                              "config default)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="start at this patient of the cohort (a slice not diagnosed yet: "
+                             "another run on the same server with the same model would find "
+                             "its reports and predict nothing)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                         help="inference.precision (int8: the quantised graphs)")
     parser.add_argument("--max-new-tokens", type=int, default=0,
@@ -265,7 +278,7 @@ def main() -> None:
         folder = cohort(population, args.seed)
         pids = [json.loads(line)["id"] for line in
                 (folder / "Patient.ndjson").read_text().splitlines() if line.strip()]
-        pids = pids[:args.patients]
+        pids = pids[args.offset:args.offset + args.patients]
         check = outcome_check(hapi.url, redis, pids)
         path = RESULTS / "load.json"
         figures = json.loads(path.read_text())
@@ -286,7 +299,7 @@ def main() -> None:
     if len(pids) < args.patients:
         print(f"cohort has {len(pids)} patients (< {args.patients}); raise --population",
               file=sys.stderr)
-    pids = pids[:args.patients]
+    pids = pids[args.offset:args.offset + args.patients]
     t_load = time.monotonic()
     loaded, stripped, load_errors = (0, 0, []) if args.skip_load else \
         load_cohort(hapi.url, folder, pids)
