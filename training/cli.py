@@ -336,12 +336,22 @@ def release_cmd(run_dir: Path, config: str, variant: str, out_dir: Path | None) 
     """Gate the run's evaluation (training.gate), then copy the variant's tensors, calibration,
     metrics.json, hashes and model card into the artifact. A refused model: non-zero exit, the
     failing numbers in the message, nothing written."""
+    from training.evaluate import markdown_table
     from training.release import ARTIFACT, ReleaseError, release
+    from training.release_metrics import load_results
 
+    cfg = load_config(config)
     try:
-        manifest = release(load_config(config), run_dir, out_dir or ARTIFACT, variant)
+        manifest = release(cfg, run_dir, out_dir or ARTIFACT, variant)
     except ReleaseError as e:
         raise click.ClickException(str(e)) from e
+    results = load_results(run_dir)
+    if results is not None and out_dir is None:  # the shipped model: its table in the docs too
+        update_doc_table(markdown_table(results), cfg.name, doc=DOC, title=(
+            f"Config `{cfg.name}`, the released `{variant}` variant and the baselines on the "
+            "internal test split and the external cohort (written with model/default/"
+            "metrics.json by `clinragen-train default-model release` from the run's "
+            "results.json):\n"))
     click.echo(json.dumps(manifest, indent=1))
 
 

@@ -388,3 +388,30 @@ def test_the_shipped_default_model_installs_and_serves_real_patients_without_tor
         assert cited <= set(labs["observation_id"])  # evidence is the patient's own readings
         concluded += len(p.diagnoses)
     assert concluded > 0
+
+
+def test_releasing_the_shipped_model_writes_its_table_into_the_docs(
+        run_and_artifact: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table in docs/training.md and model/default/metrics.json come from one command."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import training.cli as cli
+    import training.release as release_module
+
+    run, _ = run_and_artifact
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "results.json").write_text(json.dumps(hand_results()))
+    doc = tmp_path / "training.md"
+    doc.write_text("# Training\n\n<!-- results:t:begin -->\nstale-table\n<!-- results:t:end -->\n")
+    monkeypatch.setattr(cli, "load_config", lambda _: config())
+    monkeypatch.setattr(cli, "DOC", doc)
+    monkeypatch.setattr(release_module, "ARTIFACT", tmp_path / "artifact")
+    out = CliRunner().invoke(cli.main, ["default-model", "release", "--run", str(copy)])
+    assert out.exit_code == 0, out.output
+    text = doc.read_text()
+    assert "stale-table" not in text and "| system |" in text and "default-model release" in text
+    assert (tmp_path / "artifact" / METRICS).is_file()
