@@ -33,6 +33,8 @@ class Slow(BaseHTTPRequestHandler):
         self.send_response(503)
         self.end_headers()
 
+    do_POST = do_GET  # the worker's reads are one batch Bundle, POSTed to the base
+
     def log_message(self, *args: object) -> None:
         pass
 
