@@ -40,14 +40,13 @@ from clinragen_fhir.encoding.features import (
     featurise,
     loinc_vocabulary,
 )
-from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
+from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.generation import greedy
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
-    evidence_first,
+    grounded_readings,
     token_budget,
 )
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
@@ -334,19 +333,15 @@ class ClinRaGen(nn.Module):
         codes, only its own diagnosis's), decoded by the runtime's own `greedy` with this
         model's decoder as the step function."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
-        readings = [f.readings for f in batch.features]
-        codes = [f.reading_codes for f in batch.features]
-        if tests is not None:  # the runtime's order (OnnxModel.generate)
-            firsts = [evidence_first(r, c, t, tests)
-                      for r, c, t in zip(readings, codes, terms, strict=True)]
-            readings, codes = [r for r, _ in firsts], [c for _, c in firsts]
+        readings, codes = grounded_readings([f.readings for f in batch.features],
+                                            [f.reading_codes for f in batch.features], terms,
+                                            tests)  # the runtime's order (OnnxModel.generate)
         embeds, mask = self.with_condition(embeds, mask, terms, readings)
-        budget = self.config.budgets.prompt_reading_tokens
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
         constraint = RationaleConstraint(self._ids, eos)
-        constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings],
-                              codes, tests)
+        constraint.start_shown(terms, readings, codes, tests,
+                               self.config.budgets.prompt_reading_tokens)
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
             out = self.slm(inputs_embeds=torch.from_numpy(e), attention_mask=torch.from_numpy(m),
@@ -468,7 +463,8 @@ class ClinRaGen(nn.Module):
         why = self.explain(batch, ids)[0]
         rationale = split_output(texts[0])[0]
         by_obs = {r.observation_id: r for r in feats.labs}
-        evidence = tuple(_evidence(by_obs[o]) for o, _, _, _ in why.labs[:3] if o in by_obs)
+        evidence = tuple(Evidence.of_reading(by_obs[o]) for o, _, _, _ in why.labs[:3]
+                         if o in by_obs)
         facts = tuple(f for f, _, _ in why.facts)
         if not base.abstained:
             base.diagnoses = [Diagnosis(code, cfg.disorder_terms[index[code]], probs[index[code]],
@@ -540,8 +536,3 @@ def _normalise(x: Tensor) -> np.ndarray:
     v = x.detach().float().cpu().numpy()
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else v
-
-
-def _evidence(r: Any) -> Evidence:
-    return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")

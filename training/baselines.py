@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.numbers import format_value
+from clinragen_fhir.encoding.schema import describe_reading
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude_matrix
 from clinragen_fhir.predict.diagnosis_line import abstain
@@ -216,7 +216,8 @@ def template_rationale(ex: Example, predicted: Sequence[tuple[str, str]], k: int
                 continue
             day = pd.Timestamp(r["time"]).date().isoformat()
             name = str(r["display"] or r["loinc"])
-            parts.append((dist, f"{name} was {format_value(v)} {r['unit']} on {day} ({word})"))
+            parts.append((dist, f"{describe_reading(name, v, str(r['unit']), day, was=True)} "
+                                f"({word})"))
     parts.sort(key=lambda t: -t[0])
     readings = "; ".join(p for _, p in parts[:k]) or "no reading outside its reference range"
     names = ", ".join(term for _, term in predicted) or "no disorder"

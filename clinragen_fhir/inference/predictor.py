@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.features import Features, LabRef, collate, featurise
-from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.encoding.features import Features, collate, featurise
+from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
 from clinragen_fhir.identity import model_identity
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
@@ -166,26 +165,19 @@ class OnnxPredictor:
             if s.fact in read:
                 knowledge.append(s.fact)
             hit = findings.get(s.evidence)
-            for r in hit.rows[-3:] if hit is not None else ():
-                evidence.append(Evidence(
-                    r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]} "
-                    f"({hit.label if hit else ''})"))
+            if hit is not None:
+                evidence.extend(Evidence.of_reading(r, f"{r.describe()} ({hit.label})")
+                                for r in hit.rows[-3:])
         if not evidence:
-            evidence = [_evidence(r) for r in _most_abnormal(feats)]
+            evidence = [Evidence.of_reading(r) for r in _most_abnormal(feats)]
         return Diagnosis(code, term, prob, tuple(dict.fromkeys(evidence))[:5],
                          tuple(dict.fromkeys(knowledge)))
 
 
-def _most_abnormal(feats: Features, k: int = 3) -> list[LabRef]:
+def _most_abnormal(feats: Features, k: int = 3) -> list[Reading]:
     """The readings furthest outside their reference range (by the squashed range scale)."""
     if not feats.labs:
         return []
     score = np.abs(feats.lab_value) * feats.lab_value_mask
     order = np.argsort(-score, kind="stable")[:k]
     return [feats.labs[i] for i in order if score[i] > 0]
-
-
-def _evidence(r: LabRef) -> Evidence:
-    return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")

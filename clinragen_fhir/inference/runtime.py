@@ -19,7 +19,7 @@ from clinragen_fhir.encoding.features import (
     Budgets,
     loinc_vocabulary,
 )
-from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows, shown_readings
+from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
 from clinragen_fhir.inference.generation import (
     Constraint,
@@ -31,7 +31,7 @@ from clinragen_fhir.inference.generation import (
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
-    evidence_first,
+    grounded_readings,
     token_budget,
 )
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
@@ -272,12 +272,10 @@ class OnnxModel:
         probs = self.probabilities(prefix.diagnosis_logits)
         b = probs.shape[0]
         terms = conclude(probs) if conclude is not None else [[]] * b
-        shown = readings if readings is not None else [[]] * b
+        shown: Sequence[Sequence[str]] = readings if readings is not None else [[]] * b
         codes = reading_codes
-        if grounded and tests is not None and reading_codes is not None:
-            firsts = [evidence_first(r, c, t, tests)
-                      for r, c, t in zip(shown, reading_codes, terms, strict=True)]
-            shown, codes = [r for r, _ in firsts], [c for _, c in firsts]
+        if grounded:
+            shown, codes = grounded_readings(shown, reading_codes, terms, tests)
         cond = self.condition(terms, shown)
         width = max(len(c) for c in cond)
         cond_ids = np.full((b, width), self.manifest.decoder.pad_token_id, dtype=np.int64)
@@ -291,9 +289,8 @@ class OnnxModel:
         constraint: Constraint | None = None
         if grounded:
             constraint = self.grounding()
-            budget = self.config.budgets.prompt_reading_tokens
-            constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown],
-                                  codes, tests)
+            constraint.start_shown(terms, shown, codes, tests,
+                                   self.config.budgets.prompt_reading_tokens)
         elif constrained:
             constraint = self.constraint()
         gen: Generated = greedy(self.step, self.embed, embeds, mask, n, spec.eos_token_id,
