@@ -22,7 +22,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude_matrix
 from clinragen_fhir.predict.diagnosis_line import abstain
 from clinragen_fhir.predict.rules import RuleBaseline
-from training.example import Example
+from training.example import Example, label_matrix
 from training.metrics import tune_thresholds
 
 
@@ -35,20 +35,6 @@ class SystemOutput:
     rationales: list[str]
     rationale_kind: str  # "generated" | "rule" | "template"
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def label_matrix(examples: Sequence[Example], disorders: Sequence[str],
-                 key: str = "labels") -> np.ndarray:
-    """[n, D] 0/1 of the examples' labels (`key="new_labels"`: the disorders first recorded at
-    the example's visit, from its meta)."""
-    index = {d: j for j, d in enumerate(disorders)}
-    y = np.zeros((len(examples), len(disorders)), dtype=int)
-    for i, ex in enumerate(examples):
-        codes = ex.labels if key == "labels" else ex.meta.get(key, [])
-        for code in codes:
-            if code in index:
-                y[i, index[code]] = 1
-    return y
 
 
 def sexes_and_ages(examples: Sequence[Example]) -> tuple[list[str | None], list[float | None]]:
