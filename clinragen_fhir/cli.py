@@ -365,7 +365,7 @@ def audit(patient: str | None, since: str | None, until: str | None, method: str
     Every input a report cites (its Provenance, Type/id/_history/version, and its cited values)
     is compared with the server's current data: new versions, changed values, deletions.
     """
-    from clinragen_fhir.report.audit import (
+    from clinragen_fhir.report.recheck import (
         ReportAudit,
         list_reports,
         safe_recheck,
