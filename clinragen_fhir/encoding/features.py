@@ -114,13 +114,23 @@ class Features:
     labs: list[Reading] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
-    readings: list[str] = field(default_factory=list)  # `reading_texts`, for the prompt
-    reading_codes: list[str] = field(default_factory=list)  # the LOINC code of each reading
+    # (LOINC, text) of each reading the prompt shows (`reading_texts`), in the prompt's order
+    shown: list[tuple[str, str]] = field(default_factory=list)
     test_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [S]
     test_stats: np.ndarray = field(  # float32 [S, TEST_STATS]
         default_factory=lambda: np.zeros((0, TEST_STATS), np.float32))
     patient_stats: np.ndarray = field(  # float32 [PATIENT_STATS]
         default_factory=lambda: np.zeros(PATIENT_STATS, np.float32))
+
+    @property
+    def readings(self) -> list[str]:
+        """The texts of `shown`: what the prompt writes and the rationale may cite."""
+        return [text for _, text in self.shown]
+
+    @property
+    def reading_codes(self) -> list[str]:
+        """The LOINC codes of `shown` (grounding: which diagnosis a reading supports)."""
+        return [code for code, _ in self.shown]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +421,7 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
                                             loinc_vocab, index_time, budgets.max_tests)
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
                     fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
-                    readings=[t for _, t in shown], reading_codes=[c for c, _ in shown],
+                    shown=shown,
                     test_code=test_code, test_stats=test_stats,
                     patient_stats=featurise_patient(patient) if budgets.max_tests > 0
                     else np.zeros(PATIENT_STATS, np.float32))
