@@ -7,6 +7,11 @@
 The SLM is frozen except for LoRA adapters; the lab encoder, fact encoder, gated knowledge
 attention and diagnosis head (all in `PrefixBuilder`) are trained fully. `save`/`load` put
 everything needed to run in one directory.
+
+Over 400 lines because it is one class, the model, in its `# --` sections (construction, inputs,
+forward, explanations, the Predictor interface, persistence); what it shares with the runtime is
+imported (`encoding.features`, `inference.grounding`, `inference.model_config`,
+`predict.conclude`), the prefix modules are `model.prefix`, the export `model.export`.
 """
 
 from __future__ import annotations

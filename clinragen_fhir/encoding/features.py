@@ -4,6 +4,10 @@ numpy, pandas and a `tokenizers` tokenizer only (no torch): it lives in the runt
 onnxruntime worker featurises exactly as training did.
 Nothing is imputed: a reading without a reference range, or without an earlier reading to give a
 trend, gets value 0 and a mask of 0, and the encoder sees the mask.
+
+Over 400 lines because every array the prefix graph reads is made here, in its `# ---` sections
+(labs, notes, knowledge, one patient then a batch): one module, so that training and the worker
+cannot featurise differently. A reading's text is `encoding.schema.describe_reading`.
 """
 
 from __future__ import annotations
