@@ -111,12 +111,12 @@ def load_features(model_dir: Path, data: Path, n: int
     from tokenizers import Tokenizer
 
     from clinragen_fhir.encoding.features import featurise, loinc_vocabulary
-    from clinragen_fhir.inference.runtime import RuntimeConfig
+    from clinragen_fhir.inference.model_config import ModelConfig
     from clinragen_fhir.knowledge import load_graph, retrieve
     from model.parity import bundle_patients
 
     kg = load_graph()
-    cfg = RuntimeConfig.read(model_dir / "config.json")
+    cfg = ModelConfig.read(model_dir / "config.json")
     tok = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
     vocab = loinc_vocabulary(cfg.loinc_codes)
     feats, gold, took = [], [], []
@@ -136,7 +136,7 @@ def run_baseline(kind: str, model_dir: Path, data: Path, n: int, baseline_data: 
     included: the rules' retrieval, the classifier's features)."""
     from itertools import islice
 
-    from clinragen_fhir.inference.runtime import RuntimeConfig
+    from clinragen_fhir.inference.model_config import ModelConfig
     from clinragen_fhir.knowledge import load_graph
     from model.parity import bundle_patients
 
@@ -156,7 +156,7 @@ def run_baseline(kind: str, model_dir: Path, data: Path, n: int, baseline_data: 
         from training.baselines import FeatureClassifier
         from training.example import Example, read_examples
 
-        cfg = RuntimeConfig.read(model_dir / "config.json")
+        cfg = ModelConfig.read(model_dir / "config.json")
         t = time.perf_counter()
         train = list(islice(read_examples(baseline_data / "train.jsonl"), n_train))
         valid = list(islice(read_examples(baseline_data / "valid.jsonl"), n_valid))

@@ -331,16 +331,16 @@ def main(argv: list[str] | None = None) -> None:
     from clinragen_fhir.config import InferenceSettings
     from clinragen_fhir.encoding.labs import MAX_READINGS
     from clinragen_fhir.inference.fallback import build_predictor
-    from clinragen_fhir.inference.runtime import RuntimeConfig
+    from clinragen_fhir.inference.model_config import ModelConfig
     from clinragen_fhir.knowledge import load_graph
 
     kg = load_graph()
     model_dir = None if args.rules else args.model_dir
     predictor = build_predictor(model_dir, kg, InferenceSettings(precision=args.precision,
                                                                  threads=args.threads))
-    wanted = RuntimeConfig.read(model_dir / "config.json").loinc_codes if model_dir else []
+    wanted = ModelConfig.read(model_dir / "config.json").loinc_codes if model_dir else []
     tests = pick_tests(kg, wanted, args.tests)
-    budgets = (RuntimeConfig.read(model_dir / "config.json").budgets if model_dir else None)
+    budgets = (ModelConfig.read(model_dir / "config.json").budgets if model_dir else None)
     stages = Stages()
     install_stages(stages, predictor)
     patient, notes = synthetic_patient(), synthetic_notes()

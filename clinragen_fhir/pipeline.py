@@ -34,10 +34,10 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.predict.types import (
     Identity,
     Prediction,
+    Predictor,
     declared_identity,
     has_inputs,
 )
-from clinragen_fhir.predict.types import Predictor as Predictor  # re-exported: worker.tasks
 from clinragen_fhir.report import problem_list
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (

@@ -7,6 +7,11 @@
 The SLM is frozen except for LoRA adapters; the lab encoder, fact encoder, gated knowledge
 attention and diagnosis head (all in `PrefixBuilder`) are trained fully. `save`/`load` put
 everything needed to run in one directory.
+
+Over 400 lines because it is one class, the model, in its `# --` sections (construction, inputs,
+forward, explanations, the Predictor interface, persistence); what it shares with the runtime is
+imported (`encoding.features`, `inference.grounding`, `inference.model_config`,
+`predict.conclude`), the prefix modules are `model.prefix`, the export `model.export`.
 """
 
 from __future__ import annotations
@@ -40,20 +45,25 @@ from clinragen_fhir.encoding.features import (
     featurise,
     loinc_vocabulary,
 )
-from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows, shown_readings
+from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.generation import greedy
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
-    evidence_first,
+    grounded_readings,
     token_budget,
 )
+from clinragen_fhir.inference.model_config import ModelConfig
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
-from clinragen_fhir.predict.conclude import conclude
-from clinragen_fhir.predict.diagnosis_line import split_output
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.conclude import concluded_prediction
+from clinragen_fhir.predict.types import (
+    Diagnosis,
+    Evidence,
+    Prediction,
+    abstain_without_inputs,
+    has_inputs,
+)
 from model.prefix import PrefixBuilder, PrefixConfig
 
 log = logging.getLogger(__name__)
@@ -81,28 +91,18 @@ class LoraSettings:
 
 
 @dataclass
-class ClinRaGenConfig:
-    """Everything but weights: vocabularies, budgets, prompt, calibration, knowledge version."""
+class ClinRaGenConfig(ModelConfig):
+    """Everything but weights: what the runtime reads too (`inference.model_config.ModelConfig`:
+    vocabularies, budgets, calibration, the conclusion rule, knowledge version) and what only the
+    torch model needs (backbone, prompt, LoRA, fusion sizes)."""
 
-    loinc_codes: list[str]
-    disorders: list[str]  # SNOMED ids, in the diagnosis head's output order
-    disorder_terms: list[str]
-    knowledge_version: str = ""
     backbone: str = ""
-    budgets: Budgets = field(default_factory=Budgets)
     prompt: Prompt = field(default_factory=Prompt)
     lora: LoraSettings = field(default_factory=LoraSettings)
     n_fusion_layers: int = 1
     n_heads: int = 0  # 0: the SLM's number of attention heads
     gate_init: float = 0.1
     dropout: float = 0.0
-    temperature: float = 1.0  # fitted by `fit_temperature`
-    threshold: float = 0.5
-    min_confidence: float = 0.6
-    max_new_tokens: int = 160
-    method_version: str = "1"
-    thresholds: dict[str, float] = field(default_factory=dict)  # per disorder; else `threshold`
-    max_codes: int = 3  # the most codes a report concludes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -142,7 +142,7 @@ class Explanation:
 
 
 class ClinRaGen(nn.Module):
-    """The whole model; also a `clinragen_fhir.pipeline.Predictor` (`name`, `predict`)."""
+    """The whole model; also a `clinragen_fhir.predict.types.Predictor` (`name`, `predict`)."""
 
     name = METHOD
     slm: Any  # a PreTrainedModel, or a PeftModel around one
@@ -334,19 +334,15 @@ class ClinRaGen(nn.Module):
         codes, only its own diagnosis's), decoded by the runtime's own `greedy` with this
         model's decoder as the step function."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
-        readings = [f.readings for f in batch.features]
-        codes = [f.reading_codes for f in batch.features]
-        if tests is not None:  # the runtime's order (OnnxModel.generate)
-            firsts = [evidence_first(r, c, t, tests)
-                      for r, c, t in zip(readings, codes, terms, strict=True)]
-            readings, codes = [r for r, _ in firsts], [c for _, c in firsts]
+        readings, codes = grounded_readings([f.readings for f in batch.features],
+                                            [f.reading_codes for f in batch.features], terms,
+                                            tests)  # the runtime's order (OnnxModel.generate)
         embeds, mask = self.with_condition(embeds, mask, terms, readings)
-        budget = self.config.budgets.prompt_reading_tokens
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
         constraint = RationaleConstraint(self._ids, eos)
-        constraint.start_rows(terms, [shown_readings(self._ids, r, budget) for r in readings],
-                              codes, tests)
+        constraint.start_shown(terms, readings, codes, tests,
+                               self.config.budgets.prompt_reading_tokens)
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
             out = self.slm(inputs_embeds=torch.from_numpy(e), attention_mask=torch.from_numpy(m),
@@ -449,33 +445,24 @@ class ClinRaGen(nn.Module):
         """Rationale and diagnoses for one patient; abstains on no input or low confidence."""
         cfg = self.config
         base = Prediction(METHOD, cfg.method_version, cfg.knowledge_version, [], "")
-        if (labs is None or labs.empty) and not notes:
-            base.abstained, base.abstain_reason = True, "no usable lab results or notes"
-            base.rationale = "Abstained: the patient has no usable lab results or notes."
-            return base
+        if not has_inputs(labs, notes):
+            return abstain_without_inputs(base)
         self.eval()
         feats = self.featurise(labs, notes, patient)
         batch = self.batch([feats])
         probs = self.probabilities(batch)[0].tolist()
         index = {code: i for i, code in enumerate(cfg.disorders)}
-        c = conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
-                     thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
-                     sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
-        base.abstained, base.abstain_reason = c.abstained, c.abstain_reason
+        c = cfg.conclude(probs, self.kg, patient)
         # the head decides; the rationale is written for what it concluded
-        terms = [] if c.abstained else [cfg.disorder_terms[index[code]] for code in c.codes]
-        texts, ids = self.generate(batch, terms=[terms])
+        texts, ids = self.generate(batch, terms=[cfg.terms(c)])
         why = self.explain(batch, ids)[0]
-        rationale = split_output(texts[0])[0]
         by_obs = {r.observation_id: r for r in feats.labs}
-        evidence = tuple(_evidence(by_obs[o]) for o, _, _, _ in why.labs[:3] if o in by_obs)
+        evidence = tuple(Evidence.of_reading(by_obs[o]) for o, _, _, _ in why.labs[:3]
+                         if o in by_obs)
         facts = tuple(f for f, _, _ in why.facts)
-        if not base.abstained:
-            base.diagnoses = [Diagnosis(code, cfg.disorder_terms[index[code]], probs[index[code]],
-                                        evidence, facts) for code in c.codes]
-        base.rationale = rationale
         base.facts_used = list(facts)
-        return base
+        return concluded_prediction(base, c, texts[0], lambda code: Diagnosis(
+            code, cfg.term(code), probs[index[code]], evidence, facts))
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, merge: bool = True) -> Path:
@@ -540,8 +527,3 @@ def _normalise(x: Tensor) -> np.ndarray:
     v = x.detach().float().cpu().numpy()
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else v
-
-
-def _evidence(r: Any) -> Evidence:
-    return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.numbers import format_value
+from clinragen_fhir.encoding.schema import describe_reading
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.predict.conclude import conclude_matrix
 from clinragen_fhir.predict.diagnosis_line import abstain
 from clinragen_fhir.predict.rules import RuleBaseline
-from training.example import Example
+from training.example import Example, label_matrix
 from training.metrics import tune_thresholds
 
 
@@ -35,20 +35,6 @@ class SystemOutput:
     rationales: list[str]
     rationale_kind: str  # "generated" | "rule" | "template"
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def label_matrix(examples: Sequence[Example], disorders: Sequence[str],
-                 key: str = "labels") -> np.ndarray:
-    """[n, D] 0/1 of the examples' labels (`key="new_labels"`: the disorders first recorded at
-    the example's visit, from its meta)."""
-    index = {d: j for j, d in enumerate(disorders)}
-    y = np.zeros((len(examples), len(disorders)), dtype=int)
-    for i, ex in enumerate(examples):
-        codes = ex.labels if key == "labels" else ex.meta.get(key, [])
-        for code in codes:
-            if code in index:
-                y[i, index[code]] = 1
-    return y
 
 
 def sexes_and_ages(examples: Sequence[Example]) -> tuple[list[str | None], list[float | None]]:
@@ -216,7 +202,8 @@ def template_rationale(ex: Example, predicted: Sequence[tuple[str, str]], k: int
                 continue
             day = pd.Timestamp(r["time"]).date().isoformat()
             name = str(r["display"] or r["loinc"])
-            parts.append((dist, f"{name} was {format_value(v)} {r['unit']} on {day} ({word})"))
+            parts.append((dist, f"{describe_reading(name, v, str(r['unit']), day, was=True)} "
+                                f"({word})"))
     parts.sort(key=lambda t: -t[0])
     readings = "; ".join(p for _, p in parts[:k]) or "no reading outside its reference range"
     names = ", ".join(term for _, term in predicted) or "no disorder"

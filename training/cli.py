@@ -6,6 +6,10 @@
     clinragen-train export --config default --run DIR --out DIR   # the worker's model + card
     clinragen-train build / annotate          # the dataset steps (training.data_cli)
     clinragen-train default-model release|install|rebuild   # model/default (training.release)
+
+Over 400 lines because `reproduce` is here with the commands it chains (cohorts, build,
+annotate, train, evaluate, export, the doc tables): the whole pipeline on one page. The steps
+themselves live in `training.data`, `training.distill`, `training.evaluate`, `training.release`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ placeholder says nothing about the labels; scope "labels" hides the labels only.
 
 Splits are by patient, from a keyed hash of (seed, source, patient id), so adding patients
 never moves existing ones between splits.
+
+Over 400 lines because the four `# ---` sections (configuration and results, labels from
+Conditions, examples per patient, the build) are one definition of what an example is: index
+times, labels and inputs are cut at the same instant and must change together. Reading records
+is `training.sources`, the leakage mask `training.leakage`, the encoding `encoding.patient`.
 """
 
 from __future__ import annotations

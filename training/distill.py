@@ -43,7 +43,7 @@ from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.predict.diagnosis_line import format_target, split_output
 from model.clinragen import ClinRaGen, LoraSettings
 from training.config import STAGES, StageConfig, TrainConfig, VariantConfig, stage_modalities
-from training.example import Example
+from training.example import Example, label_matrix
 from training.teacher import most_specific, ordered_diagnoses
 from training.vocabulary import revealable_disorders
 
@@ -208,16 +208,6 @@ def teacher_rationale(text: str) -> str:
     return split_output(text)[0] if text else ""
 
 
-def label_matrix(examples: Sequence[Example], disorders: Sequence[str]) -> np.ndarray:
-    index = {d: j for j, d in enumerate(disorders)}
-    y = np.zeros((len(examples), len(disorders)), dtype=np.float32)
-    for i, ex in enumerate(examples):
-        for code in ex.labels:
-            if code in index:
-                y[i, index[code]] = 1.0
-    return y
-
-
 # Features depend on the example, the modalities, the tokenizer and the budgets only: variants of
 # one run share them (the knowledge retrieval is the slow part).
 _FEATURES: dict[tuple[str, Modalities, int, str], Features] = {}
@@ -226,7 +216,7 @@ _FEATURES: dict[tuple[str, Modalities, int, str], Features] = {}
 def encode(model: ClinRaGen, examples: Sequence[Example], modalities: Modalities,
            stage: str | None, kg: KnowledgeGraph, max_tokens: int,
            desc: str = "featurise") -> list[Encoded]:
-    y = label_matrix(examples, model.config.disorders)
+    y = label_matrix(examples, model.config.disorders, dtype=np.float32)
     out = []
     key = (len(model.tokenizer), repr(model.config.budgets) + kg.version)
     if len(_FEATURES) > 50_000:

@@ -39,13 +39,12 @@ from training.baselines import (
     FeatureClassifier,
     SystemOutput,
     closure,
-    label_matrix,
     rule_outputs,
     sexes_and_ages,
 )
 from training.config import TrainConfig, VariantConfig, stage_modalities
 from training.distill import encode, load_variant, teacher_rationale
-from training.example import Example
+from training.example import Example, label_matrix
 from training.metrics import (
     ClassificationReport,
     bleu4,

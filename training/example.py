@@ -7,12 +7,13 @@ in one small module so both sides agree on the shape.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
@@ -82,3 +83,18 @@ def read_examples(path: Path) -> Iterator[Example]:
         for line in fh:
             if line.strip():
                 yield Example.from_json(json.loads(line))
+
+
+def label_matrix(examples: Sequence[Example], disorders: Sequence[str], key: str = "labels",
+                 dtype: type[np.generic] = np.int64) -> np.ndarray:
+    """[n, D] 0/1 of the examples' labels, in `disorders`' order (`key="new_labels"`: the
+    disorders first recorded at the example's visit, from its meta). int for metrics; the
+    head's loss takes `dtype=np.float32`. Codes outside `disorders` are left out."""
+    index = {d: j for j, d in enumerate(disorders)}
+    y = np.zeros((len(examples), len(disorders)), dtype=dtype)
+    for i, ex in enumerate(examples):
+        codes = ex.labels if key == "labels" else ex.meta.get(key, [])
+        for code in codes:
+            if code in index:
+                y[i, index[code]] = 1
+    return y

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.schema import Note
+from clinragen_fhir.encoding.schema import Note, describe_reading
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval
 
 STAGES = ("notes", "labs", "multimodal", "diagnosis")
@@ -78,8 +78,9 @@ def lab_phrase(kg: KnowledgeGraph, row: pd.Series) -> str:
     value = float(row["value"])
     low, high = float(row["ref_low"]), float(row["ref_high"])
     day = pd.Timestamp(row["time"]).strftime("%Y-%m-%d")
-    text = f"{short_lab_name(kg, str(row['loinc']), str(row['display']))} {fmt_value(value)} " \
-           f"{row['unit']} on {day}"
+    # the lab frame holds finite values only (encoding.labs skips the others)
+    text = describe_reading(short_lab_name(kg, str(row["loinc"]), str(row["display"])), value,
+                            str(row["unit"]), day)
     d = direction(value, low, high)
     if d:
         if math.isnan(low):

@@ -4,6 +4,10 @@ numpy, pandas and a `tokenizers` tokenizer only (no torch): it lives in the runt
 onnxruntime worker featurises exactly as training did.
 Nothing is imputed: a reading without a reference range, or without an earlier reading to give a
 trend, gets value 0 and a mask of 0, and the encoder sees the mask.
+
+Over 400 lines because every array the prefix graph reads is made here, in its `# ---` sections
+(labs, notes, knowledge, one patient then a batch): one module, so that training and the worker
+cannot featurise differently. A reading's text is `encoding.schema.describe_reading`.
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.encoding.schema import Note, PatientContext, Reading, describe_reading
 
 if TYPE_CHECKING:
     from clinragen_fhir.knowledge import Retrieval
@@ -84,19 +87,6 @@ class Modalities:
 
 
 @dataclass(frozen=True)
-class LabRef:
-    """The reading behind one lab token, so attention can be traced back to the resource."""
-
-    observation_id: str
-    version_id: str
-    loinc: str
-    display: str
-    value: float
-    unit: str
-    time: str  # ISO 8601
-
-
-@dataclass(frozen=True)
 class Fact:
     """One retrieved knowledge fact as the model reads it, with the id it is cited by."""
 
@@ -125,16 +115,26 @@ class Features:
     note_ids: np.ndarray  # int64 [N]: note tokens, most recent note first
     fact_ids: np.ndarray  # int64 [K, T]: fact text tokens
     fact_token_mask: np.ndarray  # float32 [K, T]
-    labs: list[LabRef] = field(default_factory=list)
+    labs: list[Reading] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
-    readings: list[str] = field(default_factory=list)  # `reading_texts`, for the prompt
-    reading_codes: list[str] = field(default_factory=list)  # the LOINC code of each reading
+    # (LOINC, text) of each reading the prompt shows (`reading_texts`), in the prompt's order
+    shown: list[tuple[str, str]] = field(default_factory=list)
     test_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [S]
     test_stats: np.ndarray = field(  # float32 [S, TEST_STATS]
         default_factory=lambda: np.zeros((0, TEST_STATS), np.float32))
     patient_stats: np.ndarray = field(  # float32 [PATIENT_STATS]
         default_factory=lambda: np.zeros(PATIENT_STATS, np.float32))
+
+    @property
+    def readings(self) -> list[str]:
+        """The texts of `shown`: what the prompt writes and the rationale may cite."""
+        return [text for _, text in self.shown]
+
+    @property
+    def reading_codes(self) -> list[str]:
+        """The LOINC codes of `shown` (grounding: which diagnosis a reading supports)."""
+        return [code for code, _ in self.shown]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def normalise_values(value: np.ndarray, low: np.ndarray, high: np.ndarray) -> np
 
 
 def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datetime | None,
-                   max_labs: int) -> tuple[dict[str, np.ndarray], list[LabRef]]:
+                   max_labs: int) -> tuple[dict[str, np.ndarray], list[Reading]]:
     """The lab frame -> per-reading arrays; trends use the whole history, then the newest kept."""
     n = len(frame)
     if n == 0 or max_labs <= 0:
@@ -211,7 +211,7 @@ def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datet
         "lab_trend_mask": trend_mask[keep].astype(np.float32),
         "lab_gap": gap[keep].astype(np.float32),
     }
-    refs = [LabRef(str(r["observation_id"]), str(r["version_id"]), str(r["loinc"]),
+    refs = [Reading(str(r["observation_id"]), str(r["version_id"]), str(r["loinc"]),
                    str(r["display"]), float(r["value"]), str(r["unit"]),
                    pd.Timestamp(r["time"]).isoformat())
             for r in f.iloc[keep].to_dict("records")]
@@ -332,10 +332,10 @@ def reading_texts(frame: pd.DataFrame, names: dict[str, str] | None = None
     for i in np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable"):
         r = f.iloc[int(i)]
         flag = "" if not np.isfinite(z[i]) else \
-            ", high" if z[i] > 1 else ", low" if z[i] < -1 else ", normal"
+            "high" if z[i] > 1 else "low" if z[i] < -1 else "normal"
         name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
-        parts.append((str(r["loinc"]), f"{name} {format_value(float(r['value']))} {r['unit']} on "
-                      f"{pd.Timestamp(r['time']).date().isoformat()}{flag}"))
+        parts.append((str(r["loinc"]), describe_reading(name, float(r["value"]), str(r["unit"]),
+                                                        pd.Timestamp(r["time"]), flag)))
     return parts
 
 
@@ -372,9 +372,7 @@ def knowledge_facts(retrieval: Retrieval) -> list[Fact]:
     for hit in retrieval.findings:
         for r in hit.rows[-3:]:
             facts.append(Fact(f"{hit.id}|{r.observation_id}", hit.label, "observed as",
-                              f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on "
-                              f"{r.time[:10]}",
-                              hit.strength))
+                              r.describe(), hit.strength))
     unique: dict[str, Fact] = {}
     for f in facts:
         unique.setdefault(f.id, f)
@@ -427,7 +425,7 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
                                             loinc_vocab, index_time, budgets.max_tests)
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
                     fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
-                    readings=[t for _, t in shown], reading_codes=[c for c, _ in shown],
+                    shown=shown,
                     test_code=test_code, test_stats=test_stats,
                     patient_stats=featurise_patient(patient) if budgets.max_tests > 0
                     else np.zeros(PATIENT_STATS, np.float32))

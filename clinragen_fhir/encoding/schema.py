@@ -6,7 +6,9 @@ Every predictor (rules, the SLM) and the knowledge retrieval read these, so they
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+
+from clinragen_fhir.encoding.numbers import format_value
 
 # Columns of the lab frame (pandas.DataFrame), one row per usable numeric reading.
 LAB_COLUMNS: tuple[str, ...] = (
@@ -24,6 +26,44 @@ LAB_COLUMNS: tuple[str, ...] = (
     "ref_high",  # float | NaN
     "interpretation",  # "H" / "L" / "N" / "" from Observation.interpretation
 )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One lab reading as a resource reference: the row behind a lab token (so attention can be
+    traced back), and the reading that made a finding fire (`knowledge.retrieval`)."""
+
+    observation_id: str
+    version_id: str
+    loinc: str
+    display: str
+    value: float
+    unit: str
+    time: str  # ISO 8601 (UTC)
+
+    @property
+    def name(self) -> str:
+        return self.display or self.loinc
+
+    def describe(self, flag: str = "", was: bool = False) -> str:
+        """`describe_reading` of this reading, named by its display (else its LOINC code)."""
+        return describe_reading(self.name, self.value, self.unit, self.time, flag, was=was)
+
+
+def describe_reading(name: str, value: float | None, unit: str, when: str | date | datetime,
+                     flag: str = "", *, was: bool = False) -> str:
+    """A reading as text, the one form every path writes it in (reports, prompts, the teacher,
+    the rationale checker): "<name> <value> <unit> on <YYYY-MM-DD>[, <flag>]", or with `was`
+    "<name> was <value> ..." (the rule baseline's and the template rationales' sentences).
+
+    The value is `encoding.numbers.format_value`'s. The released model was trained on this text
+    (`encoding.features.reading_texts`: "HbA1c 7.2 % on 2024-03-01, high") and
+    `report.faithfulness` parses it back: it must not change (tests/unit/test_numbers.py).
+    """
+    day = when.date() if isinstance(when, datetime) else when
+    text = day.isoformat() if isinstance(day, date) else str(day)[:10]
+    verb = " was " if was else " "
+    return f"{name}{verb}{format_value(value)} {unit} on {text}" + (f", {flag}" if flag else "")
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def redact_text(text: str, known: Iterable[str] = ()) -> str:
 def param_pairs(params: Params | None) -> list[tuple[str, Any]]:
     """Search parameters as (name, value) pairs in order, repeated names kept. A list or tuple
     value in a mapping is one pair per item, as httpx sends it (`{"issued": ["ge…", "le…"]}`:
-    `audit.list_reports`); sent as one pair, HAPI read `['ge…` and answered 400."""
+    `recheck.list_reports`); sent as one pair, HAPI read `['ge…` and answered 400."""
     if params is None:
         return []
     if isinstance(params, Mapping):

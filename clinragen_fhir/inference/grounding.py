@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clinragen_fhir.encoding.prompt import shown_readings
+
 NO_SUPPORT = "no supporting reading"
 NOTHING = "No disorder is supported by these results."
 MAX_CLAUSES = 2
@@ -57,6 +59,20 @@ def evidence_first(readings: Sequence[str], codes: Sequence[str], terms: Sequenc
     pairs = list(zip(readings, codes, strict=False))
     ordered = [p for p in pairs if p[1] in support] + [p for p in pairs if p[1] not in support]
     return [r for r, _ in ordered], [c for _, c in ordered]
+
+
+def grounded_readings(readings: Sequence[Sequence[str]], codes: Sequence[Sequence[str]] | None,
+                      terms: Sequence[Sequence[str]], tests: Tests | None
+                      ) -> tuple[list[Sequence[str]], Sequence[Sequence[str]] | None]:
+    """Per row, the readings the prompt shows (and their codes) for a grounded rationale: with
+    `tests` and `codes`, the concluded diagnoses' evidence first (`evidence_first`); else as
+    given. One rule for the runtime (`OnnxModel.generate`) and the torch model
+    (`ClinRaGen.generate_grounded`); the result goes to the prompt and to `start_shown`."""
+    if tests is None or codes is None:
+        return list(readings), codes
+    firsts = [evidence_first(r, c, t, tests) for r, c, t in zip(readings, codes, terms,
+                                                                 strict=True)]
+    return [r for r, _ in firsts], [c for _, c in firsts]
 
 
 def allowed_lines(term: str, readings: Sequence[str], last: bool,
@@ -125,6 +141,14 @@ class RationaleConstraint:
             built = [self._trie(lines) for lines in per_line or [[NOTHING]]]
             rows.append(_Row([t for t, _ in built], [e for _, e in built]))
         self._pending = rows
+
+    def start_shown(self, terms: Sequence[Sequence[str]], readings: Sequence[Sequence[str]],
+                    codes: Sequence[Sequence[str]] | None, tests: Tests | None,
+                    reading_budget: int) -> None:
+        """`start_rows` over the readings the prompt actually shows: those of `readings` that fit
+        the prompt's `reading_budget` (`encoding.prompt.shown_readings`)."""
+        shown = [shown_readings(self.encode, r, reading_budget) for r in readings]
+        self.start_rows(terms, shown, codes, tests)
 
     def start(self, batch: int) -> None:
         if self._pending is None or len(self._pending) != batch:

@@ -17,17 +17,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.features import Features, LabRef, collate, featurise
-from clinragen_fhir.encoding.numbers import format_value
-from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.encoding.features import Features, collate, featurise
+from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
 from clinragen_fhir.identity import model_identity
+from clinragen_fhir.inference.errors import InputTooLong
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
 from clinragen_fhir.knowledge.retrieval import Retrieval, supporting_tests
-from clinragen_fhir.predict.conclude import Conclusion, conclude
-from clinragen_fhir.predict.diagnosis_line import split_output
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.conclude import Conclusion, concluded_prediction
+from clinragen_fhir.predict.types import (
+    Diagnosis,
+    Evidence,
+    Prediction,
+    abstain_without_inputs,
+    has_inputs,
+)
 
 METHOD = "clinragen-onnx"
 Item = tuple[pd.DataFrame, Sequence[Note], PatientContext]
@@ -82,11 +87,8 @@ class OnnxPredictor:
         results: list[Prediction | None] = [None] * len(items)
         work: list[tuple[int, Features, Retrieval, PatientContext]] = []
         for i, (labs, notes, patient) in enumerate(items):
-            if (labs is None or labs.empty) and not notes:
-                p = self._empty()
-                p.abstained, p.abstain_reason = True, "no usable lab results or notes"
-                p.rationale = "Abstained: the patient has no usable lab results or notes."
-                results[i] = p
+            if not has_inputs(labs, notes):
+                results[i] = abstain_without_inputs(self._empty())
                 continue
             feats, retrieval = self.featurise(labs if labs is not None else pd.DataFrame(),
                                               notes, patient)
@@ -95,13 +97,17 @@ class OnnxPredictor:
             chunk = work[start:start + self.batch_size]
             conclusions: list[Conclusion] = []
             patients = [patient for _, _, _, patient in chunk]
-            gen = self.model.generate(collate([f for _, f, _, _ in chunk]), self.max_new_tokens,
-                                      constrained=self.constrained, grounded=self.grounded,
-                                      conclude=partial(self._conclude_rows, patients,
-                                                       conclusions),
-                                      readings=[f.readings for _, f, _, _ in chunk],
-                                      reading_codes=[f.reading_codes for _, f, _, _ in chunk],
-                                      tests=self._tests)
+            try:
+                gen = self.model.generate(
+                    collate([f for _, f, _, _ in chunk]), self.max_new_tokens,
+                    constrained=self.constrained, grounded=self.grounded,
+                    conclude=partial(self._conclude_rows, patients, conclusions),
+                    readings=[f.readings for _, f, _, _ in chunk],
+                    reading_codes=[f.reading_codes for _, f, _, _ in chunk], tests=self._tests)
+            except InputTooLong as exc:
+                if len(chunk) == 1:  # the baseline that takes over reuses this retrieval
+                    exc.retrieval = chunk[0][2]
+                raise
             for row, (i, feats, retrieval, _) in enumerate(chunk):
                 results[i] = self._prediction(gen.texts[row], conclusions[row],
                                               gen.probabilities[row],
@@ -114,20 +120,14 @@ class OnnxPredictor:
         """The head concludes first (into `out`); the rationale is then generated for the terms
         returned (none when abstaining)."""
         out[:] = [self._conclude(probs[row], patient) for row, patient in enumerate(patients)]
-        return [[] if c.abstained else [self._term(code) for code in c.codes] for c in out]
+        return [self.model.config.terms(c) for c in out]
 
     def _conclude(self, probs: np.ndarray, patient: PatientContext) -> Conclusion:
-        cfg = self.model.config
-        return conclude(probs, cfg.disorders, self.kg, threshold=cfg.threshold,
-                        thresholds=cfg.thresholds, min_confidence=cfg.min_confidence,
-                        sex=patient.sex, age_years=patient.age_years(), max_codes=cfg.max_codes)
+        return self.model.config.conclude(probs, self.kg, patient)
 
     def _tests(self, term: str) -> frozenset[str]:
         """The tests whose readings the line for a concluded term may cite."""
         return supporting_tests(self.kg, self._code[term])
-
-    def _term(self, code: str) -> str:
-        return self.model.config.disorder_terms[self._index[code]]
 
     def _empty(self) -> Prediction:
         cfg = self.model.config
@@ -137,14 +137,9 @@ class OnnxPredictor:
     def _prediction(self, text: str, c: Conclusion, probs: np.ndarray, katt: np.ndarray,
                     feats: Features, retrieval: Retrieval) -> Prediction:
         p = self._empty()
-        rationale = split_output(text)[0]  # the head decides, the text explains
-        p.abstained, p.abstain_reason = c.abstained, c.abstain_reason
         p.facts_used = self._ranked_facts(katt, feats)
-        if not p.abstained:
-            p.diagnoses = [self._diagnosis(code, float(probs[self._index[code]]), feats,
-                                           retrieval) for code in c.codes]
-        p.rationale = rationale
-        return p
+        return concluded_prediction(p, c, text, lambda code: self._diagnosis(
+            code, float(probs[self._index[code]]), feats, retrieval))
 
     def _ranked_facts(self, katt: np.ndarray, feats: Features) -> list[str]:
         """Fact ids by the knowledge attention lab and note tokens paid them (slot 0 = none)."""
@@ -166,26 +161,19 @@ class OnnxPredictor:
             if s.fact in read:
                 knowledge.append(s.fact)
             hit = findings.get(s.evidence)
-            for r in hit.rows[-3:] if hit is not None else ():
-                evidence.append(Evidence(
-                    r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]} "
-                    f"({hit.label if hit else ''})"))
+            if hit is not None:
+                evidence.extend(Evidence.of_reading(r, f"{r.describe()} ({hit.label})")
+                                for r in hit.rows[-3:])
         if not evidence:
-            evidence = [_evidence(r) for r in _most_abnormal(feats)]
+            evidence = [Evidence.of_reading(r) for r in _most_abnormal(feats)]
         return Diagnosis(code, term, prob, tuple(dict.fromkeys(evidence))[:5],
                          tuple(dict.fromkeys(knowledge)))
 
 
-def _most_abnormal(feats: Features, k: int = 3) -> list[LabRef]:
+def _most_abnormal(feats: Features, k: int = 3) -> list[Reading]:
     """The readings furthest outside their reference range (by the squashed range scale)."""
     if not feats.labs:
         return []
     score = np.abs(feats.lab_value) * feats.lab_value_mask
     order = np.argsort(-score, kind="stable")[:k]
     return [feats.labs[i] for i in order if score[i] > 0]
-
-
-def _evidence(r: LabRef) -> Evidence:
-    return Evidence(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
-                    f"{r.display or r.loinc} {format_value(r.value)} {r.unit} on {r.time[:10]}")

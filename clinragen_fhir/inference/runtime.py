@@ -3,7 +3,6 @@ greedy decode of the rationale for the concluded diagnoses. numpy in, numpy out.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +15,9 @@ from tokenizers import Tokenizer
 from clinragen_fhir.encoding.features import (
     BATCH_KEYS,
     CORE_BATCH_KEYS,
-    Budgets,
     loinc_vocabulary,
 )
-from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows, shown_readings
+from clinragen_fhir.encoding.prompt import MAX_CONDITION_TOKENS, condition_rows
 from clinragen_fhir.inference.errors import InputTooLong, ModelUnavailable
 from clinragen_fhir.inference.generation import (
     Constraint,
@@ -31,52 +29,17 @@ from clinragen_fhir.inference.generation import (
 from clinragen_fhir.inference.grounding import (
     RationaleConstraint,
     Tests,
-    evidence_first,
+    grounded_readings,
     token_budget,
 )
 from clinragen_fhir.inference.manifest import Manifest, read_manifest
+from clinragen_fhir.inference.model_config import ModelConfig
 from clinragen_fhir.inference.session import Provider, open_session, provider_in_use
 from clinragen_fhir.predict.diagnosis_line import DIAGNOSIS_LABEL
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "int8"]
 PREFIX_OUTPUTS = ("inputs_embeds", "attention_mask", "knowledge_attention", "diagnosis_logits")
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """The parts of the saved model's config.json the runtime needs (read as plain JSON: the
-    training-side `ClinRaGenConfig` lives with torch)."""
-
-    loinc_codes: list[str]
-    disorders: list[str]
-    disorder_terms: list[str]
-    knowledge_version: str
-    budgets: Budgets
-    temperature: float
-    threshold: float
-    min_confidence: float
-    max_new_tokens: int
-    method_version: str
-    # per-disorder thresholds (SNOMED id -> threshold; the others use `threshold`) and the most
-    # codes a report concludes; absent from older config.json files, hence the defaults
-    thresholds: dict[str, float] = field(default_factory=dict)
-    max_codes: int = 3
-
-    @classmethod
-    def read(cls, path: Path) -> RuntimeConfig:
-        try:
-            d = json.loads(path.read_text())
-            return cls(list(d["loinc_codes"]), list(d["disorders"]), list(d["disorder_terms"]),
-                       str(d.get("knowledge_version", "")), Budgets(**d["budgets"]),
-                       float(d.get("temperature", 1.0)), float(d.get("threshold", 0.5)),
-                       float(d.get("min_confidence", 0.6)), int(d.get("max_new_tokens", 160)),
-                       str(d.get("method_version", "1")),
-                       {str(k): float(v) for k, v in (d.get("thresholds") or {}).items()},
-                       int(d.get("max_codes", 3)))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelUnavailable(path, f"unreadable model config ({type(exc).__name__}: "
-                                   f"{exc})") from exc
 
 
 @dataclass
@@ -106,7 +69,7 @@ class OnnxModel:
         self.model_dir = Path(model_dir)
         self.precision = precision
         self.manifest: Manifest = read_manifest(self.model_dir, verify_hashes, precision)
-        self.config = RuntimeConfig.read(self.model_dir / "config.json")
+        self.config = ModelConfig.read(self.model_dir / "config.json")
         tok_path = self.model_dir / "tokenizer" / "tokenizer.json"
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
@@ -272,12 +235,10 @@ class OnnxModel:
         probs = self.probabilities(prefix.diagnosis_logits)
         b = probs.shape[0]
         terms = conclude(probs) if conclude is not None else [[]] * b
-        shown = readings if readings is not None else [[]] * b
+        shown: Sequence[Sequence[str]] = readings if readings is not None else [[]] * b
         codes = reading_codes
-        if grounded and tests is not None and reading_codes is not None:
-            firsts = [evidence_first(r, c, t, tests)
-                      for r, c, t in zip(shown, reading_codes, terms, strict=True)]
-            shown, codes = [r for r, _ in firsts], [c for _, c in firsts]
+        if grounded:
+            shown, codes = grounded_readings(shown, reading_codes, terms, tests)
         cond = self.condition(terms, shown)
         width = max(len(c) for c in cond)
         cond_ids = np.full((b, width), self.manifest.decoder.pad_token_id, dtype=np.int64)
@@ -291,9 +252,8 @@ class OnnxModel:
         constraint: Constraint | None = None
         if grounded:
             constraint = self.grounding()
-            budget = self.config.budgets.prompt_reading_tokens
-            constraint.start_rows(terms, [shown_readings(self._encode, r, budget) for r in shown],
-                                  codes, tests)
+            constraint.start_shown(terms, shown, codes, tests,
+                                   self.config.budgets.prompt_reading_tokens)
         elif constrained:
             constraint = self.constraint()
         gen: Generated = greedy(self.step, self.embed, embeds, mask, n, spec.eos_token_id,

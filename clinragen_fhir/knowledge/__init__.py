@@ -22,7 +22,6 @@ from clinragen_fhir.knowledge.retrieval import (
     PathStep,
     Retrieval,
     SupportRef,
-    TriggerRow,
     retrieve,
 )
 
@@ -38,7 +37,6 @@ __all__ = [
     "RF2FormatError",
     "Retrieval",
     "SupportRef",
-    "TriggerRow",
     "UnitConversionError",
     "UnknownCodeError",
     "load_graph",

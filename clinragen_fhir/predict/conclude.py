@@ -17,13 +17,14 @@ global threshold by its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from clinragen_fhir.predict.diagnosis_line import abstain
+from clinragen_fhir.predict.diagnosis_line import abstain, split_output
+from clinragen_fhir.predict.types import Diagnosis, Prediction
 
 IMPOSSIBLE = "impossible for sex/age"
 PARENT = "parent of a concluded code"
@@ -90,6 +91,19 @@ def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[st
                 else p for p, c in possible]
     flag, reason = abstain(relative, threshold, min_confidence)
     return Conclusion([], flag, reason, dropped)
+
+
+def concluded_prediction(p: Prediction, c: Conclusion, text: str,
+                         diagnosis: Callable[[str], Diagnosis]) -> Prediction:
+    """`p` (a model's empty prediction) completed from the head's conclusion `c` and the
+    generated `text`: the head decides, the text explains. The rationale is the text before any
+    `Diagnosis:` line (`split_output`); the diagnoses are `diagnosis(code)` for each concluded
+    code, none when abstaining. The ONNX predictor and the torch model both end here."""
+    p.abstained, p.abstain_reason = c.abstained, c.abstain_reason
+    if not c.abstained:
+        p.diagnoses = [diagnosis(code) for code in c.codes]
+    p.rationale = split_output(text)[0]
+    return p
 
 
 def conclude_matrix(P: np.ndarray, disorders: Sequence[str], kg: Hierarchy | None,

@@ -18,7 +18,6 @@ from clinragen_fhir.knowledge.retrieval import (
     DisorderSupport,
     FindingHit,
     Retrieval,
-    TriggerRow,
 )
 from clinragen_fhir.predict.types import (
     Diagnosis,
@@ -42,10 +41,6 @@ def _criterion(f: FindingHit) -> str:
     if f.direction == "fold-rise":
         return f"rise >= {format_value(f.threshold)} x baseline"
     return f"{_SYMBOL.get(f.direction, f.direction)} {format_value(f.threshold)} {f.unit}"
-
-
-def _reading(r: TriggerRow) -> str:
-    return f"{r.display or r.loinc} was {format_value(r.value)} {r.unit} on {r.time[:10]}"
 
 
 def _persistence(f: FindingHit) -> str:
@@ -96,10 +91,9 @@ class RuleBaseline:
             if f is not None:
                 knowledge.append(f.id)
                 for row in f.rows:
-                    evidence.append(Evidence(
-                        row.observation_id, row.version_id, row.loinc, row.display, row.value,
-                        row.unit, row.time,
-                        f"{_reading(row)} ({_criterion(f)}{_persistence(f)}; {s.source})"))
+                    evidence.append(Evidence.of_reading(
+                        row,
+                        f"{row.describe(was=True)} ({_criterion(f)}{_persistence(f)}; {s.source})"))
             else:
                 doc, _, span = s.evidence.partition("#")
                 term = next((m.term for m in r.note_mentions
@@ -114,7 +108,8 @@ class RuleBaseline:
         n_labs = 0 if labs is None else len(labs)
         if not concluded:
             if r.findings:
-                seen = "; ".join(f"{f.label}: {_reading(f.rows[-1])}" for f in r.findings[:5])
+                seen = "; ".join(f"{f.label}: {f.rows[-1].describe(was=True)}"
+                                 for f in r.findings[:5])
                 return (f"No disorder supported: {n_labs} readings and {len(notes)} notes checked; "
                         f"abnormal findings ({seen}) did not reach the graph's threshold.")
             return (f"No disorder supported: {n_labs} readings and {len(notes)} notes checked; "
@@ -127,7 +122,7 @@ class RuleBaseline:
                 if f is not None:
                     last = f.rows[-1]
                     more = f" ({len(f.rows)} readings{_persistence(f)})" if len(f.rows) > 1 else ""
-                    reasons.append(f"{_reading(last)}{more} ({_criterion(f)}, {s.source})")
+                    reasons.append(f"{last.describe(was=True)}{more} ({_criterion(f)}, {s.source})")
                 else:
                     reasons.append(f"mentioned in {s.evidence.partition('#')[0]}")
             against = [findings[s.evidence].label for s in d.opposing if s.evidence in findings]

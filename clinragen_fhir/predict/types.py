@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import pandas as pd
 
-    from clinragen_fhir.encoding.schema import Note, PatientContext
+    from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class Evidence:
     unit: str
     time: str  # ISO 8601
     statement: str  # e.g. "HbA1c 7.1 % on 2024-03-02 (high; >= 6.5 %)"
+
+    @classmethod
+    def of_reading(cls, r: Reading, statement: str | None = None) -> Evidence:
+        """A lab reading cited as it is written (`Reading.describe`), unless `statement`."""
+        return cls(r.observation_id, r.version_id, r.loinc, r.display, r.value, r.unit, r.time,
+                   r.describe() if statement is None else statement)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ re-queued.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import redis
+
+from clinragen_fhir.identity import RULE_BASELINE
 
 DLQ_KEY = "clinragen:dlq"
 CURSOR_KEY = "clinragen:poll-cursor"
@@ -207,3 +210,11 @@ class WorkerState:
 
     def reset_backfill(self, run: str) -> None:
         self._redis.delete(BACKFILL_KEY + run)
+
+
+def backfill_key(base_url: str, query: str, model: str = RULE_BASELINE) -> str:
+    """The checkpoint a `diagnose-all` run resumes from: one per server, query and model (a
+    backfill finished by the rule baseline is not one finished by a trained model). `model`:
+    `identity.model_identity`, the same hash the reports and the audit carry."""
+    suffix = "" if model == RULE_BASELINE else f"|{model}"
+    return hashlib.sha256(f"{base_url.rstrip('/')}|{query}{suffix}".encode()).hexdigest()[:24]

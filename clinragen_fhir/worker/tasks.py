@@ -22,7 +22,8 @@ from clinragen_fhir.config import Settings, WorkerSettings
 from clinragen_fhir.fhir.errors import FhirError, is_retryable
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
-from clinragen_fhir.pipeline import Predictor, diagnose_patient, diagnose_patients
+from clinragen_fhir.pipeline import diagnose_patient, diagnose_patients
+from clinragen_fhir.predict.types import Predictor
 from clinragen_fhir.retry import RetryPolicy
 from clinragen_fhir.worker.app import app, task_reprs
 from clinragen_fhir.worker.state import CLAIM_TTL_S, RedisSeen, ReportLocked, WorkerState

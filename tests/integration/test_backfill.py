@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from clinragen_fhir.cli import backfill_key
 from clinragen_fhir.config import Settings
 from clinragen_fhir.fhir.client import FhirClient
-from clinragen_fhir.worker.state import WorkerState
+from clinragen_fhir.worker.state import WorkerState, backfill_key
 from tests.integration.hospital import cli, new_patient, our_reports, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.integration

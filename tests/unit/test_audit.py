@@ -9,19 +9,17 @@ from typing import Any
 
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.fhir.errors import FhirHTTPError, FhirUnavailable
-from clinragen_fhir.report.audit import (
-    APP_DEVICE,
+from clinragen_fhir.report.audit import APP_DEVICE, audit_bundle, audit_event
+from clinragen_fhir.report.build import build_transaction
+from clinragen_fhir.report.recheck import (
     Change,
     Cited,
     ReportAudit,
-    audit_bundle,
-    audit_event,
     cited_inputs,
     compare,
     quantity_of,
     write_csv,
 )
-from clinragen_fhir.report.build import build_transaction
 from tests.unit.test_report_html import USED, labs, prediction
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -17,9 +17,11 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from clinragen_fhir.cli import REQUIRED_SEARCH, main, masked
+from clinragen_fhir.cli import main
 from clinragen_fhir.config import LEGACY_ENV, LEGACY_WEBHOOK_ENV, FhirEndpoint
+from clinragen_fhir.config_checks import masked
 from clinragen_fhir.fhir.auth import WORKER_SCOPE
+from clinragen_fhir.fhir.capability import REQUIRED_SEARCH
 from clinragen_fhir.fhir.keys import generate
 from tests.unit.test_delivery_limit import free_port, private_redis
 

@@ -52,7 +52,8 @@ def test_show_requires_type_and_id() -> None:
 
 def test_backfill_checkpoint_is_per_model(tmp_path: Path) -> None:
     """A query finished by the rule baseline is redone once a trained model is configured."""
-    from clinragen_fhir.cli import backfill_key, model_identity
+    from clinragen_fhir.cli import model_identity
+    from clinragen_fhir.worker.state import backfill_key
 
     url, query = "http://127.0.0.1:8080/fhir", "Patient"
     assert model_identity(None) == "rule-baseline"

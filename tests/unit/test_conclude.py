@@ -13,8 +13,8 @@ import pytest
 
 from clinragen_fhir.encoding.features import Budgets
 from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.inference.model_config import ModelConfig
 from clinragen_fhir.inference.predictor import OnnxPredictor
-from clinragen_fhir.inference.runtime import RuntimeConfig
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.knowledge.validate import validate
 from clinragen_fhir.predict.conclude import (
@@ -196,7 +196,7 @@ def test_conclude_matrix_matches_conclude_row_by_row(kg: KnowledgeGraph) -> None
 
 
 def _onnx_predictor(kg: KnowledgeGraph, disorders: list[str], **cfg: Any) -> OnnxPredictor:
-    config = RuntimeConfig(["4548-4"], disorders, [kg.disorder(d).term  # type: ignore[union-attr]
+    config = ModelConfig(["4548-4"], disorders, [kg.disorder(d).term  # type: ignore[union-attr]
                                                    for d in disorders], kg.version, Budgets(),
                            1.0, 0.5, 0.6, 16, "1", **cfg)
     return OnnxPredictor(SimpleNamespace(config=config), kg)  # type: ignore[arg-type]
@@ -234,10 +234,10 @@ def test_runtime_config_reads_thresholds_and_cap_with_defaults(tmp_path: Path) -
          "budgets": {}}
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps(d))
-    cfg = RuntimeConfig.read(path)
+    cfg = ModelConfig.read(path)
     assert cfg.thresholds == {} and cfg.max_codes == 3
     path.write_text(__import__("json").dumps({**d, "thresholds": {T2DM: 0.3}, "max_codes": 2}))
-    cfg = RuntimeConfig.read(path)
+    cfg = ModelConfig.read(path)
     assert cfg.thresholds == {T2DM: 0.3} and cfg.max_codes == 2
 
 

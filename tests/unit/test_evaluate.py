@@ -18,11 +18,11 @@ from tests.unit.train_examples import CKD, DM2, HTN, make_examples
 from training.baselines import (
     FeatureClassifier,
     SystemOutput,
-    label_matrix,
     rule_outputs,
     template_rationale,
 )
 from training.evaluate import markdown_table, score
+from training.example import label_matrix
 from training.vocabulary import revealable_disorders
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,8 +23,8 @@ from clinragen_fhir.encoding.features import (
     loinc_vocabulary,
     normalise_values,
 )
-from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
-from clinragen_fhir.knowledge.retrieval import FindingHit, PathStep, Retrieval, TriggerRow
+from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext, Reading
+from clinragen_fhir.knowledge.retrieval import FindingHit, PathStep, Retrieval
 from clinragen_fhir.predict.diagnosis_line import (
     abstain,
     format_target,
@@ -58,7 +58,7 @@ def lab_frame(rows: list[tuple[str, float, str, float, float]]) -> pd.DataFrame:
 
 
 def retrieval() -> Retrieval:
-    row = TriggerRow("Observation/o1", "1", "4548-4", "hba1c", 7.1, "%", "2024-03-02T00:00:00")
+    row = Reading("Observation/o1", "1", "4548-4", "hba1c", 7.1, "%", "2024-03-02T00:00:00")
     hit = FindingHit("kg:f/a1c-high", "hba1c is high", "4548-4", "high", 6.5, None, "%", 1, 0.0,
                      (row,), strength=0.9)
     path = PathStep("kg:f/a1c-high", "supports", "kg:d/dm", "kg:fact/a1c-dm", 0.9)

@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from clinragen_fhir.cds_hooks import build_card
-from clinragen_fhir.cli import report_figures
 from clinragen_fhir.config import ReportSettings, Settings
 from clinragen_fhir.fhir.auth import (
     PROBLEM_LIST_ACCESS,
@@ -47,6 +46,7 @@ from clinragen_fhir.pipeline import Outcome, diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.predict.types import Diagnosis, Prediction
 from clinragen_fhir.report.build import content_fingerprint
+from clinragen_fhir.report.figures import report_figures
 from clinragen_fhir.report.html import decode_presented_form
 from clinragen_fhir.report.problem_list import PROBLEM_LIST_EXT, compare, match, read_extension
 from tests.fhir_batch import batching
@@ -423,7 +423,7 @@ def test_listed_condition_keeps_every_coding() -> None:
 
 def test_check_config_asks_for_the_condition_search_only_while_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from clinragen_fhir.cli import capability_gaps
+    from clinragen_fhir.fhir.capability import capability_gaps
 
     def resource(rtype: str, *params: str) -> dict[str, Any]:
         return {"type": rtype, "searchParam": [{"name": p} for p in params],

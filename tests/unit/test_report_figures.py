@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clinragen_fhir.cli import report_figures
+from clinragen_fhir.report.figures import report_figures
 
 
 def test_codes_per_report_and_the_claim_check_are_counted_over_reports() -> None:

@@ -17,10 +17,9 @@ from clinragen_fhir.knowledge.retrieval.results import (
     PathStep,
     Retrieval,
     SupportRef,
-    TriggerRow,
 )
 from clinragen_fhir.knowledge.retrieval.rules import RuleIndex, rule_index, supporting_tests
 
 __all__ = ["MAX_TRIGGER_ROWS", "DisorderSupport", "FindingHit", "NoteMention", "PathStep",
-           "Retrieval", "RuleIndex", "SupportRef", "TriggerRow", "find_mentions", "retrieve",
+           "Retrieval", "RuleIndex", "SupportRef", "find_mentions", "retrieve",
            "rule_index", "supporting_tests"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from clinragen_fhir.encoding.schema import Note, PatientContext
+from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
 from clinragen_fhir.knowledge.graph import SCT, local
 from clinragen_fhir.knowledge.retrieval.mentions import find_mentions
 from clinragen_fhir.knowledge.retrieval.results import (
@@ -19,7 +19,6 @@ from clinragen_fhir.knowledge.retrieval.results import (
     PathStep,
     Retrieval,
     SupportRef,
-    TriggerRow,
 )
 from clinragen_fhir.knowledge.retrieval.rules import FindingDef, rule_index
 
@@ -40,14 +39,14 @@ def _qualifies(fd: FindingDef, values: np.ndarray) -> np.ndarray:
     return np.zeros(len(values), dtype=bool)
 
 
-def _rows(cols: dict[str, np.ndarray], idx: Sequence[int]) -> tuple[TriggerRow, ...]:
+def _rows(cols: dict[str, np.ndarray], idx: Sequence[int]) -> tuple[Reading, ...]:
     out = []
     for i in idx:
         t = cols["time"][i]
-        out.append(TriggerRow(str(cols["observation_id"][i]), str(cols["version_id"][i]),
-                              str(cols["loinc"][i]), str(cols["display"][i]),
-                              float(cols["value"][i]), str(cols["unit"][i]),
-                              t.isoformat() if hasattr(t, "isoformat") else str(t)))
+        out.append(Reading(str(cols["observation_id"][i]), str(cols["version_id"][i]),
+                           str(cols["loinc"][i]), str(cols["display"][i]),
+                           float(cols["value"][i]), str(cols["unit"][i]),
+                           t.isoformat() if hasattr(t, "isoformat") else str(t)))
     return tuple(out)
 
 

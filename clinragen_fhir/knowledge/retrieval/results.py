@@ -5,20 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clinragen_fhir.encoding.numbers import format_value
-
-
-@dataclass(frozen=True)
-class TriggerRow:
-    """One lab reading that made a finding fire."""
-
-    observation_id: str
-    version_id: str
-    loinc: str
-    display: str
-    value: float
-    unit: str
-    time: str  # ISO 8601 (UTC)
+from clinragen_fhir.encoding.schema import Reading
 
 
 @dataclass
@@ -34,7 +21,7 @@ class FindingHit:
     unit: str
     min_count: int
     persistence_days: float
-    rows: tuple[TriggerRow, ...]
+    rows: tuple[Reading, ...]  # the readings that made it fire
     strength: float = 0.0  # strongest association it takes part in (ranking)
 
 
@@ -105,8 +92,7 @@ class Retrieval:
         out: list[tuple[str, str, str]] = []
         for f in self.findings:
             for r in f.rows[-3:]:
-                out.append((f.label, "observed as", f"{r.display or r.loinc} "
-                            f"{format_value(r.value)} {r.unit} on {r.time[:10]}"))
+                out.append((f.label, "observed as", r.describe()))
         for p in self.paths:
             out.append((self.labels.get(p.source, p.source), p.relation,
                         self.labels.get(p.target, p.target)))
