@@ -152,10 +152,11 @@ def test_a_traced_worker_exports_one_trace_per_run_without_the_patient_id(
     time.sleep(0.5)  # the last batch
     spans = [s for s in collector.spans() if s["traceId"] == trace_id]
     requests = [s for s in spans if s["kind"] == "SPAN_KIND_CLIENT"]
-    assert len(requests) >= 4, [s["name"] for s in spans]
+    # the batch of reads and the report transaction (docs/integration.md: 2 round trips)
+    assert len(requests) >= 2, [s["name"] for s in spans]
     urls = [a["value"]["stringValue"] for s in requests for a in s.get("attributes", [])
             if a["key"] in ("url.full", "http.url")]
-    assert f"{FHIR_URL}/Patient/{{id}}" in urls
+    assert urls and {u.rstrip("/") for u in urls} == {FHIR_URL}, urls
     # not one exported byte names the patient: decoded, and as sent
     assert pid not in json.dumps(collector.requests)
     assert all(pid.encode() not in raw for raw in collector.raw)
