@@ -48,6 +48,8 @@ def batching(handler: Handler) -> Handler:
             if body is not None:
                 item["resource"] = body
             out.append(item)
-        return httpx.Response(200, json={"resourceType": "Bundle", "type": "batch-response",
-                                         "entry": out})
+        body = {"resourceType": "Bundle", "type": "batch-response", "entry": out}
+        # as the entries came (a lax server's NaN and Infinity too: httpx's json= refuses them)
+        return httpx.Response(200, content=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/fhir+json"})
     return answer

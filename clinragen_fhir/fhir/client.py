@@ -559,8 +559,9 @@ class FhirClient:
             status_text = str((entry.get("response") or {}).get("status", ""))
             status = int(status_text[:3]) if status_text[:3].isdigit() else 0
             resource = entry.get("resource")
-            if 200 <= status < 300 and isinstance(resource, dict):
-                out.append(resource)
+            if 200 <= status < 300:
+                out.append(resource if isinstance(resource, dict) else
+                           FhirError(f"GET {path}: answer is not a JSON object"))
                 continue
             if not status:
                 out.append(FhirError(f"GET {path}: batch entry without a status"))

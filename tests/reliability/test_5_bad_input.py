@@ -53,6 +53,7 @@ from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.types import Predictor
 from clinragen_fhir.report.build import InputRef, build_transaction
 from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app, patients_in
+from tests.fhir_batch import batching
 from tests.reliability.stack import FULL, record
 
 pytestmark = pytest.mark.timeout(3600 if FULL else 600)
@@ -398,7 +399,8 @@ def _search_bundles(patient: Any, observations: dict[str, Any],
         fetched: Counter[tuple[str, int]] = Counter()
         hosts: set[str] = set()
         written: list[dict[str, Any]] = []
-        transport = httpx.MockTransport(_server(patient, answers, fetched, hosts, written))
+        transport = httpx.MockTransport(batching(_server(patient, answers, fetched, hosts,
+                                                         written)))
         outcome = None
         with FhirClient(BASE, transport=transport, retries=0, page_size=PAGE_SIZE,
                         max_pages=MAX_PAGES) as client, suppress(FhirError):
