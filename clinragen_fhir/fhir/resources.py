@@ -24,26 +24,36 @@ def first_error(exc: ValidationError) -> str:
 
 
 def to_utc(value: Any) -> pd.Timestamp | None:
-    """A FHIR date/dateTime/instant (parsed or partial string) as a UTC timestamp."""
+    """A FHIR date/dateTime/instant (parsed or partial string) as a UTC timestamp; None when
+    there is none or it lies outside what a timestamp holds (before 1677 or after 2262: the
+    caller records "no usable date" rather than the worker failing on it)."""
     if value is None:
         return None
-    if isinstance(value, datetime):
-        ts = pd.Timestamp(value)
-    elif isinstance(value, date):
-        ts = pd.Timestamp(datetime(value.year, value.month, value.day))
-    else:
-        text = str(value)
-        if len(text) == 4:
-            text += "-01-01"
-        elif len(text) == 7:
-            text += "-01"
-        try:
+    try:
+        if isinstance(value, datetime):
+            ts = pd.Timestamp(value)
+        elif isinstance(value, date):
+            ts = pd.Timestamp(datetime(value.year, value.month, value.day))
+        else:
+            text = str(value)
+            if len(text) == 4:
+                text += "-01-01"
+            elif len(text) == 7:
+                text += "-01"
             ts = pd.Timestamp(text)
-        except ValueError:
-            return None
+    except ValueError:  # pandas' OutOfBoundsDatetime is one
+        return None
     if pd.isna(ts):
         return None
-    return ts.tz_localize(UTC) if ts.tzinfo is None else ts.tz_convert(UTC)
+    ts = ts.tz_localize(UTC) if ts.tzinfo is None else ts.tz_convert(UTC)
+    # pandas keeps a 1627 date at second resolution, but every frame column is nanoseconds
+    if not _NS_MIN <= ts <= _NS_MAX:
+        return None
+    return ts
+
+
+_NS_MIN = pd.Timestamp.min.tz_localize(UTC).ceil("D")  # 1677-09-22
+_NS_MAX = pd.Timestamp.max.tz_localize(UTC).floor("D")  # 2262-04-11
 
 
 def codes(concept: Any, system: str) -> list[str]:
