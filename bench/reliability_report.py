@@ -838,7 +838,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   (microsoft/fhir-server#1382), and backfill, webhook and CLI runs for one patient can overlap:
   both find no report, both create. Fix: `pipeline.diagnose_patient(lock=...)` holds a lock of
   the report key from the look-up of an existing report to the transaction; the worker's lock
-  (`worker/tasks.py::_report_lock`, `worker/state.py::WorkerState.acquire_report`) is a Redis
+  (`worker/tasks.py::report_lock`, `worker/state.py::WorkerState.acquire_report`) is a Redis
   key set only if absent (or already this task's: the same task redelivered after its worker
   died takes its own stale lock back) with a TTL of the hard time limit + 60 s, released by a
   compare-and-delete Lua script only while still owned. A run that finds the lock held waits up

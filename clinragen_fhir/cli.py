@@ -105,10 +105,10 @@ def _run_local(patient_id: str) -> dict[str, Any]:
 
     from clinragen_fhir.pipeline import diagnose_patient
     from clinragen_fhir.worker.state import WorkerState
-    from clinragen_fhir.worker.tasks import _report_lock, _runtime
+    from clinragen_fhir.worker.tasks import load_runtime, report_lock
 
-    settings, kg, predictor = _runtime()
-    lock = partial(_report_lock, WorkerState(settings.state_url), f"cli-{uuid.uuid4().hex}",
+    settings, kg, predictor = load_runtime()
+    lock = partial(report_lock, WorkerState(settings.state_url), f"cli-{uuid.uuid4().hex}",
                    settings, logs.hash_id(patient_id))
     with settings.fhir.client() as client:
         return diagnose_patient(client, kg, predictor, patient_id, settings.report,

@@ -12,7 +12,7 @@ import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -67,6 +67,37 @@ def _secret(env_name: str | None, file: Path | None, what: str) -> SecretStr | N
     if is_placeholder(value):
         raise FhirConfigError(f"{what} holds the example configs' placeholder: set the real one")
     return SecretStr(value.strip())
+
+
+def _secret_source(env_name: str, file: Path | None) -> str:
+    """Where a named secret is read from, for check-config (never the value)."""
+    if os.environ.get(env_name, "").strip():
+        return f"environment variable {env_name}"
+    return f"file {file}" if file else "not set"
+
+
+@overload
+def _named_secret(name: str, env_name: str, file: Path | None, min_chars: int, *,
+                  required: Literal[True]) -> SecretStr: ...
+@overload
+def _named_secret(name: str, env_name: str, file: Path | None, min_chars: int, *,
+                  required: Literal[False]) -> SecretStr | None: ...
+def _named_secret(name: str, env_name: str, file: Path | None, min_chars: int, *,
+                  required: bool) -> SecretStr | None:
+    """A secret a service needs (`_secret`), read now. FhirConfigError, naming where and never
+    the value, when it is unreadable, shorter than `min_chars`, a placeholder, or unset while
+    `required`; None when unset and not required."""
+    where = f"{name} ({env_name}" + (f" or {file})" if file else ")")
+    try:
+        value = _secret(env_name, file, where)
+    except OSError as exc:
+        raise FhirConfigError(f"{where}: unreadable ({type(exc).__name__})") from None
+    if value is None and not required:
+        return None
+    if value is None or len(value.get_secret_value()) < min_chars:
+        raise FhirConfigError(f"set {where} to a secret of >= {min_chars} characters "
+                              "(e.g. `openssl rand -hex 24`)")
+    return value
 
 
 class FhirEndpoint(BaseModel):
@@ -307,25 +338,13 @@ class WebhookSettings(BaseModel):
 
     def secret_source(self) -> str:
         """Where the secret is read from, for check-config (never the value)."""
-        if os.environ.get(self.secret_env, "").strip():
-            return f"environment variable {self.secret_env}"
-        if self.secret_file:
-            return f"file {self.secret_file}"
-        return "not set"
+        return _secret_source(self.secret_env, self.secret_file)
 
     def secret(self) -> SecretStr:
         """The shared secret, read now; FhirConfigError (naming where, never the value) if it
         is unset, unreadable, shorter than 16 characters or the example configs' placeholder."""
-        where = f"the webhook secret ({self.secret_env}" + (
-            f" or {self.secret_file})" if self.secret_file else ")")
-        try:
-            value = _secret(self.secret_env, self.secret_file, where)
-        except OSError as exc:
-            raise FhirConfigError(f"{where}: unreadable ({type(exc).__name__})") from None
-        if value is None or len(value.get_secret_value()) < MIN_WEBHOOK_SECRET_CHARS:
-            raise FhirConfigError(f"set {where} to a secret of >= {MIN_WEBHOOK_SECRET_CHARS} "
-                                  "characters (e.g. `openssl rand -hex 24`)")
-        return value
+        return _named_secret("the webhook secret", self.secret_env, self.secret_file,
+                             MIN_WEBHOOK_SECRET_CHARS, required=True)
 
 
 # The CDS Hooks service's and the problem list's environment variables before they were
@@ -376,26 +395,14 @@ class CdsHooksSettings(BaseModel):
 
     def link_secret_source(self) -> str:
         """Where the link key is read from, for check-config (never the value)."""
-        if os.environ.get(self.link_secret_env, "").strip():
-            return f"environment variable {self.link_secret_env}"
-        if self.link_secret_file:
-            return f"file {self.link_secret_file}"
-        return "not set"
+        return _secret_source(self.link_secret_env, self.link_secret_file)
 
     def link_secret(self) -> SecretStr | None:
         """The report-link key, read now; None when neither is set (a random key per process:
         links die with a restart). FhirConfigError, naming where and never the value, when it
         is unreadable, short or the example configs' placeholder."""
-        where = f"the CDS link secret ({self.link_secret_env}" + (
-            f" or {self.link_secret_file})" if self.link_secret_file else ")")
-        try:
-            value = _secret(self.link_secret_env, self.link_secret_file, where)
-        except OSError as exc:
-            raise FhirConfigError(f"{where}: unreadable ({type(exc).__name__})") from None
-        if value is not None and len(value.get_secret_value()) < MIN_CDS_LINK_SECRET_CHARS:
-            raise FhirConfigError(f"{where} must be a real secret of >= "
-                                  f"{MIN_CDS_LINK_SECRET_CHARS} characters")
-        return value
+        return _named_secret("the CDS link secret", self.link_secret_env,
+                             self.link_secret_file, MIN_CDS_LINK_SECRET_CHARS, required=False)
 
 
 class TracingSettings(BaseModel):

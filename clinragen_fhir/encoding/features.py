@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 
 from clinragen_fhir.encoding.schema import Note, PatientContext, Reading, describe_reading
+from clinragen_fhir.encoding.times import DAY_SECONDS, epoch_seconds, instant_seconds
 
 if TYPE_CHECKING:
     from clinragen_fhir.knowledge import Retrieval
 
 PAD_ID = 0  # LOINC vocabulary: padding
 UNK_ID = 1  # LOINC vocabulary: a code the vocabulary does not know
-DAY_SECONDS = 86400.0
 
 # The names of the arrays `collate` returns, in the order the prefix builder takes them (and the
 # ONNX graph's input names).
@@ -177,11 +177,8 @@ def featurise_labs(frame: pd.DataFrame, vocab: dict[str, int], index_time: datet
     value = f["value"].to_numpy(dtype=float)
     z = normalise_values(value, f["ref_low"].to_numpy(dtype=float),
                          f["ref_high"].to_numpy(dtype=float))
-    times = pd.to_datetime(f["time"], utc=True)
-    seconds = np.asarray((times - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float)
-    index = pd.Timestamp(index_time) if index_time is not None else times.max()
-    index = index.tz_localize("UTC") if index.tzinfo is None else index.tz_convert("UTC")
-    index_s = (index - pd.Timestamp(0, tz="UTC")).total_seconds()
+    seconds = epoch_seconds(f["time"])
+    index_s = instant_seconds(index_time) if index_time is not None else float(seconds.max())
     days_before = np.maximum(index_s - seconds, 0.0) / DAY_SECONDS
 
     # trend and gap against the previous reading of the same code
@@ -256,14 +253,9 @@ def featurise_tests(frame: pd.DataFrame, vocab: dict[str, int], index_time: date
     keep = (ids != UNK_ID) & np.isfinite(value)
     if not keep.any():
         return empty
-    times = pd.to_datetime(frame["time"], utc=True)
-    seconds = np.asarray((times - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float)
+    seconds = epoch_seconds(frame["time"])
     ids, value, z, seconds = ids[keep], value[keep], z[keep], seconds[keep]
-    index = pd.Timestamp(index_time) if index_time is not None else None
-    if index is not None:
-        index = index.tz_localize("UTC") if index.tzinfo is None else index.tz_convert("UTC")
-    index_s = (index - pd.Timestamp(0, tz="UTC")).total_seconds() if index is not None \
-        else float(seconds.max())
+    index_s = instant_seconds(index_time) if index_time is not None else float(seconds.max())
     order = np.lexsort((seconds, ids))  # by test, then time
     ids, value, z, seconds = ids[order], value[order], z[order], seconds[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])

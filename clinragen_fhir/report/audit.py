@@ -21,7 +21,7 @@ from clinragen_fhir.logs import hash_id
 from clinragen_fhir.report.build import (
     DEVICE_ID_SYSTEM,
     SOFTWARE,
-    _uuid,
+    stable_uuid,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _network(url: str) -> dict[str, str]:
 
 def app_device_entry() -> tuple[str, dict[str, Any]]:
     """The application Device, conditionally created, and its urn for references in a Bundle."""
-    urn = f"urn:uuid:{_uuid(APP_DEVICE, 'app-device')}"
+    urn = f"urn:uuid:{stable_uuid(APP_DEVICE, 'app-device')}"
     device = {"resourceType": "Device",
               "identifier": [{"system": DEVICE_ID_SYSTEM, "value": APP_DEVICE}],
               "deviceName": [{"name": f"{SOFTWARE} {__version__} worker", "type": "model-name"}],

@@ -241,7 +241,8 @@ def build_transaction(
                        patient=header, labels=fact_labels)
     identifier = {"system": settings.identifier_system, "value": key}
     software = f"{prediction.method}@{prediction.method_version}"
-    device_urn, report_urn = f"urn:uuid:{_uuid(key, 'device')}", f"urn:uuid:{_uuid(key, 'dr')}"
+    device_urn = f"urn:uuid:{stable_uuid(key, 'device')}"
+    report_urn = f"urn:uuid:{stable_uuid(key, 'dr')}"
     device = {
         "resourceType": "Device",
         "identifier": [{"system": DEVICE_ID_SYSTEM, "value": software}],
@@ -347,6 +348,8 @@ def claims_extension(claims: Sequence[ClaimCheck], rationale: str) -> dict[str, 
           for c in claims if not c.matched)]}
 
 
-def _uuid(key: str, salt: str) -> str:
+def stable_uuid(key: str, salt: str) -> str:
+    """A UUID derived from a report key: the same report's Device, report and event URNs on
+    every run (so a retried transaction names the same resources)."""
     d = hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
     return f"{d[:8]}-{d[8:12]}-{d[12:16]}-{d[16:20]}-{d[20:32]}"

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def _runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
+def load_runtime() -> tuple[Settings, KnowledgeGraph, Predictor]:
     """Settings, graph and predictor, loaded once per worker process."""
     settings = Settings()
     settings.check_site_secrets()
@@ -73,7 +73,7 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Count this start; past `max_deliveries` the task fails here, before it runs."""
-        settings = _runtime()[0]
+        settings = load_runtime()[0]
         limit = settings.worker.max_deliveries
         try:
             n = WorkerState(settings.state_url).count_delivery(
@@ -104,13 +104,13 @@ class DeadLetteringTask(Task):  # type: ignore[misc]
     def _forget_delivery(self, task_id: str) -> None:
         """The run finished (no worker died): drop its count; if this fails, the TTL does."""
         try:
-            WorkerState(_runtime()[0].state_url).forget_delivery(task_id, self.request.retries)
+            WorkerState(load_runtime()[0].state_url).forget_delivery(task_id, self.request.retries)
         except Exception:
             log.warning("delivery count not dropped", extra={"fields": {"task": self.name}})
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        settings = _runtime()[0]
+        settings = load_runtime()[0]
         metrics.DEAD_LETTERS.labels(self.name).inc()  # the ClinragenDeadLetters alert
         # our own texts name no patient or secret; any other error goes by its type only
         error = f"{type(exc).__name__}: {exc}" if isinstance(
@@ -128,7 +128,7 @@ LOCK_WAIT_S = 10.0  # a write (look-up, rendering, transaction) takes seconds, n
 
 
 @contextmanager
-def _report_lock(state: WorkerState, owner: str, settings: Settings, phash: str,
+def report_lock(state: WorkerState, owner: str, settings: Settings, phash: str,
                  key: str) -> Iterator[None]:
     """Hold the report key's lock (in Redis) while the report is looked up and written.
 
@@ -167,12 +167,12 @@ def diagnose(self: Task, patient_id: str, backfill: str | None = None) -> dict[s
     `backfill`: the `diagnose-all` run this task belongs to; the patient is checkpointed as done
     there once the outcome is final, so a re-run of that backfill skips it.
     """
-    settings, kg, predictor = _runtime()
+    settings, kg, predictor = load_runtime()
     phash = logs.hash_id(patient_id)
     started = time.perf_counter()
     outcome_label = "failed"
     state = WorkerState(settings.state_url)
-    lock = partial(_report_lock, state, self.request.id or uuid.uuid4().hex, settings, phash)
+    lock = partial(report_lock, state, self.request.id or uuid.uuid4().hex, settings, phash)
     try:
         with settings.fhir.client(observer=metrics.observe_fhir) as client:
             outcome = diagnose_patient(client, kg, predictor, patient_id, settings.report,
@@ -231,7 +231,7 @@ DIAGNOSE = "clinragen.diagnose"
 
 def _dead_letter(task: str, patient_id: str, exc: BaseException, retries: int) -> None:
     """One patient's final failure in the dead-letter queue, as a `diagnose` task's would be."""
-    settings = _runtime()[0]
+    settings = load_runtime()[0]
     metrics.DEAD_LETTERS.labels(task).inc()
     error = f"{type(exc).__name__}: {exc}" if isinstance(
         exc, DeliveryLimitExceeded | ReportLocked) else logs.error_text(exc)
@@ -268,7 +268,7 @@ def diagnose_batch(self: Task, patient_ids: list[str],
     as a `diagnose` task. A redelivered batch is split into single tasks (BatchTask); so is one
     that ran out of time or failed unexpectedly (each patient then succeeds or fails alone).
     """
-    settings, kg, predictor = _runtime()
+    settings, kg, predictor = load_runtime()
     ids = [str(p) for p in patient_ids]
     if len(ids) > 1 and getattr(self.request, "delivery", 1) > 1:
         _queue_singles(ids, backfill, "redelivered: its worker died during it")
@@ -278,7 +278,7 @@ def diagnose_batch(self: Task, patient_ids: list[str],
     owner = self.request.id or uuid.uuid4().hex
 
     def lock(key: str) -> Any:
-        return _report_lock(state, owner, settings, key.rsplit(":", 1)[-1][:12], key)
+        return report_lock(state, owner, settings, key.rsplit(":", 1)[-1][:12], key)
 
     try:
         with settings.fhir.client(observer=metrics.observe_fhir) as client:
@@ -419,7 +419,7 @@ def poll_changes(initial_lookback_days: int = 1, debounce_s: int = 30,
     earlier than `initial_lookback_days`, so a poll after an outage resumes from the last event
     seen and nothing in between is missed.
     """
-    settings = _runtime()[0]
+    settings = load_runtime()[0]
     state = WorkerState(settings.state_url)
     seen = RedisSeen(settings.state_url)
     stored = state.cursor(settings.fhir.base_url)

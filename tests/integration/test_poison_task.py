@@ -22,7 +22,7 @@ import redis
 from clinragen_fhir.config import Settings
 from clinragen_fhir.worker.app import app, make_app
 from clinragen_fhir.worker.state import DELIVERIES_KEY, WorkerState
-from clinragen_fhir.worker.tasks import DeadLetteringTask, _runtime
+from clinragen_fhir.worker.tasks import DeadLetteringTask, load_runtime
 from tests.unit.test_delivery_limit import private_redis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ MAX_DELIVERIES = 3
           name="clinragen.test.poison")
 def poison(self: Any, marker: str) -> None:
     """Count the run, then die the way an out-of-memory worker does."""
-    redis.Redis.from_url(_runtime()[0].state_url).incr(RUNS_KEY)
+    redis.Redis.from_url(load_runtime()[0].state_url).incr(RUNS_KEY)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

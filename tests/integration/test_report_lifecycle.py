@@ -167,7 +167,7 @@ class OneAtATime:
 
 @contextmanager
 def _locks() -> Iterator[Callable[[str], Any]]:
-    """The in-process equivalent of the worker's Redis report lock (`tasks._report_lock`)."""
+    """The in-process equivalent of the worker's Redis report lock (`tasks.report_lock`)."""
     guards: dict[str, threading.Lock] = {}
     mutex = threading.Lock()
 

@@ -19,6 +19,7 @@ from collections import Counter
 
 import pytest
 
+from tests.reliability.proxy import FaultProxy
 from tests.reliability.stack import (
     FULL,
     Hapi,
@@ -108,7 +109,14 @@ def test_rabbitmq_restart_mid_run_loses_no_task(hapi: Hapi, clean_redis: Redis,
                                                 rabbitmq: RabbitMQ, how: str) -> None:
     rabbitmq.purge()
     pids = make_patients(hapi.url, f"rabbit{how}", N_PATIENTS)
-    worker = Worker(f"rabbit-{how}", base_env(hapi.url, clean_redis,
+    # every FHIR call of the worker waits about half a second at a loopback proxy: the released
+    # model and the batch reads made a task so fast that CI once saw the 20 messages drained
+    # between two `rabbitmqctl list_queues` (each takes about a second), and the restart came
+    # after the run. Slowed, the run lasts long enough to restart it mid-run on any machine.
+    proxy = FaultProxy(hapi.url.removesuffix("/fhir"), rate=0.0, delay_s=(0.4, 0.6),
+                       choose=lambda _method, _target, _body: "delay")
+    proxy.start()
+    worker = Worker(f"rabbit-{how}", base_env(proxy.url(), clean_redis,
                                                CLINRAGEN_BROKER_URL=rabbitmq.url()))
     since = now_instant()
     try:
@@ -134,6 +142,7 @@ def test_rabbitmq_restart_mid_run_loses_no_task(hapi: Hapi, clean_redis: Redis,
         left = rabbitmq.queue()
     finally:
         worker.stop()
+        proxy.stop()
     letters = dead_letters(clean_redis)
     lost, duplicated = lost_and_duplicated(pids, counts, letters)
     reconnects = sum(log.read_text(errors="replace").count("Connected to amqp://")

@@ -159,7 +159,7 @@ def test_a_dead_lettered_task_is_counted(monkeypatch: pytest.MonkeyPatch) -> Non
     from tests.unit.test_log_grep import FakeState
 
     state = FakeState()
-    monkeypatch.setattr(tasks, "_runtime", lambda: (Settings(), None, None))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (Settings(), None, None))
     monkeypatch.setattr(tasks, "WorkerState", lambda url: state)
 
     def fails(*_: Any, **__: Any) -> None:

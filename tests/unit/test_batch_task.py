@@ -85,7 +85,7 @@ def worker(monkeypatch: pytest.MonkeyPatch) -> tuple[Ward, FakeState, list[dict[
     ward, state = Ward(), FakeState()
     settings = Settings(fhir={"base_url": BASE, "retries": 0},
                         worker={"max_retries": 2, "retry_backoff_s": 0.01})
-    monkeypatch.setattr(tasks, "_runtime", lambda: (settings, KG, RuleBaseline(KG)))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, KG, RuleBaseline(KG)))
     monkeypatch.setattr(tasks, "WorkerState", lambda url: state)
     client = FhirEndpoint.client
     monkeypatch.setattr(FhirEndpoint, "client", lambda self, transport=None, observer=None:

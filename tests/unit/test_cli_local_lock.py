@@ -49,7 +49,7 @@ def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch
                                     "visibility_timeout_s": 60})
         server = NonAtomicServer(1)
         monkeypatch.setattr(cli, "_settings", lambda: settings)
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, observer=None: client(
             self, transport=httpx.MockTransport(batching(server.handler)), observer=observer))
         result = CliRunner().invoke(cli.main, ["diagnose", "--local", PID])

@@ -70,12 +70,12 @@ def test_the_cli_and_the_worker_refuse_to_start_without_a_site_key(
     assert "CLINRAGEN_LOG_ID_KEY" in str(result.exception)
     from clinragen_fhir.worker import tasks
 
-    tasks._runtime.cache_clear()
+    tasks.load_runtime.cache_clear()
     try:
         with pytest.raises(FhirConfigError, match="CLINRAGEN_LOG_ID_KEY"):
-            tasks._runtime()
+            tasks.load_runtime()
     finally:
-        tasks._runtime.cache_clear()
+        tasks.load_runtime.cache_clear()
 
 
 def test_every_placeholder_in_the_example_configs_is_refused(

@@ -79,7 +79,7 @@ def worker(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Set
     def setup(body: Callable[..., Outcome], **worker: Any) -> Settings:
         settings = Settings(state_url=redis_url,
                             worker={"max_retries": 2, "retry_backoff_s": 0.01, **worker})
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(tasks, "diagnose_patient", body)
         monkeypatch.setattr(settings.fhir.__class__, "client", lambda self, observer=None:
                             httpx.Client())  # a context manager the body never uses
@@ -159,7 +159,7 @@ def test_the_state_store_down_runs_the_task_uncounted(
     settings = worker(lambda *a, **k: Outcome("h", "written", report_id="r4"), max_deliveries=1)
     down = settings.model_copy(update={"state_url": f"redis://127.0.0.1:{free_port()}/0"})
     kg = load_graph(None)
-    monkeypatch.setattr(tasks, "_runtime", lambda: (down, kg, RuleBaseline(kg)))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (down, kg, RuleBaseline(kg)))
     result = tasks.diagnose.apply((PID,))
     assert result.successful() and result.result["report_id"] == "r4"
 

@@ -145,7 +145,7 @@ def run_task(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Run]]:
         settings = Settings(fhir={"base_url": BASE, "auth": "bearer", "retries": 1, **fhir},
                             worker={"max_retries": 2, "retry_backoff_s": 0.01})
         state = FakeState()
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(tasks, "WorkerState", lambda url: state)
         client = FhirEndpoint.client
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, transport_=None, observer=None:

@@ -142,7 +142,7 @@ class Broker:
 def poll(store: RedisSeen, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     kg = load_graph(None)
     settings = Settings(fhir={"base_url": BASE, "retries": 1}, state_url=redis_url)
-    monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
     asked: list[str] = []
 
     def server(request: httpx.Request) -> httpx.Response:

@@ -68,7 +68,7 @@ def poll(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[Broker], 
     redis.Redis.from_url(redis_url).flushdb()
     kg = load_graph(None)
     settings = Settings(fhir={"base_url": BASE, "retries": 1}, state_url=redis_url)
-    monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
     client = FhirEndpoint.client
     monkeypatch.setattr(FhirEndpoint, "client", lambda self, observer=None: client(
         self, transport=httpx.MockTransport(server), observer=observer))

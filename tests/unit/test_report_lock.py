@@ -147,7 +147,7 @@ def run_tasks(redis_url: str, monkeypatch: pytest.MonkeyPatch
                             worker={"retry_backoff_s": 0.01, "max_retries": 3, **worker})
         server = NonAtomicServer(n)
         predictor = OneAtATime(RuleBaseline(kg))
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, predictor))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, predictor))
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, observer=None: client(
             self, transport=httpx.MockTransport(batching(server.handler)), observer=observer))
         results: list[Any] = [None] * n
@@ -184,7 +184,7 @@ def test_without_the_lock_the_fake_server_duplicates(
     def no_lock(*args: Any) -> Iterator[None]:
         yield
 
-    monkeypatch.setattr(tasks, "_report_lock", no_lock)
+    monkeypatch.setattr(tasks, "report_lock", no_lock)
     server, results = run_tasks()
     assert all(r.successful() for r in results)
     assert [r.result["status"] for r in results] == ["written", "written"]
@@ -252,8 +252,8 @@ def test_report_locked_is_what_a_busy_lock_raises(redis_url: str) -> None:
                                 "visibility_timeout_s": 3})
     assert state.acquire_report("k1", "other", 30, 0)
     with pytest.raises(ReportLocked, match="another run is writing report k1"), \
-            tasks._report_lock(state, "me", settings, "h", "k1"):
+            tasks.report_lock(state, "me", settings, "h", "k1"):
         pytest.fail("entered a lock another run holds")
-    with tasks._report_lock(state, "other", settings, "h", "k1"):  # its own: re-entered
+    with tasks.report_lock(state, "other", settings, "h", "k1"):  # its own: re-entered
         pass
     assert not redis.Redis.from_url(redis_url).exists(LOCK_KEY + "k1")

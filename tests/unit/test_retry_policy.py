@@ -185,7 +185,7 @@ def run_task(monkeypatch: pytest.MonkeyPatch, waits: list[float]
         settings = Settings(fhir={"base_url": BASE, "retries": fhir_retries},
                             worker={"max_retries": max_retries, "retry_backoff_s": 0.01})
         state = FakeState()
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(tasks, "WorkerState", lambda url: state)
         client = FhirEndpoint.client
         monkeypatch.setattr(FhirEndpoint, "client", lambda self, transport=None, observer=None:

@@ -108,7 +108,7 @@ def test_a_retry_sends_hashed_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     def unavailable(*_: Any, **__: Any) -> None:
         raise FhirUnavailable("down")
 
-    monkeypatch.setattr(tasks, "_runtime", lambda: (Settings(), None, None))
+    monkeypatch.setattr(tasks, "load_runtime", lambda: (Settings(), None, None))
     monkeypatch.setattr(tasks, "WorkerState", lambda url: None)
     monkeypatch.setattr(tasks, "diagnose_patient", unavailable)
     monkeypatch.setattr(tasks.diagnose, "retry", retry)

@@ -180,7 +180,7 @@ def test_a_diagnose_run_is_one_trace_without_the_patient_id(
     kg = load_graph(None)
     with Loopback(batching(fhir_server(posted))) as server:
         settings = Settings(fhir={"base_url": server.base})
-        monkeypatch.setattr(tasks, "_runtime", lambda: (settings, kg, RuleBaseline(kg)))
+        monkeypatch.setattr(tasks, "load_runtime", lambda: (settings, kg, RuleBaseline(kg)))
         monkeypatch.setattr(tasks, "WorkerState", lambda url: FakeState())
         result = tasks.diagnose.apply((PID,))
     assert result.successful(), result.traceback

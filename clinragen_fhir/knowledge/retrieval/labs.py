@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
+from clinragen_fhir.encoding.times import DAY_SECONDS, epoch_seconds
 from clinragen_fhir.knowledge.graph import SCT, local
 from clinragen_fhir.knowledge.retrieval.mentions import find_mentions
 from clinragen_fhir.knowledge.retrieval.results import (
@@ -52,8 +53,7 @@ def _rows(cols: dict[str, np.ndarray], idx: Sequence[int]) -> tuple[Reading, ...
 
 def _days(frame: pd.DataFrame) -> np.ndarray:
     """Reading times as days since the epoch (UTC), for window and persistence arithmetic."""
-    t = pd.to_datetime(frame["time"], utc=True)
-    return np.asarray((t - pd.Timestamp(0, tz="UTC")).dt.total_seconds(), dtype=float) / 86400.0
+    return epoch_seconds(frame["time"]) / DAY_SECONDS
 
 
 def _evaluate(fd: FindingDef, all_values: np.ndarray, all_days: np.ndarray,
