@@ -279,7 +279,10 @@ def section_broker() -> str:
         "is the broker only: results and the dead-letter queue stay on the suite's Redis, as "
         "a site with RabbitMQ runs it. The node is stopped once a quarter of the messages "
         "have left the queue, with the worker left running (it reconnects by itself), and "
-        "started again after 2 s. Short form: `rabbitmqctl stop`; full form: also SIGKILL "
+        "started again after 2 s. The worker reaches HAPI through the suite's loopback proxy "
+        "with every request delayed 0.4-0.6 s, so the run lasts long enough to be restarted "
+        "mid-run (a CI run once drained all 20 messages between two `rabbitmqctl` polls). "
+        "Short form: `rabbitmqctl stop`; full form: also SIGKILL "
         "of the Erlang VM (`beam.smp`), as a crash or an OOM kill would.\n")
     rows = []
     for how in ("stop", "kill"):
