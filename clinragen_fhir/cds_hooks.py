@@ -567,14 +567,18 @@ def make_app(config: CdsConfig, client_factory: Callable[[], FhirClient], report
         return (f"{base}/reports/{rid}" + (f"/_history/{version}" if version else "") +
                 f"?exp={expires}&sig={sig}")
 
+    def refusal(request: Request) -> JSONResponse | None:
+        """404 for a service we do not offer, else what `authorise` refuses; None: go on."""
+        service = request.path_params["service"]
+        if service != SERVICE_ID:
+            return error(404, "no such CDS service")
+        return authorise(request, service)
+
     async def services(request: Request) -> JSONResponse:
         return JSONResponse(discovery())
 
     async def hook(request: Request) -> JSONResponse:
-        service = request.path_params["service"]
-        if service != SERVICE_ID:
-            return error(404, "no such CDS service")
-        if (refused := authorise(request, service)) is not None:
+        if (refused := refusal(request)) is not None:
             return refused
         try:
             instance, pid, user = read_hook_request(await read_json(request))
@@ -634,10 +638,7 @@ def make_app(config: CdsConfig, client_factory: Callable[[], FhirClient], report
         return event
 
     async def feedback(request: Request) -> JSONResponse:
-        service = request.path_params["service"]
-        if service != SERVICE_ID:
-            return error(404, "no such CDS service")
-        if (refused := authorise(request, service)) is not None:
+        if (refused := refusal(request)) is not None:
             return refused
         try:
             items = read_feedback(await read_json(request))

@@ -165,32 +165,23 @@ def strip_references(value: Any, drop: Callable[[str], bool]) -> tuple[Any, int]
         refs = list(references({"reference": ref}))
         return refs[0] if refs else ref
 
+    def kept(x: Any) -> tuple[Any, int, bool]:
+        """`x` without the dropped references under it, how many went, and whether `x` itself
+        stays (not a dropped reference, not left empty)."""
+        t = target(x)
+        if t is not None and drop(t):
+            return None, 1, False
+        x, n = walk(x)
+        return x, n, x not in ({}, [])
+
     def walk(v: Any) -> tuple[Any, int]:
         if isinstance(v, dict):
-            out: dict[str, Any] = {}
-            n = 0
-            for k, x in v.items():
-                t = target(x)
-                if t is not None and drop(t):
-                    n += 1
-                    continue
-                x, m = walk(x)
-                n += m
-                if x not in ({}, []):
-                    out[k] = x
-            return out, n
+            fields = [(k, *kept(x)) for k, x in v.items()]
+            return ({k: x for k, x, _, stays in fields if stays},
+                    sum(n for _, _, n, _ in fields))
         if isinstance(v, list):
-            items, n = [], 0
-            for x in v:
-                t = target(x)
-                if t is not None and drop(t):
-                    n += 1
-                    continue
-                x, m = walk(x)
-                n += m
-                if x not in ({}, []):
-                    items.append(x)
-            return items, n
+            items = [kept(x) for x in v]
+            return [x for x, _, stays in items if stays], sum(n for _, n, _ in items)
         return v, 0
 
     return walk(value)
