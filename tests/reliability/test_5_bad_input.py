@@ -47,12 +47,13 @@ from clinragen_fhir.encoding.notes import MAX_NOTE_CHARS, extract_notes
 from clinragen_fhir.encoding.schema import PatientContext, Skip
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.notifications import patients_in
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.types import Predictor
 from clinragen_fhir.report.build import InputRef, build_transaction
-from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app, patients_in
+from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app
 from tests.fhir_batch import batching
 from tests.reliability.stack import FULL, record
 
