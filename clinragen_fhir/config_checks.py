@@ -306,7 +306,7 @@ def _check_problem_list(settings: Settings) -> bool:
 def _check_cds_hooks(settings: Settings) -> bool:
     """The CDS Hooks service's settings, loaded as `clinragen-fhir cds-hooks` would: unset is
     said (the worker does not need them), set but refused is a problem."""
-    from clinragen_fhir.cds_hooks import CdsConfig
+    from clinragen_fhir.cds.config import CdsConfig
 
     cds = settings.cds_hooks
     link = cds.link_secret_source()

@@ -18,17 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.testclient import TestClient
 
-from clinragen_fhir.cds_hooks import (
-    SERVICE_ID,
-    CdsConfig,
-    Feedback,
-    JwtAuth,
-    MemoryStore,
-    build_card,
-    count_feedback,
-    load_keys,
-    make_app,
-)
+from clinragen_fhir.cds.auth import JwtAuth, load_keys
+from clinragen_fhir.cds.card import build_card
+from clinragen_fhir.cds.config import CdsConfig
+from clinragen_fhir.cds.requests import Feedback
+from clinragen_fhir.cds.store import MemoryStore
+from clinragen_fhir.cds_hooks import SERVICE_ID, count_feedback, make_app
 from clinragen_fhir.config import LEGACY_ENV, ReportSettings, Settings
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clinragen_fhir.cds_hooks import build_card
+from clinragen_fhir.cds.card import build_card
 from clinragen_fhir.config import ReportSettings, Settings
 from clinragen_fhir.fhir.auth import (
     PROBLEM_LIST_ACCESS,
