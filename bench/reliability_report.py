@@ -224,7 +224,7 @@ def section_faults() -> str:
     out.append(
         "**Found and fixed:** HAPI's 404 text echoes the id (`HAPI-2001: Resource "
         "Patient/<id> is not known`) and went verbatim into the task's error log line and "
-        "Celery's traceback line. `fhir/client.py` now redacts every `Type/id` and every "
+        "Celery's traceback line. `fhir/client.py` (with `fhir/urls.py`) now redacts every `Type/id` and every "
         "id or search value the request carried from server error texts "
         "(`tests/unit/test_redact_errors.py`). The dead-letter entry still names the patient "
         "in its `args` (it must, to be re-queued).\n")
@@ -740,7 +740,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   a cap (a 0.29 MiB gzip body became 300 MiB, 900 MiB peak); a `next` link cycle gave 10,000
   requests for the same page (the page limit was a fixed 10,000); every search was held whole
   before the reading cap applied; DocumentReferences were bounded neither in total nor by date.
-  Fix: Every answer is streamed (`fhir/client.py::read_capped`): bytes on the wire are counted
+  Fix: Every answer is streamed (`fhir/bodies.py::read_capped`): bytes on the wire are counted
   (and a declared Content-Length checked) against `max_wire_bytes`, gzip/deflate are inflated by
   our own zlib inflater 64 KiB at a time against `max_response_bytes` (both 64 MiB; only
   `gzip, deflate` are offered), and passing either is a final `FhirTooLarge`. A search is a

@@ -39,15 +39,10 @@ from clinragen_fhir.fhir.auth import (
     SmartBackendAuth,
     header_safe,
 )
-from clinragen_fhir.fhir.client import (
-    MAX_PAGES,
-    MAX_RESPONSE_BYTES,
-    MAX_SEARCH_BYTES,
-    MAX_WIRE_BYTES,
-    FhirClient,
-    is_loopback,
-)
+from clinragen_fhir.fhir.bodies import MAX_RESPONSE_BYTES, MAX_WIRE_BYTES
+from clinragen_fhir.fhir.client import MAX_PAGES, MAX_SEARCH_BYTES, FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError
+from clinragen_fhir.fhir.urls import is_loopback
 from clinragen_fhir.logs import KEY_ENV as LOG_ID_KEY_ENV
 from clinragen_fhir.site_secrets import is_placeholder
 

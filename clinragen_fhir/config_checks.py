@@ -268,7 +268,7 @@ def _check_tracing(settings: Settings) -> bool:
     an endpoint the exporter would refuse (plain http off loopback) is a problem."""
     import os
 
-    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.fhir.urls import check_url
     from clinragen_fhir.tracing import otlp_endpoint
 
     t = settings.tracing

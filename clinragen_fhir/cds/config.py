@@ -10,7 +10,7 @@ from typing import Any
 
 from clinragen_fhir.cds.auth import JwtAuth, load_keys
 from clinragen_fhir.config import CdsHooksSettings
-from clinragen_fhir.fhir.client import is_loopback
+from clinragen_fhir.fhir.urls import is_loopback
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a hook request with prefetched resources stays far below
 CARD_TTL_S = 7 * 24 * 3600  # feedback on a card is accepted this long after it was shown

@@ -30,9 +30,10 @@ import jwt
 from pydantic import SecretStr
 
 from clinragen_fhir.fhir import keys
-from clinragen_fhir.fhir.client import check_url, parse_retry_after
+from clinragen_fhir.fhir.client import parse_retry_after
 from clinragen_fhir.fhir.conditions import problem_list_enabled
 from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
+from clinragen_fhir.fhir.urls import check_url
 
 __all__ = ["PROBLEM_LIST_ACCESS", "WORKER_ACCESS", "WORKER_SCOPE", "BearerAuth",
            "ClientCredentialsAuth", "SmartBackendAuth", "TokenError", "header_safe",
