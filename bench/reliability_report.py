@@ -224,8 +224,8 @@ def section_faults() -> str:
     out.append(
         "**Found and fixed:** HAPI's 404 text echoes the id (`HAPI-2001: Resource "
         "Patient/<id> is not known`) and went verbatim into the task's error log line and "
-        "Celery's traceback line. `fhir/client.py` (with `fhir/urls.py`) now redacts every `Type/id` and every "
-        "id or search value the request carried from server error texts "
+        "Celery's traceback line. `fhir/client.py` (with `fhir/urls.py`) now redacts every "
+        "`Type/id` and every id or search value the request carried from server error texts "
         "(`tests/unit/test_redact_errors.py`). The dead-letter entry still names the patient "
         "in its `args` (it must, to be re-queued).\n")
     return "\n".join(out)

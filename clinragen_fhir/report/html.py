@@ -4,9 +4,10 @@ Clinicians read `DiagnosticReport.presentedForm` (text/html) and `text.div`, not
 built here from the same data, every string escaped, and both open with the patient's name, birth
 date and identifier (from the Patient resource read in the same run), because a printed or mailed
 report without them invites wrong-patient errors. The HTML page is self-contained (inline CSS
-and a hand-written SVG trend chart per lab (report/trends.py), no script, no external resource, a CSP that forbids
-loading any), so it can be opened from a mail or an EHR viewer safely. The narrative keeps to the
-FHIR xhtml subset (no SVG, no script, no style sheets; `style` attributes only).
+and a hand-written SVG trend chart per lab, report/trends.py; no script, no external resource,
+a CSP that forbids loading any), so it can be opened from a mail or an EHR viewer safely. The
+narrative keeps to the FHIR xhtml subset (no SVG, no script, no style sheets; `style`
+attributes only).
 """
 
 from __future__ import annotations
