@@ -4,6 +4,9 @@ Precedence: explicit arguments > environment (CLINRAGEN_*, nested with "__") > T
 defaults. The TOML file is found through CLINRAGEN_CONFIG. Secrets never live in the TOML: it
 names an environment variable or a file that holds them. An unknown key is an error: a typo such
 as `auht = "smart-backend"` would otherwise leave auth off without a word.
+
+Over 400 lines because every setting lives here with its reason, one pydantic model per
+TOML table composed by `Settings`: one place for an integration engineer to read them all.
 """
 
 from __future__ import annotations
