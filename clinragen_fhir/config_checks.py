@@ -16,7 +16,7 @@ from clinragen_fhir.identity import model_identity
 _LETTERS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
 
-def check_scope(endpoint: FhirEndpoint, problem_list: bool | None = None) -> bool:
+def check_scope(endpoint: FhirEndpoint, problem_list: bool = False) -> bool:
     """Token auth: fetch a token and name each scope the worker needs that the grant lacks.
 
     A scope-enforcing server refuses those requests, so every task would end dead-lettered;

@@ -20,13 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.config import ReportSettings, problem_list_enabled
 from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.conditions import (
     OFF_REASON,
     ProblemList,
-    problem_list_enabled,
     problem_list_of,
     problem_query,
 )
