@@ -922,7 +922,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `tests/unit/test_config_secrets.py::test_off_loopback_the_log_id_key_is_required`,
   `::test_the_cli_and_the_worker_refuse_to_start_without_a_site_key`,
   `::test_every_placeholder_in_the_example_configs_is_refused` (read from
-  deploy/compose/site.env and deploy/k8s/clinragen.yaml),
+  deploy/compose/site.env, and a PEM whose body is `REPLACE`),
   `::test_unknown_config_keys_are_named`, `::test_the_shipped_configs_have_only_known_keys`
 * **12. Servers without versionId.** Found: The report key used `versionId`, or "" when missing,
   so a changed input kept its key and never got a new report. Fix: An input's version in the key
