@@ -13,6 +13,9 @@ client runs over an httpx MockTransport that serves the fuzzed resources.
 Each run draws a fresh seed and prints it (`fuzz seed N`); `RELIABILITY_FUZZ_SEED=N` replays
 that run. A case that breaks a property is counted as a crash, recorded with its input in the
 results file (`fuzz.json`), and fails its test with the first failing cases.
+
+Over 400 lines because the fuzzing strategies and the explicit hard cases share their
+builders and bounds.
 """
 
 from __future__ import annotations

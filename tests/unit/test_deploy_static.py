@@ -13,6 +13,9 @@
 
 The tools are built by `make deploy-tools` (a prerequisite of `make test` and `make test-unit`)
 into ~/.cache/clinragen (CLINRAGEN_DEPLOY_TOOLS); a missing tool fails here with that command.
+
+Over 400 lines because compose, the Dockerfiles and the chart are checked with one set of
+rendering and settings helpers.
 """
 
 from __future__ import annotations

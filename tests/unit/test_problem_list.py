@@ -4,6 +4,9 @@ The model never takes Conditions; at report time the worker reads the active one
 turns the check on) and each concluded disorder is known (the code or a SNOMED CT descendant on
 the list), suspected, or not checked (off, refused, failing: said so, never "suspected"). A fake
 FHIR server on httpx.MockTransport answers a real `diagnose_patient` run.
+
+Over 400 lines because the status of a disorder is tested end to end here, from the search to
+the report, the card and the scope, on one fake server.
 """
 
 from __future__ import annotations
