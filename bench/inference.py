@@ -31,6 +31,10 @@ Beside the three backends, in the same run:
   included, as the worker runs it without a model);
 * the physical limit: bytes of weights (+ KV cache) streamed per decoded token / this machine's
   memory bandwidth measured by a large numpy copy (`bench.bandwidth`).
+
+Over 400 lines because every backend and baseline is measured by the same child-process
+harness on the same patients, and the three tables (backends, baselines, limits) are its
+output.
 """
 
 from __future__ import annotations

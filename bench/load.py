@@ -16,6 +16,9 @@ when down). Measures throughput, per-patient task time (p50/p95, from the worker
 "succeeded in" lines), FHIR calls per patient (the worker's Prometheus counter
 clinragen_fhir_requests_total), and the RSS of the worker's processes every 2 s (growth from
 the first to the last quarter of the run). Writes .run/reliability/results/load.json.
+
+Over 400 lines because a load run is one script a reader follows top to bottom: the cohort,
+loading it, the worker, the run, the checks of lost and duplicated reports, the table.
 """
 
 from __future__ import annotations

@@ -224,8 +224,8 @@ def section_faults() -> str:
     out.append(
         "**Found and fixed:** HAPI's 404 text echoes the id (`HAPI-2001: Resource "
         "Patient/<id> is not known`) and went verbatim into the task's error log line and "
-        "Celery's traceback line. `fhir/client.py` now redacts every `Type/id` and every "
-        "id or search value the request carried from server error texts "
+        "Celery's traceback line. `fhir/client.py` (with `fhir/urls.py`) now redacts every "
+        "`Type/id` and every id or search value the request carried from server error texts "
         "(`tests/unit/test_redact_errors.py`). The dead-letter entry still names the patient "
         "in its `args` (it must, to be re-queued).\n")
     return "\n".join(out)
@@ -285,9 +285,11 @@ def section_broker() -> str:
         "Short form: `rabbitmqctl stop`; full form: also SIGKILL "
         "of the Erlang VM (`beam.smp`), as a crash or an OOM kill would.\n")
     rows = []
+    rabbit: dict[str, dict[str, Any]] = {}
     for how in ("stop", "kill"):
         r = load(f"broker_restart_rabbitmq_{how}")
         if r:
+            rabbit[how] = r
             b, a = r["queue_before"], r["queue_after_restart"]
             rows.append(
                 f"| {'`rabbitmqctl stop`' if how == 'stop' else 'SIGKILL beam.smp'} | "
@@ -312,13 +314,27 @@ def section_broker() -> str:
         "message the broker had not taken over before it died is retried or an error at the "
         "sender, never a silent loss); **acks_late** + `reject_on_worker_lost` (the deliveries "
         "unacknowledged when the connection dropped, the tasks then running, go back to the "
-        "queue: they run again and find their report, `exists`). The queue's message "
-        "counts before and after the restart are equal in both cases: nothing in the queue "
-        "was lost, even by SIGKILL, because every message had been confirmed (so on disk) "
-        "seconds before. Quorum queues (replicated, for a cluster) were not used or "
+        "queue: they run again and find their report, `exists`). "
+        + _queue_kept(rabbit) + " Quorum queues (replicated, for a cluster) were not used or "
         "measured; on one node they add nothing over a durable classic queue with "
         "persistent messages and confirms.\n")
     return "\n".join(out)
+
+
+def _queue_kept(results: dict[str, dict[str, Any]]) -> str:
+    """What the queue counts before and after each RabbitMQ restart show, from the results."""
+    if not results:
+        return ""
+    pairs = {how: (r["queue_before"].get("ready", 0) + r["queue_before"].get("unacked", 0),
+                   r["queue_after_restart"].get("ready", 0)
+                   + r["queue_after_restart"].get("unacked", 0)) for how, r in results.items()}
+    shown = ", ".join(f"{how}: {b} before, {a} after" for how, (b, a) in pairs.items())
+    if all(a >= b for b, a in pairs.values()):
+        return (f"The queue held at least as many messages after the restart as before it "
+                f"({shown}): nothing in the queue was lost, even by SIGKILL, because every "
+                "message had been confirmed (so on disk) seconds before.")
+    return (f"The queue held fewer messages after the restart than before it ({shown}): "
+            "messages were lost from the queue.")
 
 
 def section_hapi() -> str:
@@ -740,7 +756,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   a cap (a 0.29 MiB gzip body became 300 MiB, 900 MiB peak); a `next` link cycle gave 10,000
   requests for the same page (the page limit was a fixed 10,000); every search was held whole
   before the reading cap applied; DocumentReferences were bounded neither in total nor by date.
-  Fix: Every answer is streamed (`fhir/client.py::read_capped`): bytes on the wire are counted
+  Fix: Every answer is streamed (`fhir/bodies.py::read_capped`): bytes on the wire are counted
   (and a declared Content-Length checked) against `max_wire_bytes`, gzip/deflate are inflated by
   our own zlib inflater 64 KiB at a time against `max_response_bytes` (both 64 MiB; only
   `gzip, deflate` are offered), and passing either is a final `FhirTooLarge`. A search is a
@@ -922,7 +938,7 @@ What the review found, the fix, and the unit test that fails before the fix and 
   `tests/unit/test_config_secrets.py::test_off_loopback_the_log_id_key_is_required`,
   `::test_the_cli_and_the_worker_refuse_to_start_without_a_site_key`,
   `::test_every_placeholder_in_the_example_configs_is_refused` (read from
-  deploy/compose/site.env and deploy/k8s/clinragen.yaml),
+  deploy/compose/site.env, and a PEM whose body is `REPLACE`),
   `::test_unknown_config_keys_are_named`, `::test_the_shipped_configs_have_only_known_keys`
 * **12. Servers without versionId.** Found: The report key used `versionId`, or "" when missing,
   so a changed input kept its key and never got a new report. Fix: An input's version in the key

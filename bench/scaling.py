@@ -19,6 +19,9 @@ run (Python objects, numpy and pandas buffers; onnxruntime's own arena is not tr
 not grow with the record: the model reads at most the budget's readings). `growth` is the
 log-log slope between successive sizes: 1 is linear, below 1 sub-linear; above 1 names the
 stage that grew most (profile it with --profile N).
+
+Over 400 lines because the synthetic patients, the stage timers and the table are one
+measurement and are read together.
 """
 
 from __future__ import annotations
@@ -186,6 +189,8 @@ def diagnose_one(kg: Any, predictor: Any, patient: dict[str, Any],
 
     from clinragen_fhir import pipeline
     from clinragen_fhir.config import ReportSettings
+    from clinragen_fhir.report.fingerprint import inputs_fingerprint as fingerprint_of
+    from clinragen_fhir.report.fingerprint import prediction_identity
 
     settings = ReportSettings()
     sec = stages.seconds
@@ -206,7 +211,7 @@ def diagnose_one(kg: Any, predictor: Any, patient: dict[str, Any],
                               enc.labs, lexicon)
     sec["rationale check"] += time.perf_counter() - t
     t = time.perf_counter()
-    fingerprint = pipeline.inputs_fingerprint(enc, pipeline.prediction_identity(prediction))
+    fingerprint = fingerprint_of(enc, prediction_identity(prediction))
     latest = [x for x in [enc.labs["time"].max() if not enc.labs.empty else None,
                           *(n.time for n in enc.notes)] if x is not None]
     effective = max(pd.Timestamp(x) for x in latest).to_pydatetime() if latest else now

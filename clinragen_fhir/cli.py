@@ -428,7 +428,7 @@ def subscribe(endpoint: str, criteria: tuple[str, ...], allow_insecure_http: boo
     The shared secret travels as a channel header: the receiver's own (`[webhook]` settings:
     CLINRAGEN_WEBHOOK_SECRET by default, or `webhook.secret_file`).
     """
-    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.fhir.urls import check_url
 
     try:  # every notification carries the secret to this URL
         check_url(endpoint, "--endpoint", allow_insecure_http)

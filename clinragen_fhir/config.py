@@ -4,6 +4,9 @@ Precedence: explicit arguments > environment (CLINRAGEN_*, nested with "__") > T
 defaults. The TOML file is found through CLINRAGEN_CONFIG. Secrets never live in the TOML: it
 names an environment variable or a file that holds them. An unknown key is an error: a typo such
 as `auht = "smart-backend"` would otherwise leave auth off without a word.
+
+Over 400 lines because every setting lives here with its reason, one pydantic model per
+TOML table composed by `Settings`: one place for an integration engineer to read them all.
 """
 
 from __future__ import annotations
@@ -39,15 +42,10 @@ from clinragen_fhir.fhir.auth import (
     SmartBackendAuth,
     header_safe,
 )
-from clinragen_fhir.fhir.client import (
-    MAX_PAGES,
-    MAX_RESPONSE_BYTES,
-    MAX_SEARCH_BYTES,
-    MAX_WIRE_BYTES,
-    FhirClient,
-    is_loopback,
-)
+from clinragen_fhir.fhir.bodies import MAX_RESPONSE_BYTES, MAX_WIRE_BYTES
+from clinragen_fhir.fhir.client import MAX_PAGES, MAX_SEARCH_BYTES, FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError
+from clinragen_fhir.fhir.urls import is_loopback
 from clinragen_fhir.logs import KEY_ENV as LOG_ID_KEY_ENV
 from clinragen_fhir.site_secrets import is_placeholder
 
@@ -180,7 +178,8 @@ class FhirEndpoint(BaseModel):
                                    "the client secret"),
                            "client_secret_env or client_secret_file"),
                 scope=self.scope, verify=verify, timeout=self.timeout_s,
-                allow_insecure_http=self.allow_insecure_http)
+                allow_insecure_http=self.allow_insecure_http,
+                problem_list=problem_list_enabled())
         if self.auth == "smart-backend":
             return self._smart_backend(verify)
         return None
@@ -189,7 +188,8 @@ class FhirEndpoint(BaseModel):
         client_id = self._need(self.client_id, "client_id")
         common: dict[str, Any] = {
             "scope": self.scope, "verify": verify, "timeout": self.timeout_s,
-            "allow_insecure_http": self.allow_insecure_http, "discovery_base": self.base_url}
+            "allow_insecure_http": self.allow_insecure_http, "discovery_base": self.base_url,
+            "problem_list": problem_list_enabled()}
         if self.private_key_dir is not None:
             if self.private_key_file or self.private_key_env or self.jwt_kid:
                 raise FhirConfigError(
@@ -257,7 +257,7 @@ class ReportSettings(BaseModel):
     # patient's active Conditions and splits what it concluded into known (on the problem list)
     # and suspected; the default scope then asks for system/Condition.s too (fhir.conditions).
     # Off: no Condition is read or asked for, and reports say "problem list not checked".
-    # Read where it is used through fhir.conditions.problem_list_enabled(), which takes the
+    # Read where it is used through problem_list_enabled() (end of this module), which takes the
     # process's settings (TOML and environment) unless a caller passes the value.
     problem_list: bool = False
 
@@ -538,3 +538,14 @@ class Settings(BaseSettings):
                 raise FhirConfigError(f"CLINRAGEN_CONFIG names a missing file: {toml_path}")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+
+def problem_list_enabled(setting: bool | None = None) -> bool:
+    """Whether the worker reads the problem list: `setting` when given, else `[report]
+    problem_list` as configured now (the TOML and CLINRAGEN_REPORT__PROBLEM_LIST, default off;
+    read at each call, as the worker's other settings are read per process). A value that is
+    not a boolean is an error, as any misspelt setting is, never silently off; so is the old
+    CLINRAGEN_PROBLEM_LIST (config.LEGACY_ENV names the new one)."""
+    if setting is not None:
+        return setting
+    return Settings().report.problem_list

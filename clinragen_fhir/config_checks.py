@@ -16,7 +16,7 @@ from clinragen_fhir.identity import model_identity
 _LETTERS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
 
-def check_scope(endpoint: FhirEndpoint, problem_list: bool | None = None) -> bool:
+def check_scope(endpoint: FhirEndpoint, problem_list: bool = False) -> bool:
     """Token auth: fetch a token and name each scope the worker needs that the grant lacks.
 
     A scope-enforcing server refuses those requests, so every task would end dead-lettered;
@@ -268,7 +268,7 @@ def _check_tracing(settings: Settings) -> bool:
     an endpoint the exporter would refuse (plain http off loopback) is a problem."""
     import os
 
-    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.fhir.urls import check_url
     from clinragen_fhir.tracing import otlp_endpoint
 
     t = settings.tracing
@@ -306,7 +306,7 @@ def _check_problem_list(settings: Settings) -> bool:
 def _check_cds_hooks(settings: Settings) -> bool:
     """The CDS Hooks service's settings, loaded as `clinragen-fhir cds-hooks` would: unset is
     said (the worker does not need them), set but refused is a problem."""
-    from clinragen_fhir.cds_hooks import CdsConfig
+    from clinragen_fhir.cds.config import CdsConfig
 
     cds = settings.cds_hooks
     link = cds.link_secret_source()

@@ -1,12 +1,15 @@
 """One patient end to end: FHIR -> resources -> encoding -> predictor -> report -> FHIR.
 
 Plain functions with no Celery in them, so the CLI, the worker and the tests share one path.
+Our reports on the server are found by report/lookup.py, the inputs fingerprint that spares an
+unchanged patient a prediction is report/fingerprint.py's.
+
+Over 400 lines because it is the run itself, step by step (read, predict, write or skip, audit),
+for one patient and for a batch that shares the predictor's batch; each step is one function.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,13 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from clinragen_fhir.config import ReportSettings
+from clinragen_fhir.config import ReportSettings, problem_list_enabled
 from clinragen_fhir.encoding.patient import PatientInputs, encode_patient
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.conditions import (
     OFF_REASON,
     ProblemList,
-    problem_list_enabled,
     problem_list_of,
     problem_query,
 )
@@ -41,20 +43,31 @@ from clinragen_fhir.predict.types import (
 from clinragen_fhir.report import problem_list
 from clinragen_fhir.report.audit import attempt_event_id, audit_bundle, audit_event
 from clinragen_fhir.report.build import (
-    EXT_BASE,
     InputRef,
     build_transaction,
     content_fingerprint,
     current_key,
     input_stamp,
-    is_legacy_key,
     model_of,
     site_organization,
     stored_fingerprint,
 )
 from clinragen_fhir.report.faithfulness import check_report_rationale, diagnosis_claims
+from clinragen_fhir.report.fingerprint import (
+    INPUTS_EXT,
+    inputs_fingerprint,
+    prediction_identity,
+    stored_inputs_fingerprint,
+)
 from clinragen_fhir.report.html import fact_labels
 from clinragen_fhir.report.lexicon import LabLexicon
+from clinragen_fhir.report.lookup import (
+    current_of,
+    find_current,
+    find_legacy,
+    legacy_of,
+    our_reports_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +144,6 @@ def _encode(read: PatientRead, kg: KnowledgeGraph, patient_id: str,
                       read.counts(), list(read.queries))
 
 
-def our_reports_query(patient_id: str, system: str) -> dict[str, Any]:
-    """Every report this software wrote for the patient (any method; current and legacy)."""
-    return {"subject": f"Patient/{patient_id}", "identifier": f"{system}|",
-            "_sort": "-_lastUpdated"}
-
-
 def read_for_report(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
                     settings: ReportSettings, now: datetime | None = None,
                     timings: dict[str, float] | None = None,
@@ -166,50 +173,6 @@ def read_for_report(client: FhirClient, kg: KnowledgeGraph, patient_id: str,
         inputs.queries.append(("Condition", problem_query(patient_id)))
         problems = problem_list_of(read.extra[1], inputs.n_read)
     return inputs, problems, ours
-
-
-def current_of(reports: list[dict[str, Any]], system: str, key: str) -> dict[str, Any] | None:
-    """The current report (identifier `system|key`) among `reports`, if any."""
-    return next((r for r in reports if any(
-        i.get("system") == system and i.get("value") == key
-        for i in r.get("identifier", []) or [])), None)
-
-
-def legacy_of(reports: list[dict[str, Any]], system: str, method: str) -> list[dict[str, Any]]:
-    """Reports of this method from before the lifecycle (our identifier system, `report_key`
-    values only), in the order given (newest first)."""
-    out = []
-    for r in reports:
-        ours = [str(i.get("value", "")) for i in r.get("identifier", []) or []
-                if i.get("system") == system]
-        software = next((str(e.get("valueString", "")) for e in r.get("extension", []) or []
-                         if e.get("url") == f"{EXT_BASE}/method"), "")
-        if ours and all(is_legacy_key(v) for v in ours) and software.split("@")[0] == method:
-            out.append(r)
-    return out
-
-
-def find_report(client: FhirClient, patient_id: str, system: str, key: str) -> str | None:
-    """The id of an existing report with this identifier, if any."""
-    found = find_current(client, patient_id, system, key)
-    return str(found.get("id")) if found else None
-
-
-def find_current(client: FhirClient, patient_id: str, system: str,
-                 key: str) -> dict[str, Any] | None:
-    """The current report (identifier `system|key`, `report.build.current_key`), if any."""
-    for resource in client.search("DiagnosticReport", {
-            "subject": f"Patient/{patient_id}", "identifier": f"{system}|{key}"}):
-        return resource
-    return None
-
-
-def find_legacy(client: FhirClient, patient_id: str, system: str,
-                method: str) -> list[dict[str, Any]]:
-    """Reports of this patient and method from before the lifecycle (our identifier system, a
-    `report_key` value, no current identifier), newest first."""
-    return legacy_of(list(client.search("DiagnosticReport",
-                                        our_reports_query(patient_id, system))), system, method)
 
 
 def _versioned(resource: dict[str, Any]) -> str:
@@ -487,38 +450,6 @@ def _audit_read_only(client: FhirClient, run: _Run, base: Outcome,
 
 
 READ_INTERACTIONS = ["read", "search-type"]
-# on a written report: `inputs_fingerprint` of what it was predicted from (not written while the
-# problem-list check is on: the Conditions then join the content and are read after predicting)
-INPUTS_EXT = f"{EXT_BASE}/inputs-fingerprint"
-
-
-def prediction_identity(prediction: Prediction) -> Identity:
-    """The maker a prediction names, as `predict.types.declared_identity` gives it beforehand."""
-    return (prediction.method, prediction.method_version, prediction.knowledge_version,
-            model_of(prediction))
-
-
-def inputs_fingerprint(inputs: PatientInputs, identity: Identity) -> str:
-    """sha256 of what a prediction is a function of: the maker (method, versions, model), the
-    patient's sex and age in days (age-specific reference ranges and exclusions), the lab frame
-    (values, units, times, reference ranges, as encoded) and the notes (ids, versions, times,
-    text). Equal on the current report: the same prediction again, so none is made."""
-    p = inputs.patient
-    age_days = ((p.index_time - p.birth_date).days
-                if p.index_time is not None and p.birth_date is not None else None)
-    h = hashlib.sha256(json.dumps([list(identity), p.sex, age_days, sorted(p.extra.items())],
-                                  default=str).encode())
-    h.update(inputs.labs.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S%z").encode())
-    for n in inputs.notes:
-        h.update(json.dumps([n.document_id, n.version_id, str(n.time), n.type_code,
-                             hashlib.sha256(n.text.encode()).hexdigest()]).encode())
-    return "sha256:" + h.hexdigest()
-
-
-def stored_inputs_fingerprint(report: dict[str, Any]) -> str:
-    """The inputs fingerprint a stored report carries ("" for reports without)."""
-    return next((str(e.get("valueString", "")) for e in report.get("extension", []) or []
-                 if e.get("url") == INPUTS_EXT), "")
 
 
 def _report_of(bundle: dict[str, Any]) -> dict[str, Any]:

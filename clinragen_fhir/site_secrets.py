@@ -1,9 +1,9 @@
 """Secrets that must not fail open: placeholders copied from the example configs in deploy/
-(site.env, the k8s Secret), which look like secrets and so would be used as such."""
+(compose's site.env and .env), which look like secrets and so would be used as such."""
 
 from __future__ import annotations
 
-# what the placeholders in deploy/compose/site.env and deploy/k8s/clinragen.yaml contain
+# what the placeholders in deploy/compose/site.env and .env contain (and a PEM body `REPLACE`)
 _MARKERS = ("change-me", "changeme", "replace-with", "replace-me")
 
 

@@ -193,7 +193,7 @@ def provider_for(settings: TracingSettings, kind: str,
         return provider
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    from clinragen_fhir.fhir.client import check_url
+    from clinragen_fhir.fhir.urls import check_url
 
     endpoint = otlp_endpoint(settings)
     check_url(endpoint, "tracing.otlp_endpoint", settings.allow_insecure_http)

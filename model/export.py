@@ -23,6 +23,10 @@ After every export the parity check runs the runtime (`clinragen_fhir.inference`
 PyTorch on >= 32 patients: max |logit difference| < 1e-3 on the diagnosis head and on every
 decoding step, identical greedy tokens. It raises `ParityError` otherwise, and the manifest is
 only written after it passed.
+
+Over 400 lines because export and parity belong together: each graph is exported, then run
+against the torch model; its `# ---` sections (the decoder step, export, parity, int8 cost,
+the whole export), so a graph that does not match never ships.
 """
 
 from __future__ import annotations

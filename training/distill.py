@@ -17,6 +17,10 @@ and RNG state, so a resumed run continues exactly where it stopped; a finished s
 Run layout (`<run>/<variant>/`): `<stage>/checkpoint.pt` while training, then
 `<stage>/weights.safetensors` + `<stage>/done.json`; `final.json` (temperature, threshold),
 `losses.jsonl`, `losses.png`.
+
+Over 400 lines because the stages share one training loop and one encoding of the examples:
+its `# ---` sections (the model, the data, the training: loop, head refit, a variant's four
+stages and its calibration) are the split lines if it grows.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 
-from clinragen_fhir.fhir.client import check_url, parse_retry_after
+from clinragen_fhir.fhir.client import parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError
+from clinragen_fhir.fhir.urls import check_url
 from clinragen_fhir.retry import RetryPolicy
 
 log = logging.getLogger(__name__)

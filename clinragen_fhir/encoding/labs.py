@@ -15,14 +15,13 @@ from typing import Any, Protocol
 
 import pandas as pd
 from fhir.resources.R4B.observation import Observation
-from pydantic import ValidationError
 
 from clinragen_fhir.encoding.schema import LAB_COLUMNS, PatientContext, Skip
+from clinragen_fhir.encoding.validated import validated
 from clinragen_fhir.fhir.resources import (
     LOINC,
     category_codes,
     codes,
-    first_error,
     to_utc,
     version_of,
 )
@@ -108,18 +107,7 @@ def build_lab_frame(
     age = patient.age_years() if patient else None
     rows: list[dict[str, Any]] = []
     skips: list[Skip] = []
-    seen: set[str] = set()
-    for raw in observations:
-        ref = f"Observation/{raw.get('id', '?')}" if isinstance(raw, dict) else "Observation/?"
-        if ref in seen:
-            skips.append(Skip(ref, "duplicate of a resource already read"))
-            continue
-        seen.add(ref)
-        try:
-            obs = Observation.model_validate(raw)
-        except ValidationError as exc:
-            skips.append(Skip(ref, f"malformed Observation: {first_error(exc)}"))
-            continue
+    for ref, obs in validated(observations, Observation, "Observation", skips):
         if obs.status not in USABLE_STATUS:
             skips.append(Skip(ref, f"status {obs.status}"))
             continue

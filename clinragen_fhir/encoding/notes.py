@@ -16,10 +16,10 @@ from html.parser import HTMLParser
 from typing import Any, ClassVar
 
 from fhir.resources.R4B.documentreference import DocumentReference
-from pydantic import ValidationError
 
 from clinragen_fhir.encoding.schema import Note, Skip
-from clinragen_fhir.fhir.resources import LOINC, codes, first_error, to_utc, version_of
+from clinragen_fhir.encoding.validated import validated
+from clinragen_fhir.fhir.resources import LOINC, codes, to_utc, version_of
 
 MAX_ATTACHMENT_BYTES = 8 * 1024 * 1024  # decoded size beyond which a note is skipped
 MAX_NOTE_CHARS = 100_000  # longer notes are cut (the model reads far less than this)
@@ -105,21 +105,9 @@ def extract_notes(documents: Iterable[dict[str, Any]], since: datetime | None = 
     """
     notes: list[Note] = []
     skips: list[Skip] = []
-    seen: set[str] = set()
     held = 0
     after = to_utc(since) if since is not None else None
-    for raw in documents:
-        ref = f"DocumentReference/{raw.get('id', '?')}" if isinstance(raw, dict) \
-            else "DocumentReference/?"
-        if ref in seen:
-            skips.append(Skip(ref, "duplicate of a resource already read"))
-            continue
-        seen.add(ref)
-        try:
-            doc = DocumentReference.model_validate(raw)
-        except ValidationError as exc:
-            skips.append(Skip(ref, f"malformed DocumentReference: {first_error(exc)}"))
-            continue
+    for ref, doc in validated(documents, DocumentReference, "DocumentReference", skips):
         if doc.status == "entered-in-error" or doc.docStatus == "entered-in-error":
             skips.append(Skip(ref, "entered in error"))
             continue

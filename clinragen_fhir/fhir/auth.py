@@ -30,9 +30,9 @@ import jwt
 from pydantic import SecretStr
 
 from clinragen_fhir.fhir import keys
-from clinragen_fhir.fhir.client import check_url, parse_retry_after
-from clinragen_fhir.fhir.conditions import problem_list_enabled
+from clinragen_fhir.fhir.client import parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError, TokenError
+from clinragen_fhir.fhir.urls import check_url
 
 __all__ = ["PROBLEM_LIST_ACCESS", "WORKER_ACCESS", "WORKER_SCOPE", "BearerAuth",
            "ClientCredentialsAuth", "SmartBackendAuth", "TokenError", "header_safe",
@@ -63,14 +63,14 @@ WORKER_SCOPE = " ".join(f"system/{t}.{p}" for t, p in WORKER_ACCESS.items())
 PROBLEM_LIST_ACCESS: dict[str, str] = {"Condition": "s"}
 
 
-def worker_access(problem_list: bool | None = None) -> dict[str, str]:
+def worker_access(problem_list: bool = False) -> dict[str, str]:
     """What the worker reads and writes: `WORKER_ACCESS`, plus `PROBLEM_LIST_ACCESS` while the
-    problem-list check is on (`problem_list`; None: the `[report] problem_list` setting)."""
-    on = problem_list_enabled() if problem_list is None else problem_list
-    return {**WORKER_ACCESS, **PROBLEM_LIST_ACCESS} if on else dict(WORKER_ACCESS)
+    problem-list check is on (`problem_list`: `[report] problem_list`, which the caller reads:
+    config.problem_list_enabled)."""
+    return {**WORKER_ACCESS, **PROBLEM_LIST_ACCESS} if problem_list else dict(WORKER_ACCESS)
 
 
-def requested_scope(scope: str | None, problem_list: bool | None = None) -> str | None:
+def requested_scope(scope: str | None, problem_list: bool = False) -> str | None:
     """The scope a token is asked for: the default (`WORKER_SCOPE`) gains
     `system/Condition.s` while the problem-list check is on, and only then; a scope the site
     configured is sent as configured (`check-config` names what it lacks)."""
@@ -142,7 +142,7 @@ class _CachedTokenAuth(httpx.Auth):
     def __init__(self, token_url: str | None, scope: str | None,
                  verify: bool | ssl.SSLContext = True, timeout: float = 30.0,
                  allow_insecure_http: bool = False, transport: httpx.BaseTransport | None = None,
-                 discovery_base: str | None = None) -> None:
+                 discovery_base: str | None = None, problem_list: bool = False) -> None:
         # the client secret goes to the token URL; the discovery base is asked where that is
         if token_url:
             check_url(token_url, "token_url", allow_insecure_http)
@@ -156,7 +156,7 @@ class _CachedTokenAuth(httpx.Auth):
         self._discovery_base = discovery_base
         self._allow_insecure_http = allow_insecure_http
         self._transport = transport
-        self.scope = requested_scope(scope)
+        self.scope = requested_scope(scope, problem_list)  # + Condition while the check is on
         self._verify = verify
         self._timeout = timeout
         self._lock = threading.Lock()

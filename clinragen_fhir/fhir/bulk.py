@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from clinragen_fhir.fhir.client import FhirClient, JsonDict, Params, param_pairs
+from clinragen_fhir.fhir.client import FhirClient, JsonDict
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError, FhirTooLarge
+from clinragen_fhir.fhir.urls import Params, param_pairs
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from clinragen_fhir.fhir.conditions import PROBLEM_LIST_SEARCH, problem_list_enabled
+from clinragen_fhir.config import problem_list_enabled
+from clinragen_fhir.fhir.conditions import PROBLEM_LIST_SEARCH
 
 REQUIRED_SEARCH = {
     "Observation": ["patient", "category", "code", "date"],

@@ -3,142 +3,60 @@
 It knows only what the worker needs: search with paging, read, transaction, capabilities.
 Bounded retries for transient failures (the retry policy, clinragen_fhir/retry.py); every
 error is a FhirError naming method and path.
-Every answer is read as a stream under byte caps (on the wire and decoded), and a search under
-a page limit, a byte budget and a cycle check: a server's answer cannot exhaust the worker.
+Every answer is read as a stream under byte caps (on the wire and decoded: fhir/bodies.py), and
+a search under a page limit, a byte budget and a cycle check: a server's answer cannot exhaust
+the worker. What of a request may be logged is fhir/urls.py's.
+
+Over 400 lines because FhirClient is one class: read, search (paging and its bounds), batch
+and transaction share its one send path (retries, rate limit, caps, redacted errors).
 """
 
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import json
 import logging
-import re
 import ssl
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
+from clinragen_fhir.fhir.bodies import (
+    ACCEPT_ENCODING,
+    MAX_RESPONSE_BYTES,
+    MAX_WIRE_BYTES,
+    read_capped,
+)
 from clinragen_fhir.fhir.errors import (
-    FhirConfigError,
     FhirError,
     FhirHTTPError,
     FhirTooLarge,
     FhirUnavailable,
     is_retryable,
 )
-from clinragen_fhir.logs import hash_id
+from clinragen_fhir.fhir.urls import (
+    Params,
+    check_base_url,
+    param_pairs,
+    redact_path,
+    redact_text,
+    redact_url,
+    sent_tokens,
+)
 from clinragen_fhir.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 JsonDict = dict[str, Any]
-# search parameters: a mapping, or a sequence of (name, value) pairs where a name repeats
-# (`birthdate=ge1950&birthdate=le1960`: a dict would keep only one of them)
-Params = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
-# Defaults of the bounds (FhirEndpoint's settings carry them; each reason is given there).
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one answer's body, decoded
-MAX_WIRE_BYTES = 64 * 1024 * 1024  # one answer's body as sent (compressed)
 MAX_SEARCH_BYTES = 256 * 1024 * 1024  # all pages of one search, decoded
 MAX_PAGES = 1_000  # pages of one search
-_CHUNK = 64 * 1024  # read and inflate at most this much at a time
-# Only the codings decoded here, each by a bounded inflater (httpx's own inflates a chunk
-# whole, and would offer br/zstd as soon as those packages were installed).
-ACCEPT_ENCODING = "gzip, deflate"
-_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
-
-
-def is_loopback(host: str) -> bool:
-    """localhost or a loopback address: traffic that never leaves the machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(url: str, what: str, allow_insecure_http: bool = False) -> None:
-    """Refuse plain http to a non-loopback host unless explicitly allowed: PHI, tokens and
-    client secrets would cross the network in the clear."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FhirConfigError(f"{what} must be http(s)://host/...: {parts.scheme}://"
-                              f"{parts.hostname or ''}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_insecure_http:
-        raise FhirConfigError(
-            f"refusing plain http to non-loopback host {parts.hostname} ({what}): use https, "
-            "or set allow_insecure_http = true for this endpoint"
-        )
-
-
-def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
-    """The FHIR base URL without a trailing slash, if it passes `check_url`."""
-    check_url(base_url, "FHIR base URL", allow_insecure_http)
-    return base_url.rstrip("/")
-
-
-def redact_url(url: str) -> str:
-    """A request URL safe for logs and errors: the path as `redact_path`, every query value
-    hashed (a server's `next` link can carry the patient id, or an opaque page token)."""
-    parts = urlsplit(url)
-    query = "&".join(f"{k}=#{hash_id(v)[:10]}" for k, v in parse_qsl(parts.query, True))
-    return redact_path(parts.path) + (f"?{query}" if query else "")
-
-
-def redact_path(path: str) -> str:
-    """A request path safe for logs: ids after a resource type are replaced by their hash."""
-    parts = path.split("/")
-    return "/".join(
-        f"#{hash_id(p)[:10]}" if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")
-        else p for i, p in enumerate(parts))
-
-
-_REFERENCE = re.compile(r"\b([A-Z][A-Za-z]{2,40})/([A-Za-z0-9\-.]{1,64})")
-
-
-def redact_text(text: str, known: Iterable[str] = ()) -> str:
-    """Server diagnostics safe for logs and errors: servers echo ids back ("Resource
-    Patient/123 is not known"), so every `Type/id` and every id or value we sent (`known`)
-    is replaced by its hash."""
-    for token in sorted({t for t in known if len(t) >= 3}, key=len, reverse=True):
-        text = text.replace(token, f"#{hash_id(token)[:10]}")
-    return _REFERENCE.sub(lambda m: f"{m.group(1)}/#{hash_id(m.group(2))[:10]}", text)
-
-
-def param_pairs(params: Params | None) -> list[tuple[str, Any]]:
-    """Search parameters as (name, value) pairs in order, repeated names kept. A list or tuple
-    value in a mapping is one pair per item, as httpx sends it (`{"issued": ["ge…", "le…"]}`:
-    `recheck.list_reports`); sent as one pair, HAPI read `['ge…` and answered 400."""
-    if params is None:
-        return []
-    if isinstance(params, Mapping):
-        return [(str(k), x) for k, v in params.items()
-                for x in (v if isinstance(v, list | tuple) else [v])]
-    return [(str(k), v) for k, v in params]
-
-
-def _sent_tokens(url: str, params: Params | None) -> list[str]:
-    """Ids in the path, values of the (non `_`) search parameters of a request, and the values
-    in the URL's own query (a `next` link's: the patient id, an opaque page token), but for
-    plain numbers in `_` parameters (`_count=200`)."""
-    split = urlsplit(url)
-    parts = split.path.split("/")
-    tokens = [p for i, p in enumerate(parts)
-              if i and parts[i - 1][:1].isupper() and p[:1] not in ("_", "$", "")]
-    tokens += [v for k, v in parse_qsl(split.query, True) if not (k[:1] == "_" and v.isdigit())]
-    for key, value in param_pairs(params):
-        if not str(key).startswith("_"):
-            tokens += [str(value), *re.split(r"[,|/]", str(value))]
-    return tokens
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -176,95 +94,7 @@ def _outcome_text(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.text[:300]
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        issues = body.get("issue") or []
-        texts = [str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))
-                 for i in issues if isinstance(i, dict)]
-        return "; ".join(texts)[:500]
-    return str(body)[:300]
-
-
-class _Body:
-    """Decoded pieces counted against the limit as they come, joined once at the end."""
-
-    def __init__(self, limit: int, where: str) -> None:
-        self.pieces: list[bytes] = []
-        self.size = 0
-        self.limit, self.where = limit, where
-
-    def add(self, piece: bytes) -> None:
-        self.pieces.append(piece)
-        self.size += len(piece)
-        if self.size > self.limit:
-            raise FhirTooLarge(f"{self.where}: answer passes {self.limit} bytes decoded "
-                               "(max_response_bytes)")
-
-    def inflate(self, inflater: Any, data: bytes) -> None:
-        """Add `data` inflated a piece at a time, never past the limit in all: one 0.3 MiB
-        gzip chunk inflates to 300 MiB if asked for all at once (and zlib's output buffer is
-        copied once more at the end of each call)."""
-        while True:
-            room = min(_CHUNK, self.limit + 1 - self.size)  # >= 1: 0 would mean unbounded
-            piece = inflater.decompress(data, room)
-            self.add(piece)
-            data = inflater.unconsumed_tail
-            if not data and len(piece) < room:  # a full piece may leave output inside zlib
-                return
-
-
-def read_capped(response: httpx.Response, where: str, limit: int = MAX_RESPONSE_BYTES,
-                wire_limit: int = MAX_WIRE_BYTES) -> bytes:
-    """The body of a streamed response, decoded, aborting with FhirTooLarge as soon as the bytes
-    on the wire pass `wire_limit` or the decoded ones pass `limit`: the whole body is never held
-    before the cap applies."""
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > wire_limit:
-        raise FhirTooLarge(f"{where}: answer of {declared} bytes is over {wire_limit} "
-                           "(max_wire_bytes)")
-    codings = [c.strip().lower() for c in response.headers.get("Content-Encoding", "").split(",")
-               if c.strip().lower() not in ("", "identity")]
-    if len(codings) > 1 or (codings and codings[0] not in _WBITS):
-        raise FhirError(f"{where}: answer in content-encoding {', '.join(codings)[:40]!r}, "
-                        f"not one of {ACCEPT_ENCODING}")
-    out = _Body(limit, where)
-    try:
-        chunks: Iterable[bytes] = response.iter_raw(_CHUNK)
-        next_chunk = next(iter(chunks), None)  # iter_raw raises StreamConsumed here
-    except httpx.StreamConsumed:  # a transport that answered a read body (test transports)
-        body = response.content
-        if len(body) > limit:
-            raise FhirTooLarge(f"{where}: answer of {len(body)} bytes is over {limit} "
-                               "(max_response_bytes)") from None
-        return body
-    inflater = zlib.decompressobj(_WBITS[codings[0]]) if codings else None
-    first = True
-    for chunk in _prepend(next_chunk, chunks):
-        if response.num_bytes_downloaded > wire_limit:
-            raise FhirTooLarge(f"{where}: answer passes {wire_limit} bytes on the wire "
-                               "(max_wire_bytes)")
-        if inflater is None:
-            out.add(chunk)
-            continue
-        try:
-            out.inflate(inflater, chunk)
-        except zlib.error:
-            if not (first and codings[0] == "deflate"):
-                raise FhirError(f"{where}: answer does not decode ({codings[0]})") from None
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # "deflate" sent raw, as some do
-            out = _Body(limit, where)
-            try:
-                out.inflate(inflater, chunk)
-            except zlib.error:
-                raise FhirError(f"{where}: answer does not decode ({codings[0]})") from None
-        first = False
-    return b"".join(out.pieces)
-
-
-def _prepend(first: bytes | None, rest: Iterable[bytes]) -> Iterator[bytes]:
-    """The chunk taken to probe the stream, then the rest."""
-    if first is not None:
-        yield first
-        yield from rest
+    return _outcome_detail(body) or str(body)[:300]
 
 
 def _page_key(url: str) -> str:
@@ -458,7 +288,7 @@ class FhirClient:
         self._observe(method, response.status_code)
         if response.status_code < 400:
             return response
-        detail = redact_text(_outcome_text(response), _sent_tokens(url, params))
+        detail = redact_text(_outcome_text(response), sent_tokens(url, params))
         raise FhirHTTPError(response.status_code, method, path, detail,
                             parse_retry_after(response.headers.get("Retry-After")))
 
@@ -568,7 +398,7 @@ class FhirClient:
                 continue
             outcome = resource if isinstance(resource, dict) else \
                 (entry.get("response") or {}).get("outcome")
-            detail = redact_text(_outcome_detail(outcome), _sent_tokens(url, None))
+            detail = redact_text(_outcome_detail(outcome), sent_tokens(url, None))
             out.append(FhirHTTPError(status, "GET", path, detail))
         return out
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
+from clinragen_fhir.config import problem_list_enabled
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirHTTPError
 
@@ -33,19 +34,6 @@ _NOT_A_PROBLEM = {"refuted", "entered-in-error"}  # verificationStatus: not on t
 OFF_REASON = "the problem list is not read at this site"
 # what `check-config` asks of the CapabilityStatement while the check is on
 PROBLEM_LIST_SEARCH: dict[str, tuple[str, ...]] = {"Condition": ("patient", "clinical-status")}
-
-
-def problem_list_enabled(setting: bool | None = None) -> bool:
-    """Whether the worker reads the problem list: `setting` when given, else `[report]
-    problem_list` as configured now (the TOML and CLINRAGEN_REPORT__PROBLEM_LIST, default off;
-    read at each call, as the worker's other settings are read per process). A value that is
-    not a boolean is an error, as any misspelt setting is, never silently off; so is the old
-    CLINRAGEN_PROBLEM_LIST (config.LEGACY_ENV names the new one)."""
-    if setting is not None:
-        return setting
-    from clinragen_fhir.config import Settings  # config imports this module (fhir.auth)
-
-    return Settings().report.problem_list
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from clinragen_fhir.fhir.resources import SNOMED
 from clinragen_fhir.predict.types import Prediction
 from clinragen_fhir.report.faithfulness import ClaimCheck, claim_text
 from clinragen_fhir.report.html import (
-    lab_trends,
     narrative_div,
     patient_header,
     presented_form,
@@ -38,6 +37,7 @@ from clinragen_fhir.report.html import (
 )
 from clinragen_fhir.report.problem_list import extension as problem_extension
 from clinragen_fhir.report.problem_list import fingerprint_part, known_conditions
+from clinragen_fhir.report.trends import lab_trends
 
 SOFTWARE = "ClinRaGen-FHIR"
 EXT_BASE = "https://clinragen-fhir.org/StructureDefinition"

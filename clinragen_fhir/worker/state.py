@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import redis
 
@@ -51,6 +51,51 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# -- the receivers' seen-keys: what the webhook needs of a store (RedisSeen is one) ---------
+class SeenStore(Protocol):
+    """Remembers keys for a while; `add` is True only the first time (atomic)."""
+
+    def add(self, key: str, ttl_s: int) -> bool: ...
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """Remembers each subscription's last event (number, instant), so a gap in the numbers (a
+    delivery the server gave up on while we were down) is noticed, and a poll resumes there."""
+
+    def record_event(self, subscription: str, number: int, at: str) -> tuple[int, str] | None: ...
+
+    def mark_seen(self, at: str) -> None: ...
+
+
+@runtime_checkable
+class ClaimStore(Protocol):
+    """A store whose keys are claimed before the work they guard, then kept or given back, so
+    a failure between the two leaves no key that would drop the sender's retry."""
+
+    def claim(self, key: str, ttl_s: int) -> Claim: ...
+
+    def keep(self, key: str, ttl_s: int) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+
+class AddOnly:
+    """A plain SeenStore as a ClaimStore: the claim is final (nothing to keep or give back)."""
+
+    def __init__(self, seen: SeenStore) -> None:
+        self.seen = seen
+
+    def claim(self, key: str, ttl_s: int) -> Claim:
+        return "new" if self.seen.add(key, ttl_s) else "done"
+
+    def keep(self, key: str, ttl_s: int) -> None:
+        return None
+
+    def release(self, key: str) -> None:
+        return None
 
 
 class ReportLocked(Exception):

@@ -3,6 +3,9 @@
 Everything here is private to the suite (own ports, own data directories under
 `.run/reliability/`), so it can kill and restart services while other jobs use the shared HAPI on
 8080 and Redis on 6379. Loopback only; every wait is bounded.
+
+Over 400 lines because every scenario drives the same services and workers: one module, so
+they all start, stop and measure them alike.
 """
 
 from __future__ import annotations

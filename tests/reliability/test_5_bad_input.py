@@ -13,6 +13,9 @@ client runs over an httpx MockTransport that serves the fuzzed resources.
 Each run draws a fresh seed and prints it (`fuzz seed N`); `RELIABILITY_FUZZ_SEED=N` replays
 that run. A case that breaks a property is counted as a crash, recorded with its input in the
 results file (`fuzz.json`), and fails its test with the first failing cases.
+
+Over 400 lines because the fuzzing strategies and the explicit hard cases share their
+builders and bounds.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from clinragen_fhir.encoding.notes import MAX_NOTE_CHARS, extract_notes
 from clinragen_fhir.encoding.schema import PatientContext, Skip
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.notifications import patients_in
 from clinragen_fhir.inference.fallback import build_predictor
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.types import Predictor
 from clinragen_fhir.report.build import InputRef, build_transaction
-from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app, patients_in
+from clinragen_fhir.webhook import SECRET_HEADER, WebhookConfig, make_app
 from tests.fhir_batch import batching
 from tests.reliability.stack import FULL, record
 

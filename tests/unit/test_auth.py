@@ -29,6 +29,7 @@ from clinragen_fhir.config import FhirEndpoint
 from clinragen_fhir.fhir.auth import ClientCredentialsAuth, SmartBackendAuth, TokenError
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirHTTPError, FhirUnavailable
+from tests.json_http import JsonHandler
 
 
 class AuthServer:
@@ -43,17 +44,7 @@ class AuthServer:
         self.seen_jti: set[str] = set()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def do_POST(self) -> None:
                 form = {k: v[0] for k, v in parse_qs(

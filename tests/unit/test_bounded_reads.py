@@ -20,7 +20,8 @@ import pytest
 from clinragen_fhir.config import FhirEndpoint, ReportSettings
 from clinragen_fhir.encoding import notes as notes_mod
 from clinragen_fhir.encoding.notes import extract_notes
-from clinragen_fhir.fhir.client import MAX_PAGES, MAX_RESPONSE_BYTES, FhirClient
+from clinragen_fhir.fhir.bodies import MAX_RESPONSE_BYTES
+from clinragen_fhir.fhir.client import MAX_PAGES, FhirClient
 from clinragen_fhir.fhir.errors import FhirError, FhirTooLarge
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import gather_inputs

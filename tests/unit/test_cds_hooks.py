@@ -1,5 +1,8 @@
 """CDS Hooks patient-view service: discovery, the card from a stored report, validation, JWT
-auth, the signed report link, and feedback recorded as an AuditEvent and a metric."""
+auth, the signed report link, and feedback recorded as an AuditEvent and a metric.
+
+Over 400 lines because every endpoint is tested through one app and one key set built here.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.testclient import TestClient
 
-from clinragen_fhir.cds_hooks import (
-    SERVICE_ID,
-    CdsConfig,
-    Feedback,
-    JwtAuth,
-    MemoryStore,
-    build_card,
-    count_feedback,
-    load_keys,
-    make_app,
-)
+from clinragen_fhir.cds.auth import JwtAuth, load_keys
+from clinragen_fhir.cds.card import build_card
+from clinragen_fhir.cds.config import CdsConfig
+from clinragen_fhir.cds.requests import Feedback
+from clinragen_fhir.cds.store import MemoryStore
+from clinragen_fhir.cds_hooks import SERVICE_ID, count_feedback, make_app
 from clinragen_fhir.config import LEGACY_ENV, ReportSettings, Settings
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError

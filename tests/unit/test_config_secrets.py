@@ -2,8 +2,8 @@
 
 * The log-id hash key defaulted to a public constant: anyone could hash candidate patient ids
   and join them to log lines. Off loopback, no start without a site key.
-* The placeholders in the example configs (deploy/compose/site.env, the k8s Secret) were taken
-  as real secrets.
+* The placeholders in the example configs (deploy/compose/site.env; a PEM whose body is
+  `REPLACE`, as the docs' examples write one) were taken as real secrets.
 * Unknown config keys were ignored: `auht = "smart-backend"` left auth off without a word.
 """
 
@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from clinragen_fhir.cli import main
@@ -23,7 +22,6 @@ from clinragen_fhir.site_secrets import is_placeholder
 from clinragen_fhir.webhook import WebhookConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-K8S = list(yaml.safe_load_all((DEPLOY / "k8s" / "clinragen.yaml").read_text()))
 SITE_KEY = "a-real-site-key-0123456789abcdef"
 
 
@@ -31,11 +29,8 @@ def shipped_placeholders() -> dict[str, str]:
     """Every secret value in the example configs, by where it is used."""
     env = dict(line.split("=", 1) for line in (DEPLOY / "compose" / "site.env").read_text()
                .splitlines() if line.strip() and not line.startswith("#"))
-    secret = next(d for d in K8S if d and d["kind"] == "Secret")["stringData"]
     return {"compose log key": env["CLINRAGEN_LOG_ID_KEY"],
-            "compose webhook secret": env["CLINRAGEN_WEBHOOK_SECRET"],
-            "k8s log key": secret["log-id-key"], "k8s webhook secret": secret["webhook-secret"],
-            "k8s private key": secret["smart-key.pem"]}
+            "compose webhook secret": env["CLINRAGEN_WEBHOOK_SECRET"]}
 
 
 @pytest.fixture(autouse=True)
@@ -83,16 +78,16 @@ def test_every_placeholder_in_the_example_configs_is_refused(
     placeholders = shipped_placeholders()
     assert all(is_placeholder(v) for v in placeholders.values()), placeholders
     assert not is_placeholder(SITE_KEY) and not is_placeholder("tok-0123456789abcdef")
-    for where in ("compose log key", "k8s log key"):
+    for where in ("compose log key",):
         monkeypatch.setenv("CLINRAGEN_LOG_ID_KEY", placeholders[where])
         with pytest.raises(FhirConfigError, match="placeholder"):
             Settings().check_site_secrets()  # refused even on loopback
-    for where in ("compose webhook secret", "k8s webhook secret"):
+    for where in ("compose webhook secret",):
         monkeypatch.setenv("CLINRAGEN_WEBHOOK_SECRET", placeholders[where])
         with pytest.raises(FhirConfigError, match="placeholder"):
             WebhookConfig.from_settings(Settings().webhook)
     key = tmp_path / "smart-key.pem"
-    key.write_text(placeholders["k8s private key"])
+    key.write_text("-----BEGIN PRIVATE KEY-----\nREPLACE\n-----END PRIVATE KEY-----\n")
     with pytest.raises(FhirConfigError, match="private key holds the example configs'"):
         FhirEndpoint(auth="smart-backend", token_url="https://auth.example/token",
                      client_id="c", private_key_file=key).http_auth()
@@ -120,8 +115,6 @@ def test_unknown_config_keys_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_the_shipped_configs_have_only_known_keys(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
-    site = next(d for d in K8S if d and d["kind"] == "ConfigMap")["data"]["site.toml"]
-    (tmp_path / "k8s.toml").write_text(site)
-    for path in (DEPLOY / "config.example.toml", tmp_path / "k8s.toml"):
+    for path in (DEPLOY / "config.example.toml",):  # the chart's: test_deploy_static
         monkeypatch.setenv("CLINRAGEN_CONFIG", str(path))
         assert re.match(r"https?://", Settings().fhir.base_url)

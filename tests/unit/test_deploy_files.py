@@ -73,31 +73,6 @@ def test_compose_services_use_real_commands_and_settings() -> None:
             assert setting_exists(key.split("=")[0])
 
 
-def test_kubernetes_manifests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "clinragen.yaml").read_text()))
-    kinds = {d["kind"] for d in docs}
-    assert {"ConfigMap", "Secret", "Deployment", "Service", "ScaledObject"} <= kinds
-    config = next(d for d in docs if d["kind"] == "ConfigMap")
-    site = tmp_path / "site.toml"
-    site.write_text(config["data"]["site.toml"])
-    monkeypatch.setenv("CLINRAGEN_CONFIG", str(site))
-    settings = Settings()
-    assert settings.fhir.auth == "smart-backend" and settings.fhir.verify_tls
-    assert settings.worker.metrics_port == 9808
-    assert settings.metrics_bind("webhook") == (9809, "0.0.0.0")  # the pod address
-    assert "problem_list" in tomllib.loads(config["data"]["site.toml"])["report"]
-    assert settings.report.problem_list is False  # known vs suspected: the site turns it on
-    for d in docs:
-        if d["kind"] != "Deployment":
-            continue
-        for c in d["spec"]["template"]["spec"]["containers"]:
-            check_command(c["command"])
-            for env in c.get("env", []):
-                assert setting_exists(env["name"]), env["name"]
-    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
-    assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == "clinragen"  # our queue
-
-
 def test_systemd_units_start_real_commands() -> None:
     units = sorted((DEPLOY / "systemd").glob("*.service"))
     assert len(units) == 3

@@ -13,6 +13,9 @@
 
 The tools are built by `make deploy-tools` (a prerequisite of `make test` and `make test-unit`)
 into ~/.cache/clinragen (CLINRAGEN_DEPLOY_TOOLS); a missing tool fails here with that command.
+
+Over 400 lines because compose, the Dockerfiles and the chart are checked with one set of
+rendering and settings helpers.
 """
 
 from __future__ import annotations
@@ -659,6 +662,21 @@ def test_tracing_on_needs_the_collector_url(tmp_path: Path) -> None:
     proc = run(helm(), "template", "site", str(CHART), "-f", str(site), "--kube-version",
                KUBE_VERSIONS[-1], ok=False)
     assert proc.returncode != 0 and "tracing.otlpEndpoint" in proc.stderr, proc.stderr
+
+
+def test_the_charts_containers_run_real_commands() -> None:
+    """What the removed raw manifest's test checked: every Deployment's main container starts a
+    real CLI command or Celery app (tests/unit/test_deploy_files.check_command)."""
+    from tests.unit.test_deploy_files import check_command
+
+    for path in values_files():
+        started = []
+        for d in kinds(render(path), "Deployment"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                check_command(c["command"])
+                started.append(c["command"][1] if c["command"][0] == "clinragen-fhir"
+                               else c["command"][3])
+        assert {"worker", "webhook", "beat"} <= set(started), (path.name, started)
 
 
 def test_the_site_config_names_real_settings() -> None:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from clinragen_fhir.fhir.client import FhirClient, parse_retry_after, redact_path
+from clinragen_fhir.fhir.client import FhirClient, parse_retry_after
 from clinragen_fhir.fhir.errors import FhirConfigError, FhirError, FhirHTTPError, FhirUnavailable
+from clinragen_fhir.fhir.urls import redact_path
 
 BASE = "http://127.0.0.1:8080/fhir"
 

@@ -13,8 +13,8 @@ from clinragen_fhir.encoding import labs as labs_module
 from clinragen_fhir.encoding.labs import build_lab_frame
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirError
+from clinragen_fhir.fhir.notifications import patients_in
 from clinragen_fhir.knowledge import load_graph
-from clinragen_fhir.webhook import patients_in
 
 
 @pytest.mark.parametrize("payload", [

@@ -18,14 +18,10 @@ import redis
 from starlette.testclient import TestClient
 
 from clinragen_fhir.config import FhirEndpoint, Settings
+from clinragen_fhir.fhir.notifications import read_notification, resume_point
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.rules import RuleBaseline
-from clinragen_fhir.webhook import (
-    WebhookConfig,
-    make_app,
-    read_notification,
-    resume_point,
-)
+from clinragen_fhir.webhook import WebhookConfig, make_app
 from clinragen_fhir.worker import tasks
 from clinragen_fhir.worker.state import RedisSeen
 from tests.unit.test_delivery_limit import private_redis

@@ -11,9 +11,10 @@ import httpx
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.identity import RULE_BASELINE
-from clinragen_fhir.pipeline import INPUTS_EXT, diagnose_patient
+from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.predict.types import Identity, Prediction
+from clinragen_fhir.report.fingerprint import INPUTS_EXT
 from tests.fhir_batch import batching
 from tests.unit.test_report_lifecycle import KG, PID, VersionedServer
 

@@ -4,6 +4,9 @@ The model never takes Conditions; at report time the worker reads the active one
 turns the check on) and each concluded disorder is known (the code or a SNOMED CT descendant on
 the list), suspected, or not checked (off, refused, failing: said so, never "suspected"). A fake
 FHIR server on httpx.MockTransport answers a real `diagnose_patient` run.
+
+Over 400 lines because the status of a disorder is tested end to end here, from the search to
+the report, the card and the scope, on one fake server.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from clinragen_fhir.cds_hooks import build_card
-from clinragen_fhir.config import ReportSettings, Settings
+from clinragen_fhir.cds.card import build_card
+from clinragen_fhir.config import FhirEndpoint, ReportSettings, Settings, problem_list_enabled
 from clinragen_fhir.fhir.auth import (
     PROBLEM_LIST_ACCESS,
     WORKER_ACCESS,
@@ -36,7 +39,6 @@ from clinragen_fhir.fhir.conditions import (
     ListedCondition,
     ProblemList,
     listed_condition,
-    problem_list_enabled,
     read_problem_list,
 )
 from clinragen_fhir.fhir.errors import FhirConfigError, FhirUnavailable
@@ -247,12 +249,15 @@ def test_least_privilege_the_condition_scope_only_while_on() -> None:
 
 def test_the_token_request_asks_for_conditions_only_while_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydantic import SecretStr
-
+    # the setting is read where the endpoint's auth is made (config.problem_list_enabled)
+    monkeypatch.setenv("TEST_SMART_KEY", "k")
+    endpoint = FhirEndpoint(auth="smart-backend", token_url="https://auth.example/token",
+                            client_id="c", private_key_env="TEST_SMART_KEY", jwt_kid="k1")
     monkeypatch.delenv(ENV, raising=False)
-    off = SmartBackendAuth("https://auth.example/token", "c", SecretStr("k"), kid="k1")
+    off = endpoint.http_auth()
     monkeypatch.setenv(ENV, "on")
-    on = SmartBackendAuth("https://auth.example/token", "c", SecretStr("k"), kid="k1")
+    on = endpoint.http_auth()
+    assert isinstance(off, SmartBackendAuth) and isinstance(on, SmartBackendAuth)
     assert off.scope == WORKER_SCOPE and on.scope == WORKER_SCOPE + " system/Condition.s"
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from clinragen_fhir.fhir.client import FhirClient, redact_text
+from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirHTTPError
+from clinragen_fhir.fhir.urls import redact_text
 from clinragen_fhir.logs import hash_id
 
 

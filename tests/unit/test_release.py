@@ -1,6 +1,10 @@
 """The shipped default model as an artifact (training/release.py): release from a run, hashes
 that catch an altered file, the model it loads is the trained one, install to an ONNX model_dir
-the torch-free runtime serves, and retraining gives bit-identical tensors. On a tiny backbone."""
+the torch-free runtime serves, and retraining gives bit-identical tensors. On a tiny backbone.
+
+Over 400 lines because release, install and the bit-identical retrain share one tiny trained
+run, made once per session by the fixtures here.
+"""
 
 from __future__ import annotations
 

@@ -22,11 +22,10 @@ from clinragen_fhir.report.html import (
     PROBLEM_LIST_NOTE,
     decode_presented_form,
     fact_labels,
-    lab_trends,
     narrative_div,
     patient_header,
-    trend_svg,
 )
+from clinragen_fhir.report.trends import lab_trends, trend_svg
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 EVIL = '<script>alert("x")</script> & <img src=https://evil.example/x.png>'

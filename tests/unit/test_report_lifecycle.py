@@ -213,7 +213,7 @@ def test_legacy_reports_are_adopted_and_linked_not_duplicated() -> None:
 def test_list_values_of_a_mapping_are_repeated_parameters() -> None:
     """`audit --since/--until` searches `issued` twice (a list in a mapping): each item is its
     own parameter, as before the client took (name, value) pairs."""
-    from clinragen_fhir.fhir.client import param_pairs
+    from clinragen_fhir.fhir.urls import param_pairs
 
     assert param_pairs({"issued": ["ge2025-01-01", "le2025-02-01"], "subject": "Patient/p"}) == [
         ("issued", "ge2025-01-01"), ("issued", "le2025-02-01"), ("subject", "Patient/p")]

@@ -9,8 +9,6 @@ The state store is a private redis-server.
 
 from __future__ import annotations
 
-import itertools
-import json
 import threading
 import time
 import uuid
@@ -28,8 +26,8 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.predict.rules import RuleBaseline
 from clinragen_fhir.worker import tasks
 from clinragen_fhir.worker.state import LOCK_KEY, ReportLocked, WorkerState
+from tests.fake_fhir import StoreServer
 from tests.fhir_batch import batching
-from tests.observations import a1c
 from tests.unit.test_delivery_limit import free_port, private_redis
 
 PID = "p-race-1"
@@ -41,83 +39,25 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-class NonAtomicServer:
+class NonAtomicServer(StoreServer):
     """A FHIR server whose conditional create is check-then-create with a pause between, the
     race of a server without a unique index on the identifier. Every patient request waits
     (bounded) until both runs have started, so the two runs overlap for certain."""
 
     def __init__(self, runs: int = 2) -> None:
-        self.store: dict[tuple[str, str], dict[str, Any]] = {}
-        self.ids = itertools.count(1)
-        self.guard = threading.Lock()  # the dict itself, not the check-then-create
+        super().__init__(PID)
         self.started = threading.Barrier(runs, timeout=5)
 
-    def _bundle(self, resources: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"resourceType": "Bundle", "type": "searchset",
-                "entry": [{"resource": r} for r in resources]}
-
     def reports(self) -> list[dict[str, Any]]:
-        with self.guard:
-            return [r for (t, _), r in self.store.items() if t == "DiagnosticReport"]
+        return self.of_type("DiagnosticReport")
 
-    def _match(self, rtype: str, query: str) -> str | None:
-        system, _, value = query.removeprefix("identifier=").partition("|")
-        with self.guard:
-            return next((rid for (t, rid), r in self.store.items() if t == rtype and any(
-                i.get("system") == system and i.get("value") == value
-                for i in r.get("identifier", []))), None)
+    def before_write(self, rtype: str) -> None:
+        if rtype == "DiagnosticReport":
+            time.sleep(0.3)  # checked, not yet created: the window a second run falls into
 
-    def _put_id(self, rtype: str, url: str) -> str:
-        """PUT Type/id keeps the id; a conditional update (`Type?identifier=...`, the report
-        lifecycle) updates the match, else creates with a new id, as HAPI does."""
-        if "?" not in url:
-            return url.split("/")[1]
-        return self._match(rtype, url.partition("?")[2]) or str(next(self.ids))
-
-    def transaction(self, bundle: dict[str, Any]) -> httpx.Response:
-        out = []
-        for entry in bundle["entry"]:
-            resource, request = entry["resource"], entry["request"]
-            rtype = resource["resourceType"]
-            condition = request.get("ifNoneExist")
-            match = self._match(rtype, condition) if condition else None
-            if match:
-                out.append({"response": {"status": "200 OK",
-                                         "location": f"{rtype}/{match}/_history/1"}})
-                continue
-            # a conditional update checks first (the match), then writes: not atomic either
-            rid = self._put_id(rtype, request["url"]) if request["method"] == "PUT" \
-                else str(next(self.ids))
-            if rtype == "DiagnosticReport":
-                time.sleep(0.3)  # checked, not yet created: the window a second run falls into
-            with self.guard:
-                self.store[(rtype, rid)] = {**resource, "id": rid}
-            out.append({"response": {"status": "201 Created",
-                                     "location": f"{rtype}/{rid}/_history/1"}})
-        return httpx.Response(200, json={"resourceType": "Bundle",
-                                         "type": "transaction-response", "entry": out})
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path.removeprefix("/fhir").strip("/")
-        if request.method == "POST" and path == "":
-            return self.transaction(json.loads(request.content))
-        if path == f"Patient/{PID}":
-            with suppress(threading.BrokenBarrierError):  # a single run: nothing to wait for
-                self.started.wait()
-            return httpx.Response(200, json={"resourceType": "Patient", "id": PID,
-                                             "gender": "female", "birthDate": "1960-01-01"})
-        if path == "Observation":
-            return httpx.Response(200, json=self._bundle([
-                {**a1c(PID, v, d, f"o{i}"), "meta": {"versionId": "1"}}
-                for i, (v, d) in enumerate(((6.9, 400), (7.4, 200), (8.1, 20)))]))
-        if path == "DiagnosticReport":
-            match = self._match("DiagnosticReport", request.url.params.get("identifier", ""))
-            with self.guard:
-                found = [self.store[("DiagnosticReport", match)]] if match else []
-            return httpx.Response(200, json=self._bundle(found))
-        if path == "DocumentReference":
-            return httpx.Response(200, json=self._bundle([]))
-        return httpx.Response(404, json={"resourceType": "OperationOutcome"})
+    def on_patient(self) -> None:
+        with suppress(threading.BrokenBarrierError):  # a single run: nothing to wait for
+            self.started.wait()
 
 
 class OneAtATime:

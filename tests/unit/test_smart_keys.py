@@ -15,7 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +32,7 @@ from clinragen_fhir.fhir import auth as auth_module
 from clinragen_fhir.fhir import keys
 from clinragen_fhir.fhir.auth import WORKER_SCOPE, SmartBackendAuth, TokenError
 from clinragen_fhir.fhir.errors import FhirConfigError
+from tests.json_http import JsonHandler
 
 CLIENT_ID = "clinragen-fhir"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -51,17 +52,7 @@ class TokenServer:
         self.discoveries = 0  # GETs of the SMART configuration
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def do_GET(self) -> None:
                 if self.path == "/fhir/.well-known/smart-configuration":

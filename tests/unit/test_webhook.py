@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from clinragen_fhir.webhook import WebhookConfig, authenticate, make_app, patients_in, sign
+from clinragen_fhir.fhir.notifications import patients_in
+from clinragen_fhir.webhook import WebhookConfig, authenticate, make_app, sign
 
 SECRET = b"0123456789abcdef-secret"
 

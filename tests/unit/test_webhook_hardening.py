@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from clinragen_fhir.config import Settings
+from clinragen_fhir.fhir.notifications import patients_in
 from clinragen_fhir.webhook import (
     MAX_SKEW_S,
     SECRET_HEADER,
@@ -20,7 +21,6 @@ from clinragen_fhir.webhook import (
     TIMESTAMP_HEADER,
     WebhookConfig,
     make_app,
-    patients_in,
     sign,
 )
 
