@@ -119,6 +119,33 @@ def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None,
     click.echo(markdown_table(results))
 
 
+@main.command("runtime-eval")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              default=ROOT / ".run" / "model" / "default", show_default=True,
+              help="An exported model directory (`default-model install` writes one).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="A built dataset; its test split is used (an external cohort is all test).")
+@click.option("--patients", type=int, default=300, show_default=True)
+@click.option("--precision", "precisions", multiple=True, default=("fp32", "int8"),
+              show_default=True, help="The first is the reference.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="results JSON; the table goes beside it (.md).")
+def runtime_eval(model_dir: Path, data_dir: Path, patients: int, precisions: tuple[str, ...],
+                 threads: int, batch_size: int, seed: int, out: Path) -> None:
+    """fp32 against int8 through the worker's runtime on held-out patients (issue 17)."""
+    from training.data import load_split
+    from training.runtime_eval import compare, markdown, one_visit_per_patient, write
+
+    examples = one_visit_per_patient(list(load_split(data_dir, "test")), patients, seed)
+    result = compare(model_dir, examples, _kg(), precisions,  # type: ignore[arg-type]
+                     threads, batch_size, seed)
+    write(result, out)
+    click.echo(markdown(result))
+
+
 @main.command()
 @click.option("--patients", type=int, required=True)
 @click.option("--seed", type=int, required=True)

@@ -10,7 +10,7 @@ prefix graph's knowledge attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -45,8 +45,12 @@ class OnnxPredictor:
 
     def __init__(self, model: OnnxModel, kg: KnowledgeGraph, batch_size: int = 4,
                  constrained: bool = False, max_new_tokens: int | None = None,
-                 top_facts: int = 5, grounded: bool = True) -> None:
+                 top_facts: int = 5, grounded: bool = True,
+                 on_probabilities: Callable[[np.ndarray], None] | None = None) -> None:
         self.model = model
+        # evaluation's view of every disorder's calibrated probability ([batch, disorders], per
+        # graph call): a Prediction carries only its conclusions' (training.runtime_eval)
+        self.on_probabilities = on_probabilities
         # every reading the rationale writes is one of this patient's (inference.grounding)
         self.grounded = grounded
         self.kg = kg
@@ -119,6 +123,8 @@ class OnnxPredictor:
                        probs: np.ndarray) -> list[list[str]]:
         """The head concludes first (into `out`); the rationale is then generated for the terms
         returned (none when abstaining)."""
+        if self.on_probabilities is not None:
+            self.on_probabilities(probs)
         out[:] = [self._conclude(probs[row], patient) for row, patient in enumerate(patients)]
         return [self.model.config.terms(c) for c in out]
 
