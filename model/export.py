@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 PARITY_ATOL = 1e-3
 MIN_PARITY_PATIENTS = 32
+# the graphs the int8 variant quantises: the decoder; the prefix graph (the diagnosis head)
+# stays fp32 and is shared, so int8 changes no probability (module docstring)
+INT8_GRAPHS = ("decoder",)
 PREFIX_OUTPUTS = ["inputs_embeds", "attention_mask", "knowledge_attention", "diagnosis_logits"]
 
 
@@ -432,8 +435,9 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
     files = ["prefix.onnx", "decoder.onnx"]
     variants = {"fp32": {"prefix": "prefix.onnx", "decoder": "decoder.onnx"}}
     if int8:  # the decoder only: the head's prefix graph stays fp32 (module docstring)
-        quantise(out / "decoder.onnx", out / "int8" / "decoder.onnx")
-        files += ["int8/decoder.onnx"]
+        for name in INT8_GRAPHS:
+            quantise(out / f"{name}.onnx", out / "int8" / f"{name}.onnx")
+        files += [f"int8/{name}.onnx" for name in INT8_GRAPHS]
         variants["int8"] = {"prefix": "prefix.onnx", "decoder": "int8/decoder.onnx"}
     eos = int(model.tokenizer.eos_token_id)
     pad = model.tokenizer.pad_token_id

@@ -215,11 +215,13 @@ def install(out_dir: Path, artifact: Path = ARTIFACT, int8: bool = True,
     already holds an export of this very artifact."""
     from clinragen_fhir.knowledge import load_graph
     from model.clinragen import ClinRaGen
-    from model.export import MIN_PARITY_PATIENTS, export
+    from model.export import INT8_GRAPHS, MIN_PARITY_PATIENTS, export
     from model.parity import bundle_patients
 
     manifest = read_release(artifact)
-    stamp = {"artifact_sha256": manifest["sha256"], "int8": int8}
+    stamp: dict[str, Any] = {"artifact_sha256": manifest["sha256"], "int8": int8}
+    if int8:  # an install whose int8 also quantised the head's prefix graph is re-exported
+        stamp["int8_graphs"] = list(INT8_GRAPHS)
     if not force and installed_from(out_dir) == stamp \
             and (out_dir / "onnx" / "manifest.json").is_file():
         return out_dir
