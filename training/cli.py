@@ -225,7 +225,8 @@ def _synthea(d: dict[str, Any], prefix: str) -> Path | None:
 
     spec = CohortSpec(patients=n, seed=int(d[f"{prefix}_seed"]),
                       state=str(d.get(f"{prefix}_state", "Massachusetts")),
-                      ages=str(d.get(f"{prefix}_ages", "")))
+                      ages=str(d.get(f"{prefix}_ages", "")),
+                      reference_date=str(d.get(f"{prefix}_reference_date", "")))
     click.echo(f"Synthea cohort {spec.name} ...")
     return generate(spec)
 

@@ -62,10 +62,16 @@ class CohortSpec:
     years_of_history: int = 10
     chunk: int = 250
     version: str = SYNTHEA_VERSION
+    # Synthea -r YYYYMMDD, the day the records end; "" = the day it runs, so a cohort generated
+    # on another day differs (ages, the last visits): set it for a reproducible cohort
+    reference_date: str = ""
 
     @property
     def key(self) -> str:
-        raw = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not self.reference_date:  # the key of a cohort from before the field existed
+            del fields["reference_date"]
+        raw = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:12]
 
     @property
@@ -145,6 +151,8 @@ def _generate(spec: CohortSpec, lib: Path, out: Path, java_heap: str, threads: i
                f"--generate.thread_pool_size={threads}"]
         if spec.ages:
             cmd += ["-a", spec.ages]
+        if spec.reference_date:
+            cmd += ["-r", spec.reference_date]
         cmd.append(spec.state)
         t0 = time.monotonic()
         with (out / "generate.log").open("a") as logf:

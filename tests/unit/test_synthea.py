@@ -3,8 +3,10 @@ work tree; the real generator (Maven Central) writes NDJSON the dataset builder 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,12 @@ def test_the_key_changes_with_every_setting_and_chunks_cover_the_cohort() -> Non
     base = CohortSpec(patients=600, seed=1)
     others = [CohortSpec(600, 2), CohortSpec(601, 1), CohortSpec(600, 1, state="Texas"),
               CohortSpec(600, 1, ages="30-95"), CohortSpec(600, 1, years_of_history=5),
-              CohortSpec(600, 1, chunk=100)]
+              CohortSpec(600, 1, chunk=100), CohortSpec(600, 1, reference_date="20261202")]
     assert len({base.key, *(o.key for o in others)}) == 1 + len(others)
     assert base.key == CohortSpec(patients=600, seed=1).key  # stable
+    # a cohort generated before the reference date was a setting keeps its key (and its cache)
+    legacy = {k: v for k, v in asdict(base).items() if k != "reference_date"}
+    assert base.key == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
     chunks = base.chunks()
     assert [n for _, n, _ in chunks] == [250, 250, 100]
     assert len({s for _, _, s in chunks}) == 3  # each chunk its own seed
