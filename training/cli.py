@@ -119,6 +119,26 @@ def evaluate(config: str, data_dir: Path, run_dir: Path, out_dir: Path | None,
     click.echo(markdown_table(results))
 
 
+@main.command("gap")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              default=ROOT / ".run" / "model" / "default", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--external", "external_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="results JSON; the tables go beside it (.md).")
+def gap_cmd(model_dir: Path, data_dir: Path, external_dir: Path | None, out: Path) -> None:
+    """Where the released model loses macro-F1 to gradient boosting, per disorder."""
+    from training.data import load_split
+    from training.gap import gap, markdown, write
+
+    splits = {s: load_split(data_dir, s) for s in ("train", "valid", "test")}
+    if external_dir is not None:
+        splits["external"] = load_split(external_dir, "test")
+    result = gap(model_dir, splits, _kg())
+    write(result, out)
+    click.echo(markdown(result))
+
+
 @main.command("runtime-eval")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path),
               default=ROOT / ".run" / "model" / "default", show_default=True,

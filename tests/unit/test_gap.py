@@ -1,0 +1,40 @@
+"""training/gap.py: the conclusion-rule alternatives it compares decide the same codes and differ
+only in which survive the cap; macro-F1 counts only disorders with a positive."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clinragen_fhir.knowledge import load_graph
+from tests.unit.train_examples import make_examples
+from training.example import label_matrix
+from training.gap import macro_f1, rule_variants
+from training.vocabulary import revealable_disorders
+
+
+def test_macro_f1_counts_disorders_with_a_positive() -> None:
+    y = np.array([[1, 0, 0], [0, 1, 0]])
+    assert macro_f1(y, y) == 1.0
+    assert macro_f1(y, np.array([[1, 0, 1], [0, 0, 0]])) == 0.5
+
+
+def test_rule_variants_differ_only_where_the_cap_binds() -> None:
+    kg = load_graph()
+    disorders = sorted(revealable_disorders(kg))
+    examples = make_examples(12)
+    y = label_matrix(examples, disorders)
+    rng = np.random.default_rng(0)
+    # leaves only: no code is a parent of another, so the most-specific rule drops none
+    leaves = [j for j, d in enumerate(disorders)
+              if not any(d in kg.ancestors(o) for o in disorders)]
+    probs = np.zeros((len(examples), len(disorders)))
+    for i in range(len(examples)):
+        probs[i, rng.choice(leaves, 2, replace=False)] = 0.9
+    two = rule_variants(kg, probs, disorders, examples, (0.5, {}), y)
+    assert len({round(v["macro_f1"], 9) for v in two.values()}) == 1  # 2 codes: no cap binds
+    for i in range(len(examples)):
+        probs[i, rng.choice(leaves, 3, replace=False)] = rng.uniform(0.6, 0.95, 3)
+    many = rule_variants(kg, probs, disorders, examples, (0.5, {disorders[leaves[0]]: 0.7}), y)
+    assert many["cap 3, by probability"]["codes_per_report"] <= 3.0
+    assert many["cap 5, by probability"]["codes_per_report"] > \
+        many["cap 3, by probability"]["codes_per_report"]
