@@ -229,7 +229,9 @@ class FeatureClassifier:
         return ("logistic regression" if self.kind == "logistic" else "gradient boosting") + \
             " (labs + TF-IDF)"
 
-    def _matrix(self, examples: Sequence[Example], fit: bool = False) -> Any:
+    def matrix(self, examples: Sequence[Example], fit: bool = False) -> Any:
+        """The classifiers' inputs: the lab features (the first `lab_columns`), then the note
+        text (TF-IDF; for boosting its SVD). `fit` fits the featurisers, not the classifiers."""
         from scipy import sparse
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -256,13 +258,18 @@ class FeatureClassifier:
             self.svd = TruncatedSVD(k, random_state=self.seed).fit(text)
         return np.hstack([lab, self.svd.transform(text)])
 
+    @property
+    def lab_columns(self) -> int:
+        """How many of `matrix`'s first columns are lab features (after `matrix(fit=True)`)."""
+        return int(self.scaler.n_features_in_)
+
     def fit(self, train: Sequence[Example], valid: Sequence[Example],
             disorders: Sequence[str], min_precision: float = 0.8) -> FeatureClassifier:
         from sklearn.ensemble import HistGradientBoostingClassifier
         from sklearn.linear_model import LogisticRegression
 
         self.disorders = list(disorders)
-        x = self._matrix(train, fit=True)
+        x = self.matrix(train, fit=True)
         y = label_matrix(train, disorders)
         for j in range(len(disorders)):
             pos = int(y[:, j].sum())
@@ -285,7 +292,7 @@ class FeatureClassifier:
         return self
 
     def proba(self, examples: Sequence[Example]) -> np.ndarray:
-        x = self._matrix(examples)
+        x = self.matrix(examples)
         out = np.zeros((len(examples), len(self.disorders)))
         for j, c in self.constant.items():
             out[:, j] = c

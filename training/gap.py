@@ -116,8 +116,8 @@ def text_probe(train: Sequence[Example], test: Sequence[Example], codes: Sequenc
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     fc = FeatureClassifier("boosting", seed)
-    x_train, x_test = fc._matrix(train, fit=True), fc._matrix(test)
-    n_lab = fc.labs.transform(train[:1]).shape[1]
+    x_train, x_test = fc.matrix(train, fit=True), fc.matrix(test)
+    n_lab = fc.lab_columns
     y_train, y_test = label_matrix(train, codes), label_matrix(test, codes)
     parts = {"labs": slice(0, n_lab), "notes": slice(n_lab, None), "both": slice(0, None)}
     out: dict[str, dict[str, float]] = {}

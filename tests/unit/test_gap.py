@@ -38,3 +38,15 @@ def test_rule_variants_differ_only_where_the_cap_binds() -> None:
     assert many["cap 3, by probability"]["codes_per_report"] <= 3.0
     assert many["cap 5, by probability"]["codes_per_report"] > \
         many["cap 3, by probability"]["codes_per_report"]
+
+
+def test_text_probe_scores_labs_notes_and_both_per_code() -> None:
+    from training.gap import text_probe
+
+    examples = make_examples(40)
+    out = text_probe(examples[:30], examples[30:], ["44054006", "709044004", "0"], seed=7)
+    assert set(out) == {"44054006", "709044004"}  # a code without positives is left out
+    for scores in out.values():
+        assert set(scores) == {"labs", "notes", "both"}
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert out["44054006"]["labs"] > 0.9  # diabetes is in the HbA1c the examples carry
