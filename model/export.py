@@ -438,7 +438,8 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
         for name in INT8_GRAPHS:
             quantise(out / f"{name}.onnx", out / "int8" / f"{name}.onnx")
         files += [f"int8/{name}.onnx" for name in INT8_GRAPHS]
-        variants["int8"] = {"prefix": "prefix.onnx", "decoder": "int8/decoder.onnx"}
+        variants["int8"] = {role: f"int8/{role}.onnx" if role in INT8_GRAPHS else file
+                            for role, file in variants["fp32"].items()}
     eos = int(model.tokenizer.eos_token_id)
     pad = model.tokenizer.pad_token_id
     manifest: dict[str, Any] = {

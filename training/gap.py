@@ -27,9 +27,9 @@ from clinragen_fhir.inference.predictor import OnnxPredictor
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.predict.conclude import OVER_CAP, conclude
 from clinragen_fhir.predict.types import has_inputs
-from training.baselines import FeatureClassifier, decide, sexes_and_ages
+from training.baselines import FeatureClassifier, closure, decide, sexes_and_ages
 from training.example import Example, label_matrix
-from training.metrics import auroc, f1_counts
+from training.metrics import auroc, classification_report
 from training.vocabulary import revealable_disorders
 
 TEXT_PROBES = ("38341003", "59621000", "80394007", "157141000119108", "414545008")
@@ -55,14 +55,6 @@ def head_probabilities(model_dir: Path, examples: Sequence[Example], disorders: 
     return out, (cfg.threshold, dict(cfg.thresholds))
 
 
-def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    """Macro-F1 over the disorders with a positive (the table's (b) when `y` is revealable)."""
-    keep = np.flatnonzero(y.sum(0) > 0)
-    return float(np.mean([f1_counts((y[:, j] & pred[:, j]).sum(),
-                                    ((1 - y[:, j]) & pred[:, j]).sum(),
-                                    (y[:, j] & (1 - pred[:, j])).sum()) for j in keep]))
-
-
 def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
                   examples: Sequence[Example], thresholds: tuple[float, dict[str, float]],
                   y: np.ndarray) -> dict[str, dict[str, float]]:
@@ -77,7 +69,8 @@ def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str
             else:  # p / own threshold reaches 1 exactly when p reaches it: same decisions
                 concluded, closed = decide(kg, probs / np.maximum(own, 1e-6), disorders,
                                            examples, 1.0, None, cap)
-            out[f"cap {cap}, by {order}"] = {"macro_f1": macro_f1(y, closed),
+            macro = classification_report(y, closed, probs, disorders).macro_f1
+            out[f"cap {cap}, by {order}"] = {"macro_f1": macro,
                                              "codes_per_report": float(concluded.sum(1).mean())}
     return out
 
@@ -85,28 +78,28 @@ def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str
 def per_disorder(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
                  examples: Sequence[Example], thresholds: tuple[float, dict[str, float]],
                  y: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per disorder with a test positive: AUROC, F1 under the worker's rule (cap 3), and how
+    many visits reached its threshold but lost it to the cap; one `conclude` pass gives both."""
     g, per = thresholds
-    _, closed = decide(kg, probs, disorders, examples, g, per, 3)
     sexes, ages = sexes_and_ages(examples)
-    capped = np.zeros(len(disorders), dtype=int)
     col = {c: j for j, c in enumerate(disorders)}
+    concluded = np.zeros(probs.shape, dtype=int)
+    capped = np.zeros(len(disorders), dtype=int)
     for i, row in enumerate(probs):
         c = conclude(row, disorders, kg, threshold=g, thresholds=per, min_confidence=0.5,
                      sex=sexes[i], age_years=ages[i], max_codes=3)
+        concluded[i, [col[code] for code in c.codes]] = 1
         for code, why in c.dropped.items():
             if why == OVER_CAP:
                 capped[col[code]] += 1
+    report = classification_report(y, closure(kg, concluded, disorders), probs, disorders)
     out = {}
-    for j, d in enumerate(disorders):
-        if y[:, j].sum() == 0:
-            continue
-        tp, fp = (y[:, j] & closed[:, j]).sum(), ((1 - y[:, j]) & closed[:, j]).sum()
-        fn = (y[:, j] & (1 - closed[:, j])).sum()
+    for d, f1 in report.per_disorder_f1.items():
         concept = kg.disorder(d)
         out[d] = {"term": concept.term if concept is not None else d,
-                  "positives": int(y[:, j].sum()), "threshold": per.get(d, g),
-                  "auroc": auroc(y[:, j], probs[:, j]), "f1": f1_counts(tp, fp, fn),
-                  "lost_to_the_cap": int(capped[j])}
+                  "positives": report.support[d], "threshold": per.get(d, g),
+                  "auroc": report.per_disorder_auroc[d], "f1": f1,
+                  "lost_to_the_cap": int(capped[col[d]])}
     return out
 
 

@@ -95,10 +95,10 @@ def compare(model_dir: Path, examples: Sequence[Example], kg: KnowledgeGraph,
         seconds[precision] = s
     lexicon = LabLexicon.build(kg, [e.labs for e in examples if len(e.labs)])
     y = label_matrix(examples, disorders)
-    cohort = score_cohort(outputs, examples, disorders, kg, lexicon, y.sum(0) > 0, seed)
     keep = y.sum(0) > 0
+    cohort = score_cohort(outputs, examples, disorders, kg, lexicon, keep, seed)
     groups = [e.patient.patient_id for e in examples]
-    ref, names = outputs[0], [o.name for o in outputs]
+    ref = outputs[0]
     paired = bootstrap_macro_f1(y[:, keep], {o.name: o.pred[:, keep] for o in outputs}, groups,
                                 ref.name, seed=seed)
     result: dict[str, Any] = {
@@ -123,7 +123,6 @@ def compare(model_dir: Path, examples: Sequence[Example], kg: KnowledgeGraph,
             seconds_per_patient=seconds[precision],
             speed_vs_reference=seconds[precisions[0]] / seconds[precision])
         result["systems"][precision] = entry
-    result["names"] = names
     return result
 
 
