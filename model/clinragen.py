@@ -164,7 +164,7 @@ class ClinRaGen(nn.Module):
             or lm_cfg.num_attention_heads, n_fusion_layers=config.n_fusion_layers,
             gate_init=config.gate_init, dropout=config.dropout,
             n_test_stats=TEST_STATS if config.budgets.max_tests > 0 else 0,
-            n_patient_stats=PATIENT_STATS),
+            n_patient_stats=PATIENT_STATS, note_bag=config.budgets.max_note_bag > 0),
             slm.get_input_embeddings(), prompt)
 
     # -- construction -------------------------------------------------------------------------

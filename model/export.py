@@ -449,6 +449,7 @@ def export(model_dir: Path, features: Sequence[Features], model: ClinRaGen | Non
         "backbone": {"architecture": type(model.base_lm()).__name__, "name": cfg.backbone},
         "limits": {"max_labs": b.max_labs, "max_facts": b.max_facts,
                    "max_fact_tokens": b.max_fact_tokens, "max_note_tokens": b.max_note_tokens,
+                   "max_note_bag": b.max_note_bag,
                    "max_positions": int(getattr(lm_cfg, "max_position_embeddings", 2048)),
                    "max_new_tokens": max(cfg.max_new_tokens, 512)},
         "decoder": {"n_layers": len(step.layers), "n_kv_heads": step.n_kv,

@@ -35,6 +35,7 @@ class PrefixConfig:
     dropout: float = 0.0
     n_test_stats: int = 0  # > 0: the head also reads the record summary (`TestEncoder`)
     n_patient_stats: int = 0
+    note_bag: bool = False  # the head also reads the notes' vocabulary (`NoteBagReader`)
 
 
 class LabEncoder(nn.Module):
@@ -189,6 +190,35 @@ class DiagnosisHead(nn.Module):
         return logits
 
 
+class NoteBagReader(nn.Module):
+    """Diagnosis logits from the notes' vocabulary (every distinct token of the visit's notes,
+    `features.featurise_note_bag`), by label-wise attention as in CAML: each disorder's query
+    finds the words that speak for it (a drug, a finding) wherever in the record they were
+    written. Tokens are the SLM's own (frozen) embeddings plus how often they occur.
+
+    Its output weights start at zero, so a model gains it without its logits moving; a zero
+    "no word" slot keeps the softmax defined for a visit without notes.
+    """
+
+    def __init__(self, d_model: int, n_disorders: int, d_attn: int = 64) -> None:
+        super().__init__()
+        self.d_attn = d_attn
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model + 1, d_attn)
+        self.queries = nn.Parameter(torch.randn(n_disorders, d_attn) * 0.02)
+        self.weight = nn.Parameter(torch.zeros(n_disorders, d_attn))
+
+    def forward(self, embeds: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+        h = torch.tanh(self.proj(torch.cat([self.norm(embeds), weight.unsqueeze(-1)], -1)))
+        h = torch.cat([torch.zeros_like(h[:, :1]), h * mask.unsqueeze(-1)], 1)  # [B, 1+U, A]
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+        scores = torch.einsum("bua,ja->bju", h, self.queries) / math.sqrt(self.d_attn)
+        scores = scores + (1.0 - mask)[:, None, :] * NEG_INF
+        pooled = torch.einsum("bju,bua->bja", torch.softmax(scores, -1), h)
+        logits: Tensor = (pooled * self.weight).sum(-1)
+        return logits
+
+
 class PrefixBuilder(nn.Module):
     """The multimodal, knowledge-augmented prefix plus the diagnosis logits.
 
@@ -215,6 +245,9 @@ class PrefixBuilder(nn.Module):
         self.tests = TestEncoder(cfg.d_model, cfg.n_test_stats) if cfg.n_test_stats else None
         self.patient = nn.Linear(cfg.n_patient_stats, cfg.d_model) \
             if cfg.n_test_stats and cfg.n_patient_stats else None
+        # the notes' vocabulary: the head's alone too, after the record summary in the inputs
+        assert not cfg.note_bag or self.patient is not None, "the note bag needs the summary"
+        self.note_bag = NoteBagReader(cfg.d_model, cfg.n_disorders) if cfg.note_bag else None
 
     def input_names(self) -> list[str]:
         """The `BATCH_KEYS` this builder reads, in order (the ONNX graph's inputs)."""
@@ -223,6 +256,8 @@ class PrefixBuilder(nn.Module):
             names += ["test_code", "test_stats", "test_mask"]
         if self.patient is not None:
             names.append("patient_stats")
+        if self.note_bag is not None:
+            names += ["note_bag_ids", "note_bag_weight", "note_bag_mask"]
         return names
 
     def piece_lengths(self) -> dict[str, int]:
@@ -242,17 +277,20 @@ class PrefixBuilder(nn.Module):
                 lab_mask: Tensor, note_ids: Tensor, note_mask: Tensor, fact_ids: Tensor,
                 fact_token_mask: Tensor, fact_mask: Tensor, test_code: Tensor | None = None,
                 test_stats: Tensor | None = None, test_mask: Tensor | None = None,
-                patient_stats: Tensor | None = None
+                patient_stats: Tensor | None = None, note_bag_ids: Tensor | None = None,
+                note_bag_weight: Tensor | None = None, note_bag_mask: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The record summary (`test_*`, `patient_stats`) is read only when the model has it:
-        a model without it exports a graph without those inputs."""
+        """The record summary (`test_*`, `patient_stats`) and the notes' vocabulary
+        (`note_bag_*`) are read only when the model has them: a model without them exports a
+        graph without those inputs."""
         b = lab_code.shape[0]
         labs, notes, facts, attention = self.fuse(
             lab_code, lab_value, lab_value_mask, lab_time, lab_trend, lab_trend_mask, lab_gap,
             lab_mask, note_ids, note_mask, fact_ids, fact_token_mask, fact_mask)
         logits = self.diagnose(torch.cat([labs, facts, notes], 1),
                                torch.cat([lab_mask, fact_mask, note_mask], 1),
-                               test_code, test_stats, test_mask, patient_stats)
+                               test_code, test_stats, test_mask, patient_stats,
+                               note_bag_ids, note_bag_weight, note_bag_mask)
         ones = {n: torch.ones(b, int(getattr(self, f"{n}_ids").numel()), dtype=lab_mask.dtype,
                               device=lab_mask.device) for n in self.PIECES}
         embeds = torch.cat([self._piece("pre", b), self._piece("lab_header", b), labs,
@@ -286,10 +324,13 @@ class PrefixBuilder(nn.Module):
 
     def diagnose(self, tokens: Tensor, mask: Tensor, test_code: Tensor | None = None,
                  test_stats: Tensor | None = None, test_mask: Tensor | None = None,
-                 patient_stats: Tensor | None = None) -> Tensor:
-        """Diagnosis logits from the fused tokens plus, when the model has it, the record
-        summary. Training's head phase calls this alone on cached fused tokens: the summary
-        goes straight to the head (not through the fusion), so nothing before it changes."""
+                 patient_stats: Tensor | None = None, note_bag_ids: Tensor | None = None,
+                 note_bag_weight: Tensor | None = None, note_bag_mask: Tensor | None = None
+                 ) -> Tensor:
+        """Diagnosis logits from the fused tokens plus, when the model has them, the record
+        summary and the notes' vocabulary. Training's head phase calls this alone on cached
+        fused tokens: both go straight to the head (not through the fusion), so nothing before
+        it changes."""
         tokens_, masks = [tokens], [mask]
         if self.tests is not None:
             assert test_code is not None and test_stats is not None and test_mask is not None
@@ -302,6 +343,11 @@ class PrefixBuilder(nn.Module):
             tokens_.append(self.patient(patient_stats).unsqueeze(1))
             masks.append(torch.ones_like(mask[:, :1]))
         logits: Tensor = self.head(torch.cat(tokens_, 1), torch.cat(masks, 1))
+        if self.note_bag is not None:
+            assert note_bag_ids is not None and note_bag_weight is not None \
+                and note_bag_mask is not None
+            logits = logits + self.note_bag(self.embed(note_bag_ids).detach(), note_bag_weight,
+                                            note_bag_mask)
         return logits
 
     def gates(self) -> list[tuple[float, float]]:

@@ -144,7 +144,7 @@ def trainable_state(model: ClinRaGen) -> dict[str, Tensor]:
 # Modules only the diagnosis stage trains (the record summary reaches the head alone): a run
 # resumed from stages written before they existed starts them from their seeded initial values,
 # which is where a run from nothing has them at that point too (the LM stages never touch them).
-HEAD_ONLY_MODULES = ("prefix.tests.", "prefix.patient.")
+HEAD_ONLY_MODULES = ("prefix.tests.", "prefix.patient.", "prefix.note_bag.")
 
 
 def load_trainable(model: ClinRaGen, state: dict[str, Tensor],
@@ -428,7 +428,8 @@ def cached_head_logits(model: ClinRaGen, cache: Sequence[Tensor], idx: Sequence[
         mask[r, :len(cache[i])] = 1.0
     t = batch.tensors
     return model.prefix.diagnose(tokens, mask, t["test_code"], t["test_stats"], t["test_mask"],
-                                 t["patient_stats"])
+                                 t["patient_stats"], t["note_bag_ids"], t["note_bag_weight"],
+                                 t["note_bag_mask"])
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:

@@ -35,9 +35,11 @@ BATCH_KEYS: tuple[str, ...] = (
     "lab_code", "lab_value", "lab_value_mask", "lab_time", "lab_trend", "lab_trend_mask",
     "lab_gap", "lab_mask", "note_ids", "note_mask", "fact_ids", "fact_token_mask", "fact_mask",
     "test_code", "test_stats", "test_mask", "patient_stats",
+    "note_bag_ids", "note_bag_weight", "note_bag_mask",
 )
 # What every prefix graph takes; the record summary (`test_*`, `patient_stats`) only a model
-# trained with `Budgets.max_tests > 0` reads, and an ONNX graph declares only what it reads.
+# trained with `Budgets.max_tests > 0` reads, the notes' vocabulary (`note_bag_*`) only one with
+# `Budgets.max_note_bag > 0`, and an ONNX graph declares only what it reads.
 CORE_BATCH_KEYS: tuple[str, ...] = BATCH_KEYS[:13]
 TEST_STATS = 8  # columns of `test_stats` (see `featurise_tests`)
 PATIENT_STATS = 4  # columns of `patient_stats` (see `featurise_patient`)
@@ -75,6 +77,12 @@ class Budgets:
     # age and sex. The readings budget keeps a few readings per test, and a diagnosis often rests
     # on the history (the highest HbA1c in three years). 0 = off (models trained before this).
     max_tests: int = 0
+    # The notes' vocabulary for the diagnosis head: each distinct token of all the visit's notes
+    # once, with log1p(its count). The decoder reads only `max_note_tokens` of the newest note,
+    # and a disorder is often written down (a medication, a finding) in an older one. When
+    # there are more, the highest token ids are kept: a BPE merges frequent strings first, so a
+    # high id is a rare word. 0 = off (models trained before this).
+    max_note_bag: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,9 @@ class Features:
         default_factory=lambda: np.zeros((0, TEST_STATS), np.float32))
     patient_stats: np.ndarray = field(  # float32 [PATIENT_STATS]
         default_factory=lambda: np.zeros(PATIENT_STATS, np.float32))
+    note_bag_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [U]
+    note_bag_weight: np.ndarray = field(  # float32 [U]: log1p(count)
+        default_factory=lambda: np.zeros(0, np.float32))
 
     @property
     def readings(self) -> list[str]:
@@ -306,6 +317,22 @@ def featurise_notes(notes: Sequence[Note], tokenizer: TextTokenizer, budget: int
     return np.array(ids, dtype=np.int64), spans
 
 
+def featurise_note_bag(notes: Sequence[Note], tokenizer: TextTokenizer, budget: int,
+                       redact: Callable[[Note], str] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """([U] distinct token ids of all the notes, ascending, [U] log1p(count)), at most `budget`
+    of them: the highest ids (the rarest words) when there are more."""
+    if budget <= 0 or not notes:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    texts = [redact(n) if redact is not None else n.text for n in notes]
+    ids = np.fromiter((t for text in texts
+                       for t in tokenizer.encode(text, add_special_tokens=False).ids),
+                      dtype=np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    unique, counts = unique[-budget:], counts[-budget:]
+    return unique, np.log1p(counts).astype(np.float32)
+
+
 def lab_readings(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
     """The newest reading of each test, furthest outside its reference range first, written as
     the teacher writes readings ("Systolic blood pressure 145 mm[Hg] on 2022-09-04, high")."""
@@ -415,12 +442,15 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
         if modalities.labs and budgets.prompt_reading_tokens > 0 and len(labs) else []
     test_code, test_stats = featurise_tests(labs if modalities.labs else labs.iloc[:0],
                                             loinc_vocab, index_time, budgets.max_tests)
+    bag_ids, bag_weight = featurise_note_bag(notes if modalities.notes else [], tokenizer,
+                                             budgets.max_note_bag, redact)
     return Features(**lab_arrays, note_ids=note_ids, fact_ids=fact_ids,
                     fact_token_mask=fact_mask, labs=lab_refs, facts=facts, notes=spans,
                     shown=shown,
                     test_code=test_code, test_stats=test_stats,
                     patient_stats=featurise_patient(patient) if budgets.max_tests > 0
-                    else np.zeros(PATIENT_STATS, np.float32))
+                    else np.zeros(PATIENT_STATS, np.float32),
+                    note_bag_ids=bag_ids, note_bag_weight=bag_weight)
 
 
 def _pad(rows: Sequence[np.ndarray], length: int, dtype: type[np.generic]) -> np.ndarray:
@@ -455,6 +485,11 @@ def collate(batch: Sequence[Features]) -> dict[str, np.ndarray]:
     out["test_mask"] = _pad([np.ones(len(f.test_code), np.float32) for f in batch], n_tests,
                             np.float32)
     out["patient_stats"] = np.stack([f.patient_stats for f in batch]).astype(np.float32)
+    n_bag = max(1, *(len(f.note_bag_ids) for f in batch))
+    out["note_bag_ids"] = _pad([f.note_bag_ids for f in batch], n_bag, np.int64)
+    out["note_bag_weight"] = _pad([f.note_bag_weight for f in batch], n_bag, np.float32)
+    out["note_bag_mask"] = _pad([np.ones(len(f.note_bag_ids), np.float32) for f in batch],
+                                n_bag, np.float32)
     return {k: out[k] for k in BATCH_KEYS}
 
 

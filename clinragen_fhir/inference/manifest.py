@@ -32,6 +32,7 @@ class Limits:
     max_note_tokens: int
     max_positions: int  # prefix + generated tokens (the backbone's trained context)
     max_new_tokens: int
+    max_note_bag: int = 0  # distinct note tokens the head reads (0: a graph without the bag)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,8 @@ class OnnxModel:
                  "tokens per fact": (arrays["fact_ids"].shape[2], lim.max_fact_tokens),
                  "note tokens": (arrays["note_ids"].shape[1], lim.max_note_tokens),
                  "new tokens": (new_tokens, lim.max_new_tokens)}
+        if "note_bag_ids" in self._prefix_inputs:
+            sizes["distinct note tokens"] = (arrays["note_bag_ids"].shape[1], lim.max_note_bag)
         for what, (size, limit) in sizes.items():
             if size > limit:
                 raise InputTooLong(self.manifest.path, what, size, limit)
@@ -131,7 +133,8 @@ class OnnxModel:
         if positions > lim.max_positions:
             raise InputTooLong(self.decoder_path, "prefix + new tokens", positions,
                                lim.max_positions)
-        top = int(arrays["note_ids"].max(initial=0))
+        top = max(int(arrays[k].max(initial=0)) for k in ("note_ids", "note_bag_ids")
+                  if k in self._prefix_inputs)
         if top >= self.manifest.decoder.vocab_size:
             raise InputTooLong(self.prefix_path, "note token id", top,
                                self.manifest.decoder.vocab_size - 1)

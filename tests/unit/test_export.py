@@ -16,7 +16,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from clinragen_fhir.encoding.features import Features, Modalities, featurise  # noqa: E402
+from clinragen_fhir.encoding.features import (  # noqa: E402
+    Budgets,
+    Features,
+    Modalities,
+    featurise,
+)
 from clinragen_fhir.knowledge import retrieve  # noqa: E402
 from model.backbone import tiny_backbone  # noqa: E402
 from model.clinragen import ClinRaGen, ClinRaGenConfig  # noqa: E402
@@ -31,10 +36,12 @@ from tests.unit.onnx_fixtures import CODES, LOINC, TERMS, WORDS, graph, patients
 
 
 def build(seed: int = 0) -> ClinRaGen:
-    """A random 2-layer Llama whose word vocabulary includes the disorder codes."""
+    """A random 2-layer Llama whose word vocabulary includes the disorder codes; its head reads
+    the record summary and the notes' vocabulary, as the default model's does."""
     slm, tok = tiny_backbone(WORDS, seed=seed)
     cfg = ClinRaGenConfig(loinc_codes=LOINC, disorders=CODES, disorder_terms=TERMS,
-                          knowledge_version=graph().version, max_new_tokens=12)
+                          knowledge_version=graph().version, max_new_tokens=12,
+                          budgets=Budgets(max_tests=8, max_note_bag=64))
     torch.manual_seed(seed)
     model = ClinRaGen(slm, tok, cfg, graph())
     model.init_lab_codes({"4548-4": "HbA1c", "2345-7": "Glucose", "8480-6": "Systolic"})

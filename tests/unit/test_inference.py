@@ -228,6 +228,13 @@ def test_input_longer_than_exported_names_the_file_and_limit(predictor: OnnxPred
     with pytest.raises(InputTooLong, match=r"note tokens is 385, over the limit of 384 declared "
                                            r"by .*manifest.json"):
         model.check(arrays, 4)
+    arrays = collate([predictor.featurise(*patients(1)[0])[0]])
+    arrays["note_bag_ids"] = np.zeros((1, 65), dtype=np.int64)
+    with pytest.raises(InputTooLong, match=r"distinct note tokens is 65, over the limit of 64"):
+        model.check(arrays, 4)
+    arrays["note_bag_ids"] = np.full((1, 3), 10**6, dtype=np.int64)  # would crash the Gather
+    with pytest.raises(InputTooLong, match=r"note token id is 1000000"):
+        model.check(arrays, 4)
     d = copy_model(tmp_path)  # a backbone with a short context
     path = d / "onnx" / "manifest.json"
     m = json.loads(path.read_text())
