@@ -95,7 +95,7 @@ class TestEncoder(nn.Module):
         nn.init.zeros_(last.bias)
 
     def forward(self, code_embeds: Tensor, stats: Tensor, mask: Tensor) -> Tensor:
-        x = code_embeds + self.mlp(torch.cat([stats, self.code(code_embeds)], -1))
+        x: Tensor = code_embeds + self.mlp(torch.cat([stats, self.code(code_embeds)], -1))
         return x * mask.unsqueeze(-1)
 
 
