@@ -122,7 +122,12 @@ def model_card(cfg: TrainConfig, run_dir: Path, variant: str,
             f"* Student: {backbone}; LoRA r={cfg.lora_r} on {', '.join(cfg.lora_targets)}.",
             f"* Prefix builder: lab encoder, fact encoder, gated knowledge attention "
             f"({'on' if v.knowledge else 'off in this variant'}), and the diagnosis head: a "
-            f"label-wise attention head over {head_over}.",
+            f"label-wise attention head over {head_over}"
+            + (f", reading also a summary of every test over the lookback (up to "
+               f"{cfg.budgets.max_tests} tests) and age and sex" if cfg.budgets.max_tests else "")
+            + (f", and each distinct token of all the visit's notes (up to "
+               f"{cfg.budgets.max_note_bag}; the decoder reads {cfg.budgets.max_note_tokens} "
+               "note tokens)" if cfg.budgets.max_note_bag else "") + ".",
             f"* Training: {staged} (`training/distill.py`, config "
             f"`training/configs/{cfg.name}.toml`, seed {cfg.seed}); teacher: the offline "
             "knowledge-grounded teacher (`training/teacher.py`), whose per-diagnosis lines "
