@@ -3,6 +3,7 @@ with its count. Torch-free featurisation first, then the model and its ONNX grap
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -126,13 +127,8 @@ def test_an_old_note_reaches_the_head_but_not_the_decoder_prefix() -> None:
 def test_a_fresh_reader_adds_nothing_and_padding_changes_nothing() -> None:
     fresh = bag_model(trained=False)
     short = patient(fresh, [NEWEST])
-    without = featurise(lab_frame([("A", 120.0, "2024-03-01", 70.0, 130.0)]), [NEWEST],
-                        PatientContext("p", sex="male", birth_date=datetime(1950, 1, 1, tzinfo=UTC),
-                                       index_time=INDEX), retrieval(),
-                        fresh.tokenizer.backend_tokenizer, fresh.loinc_vocab,
-                        Budgets(max_labs=2, max_facts=4, max_fact_tokens=6, max_note_tokens=3,
-                                max_tests=4, max_note_bag=32))
-    without.note_bag_ids, without.note_bag_weight = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    without = replace(short, note_bag_ids=np.zeros(0, np.int64),  # type: ignore[type-var]
+                      note_bag_weight=np.zeros(0, np.float32))
     with torch.no_grad():  # zero output weights: the bag cannot move a logit yet
         assert torch.allclose(fresh.prefix(**fresh.batch([short]).tensors)[3],
                               fresh.prefix(**fresh.batch([without]).tensors)[3], atol=1e-6)
@@ -163,22 +159,10 @@ def test_the_head_refit_on_cached_tokens_reads_the_bag() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_bag_exports_to_onnx_and_matches_torch(tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    from model.export import PREFIX_OUTPUTS, export_prefix
+    from tests.unit.test_record_summary import assert_prefix_onnx_matches_torch
 
     model = bag_model()
-    path = tmp_path / "prefix.onnx"
-    export_prefix(model, [patient(model, NOTES), patient(model, [NEWEST])], path)
-    session = ort.InferenceSession(str(path))
-    names = [i.name for i in session.get_inputs()]
-    assert names == model.prefix.input_names()
-    other = [patient(model, [note("old", 1, "the patient reports thirst and fever"), NEWEST]),
-             patient(model, [])]
-    arrays = collate(other)
-    got = session.run(list(PREFIX_OUTPUTS), {k: arrays[k] for k in names})
-    with torch.no_grad():
-        want = model.prefix(**model.batch(other).tensors)
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == tuple(w.shape)
-        assert np.abs(g - w.numpy()).max() < 1e-4
+    assert_prefix_onnx_matches_torch(
+        model, [patient(model, NOTES), patient(model, [NEWEST])],
+        [patient(model, [note("old", 1, "the patient reports thirst and fever"), NEWEST]),
+         patient(model, [])], tmp_path)

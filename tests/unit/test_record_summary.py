@@ -135,21 +135,31 @@ def test_padding_the_summary_changes_nothing() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_summary_exports_to_onnx_and_matches_torch(tmp_path: Path) -> None:
+    model = summary_model()
+    assert_prefix_onnx_matches_torch(
+        model, [patient(model, [100.0, 150.0]), patient(model, [90.0])],
+        [patient(model, [100.0, 300.0, 90.0, 95.0, 120.0]), patient(model, [80.0])], tmp_path)
+
+
+def assert_prefix_onnx_matches_torch(model: object, exported: list[object], other: list[object],
+                                     tmp_path: Path) -> None:
+    """Export the prefix on `exported`, run it on `other` (another batch and other lengths): the
+    graph declares the builder's inputs and matches torch within 1e-4."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    from model.clinragen import ClinRaGen
     from model.export import PREFIX_OUTPUTS, export_prefix
 
-    model = summary_model()
+    assert isinstance(model, ClinRaGen)
     path = tmp_path / "prefix.onnx"
-    export_prefix(model, [patient(model, [100.0, 150.0]), patient(model, [90.0])], path)
+    export_prefix(model, exported, path)  # type: ignore[arg-type]
     session = ort.InferenceSession(str(path))
     names = [i.name for i in session.get_inputs()]
     assert names == model.prefix.input_names()
-    other = [patient(model, [100.0, 300.0, 90.0, 95.0, 120.0]), patient(model, [80.0])]
-    arrays = collate(other)
+    arrays = collate(other)  # type: ignore[arg-type]
     got = session.run(list(PREFIX_OUTPUTS), {k: arrays[k] for k in names})
     with torch.no_grad():
-        want = model.prefix(**model.batch(other).tensors)
+        want = model.prefix(**model.batch(other).tensors)  # type: ignore[arg-type]
     for g, w in zip(got, want, strict=True):
         assert g.shape == tuple(w.shape)
         assert np.abs(g - w.numpy()).max() < 1e-4
