@@ -56,8 +56,9 @@ from clinragen_fhir.encoding.schema import LAB_COLUMNS, Note, PatientContext
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.resources import to_utc
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from clinragen_fhir.knowledge.masking import ROOTS
 from training.example import Example, read_examples, write_examples
-from training.leakage import ROOTS, mask_notes, masked_codes
+from training.leakage import mask_notes, masked_codes
 from training.sources import (
     PatientRecord,
     file_digest,

@@ -3,8 +3,10 @@
 A label is named by its preferred term or any synonym in the graph, and also by the terms of its
 IS-A descendants ("type 2 diabetes" names "diabetes mellitus"). Matching is case-insensitive and
 word-bounded, and is deliberately broader than the retrieval's note matcher (which is
-case-sensitive for abbreviations), so masking errs towards hiding too much. Masking uses a token
-index (fast, every nested match); `leaked_terms` is an independent regex check for the tests.
+case-sensitive for abbreviations), so masking errs towards hiding too much. The masker itself
+(a token index: fast, every nested match) is the runtime's, `clinragen_fhir.knowledge.masking`,
+so the worker hides from the model exactly what training hid; `leaked_terms` is an independent
+regex check for the tests.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ from functools import lru_cache
 
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.knowledge import KnowledgeGraph
-
-MASK = "[masked]"
-# "Disease", the graph's root: every label implies it, so it is neither a label nor masked
-ROOTS = frozenset({"64572001"})
+from clinragen_fhir.knowledge.masking import ROOTS, every_disorder, mask_text
 
 
 @dataclass
@@ -73,74 +72,8 @@ def masked_codes(kg: KnowledgeGraph, labels: Collection[str], known: Collection[
     if scope == "labels":
         return set(labels).union(*(kg.descendants(c) for c in labels))
     if scope == "unknown":
-        return (set(kg.disorders()) - set(known) - ROOTS) | set(labels)
+        return (set(every_disorder(kg)) - set(known)) | set(labels)
     raise ValueError(f"mask scope must be 'labels' or 'unknown', not {scope!r}")
-
-
-@dataclass(frozen=True)
-class _TermIndex:
-    terms: dict[tuple[str, ...], frozenset[str]]  # lower-cased token tuple -> disorder codes
-    lengths: dict[str, tuple[int, ...]]  # first token -> term lengths, longest first
-
-
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-@lru_cache(maxsize=4)
-def _term_index(kg: KnowledgeGraph) -> _TermIndex:
-    terms: dict[tuple[str, ...], set[str]] = {}
-    for code, dis in kg.disorders().items():
-        if code in ROOTS:
-            continue
-        for t in (dis.term, *dis.synonyms):
-            key = tuple(w.lower() for w in _TOKEN.findall(t))
-            if len(t.strip()) >= 2 and key:
-                terms.setdefault(key, set()).add(code)
-    lengths: dict[str, set[int]] = {}
-    for key in terms:
-        lengths.setdefault(key[0], set()).add(len(key))
-    return _TermIndex({k: frozenset(v) for k, v in terms.items()},
-                      {k: tuple(sorted(v, reverse=True)) for k, v in lengths.items()})
-
-
-@lru_cache(maxsize=50_000)
-def occurrences(kg: KnowledgeGraph, text: str) -> tuple[tuple[int, int, frozenset[str]], ...]:
-    """Every (start, end, codes) where a disorder term occurs, nested and overlapping ones too.
-
-    Token matching (case-insensitive, whitespace-free) finds a superset of what the
-    word-bounded regex of `leaked_terms` finds, and it is computed once per note text: the
-    same note is an input of many examples of one patient.
-    """
-    index = _term_index(kg)
-    spans = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
-    lower = [text[a:b].lower() for a, b in spans]
-    out: list[tuple[int, int, frozenset[str]]] = []
-    for i, tok in enumerate(lower):
-        for n in index.lengths.get(tok, ()):
-            codes = index.terms.get(tuple(lower[i:i + n])) if i + n <= len(lower) else None
-            if codes:
-                out.append((spans[i][0], spans[i + n - 1][1], codes))
-    return tuple(out)
-
-
-def mask_text(kg: KnowledgeGraph, text: str, codes: Collection[str]) -> tuple[str, int]:
-    """The text with every mention of these disorders replaced by MASK; how many spans."""
-    wanted = set(codes)
-    hits = sorted((a, b) for a, b, cs in occurrences(kg, text) if cs & wanted)
-    if not hits:
-        return text, 0
-    merged: list[list[int]] = []
-    for a, b in hits:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    parts, pos = [], 0
-    for a, b in merged:
-        parts += [text[pos:a], MASK]
-        pos = b
-    parts.append(text[pos:])
-    return "".join(parts), len(merged)
 
 
 def mask_notes(kg: KnowledgeGraph, notes: Iterable[Note], codes: Collection[str],

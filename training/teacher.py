@@ -22,10 +22,10 @@ import pandas as pd
 from clinragen_fhir.encoding.features import reading_texts
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.knowledge import KnowledgeGraph, Retrieval, retrieve
+from clinragen_fhir.knowledge.masking import ROOTS, occurrences
 from clinragen_fhir.knowledge.retrieval import find_mentions, supporting_tests
 from clinragen_fhir.predict.diagnosis_line import format_target
 from training.example import Example
-from training.leakage import ROOTS, occurrences
 from training.llm import LLMClient
 from training.prompts import (
     STAGES,

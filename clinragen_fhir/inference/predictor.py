@@ -1,6 +1,7 @@
 """`OnnxPredictor`: the pipeline's Predictor on the exported model (no torch).
 
-Diagnoses are what `predict.conclude` makes of the calibrated head (per-disorder thresholds,
+It reads the notes as training did, every disorder name masked. Diagnoses are what
+`predict.conclude` makes of the calibrated head (per-disorder thresholds,
 sex/age, most specific, a cap); the generated text gives the rationale only. Each carries the
 head's probability. Without the SLM's attention (that needs the torch `explain` pass), evidence
 comes from the lab frame through the knowledge graph: the readings that triggered findings
@@ -24,6 +25,7 @@ from clinragen_fhir.inference.errors import InputTooLong
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
+from clinragen_fhir.knowledge.masking import mask_disorder_names
 from clinragen_fhir.knowledge.retrieval import Retrieval, supporting_tests
 from clinragen_fhir.predict.conclude import Conclusion, concluded_prediction
 from clinragen_fhir.predict.types import (
@@ -76,6 +78,9 @@ class OnnxPredictor:
     # -- inputs -------------------------------------------------------------------------------
     def featurise(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
                   ) -> tuple[Features, Retrieval]:
+        """The model's view of one patient: the notes with every disorder name masked, as every
+        training example had them (knowledge.masking), then retrieval and features."""
+        notes = mask_disorder_names(self.kg, notes)
         retrieval = retrieve(self.kg, labs, notes, patient)
         feats = featurise(labs, notes, patient, retrieval, self.model.tokenizer,
                           self.model.loinc_vocab, self.model.config.budgets)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clinragen_fhir.encoding.features import collate
+from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.inference import (
     InputTooLong,
     ModelOrBaseline,
@@ -23,6 +25,7 @@ from clinragen_fhir.inference import (
 )
 from clinragen_fhir.inference.generation import DiagnosisConstraint, greedy
 from clinragen_fhir.inference.session import providers_for
+from clinragen_fhir.knowledge.masking import MASK
 from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.predict.rules import RuleBaseline
 
@@ -146,6 +149,22 @@ def test_predictor_gives_a_prediction_with_head_probabilities_and_evidence(
         assert dx.probability == pytest.approx(float(probs[dx.snomed]))
         assert all(e.reference.startswith("Observation/p3") for e in dx.evidence)
     assert not p.abstained or p.abstain_reason
+
+
+@slow
+def test_the_model_reads_notes_with_every_disorder_name_masked(predictor: OnnxPredictor) -> None:
+    """Training masked every disorder name (knowledge.masking); the worker hands the model the
+    same view, so a note naming diabetes gives the features of the masked note."""
+    labs, _, patient = patients(2)[1]
+    named = Note("DocumentReference/n1", "1", datetime(2024, 3, 1, tzinfo=UTC),
+                 "Diabetes mellitus type 2: the patient reports thirst")
+    masked = Note(named.document_id, "1", named.time, f"{MASK}: the patient reports thirst")
+    a, ra = predictor.featurise(labs, [named], patient)
+    b, rb = predictor.featurise(labs, [masked], patient)
+    for key in ("note_ids", "note_bag_ids", "note_bag_weight", "fact_ids"):
+        assert np.array_equal(getattr(a, key), getattr(b, key)), key
+    assert ra.note_mentions == rb.note_mentions
+    assert "Diabetes" not in predictor.model.tokenizer.decode(a.note_ids.tolist())
 
 
 @slow

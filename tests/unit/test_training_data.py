@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from clinragen_fhir.encoding.schema import Note
 from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.knowledge import KnowledgeGraph, load_graph
+from clinragen_fhir.knowledge.masking import MASK, ROOTS
 from clinragen_fhir.knowledge.retrieval import find_mentions
 from training.data import (
     BuildConfig,
@@ -31,7 +32,7 @@ from training.data import (
 )
 from training.data_cli import build
 from training.example import read_examples
-from training.leakage import MASK, ROOTS, leaked_terms, mask_notes
+from training.leakage import leaked_terms, mask_notes
 from training.sources import iter_bundle_records, iter_ndjson_records, iter_server_records
 from training.vocabulary import revealable_disorders
 
