@@ -5,7 +5,7 @@ It reads the notes as training did, every disorder name masked. Diagnoses are wh
 sex/age, most specific, a cap); the generated text gives the rationale only. Each carries the
 head's probability. Without the SLM's attention (that needs the torch `explain` pass), evidence
 comes from the lab frame through the knowledge graph: the readings that triggered findings
-supporting the disorder, else the most abnormal readings the model read; facts are ranked by the
+supporting the disorder, else the newest readings of its supporting tests; facts are ranked by the
 prefix graph's knowledge attention.
 """
 
@@ -176,15 +176,20 @@ class OnnxPredictor:
                 evidence.extend(Evidence.of_reading(r, f"{r.describe()} ({hit.label})")
                                 for r in hit.rows[-3:])
         if not evidence:
-            evidence = [Evidence.of_reading(r) for r in _most_abnormal(feats)]
+            evidence = [Evidence.of_reading(r, f"{r.describe()} (a test that bears on {term})")
+                        for r in supporting_readings(feats.labs, supporting_tests(self.kg, code))]
         return Diagnosis(code, term, prob, tuple(dict.fromkeys(evidence))[:5],
                          tuple(dict.fromkeys(knowledge)))
 
 
-def _most_abnormal(feats: Features, k: int = 3) -> list[Reading]:
-    """The readings furthest outside their reference range (by the squashed range scale)."""
-    if not feats.labs:
-        return []
-    score = np.abs(feats.lab_value) * feats.lab_value_mask
-    order = np.argsort(-score, kind="stable")[:k]
-    return [feats.labs[i] for i in order if score[i] > 0]
+def supporting_readings(labs: Sequence[Reading], tests: frozenset[str],
+                        k: int = 3) -> list[Reading]:
+    """The newest reading of each of the disorder's supporting tests, newest first: when no
+    finding fired, the values a clinician should check are the ones the rationale may cite
+    (`knowledge.retrieval.supporting_tests`), not whatever is most abnormal (an HbA1c shown as
+    the evidence for hypertension); none when the record has no such reading."""
+    newest: dict[str, Reading] = {}
+    for r in labs:
+        if r.loinc in tests and (r.loinc not in newest or r.time > newest[r.loinc].time):
+            newest[r.loinc] = r
+    return sorted(newest.values(), key=lambda r: r.time, reverse=True)[:k]

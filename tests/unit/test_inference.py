@@ -4,6 +4,7 @@ fallback to the rule baseline)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from clinragen_fhir.encoding.features import collate
-from clinragen_fhir.encoding.schema import Note
+from clinragen_fhir.encoding.schema import Note, Reading
 from clinragen_fhir.inference import (
     InputTooLong,
     ModelOrBaseline,
@@ -24,8 +25,10 @@ from clinragen_fhir.inference import (
     build_predictor,
 )
 from clinragen_fhir.inference.generation import DiagnosisConstraint, greedy
+from clinragen_fhir.inference.predictor import supporting_readings
 from clinragen_fhir.inference.session import providers_for
 from clinragen_fhir.knowledge.masking import MASK
+from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.predict.rules import RuleBaseline
 
@@ -149,6 +152,34 @@ def test_predictor_gives_a_prediction_with_head_probabilities_and_evidence(
         assert dx.probability == pytest.approx(float(probs[dx.snomed]))
         assert all(e.reference.startswith("Observation/p3") for e in dx.evidence)
     assert not p.abstained or p.abstain_reason
+
+
+@slow
+def test_a_diagnosis_cites_only_readings_of_tests_that_bear_on_it() -> None:
+    """With every threshold at 0 the tiny model concludes its cap: each diagnosis's evidence is
+    readings of its own supporting tests (never the most abnormal unrelated ones)."""
+    p = OnnxPredictor.load(exported_model_dir(), graph(), provider="cpu", threads=1)
+    p.model.config = dataclasses.replace(p.model.config, threshold=0.0, thresholds={},
+                                         min_confidence=0.0)
+    concluded = 0
+    for labs, notes, patient in patients(4):
+        for dx in p.predict(labs, notes, patient).diagnoses:
+            concluded += 1
+            tests = supporting_tests(p.kg, dx.snomed)
+            assert all(e.loinc in tests for e in dx.evidence if e.loinc), dx
+    assert concluded > 0
+
+
+def test_without_a_finding_the_evidence_is_the_newest_reading_of_each_supporting_test() -> None:
+    def reading(oid: str, loinc: str, value: float, day: int) -> Reading:
+        return Reading(f"Observation/{oid}", "1", loinc, loinc, value, "", f"2024-03-{day:02d}")
+
+    labs = [reading("a1", "4548-4", 5.9, 1), reading("a2", "4548-4", 6.1, 9),
+            reading("g1", "2339-0", 130.0, 5), reading("k1", "2160-0", 9.9, 20)]
+    got = supporting_readings(labs, frozenset({"4548-4", "2339-0"}))
+    assert [r.observation_id for r in got] == ["Observation/a2", "Observation/g1"]
+    assert supporting_readings(labs, frozenset({"8480-6"})) == []
+    assert len(supporting_readings(labs * 2, frozenset({"4548-4", "2339-0", "2160-0"}), k=2)) == 2
 
 
 @slow
