@@ -370,7 +370,7 @@ def compare_variants(reference: Any, candidate: Any, features: Sequence[Features
                 decisions[key].append(set(conclude(
                     row, cfg.disorders, None, threshold=cfg.threshold, thresholds=cfg.thresholds,
                     min_confidence=cfg.min_confidence, sex=None, age_years=None,
-                    max_codes=cfg.max_codes).codes))
+                    max_codes=cfg.max_codes, base_rates=cfg.base_rates).codes))
             texts[key] += [r.tolist() for r in g.ids]
         max_shift = max(max_shift, float(np.abs(probs["fp32"] - probs["int8"]).max()))
     out: dict[str, Any] = {

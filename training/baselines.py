@@ -23,7 +23,7 @@ from clinragen_fhir.predict.conclude import conclude_matrix
 from clinragen_fhir.predict.diagnosis_line import abstain
 from clinragen_fhir.predict.rules import RuleBaseline
 from training.example import Example, label_matrix
-from training.metrics import tune_thresholds
+from training.metrics import base_rates, tune_thresholds
 
 
 @dataclass
@@ -63,13 +63,13 @@ def closure(kg: KnowledgeGraph, concluded: np.ndarray, disorders: Sequence[str])
 
 def decide(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
            examples: Sequence[Example], threshold: float,
-           thresholds: dict[str, float] | None = None, max_codes: int = 3
-           ) -> tuple[np.ndarray, np.ndarray]:
+           thresholds: dict[str, float] | None = None, max_codes: int = 3,
+           base_rates: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(concluded [n, D] most specific codes as a report lists them, pred = their closure): every
     system's probabilities go through the worker's own rule (`predict.conclude`)."""
     sexes, ages = sexes_and_ages(examples)
     concluded = conclude_matrix(probs, disorders, kg, sexes, ages, threshold, thresholds,
-                                max_codes).astype(int)
+                                max_codes, base_rates).astype(int)
     return concluded, closure(kg, concluded, disorders)
 
 
@@ -223,6 +223,8 @@ class FeatureClassifier:
         self.models: dict[int, Any] = {}
         self.constant: dict[int, float] = {}
         self.threshold = 0.5
+        self.thresholds: dict[str, float] = {}
+        self.base_rates: dict[str, float] = {}  # from its training split, as the SLM's
 
     @property
     def name(self) -> str:
@@ -271,6 +273,7 @@ class FeatureClassifier:
         self.disorders = list(disorders)
         x = self.matrix(train, fit=True)
         y = label_matrix(train, disorders)
+        self.base_rates = base_rates(y, disorders)
         for j in range(len(disorders)):
             pos = int(y[:, j].sum())
             if pos == 0 or pos == len(y):
@@ -304,7 +307,7 @@ class FeatureClassifier:
                 min_confidence: float, max_codes: int = 3) -> SystemOutput:
         probs = self.proba(examples)
         concluded, closed = decide(kg, probs, self.disorders, examples, self.threshold,
-                                   self.thresholds, max_codes)
+                                   self.thresholds, max_codes, self.base_rates)
         pred = concluded
         abstained, rationales = [], []
         trained = sorted(self.models)

@@ -48,6 +48,7 @@ from clinragen_fhir.predict.diagnosis_line import format_target, split_output
 from model.clinragen import ClinRaGen, LoraSettings
 from training.config import STAGES, StageConfig, TrainConfig, VariantConfig, stage_modalities
 from training.example import Example, label_matrix
+from training.metrics import base_rates
 from training.teacher import most_specific, ordered_diagnoses
 from training.vocabulary import revealable_disorders
 
@@ -496,9 +497,14 @@ def train_variant(cfg: TrainConfig, variant: VariantConfig, examples: Sequence[E
     if pending is not None:
         load_trainable(model, load_file(str(pending)))
     final_file = vdir / "final.json"
+    rates = base_rates(label_matrix(train, model.config.disorders), model.config.disorders)
     if final_file.is_file():
         info = json.loads(final_file.read_text())
         result.temperature, result.threshold = info["temperature"], info["threshold"]
+        if "base_rates" not in info and accelerator.is_main_process:
+            # a run calibrated before the conclusion rule read base rates: the training split
+            # gives them without touching the weights, temperature or thresholds
+            final_file.write_text(json.dumps({**info, "base_rates": rates}))
     else:
         result.temperature, result.threshold = calibrate(
             model, valid, stage_modalities("diagnosis", variant.knowledge), kg, cfg)
@@ -506,6 +512,7 @@ def train_variant(cfg: TrainConfig, variant: VariantConfig, examples: Sequence[E
             final_file.write_text(json.dumps({"temperature": result.temperature,
                                               "threshold": result.threshold,
                                               "thresholds": model.config.thresholds,
+                                              "base_rates": rates,
                                               "valid_examples": len(valid)}))
     if accelerator.is_main_process:
         plot_losses(history, vdir / "losses.png", f"{cfg.name}: {variant.name}")
@@ -556,12 +563,14 @@ def final_weights(cfg: TrainConfig, variant: VariantConfig, run_dir: Path) -> Pa
 def assemble(cfg: TrainConfig, kg: KnowledgeGraph, vocab_dir: Path, weights: Path,
              calibration: Path) -> ClinRaGen:
     """A trained ClinRaGen from its parts: the config's backbone (a tiny one's vocabulary in
-    `vocab_dir`), the trained tensors, and a JSON file with temperature and threshold."""
+    `vocab_dir`), the trained tensors, and a JSON file with temperature, thresholds and base
+    rates."""
     model = build_model(cfg, kg, vocab_dir)
     load_trainable(model, load_file(str(weights)))
     info = json.loads(calibration.read_text())
     model.config.temperature, model.config.threshold = info["temperature"], info["threshold"]
     model.config.thresholds = {str(k): float(v) for k, v in info.get("thresholds", {}).items()}
+    model.config.base_rates = {str(k): float(v) for k, v in info.get("base_rates", {}).items()}
     return model.eval()
 
 

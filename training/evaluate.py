@@ -94,7 +94,8 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
         for k, ex in enumerate(rows):
             c = conclude(p_all[k], mc.disorders, kg, threshold=mc.threshold,
                          thresholds=mc.thresholds, min_confidence=mc.min_confidence,
-                         sex=sexes[k], age_years=ages[k], max_codes=mc.max_codes)
+                         sex=sexes[k], age_years=ages[k], max_codes=mc.max_codes,
+                         base_rates=mc.base_rates)
             no_input = (ex.labs is None or ex.labs.empty) and not ex.notes
             abstained.append(no_input or c.abstained)
             for j, code in enumerate(mc.disorders):

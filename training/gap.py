@@ -35,9 +35,13 @@ from training.vocabulary import revealable_disorders
 TEXT_PROBES = ("38341003", "59621000", "80394007", "157141000119108", "414545008")
 
 
+Rule = tuple[float, dict[str, float], dict[str, float]]  # threshold, per disorder, base rates
+
+
 def head_probabilities(model_dir: Path, examples: Sequence[Example], disorders: Sequence[str],
-                       kg: KnowledgeGraph, batch_size: int = 16) -> tuple[np.ndarray, Any]:
-    """The released head's calibrated probabilities (prefix graph only, no decoding)."""
+                       kg: KnowledgeGraph, batch_size: int = 16) -> tuple[np.ndarray, Rule]:
+    """The released head's calibrated probabilities (prefix graph only, no decoding) and its
+    conclusion rule's settings."""
     pred = OnnxPredictor.load(model_dir, kg, "fp32", "cpu", 1)
     cfg = pred.model.config
     col = {c: j for j, c in enumerate(disorders)}
@@ -52,20 +56,23 @@ def head_probabilities(model_dir: Path, examples: Sequence[Example], disorders: 
             for j, c in enumerate(cfg.disorders):
                 if c in col:
                     out[i, col[c]] = p[r, j]
-    return out, (cfg.threshold, dict(cfg.thresholds))
+    return out, (cfg.threshold, dict(cfg.thresholds), dict(cfg.base_rates))
 
 
 def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
-                  examples: Sequence[Example], thresholds: tuple[float, dict[str, float]],
+                  examples: Sequence[Example], thresholds: Rule,
                   y: np.ndarray) -> dict[str, dict[str, float]]:
-    """macro-F1 and codes per report for caps 3-5, ordered by probability or by margin."""
-    g, per = thresholds
+    """macro-F1 and codes per report for caps 3-5, the cap keeping the most probable codes,
+    those with the largest lift over their base rate, or the largest margin over their own
+    threshold."""
+    g, per, rates = thresholds
     own = np.array([per.get(c, g) for c in disorders])
     out = {}
     for cap in (3, 4, 5):
-        for order in ("probability", "margin"):
-            if order == "probability":
-                concluded, closed = decide(kg, probs, disorders, examples, g, per, cap)
+        for order in ("probability", "lift", "margin"):
+            if order in ("probability", "lift"):
+                concluded, closed = decide(kg, probs, disorders, examples, g, per, cap,
+                                           rates if order == "lift" else None)
             else:  # p / own threshold reaches 1 exactly when p reaches it: same decisions
                 concluded, closed = decide(kg, probs / np.maximum(own, 1e-6), disorders,
                                            examples, 1.0, None, cap)
@@ -76,18 +83,18 @@ def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str
 
 
 def per_disorder(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
-                 examples: Sequence[Example], thresholds: tuple[float, dict[str, float]],
+                 examples: Sequence[Example], thresholds: Rule,
                  y: np.ndarray) -> dict[str, dict[str, Any]]:
     """Per disorder with a test positive: AUROC, F1 under the worker's rule (cap 3), and how
     many visits reached its threshold but lost it to the cap; one `conclude` pass gives both."""
-    g, per = thresholds
+    g, per, rates = thresholds
     sexes, ages = sexes_and_ages(examples)
     col = {c: j for j, c in enumerate(disorders)}
     concluded = np.zeros(probs.shape, dtype=int)
     capped = np.zeros(len(disorders), dtype=int)
     for i, row in enumerate(probs):
         c = conclude(row, disorders, kg, threshold=g, thresholds=per, min_confidence=0.5,
-                     sex=sexes[i], age_years=ages[i], max_codes=3)
+                     sex=sexes[i], age_years=ages[i], max_codes=3, base_rates=rates)
         concluded[i, [col[code] for code in c.codes]] = 1
         for code, why in c.dropped.items():
             if why == OVER_CAP:
@@ -134,12 +141,12 @@ def gap(model_dir: Path, splits: dict[str, list[Example]], kg: KnowledgeGraph,
     scored = [s for s in ("valid", "test", "external") if splits.get(s)]
     ys = {s: label_matrix(splits[s], disorders) for s in scored}
     probs: dict[tuple[str, str], np.ndarray] = {}
-    thresholds: dict[str, tuple[float, dict[str, float]]] = {}
+    thresholds: dict[str, Rule] = {}
     for s in scored:
         probs[("slm", s)], thresholds["slm"] = head_probabilities(model_dir, splits[s],
                                                                   disorders, kg)
     gb = FeatureClassifier("boosting", seed).fit(splits["train"], splits["valid"], disorders)
-    thresholds["boosting"] = (gb.threshold, dict(gb.thresholds))
+    thresholds["boosting"] = (gb.threshold, dict(gb.thresholds), dict(gb.base_rates))
     for s in scored:
         probs[("boosting", s)] = gb.proba(splits[s])
     result: dict[str, Any] = {"model_dir": str(model_dir), "rules": {}, "per_disorder": {}}
@@ -163,8 +170,9 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append(f"| {s['term']} | {s['positives']} | {s['auroc']:.3f} / {g['auroc']:.3f} | "
                     f"{s['f1']:.2f} / {g['f1']:.2f} | {s['lost_to_the_cap']} / "
                     f"{g['lost_to_the_cap']} |")
-    rows += ["", "| system | split | " + " | ".join(next(iter(
-        result["rules"]["slm"].values()))) + " |", "|---|---|" + "---|" * 6]
+    names = list(next(iter(result["rules"]["slm"].values())))
+    rows += ["", "| system | split | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for system, by_split in result["rules"].items():
         for split, variants in by_split.items():
             rows.append(f"| {system} | {split} | " + " | ".join(

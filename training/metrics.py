@@ -102,6 +102,16 @@ def tune_threshold(y: np.ndarray, prob: np.ndarray,
     return best_t
 
 
+def base_rates(y: np.ndarray, codes: Sequence[str]) -> dict[str, float]:
+    """Each code's share of the (training) examples that have it: the prior against which the
+    conclusion rule measures a probability's lift (`predict.conclude`). Every learned system's
+    are taken from its own training split."""
+    y = np.asarray(y, dtype=float)
+    if len(y) == 0:
+        return {}
+    return {c: float(r) for c, r in zip(codes, y.mean(0), strict=True)}
+
+
 NEVER = 1.01  # a threshold no probability reaches
 
 

@@ -121,7 +121,8 @@ def write_artifact(cfg: TrainConfig, run_dir: Path, out_dir: Path, variant: str 
     final = json.loads((vdir / "final.json").read_text())
     (out_dir / CALIBRATION).write_text(json.dumps(
         {"temperature": final["temperature"], "threshold": final["threshold"],
-         "thresholds": final.get("thresholds", {})}, indent=1) + "\n")
+         "thresholds": final.get("thresholds", {}),
+         "base_rates": final.get("base_rates", {})}, indent=1) + "\n")
     if metrics is not None:
         (out_dir / METRICS).write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
         files.append(METRICS)
@@ -154,7 +155,7 @@ def _card_tail() -> str:
 ## This artifact
 
 `model/default/` holds only what training changed: `weights.safetensors` (LoRA adapters and the
-prefix builder, float32), `calibration.json` (temperature and decision thresholds),
+prefix builder, float32), `calibration.json` (temperature, decision thresholds and base rates),
 `metrics.json` (the held-out figures above, the training figures and the release gate's checks,
 machine-readable; schema in `training/release.py`) and `release.json` (the config, seed, thread
 count, graph version and the sha256 of the backbone GGUF, the training data and every file

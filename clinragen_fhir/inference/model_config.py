@@ -39,6 +39,9 @@ class ModelConfig:
     # per-disorder thresholds (SNOMED id -> threshold; the others use `threshold`)
     thresholds: dict[str, float] = field(default_factory=dict)
     max_codes: int = 3  # the most codes a report concludes
+    # each disorder's share of the training visits (SNOMED id -> rate): which codes the cap
+    # keeps (`predict.conclude`, the lift); empty in an older model (the most probable)
+    base_rates: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -49,6 +52,7 @@ class ModelConfig:
         kw["disorder_terms"] = list(d["disorder_terms"])
         kw["budgets"] = Budgets(**d["budgets"])
         kw["thresholds"] = {str(k): float(v) for k, v in (d.get("thresholds") or {}).items()}
+        kw["base_rates"] = {str(k): float(v) for k, v in (d.get("base_rates") or {}).items()}
         for name, kind in (("knowledge_version", str), ("temperature", float),
                            ("threshold", float), ("min_confidence", float),
                            ("max_new_tokens", int), ("method_version", str), ("max_codes", int)):
@@ -71,11 +75,12 @@ class ModelConfig:
 
     def conclude(self, probabilities: Sequence[float] | np.ndarray, kg: Hierarchy | None,
                  patient: PatientContext) -> Conclusion:
-        """`predict.conclude` with this model's thresholds, cap and abstention band."""
+        """`predict.conclude` with this model's thresholds, cap, base rates and abstention
+        band."""
         return conclude(probabilities, self.disorders, kg, threshold=self.threshold,
                         thresholds=self.thresholds, min_confidence=self.min_confidence,
                         sex=patient.sex, age_years=patient.age_years(),
-                        max_codes=self.max_codes)
+                        max_codes=self.max_codes, base_rates=self.base_rates)
 
     def terms(self, c: Conclusion) -> list[str]:
         """The terms the rationale is written for: the concluded codes', none when abstaining."""

@@ -8,7 +8,13 @@ One rule for the ONNX predictor, the torch model and evaluation, so they cannot 
    (`thresholds.get(code, threshold)`); the generated `Diagnosis:` line adds nothing, the
    calibrated head decides;
 3. a concluded code's IS-A ancestors are dropped (a parent adds nothing beside its child);
-4. at most `max_codes`, highest probability first.
+4. at most `max_codes`. Which ones: with the model's `base_rates` (each disorder's share of the
+   training visits), those whose probability is raised most above their base rate (the lift,
+   p / base rate), else the most probable. A report has three places; macro-F1 weighs a CKD
+   stage as much as hypertension, and the lift gives the places to what this record says beyond
+   what every record says (hypertension, in half of all visits, no longer crowds out the CKD
+   stage that only this record shows). The codes kept are listed most probable first; those cut
+   stay in `Conclusion.dropped` (OVER_CAP), and the report names them.
 
 Abstention: only a report with no concluded code can abstain ("not confident that nothing is
 present"): `decode.abstain`'s band, with each possible disorder's probability scaled to the
@@ -52,13 +58,18 @@ class Conclusion:
     dropped: dict[str, str] = field(default_factory=dict)
 
 
+MIN_BASE_RATE = 1e-3  # a disorder no training visit had: its lift is p / this, not infinite
+
+
 def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[str],
              kg: Hierarchy | None, *, threshold: float,
              thresholds: Mapping[str, float] | None = None, min_confidence: float,
-             sex: str | None, age_years: float | None, max_codes: int = 3) -> Conclusion:
+             sex: str | None, age_years: float | None, max_codes: int = 3,
+             base_rates: Mapping[str, float] | None = None) -> Conclusion:
     """The conclusion for one patient's head probabilities (aligned with `disorders`).
 
-    `kg` None applies no sex/age or hierarchy rule (a model used without its graph)."""
+    `kg` None applies no sex/age or hierarchy rule (a model used without its graph).
+    `base_rates` None (an older model) keeps the most probable codes within the cap."""
     if len(probabilities) != len(disorders):
         raise ValueError(f"{len(probabilities)} probabilities for {len(disorders)} disorders")
     per_code = thresholds or {}
@@ -82,9 +93,18 @@ def conclude(probabilities: Sequence[float] | np.ndarray, disorders: Sequence[st
         dropped.update((c, PARENT) for c in codes if c not in keep)
         codes = [c for c in codes if c in keep]
     cap = max(0, max_codes)
-    dropped.update((c, OVER_CAP) for c in codes[cap:])
+    if base_rates and len(codes) > cap:
+        prob = {c: p for p, _, c in above}
+        by_lift = sorted(codes, key=lambda c: -prob[c] / max(base_rates.get(c, 0.0),
+                                                             MIN_BASE_RATE))
+        kept = set(by_lift[:cap])
+        dropped.update((c, OVER_CAP) for c in by_lift[cap:])
+        codes = [c for c in codes if c in kept]  # still most probable first
+    else:
+        dropped.update((c, OVER_CAP) for c in codes[cap:])
+        codes = codes[:cap]
     if codes:  # each passed a threshold tuned for precision: the report says so
-        return Conclusion(codes[:cap], False, "", dropped)
+        return Conclusion(codes, False, "", dropped)
     # nothing concluded: abstain unless the model is confident that nothing is present (each
     # probability measured against its own threshold, on the band `decode.abstain` uses)
     relative = [p * threshold / per_code.get(c, threshold) if per_code.get(c, threshold) > 0
@@ -109,7 +129,8 @@ def concluded_prediction(p: Prediction, c: Conclusion, text: str,
 def conclude_matrix(P: np.ndarray, disorders: Sequence[str], kg: Hierarchy | None,
                     sexes: Sequence[str | None], ages: Sequence[float | None] | np.ndarray,
                     threshold: float, thresholds: Mapping[str, float] | None = None,
-                    max_codes: int = 3) -> np.ndarray:
+                    max_codes: int = 3, base_rates: Mapping[str, float] | None = None
+                    ) -> np.ndarray:
     """Concluded codes for many patients as a [N, D] bool array, by the same rule as `conclude`
     (row i: probabilities P[i], patient sex sexes[i], age ages[i] in years or None/NaN).
 
@@ -126,6 +147,7 @@ def conclude_matrix(P: np.ndarray, disorders: Sequence[str], kg: Hierarchy | Non
         age = ages[i]
         c = conclude(row, disorders, kg, threshold=threshold, thresholds=thresholds,
                      min_confidence=0.5, sex=sexes[i],
-                     age_years=None if age is None else float(age), max_codes=max_codes)
+                     age_years=None if age is None else float(age), max_codes=max_codes,
+                     base_rates=base_rates)
         out[i, [col[code] for code in c.codes]] = True
     return out
