@@ -160,6 +160,30 @@ def test_at_most_max_codes_highest_first(kg: KnowledgeGraph) -> None:
     assert run(kg, probs, max_codes=5).codes == [HTN, ANEMIA, OBESITY, T2DM, COPD]
 
 
+def test_with_base_rates_the_cap_keeps_the_largest_lift(kg: KnowledgeGraph) -> None:
+    """Hypertension at 0.95 in half of all visits says less than anaemia at 0.6 in 5 %: the cap
+    keeps the lift (p / base rate), lists the kept most probable first, and names the cut."""
+    probs = {T2DM: 0.7, HTN: 0.95, OBESITY: 0.8, ANEMIA: 0.6}
+    rates = {T2DM: 0.25, HTN: 0.5, OBESITY: 0.6, ANEMIA: 0.05}
+    c = run(kg, probs, base_rates=rates)
+    # lifts: anaemia 12, T2DM 2.8, HTN 1.9, obesity 1.3
+    assert c.codes == [HTN, T2DM, ANEMIA]
+    assert c.dropped == {OBESITY: OVER_CAP}
+    assert run(kg, probs, base_rates=rates, max_codes=1).codes == [ANEMIA]
+    assert run(kg, probs).codes == [HTN, OBESITY, T2DM]  # no base rates: the most probable
+    # within the cap nothing changes: the lift only chooses what the cap cuts
+    assert run(kg, probs, base_rates=rates, max_codes=4).codes == [HTN, OBESITY, T2DM, ANEMIA]
+
+
+def test_a_disorder_no_training_visit_had_is_ranked_not_divided_by_zero(
+        kg: KnowledgeGraph) -> None:
+    probs = {T2DM: 0.9, HTN: 0.95}
+    c = run(kg, probs, base_rates={T2DM: 0.0, HTN: 0.5}, max_codes=1)
+    assert c.codes == [T2DM] and c.dropped == {HTN: OVER_CAP}
+    # a code missing from the base rates is treated the same way (as never seen)
+    assert run(kg, probs, base_rates={HTN: 0.5}, max_codes=1).codes == [T2DM]
+
+
 def test_each_disorder_has_its_own_threshold(kg: KnowledgeGraph) -> None:
     probs = {T2DM: 0.35, HTN: 0.6, OBESITY: 0.9}
     c = run(kg, probs, thresholds={T2DM: 0.3, HTN: 0.7})
@@ -181,12 +205,20 @@ def test_conclude_matrix_matches_conclude_row_by_row(kg: KnowledgeGraph) -> None
     sexes = (["male", "female", None, "other"] * 10)
     ages: list[float | None] = [30.0, 70.0, None, 8.0] * 10
     thresholds = {COPD: 0.3}
+    rates = dict(zip(disorders, rng.random(len(disorders)), strict=True))
     out = conclude_matrix(P, disorders, kg, sexes, ages, 0.5, thresholds, max_codes=2)
+    lifted = conclude_matrix(P, disorders, kg, sexes, ages, 0.5, thresholds, max_codes=2,
+                             base_rates=rates)
     assert out.shape == P.shape and out.dtype == bool
+    assert (out != lifted).any()  # the base rates reach the matrix form
     for i in range(len(P)):
         c = conclude(P[i], disorders, kg, threshold=0.5, thresholds=thresholds,
                      min_confidence=0.6, sex=sexes[i], age_years=ages[i], max_codes=2)
         assert {d for d, k in zip(disorders, out[i], strict=True) if k} == set(c.codes)
+        c = conclude(P[i], disorders, kg, threshold=0.5, thresholds=thresholds,
+                     min_confidence=0.6, sex=sexes[i], age_years=ages[i], max_codes=2,
+                     base_rates=rates)
+        assert {d for d, k in zip(disorders, lifted[i], strict=True) if k} == set(c.codes)
     assert out[0].tolist() == [False, True, False, True, False, False, False, False]
     with pytest.raises(ValueError):
         conclude_matrix(P[:, :3], disorders, kg, sexes, ages, 0.5)
@@ -235,10 +267,19 @@ def test_runtime_config_reads_thresholds_and_cap_with_defaults(tmp_path: Path) -
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps(d))
     cfg = ModelConfig.read(path)
-    assert cfg.thresholds == {} and cfg.max_codes == 3
-    path.write_text(__import__("json").dumps({**d, "thresholds": {T2DM: 0.3}, "max_codes": 2}))
+    assert cfg.thresholds == {} and cfg.max_codes == 3 and cfg.base_rates == {}
+    path.write_text(__import__("json").dumps({**d, "thresholds": {T2DM: 0.3}, "max_codes": 2,
+                                              "base_rates": {T2DM: "0.25"}}))
     cfg = ModelConfig.read(path)
     assert cfg.thresholds == {T2DM: 0.3} and cfg.max_codes == 2
+    assert cfg.base_rates == {T2DM: 0.25}
+
+
+def test_onnx_predictor_keeps_the_lift_within_the_cap(kg: KnowledgeGraph) -> None:
+    pred = _onnx_predictor(kg, [T2DM, HTN, ANEMIA], max_codes=2,
+                           base_rates={T2DM: 0.25, HTN: 0.5, ANEMIA: 0.05})
+    p = _prediction(pred, "Diagnosis: none", [0.7, 0.95, 0.6], PatientContext("p"))
+    assert [d.snomed for d in p.diagnoses] == [T2DM, ANEMIA]
 
 
 def test_rules_drop_impossible_codes(kg: KnowledgeGraph) -> None:

@@ -131,6 +131,18 @@ def test_each_stage_warm_starts_from_the_last(kg: KnowledgeGraph, examples: list
         assert not (vdir / stage / "checkpoint.pt").exists()
     final = json.loads((vdir / "final.json").read_text())
     assert 0.05 <= final["temperature"] <= 20 and 0 < final["threshold"] < 1
+    # the conclusion rule's base rates: each head disorder's share of the training visits
+    train = [e for e in examples if e.split == "train"]
+    model = build_model(cfg, kg, tmp_path, examples)
+    assert set(final["base_rates"]) == set(model.config.disorders)
+    for code, rate in final["base_rates"].items():
+        assert rate == pytest.approx(sum(code in e.labels for e in train) / len(train))
+    assert any(r > 0 for r in final["base_rates"].values())
+    # a run calibrated before base rates gets them on its next `train`, nothing else changes
+    (vdir / "final.json").write_text(json.dumps({k: v for k, v in final.items()
+                                                 if k != "base_rates"}))
+    train_variant(cfg, cfg.variants[0], examples, kg, tmp_path, progress=False)
+    assert json.loads((vdir / "final.json").read_text()) == final
     assert (vdir / "losses.png").stat().st_size > 1000
     losses = [json.loads(x) for x in (vdir / "losses.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in losses] == [s for s in STAGES for _ in

@@ -309,6 +309,9 @@ def test_the_released_model_is_the_trained_one(run_and_artifact: tuple[Path, Pat
     trained = load_variant(config(), config().variant("full"), run, kg)
     shipped = load_release(artifact, kg)
     assert shipped.config.threshold == trained.config.threshold
+    assert shipped.config.base_rates == trained.config.base_rates
+    assert shipped.config.base_rates == json.loads((run / "full" / "final.json").read_text()
+                                                   )["base_rates"] != {}
     data = encode(trained, examples[:6], stage_modalities("diagnosis", True), None, kg, 16, "x")
     assert torch.equal(head_logits(trained, data, 4), head_logits(shipped, data, 4))
 

@@ -9,6 +9,7 @@ import pytest
 
 from training.metrics import (
     auroc,
+    base_rates,
     bleu4,
     classification_report,
     expected_calibration_error,
@@ -78,6 +79,12 @@ def test_bootstrap_intervals_are_over_patients_and_paired() -> None:
     assert out["same"]["diff_low"] == out["same"]["diff_high"] == 0
     again = bootstrap_macro_f1(y, {"noisy": noisy}, groups, n=200, seed=1)
     assert again["noisy"] == {k: out["noisy"][k] for k in ("low", "high")}  # seeded
+
+
+def test_base_rates_are_each_codes_share_of_the_examples() -> None:
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    assert base_rates(y, ["a", "b", "c"]) == {"a": 0.75, "b": 0.25, "c": 0.0}
+    assert base_rates(np.zeros((0, 3)), ["a", "b", "c"]) == {}
 
 
 def test_thresholds_for_a_precision_operating_point() -> None:
