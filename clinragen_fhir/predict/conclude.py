@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from clinragen_fhir.predict.diagnosis_line import abstain, split_output
-from clinragen_fhir.predict.types import Diagnosis, Prediction
+from clinragen_fhir.predict.types import Diagnosis, Prediction, Withheld
 
 IMPOSSIBLE = "impossible for sex/age"
 PARENT = "parent of a concluded code"
@@ -118,10 +118,14 @@ def concluded_prediction(p: Prediction, c: Conclusion, text: str,
     """`p` (a model's empty prediction) completed from the head's conclusion `c` and the
     generated `text`: the head decides, the text explains. The rationale is the text before any
     `Diagnosis:` line (`split_output`); the diagnoses are `diagnosis(code)` for each concluded
-    code, none when abstaining. The ONNX predictor and the torch model both end here."""
+    code, none when abstaining, and the codes the cap cut are `withheld`. The ONNX predictor and
+    the torch model both end here."""
     p.abstained, p.abstain_reason = c.abstained, c.abstain_reason
     if not c.abstained:
         p.diagnoses = [diagnosis(code) for code in c.codes]
+        cut = [diagnosis(code) for code, why in c.dropped.items() if why == OVER_CAP]
+        p.withheld = [Withheld(d.snomed, d.term, d.probability)
+                      for d in sorted(cut, key=lambda d: -d.probability)]
     p.rationale = split_output(text)[0]
     return p
 

@@ -57,6 +57,16 @@ class Diagnosis:
     problem: ProblemMatch | None = None  # None: not compared with the problem list (set later)
 
 
+@dataclass(frozen=True)
+class Withheld:
+    """A disorder that reached its threshold but the report's limit of codes left out: the report
+    names it (nothing the model found is hidden), and it is not a conclusion."""
+
+    snomed: str
+    term: str
+    probability: float
+
+
 @dataclass
 class Prediction:
     """A predictor's whole answer for one patient."""
@@ -71,6 +81,8 @@ class Prediction:
     facts_used: list[str] = field(default_factory=list)
     # identity.model_identity of the artifact that concluded this ("" : the rule baseline)
     model_id: str = ""
+    # above threshold but over the cap (`predict.conclude.OVER_CAP`), most probable first
+    withheld: list[Withheld] = field(default_factory=list)
 
 
 class Predictor(Protocol):

@@ -145,13 +145,16 @@ def content_fingerprint(prediction: Prediction) -> str:
     `model_of`). Probabilities, the rationale's wording, rendering times and inputs not cited
     are left out: a new vital sign that changes no conclusion writes nothing. With the
     problem list read (`report.problem_list`), each disorder's known / suspected status, the
-    Condition and its date count too: a disorder put on the list is a new version."""
+    Condition and its date count too: a disorder put on the list is a new version. The codes
+    the report names as withheld (over the cap) count too."""
     body: dict[str, Any] = {
         "method": f"{prediction.method}@{prediction.method_version}",
         "model": model_of(prediction), "abstained": prediction.abstained,
         "diagnoses": [[d.snomed, [[e.reference, e.version_id, e.loinc, e.value, e.unit,
                                    e.time] for e in d.evidence]]
                       for d in prediction.diagnoses]}
+    if prediction.withheld:  # what the report also names; absent: older reports keep theirs
+        body["withheld"] = [w.snomed for w in prediction.withheld]
     problems = fingerprint_part(prediction)
     if problems is not None:  # absent when not read: reports written without it keep theirs
         body["problem_list"] = problems

@@ -215,6 +215,15 @@ def status_text(d: Diagnosis) -> str:
     return "problem list not checked"
 
 
+def withheld_text(prediction: Prediction) -> str:
+    """The disorders the limit of codes per report left out, in words: above their thresholds,
+    so a clinician reading the three concluded ones still sees what else the record supports."""
+    names = "; ".join(f"{w.term} ({w.probability:.0%})" for w in prediction.withheld)
+    return (f"Also above its threshold, not concluded (the report concludes at most "
+            f"{len(prediction.diagnoses)} codes, those the record raises most above how often "
+            f"they occur): {names}.")
+
+
 def _not_checked_note(diagnoses: Sequence[Diagnosis]) -> str:
     reason = next((d.problem.reason for d in diagnoses if d.problem and d.problem.reason), "")
     return (f"Problem list not checked{f' ({reason})' if reason else ''}: a disorder listed "
@@ -295,6 +304,8 @@ def render_html(prediction: Prediction, trends: Mapping[str, Trend], *, issued: 
                            "</small></p>")
     else:
         conclusion = "<p><b>No disorder supported.</b></p>"
+    if prediction.withheld:
+        conclusion += f"<p><small>{esc(withheld_text(prediction))}</small></p>"
     if prediction.abstained:
         conclusion += f"<p>Abstained: {esc(prediction.abstain_reason)}</p>"
     sections = "".join(_diagnosis_section(d, trends, labels) for d in prediction.diagnoses)
@@ -334,6 +345,8 @@ def narrative_div(prediction: Prediction, claims: str = "",
                            f"{rows}</table>" + (f"<p>{esc(note)}</p>" if note else ""))
     else:
         conclusion = "<p>No disorder supported.</p>"
+    if prediction.withheld:
+        conclusion += f"<p>{esc(withheld_text(prediction))}</p>"
     evidence = [e for d in prediction.diagnoses for e in d.evidence]
     cited = "".join(
         f"<tr><td>{esc(e.time[:10])}</td><td>{esc(e.display or e.loinc)}</td>"

@@ -280,6 +280,10 @@ def test_onnx_predictor_keeps_the_lift_within_the_cap(kg: KnowledgeGraph) -> Non
                            base_rates={T2DM: 0.25, HTN: 0.5, ANEMIA: 0.05})
     p = _prediction(pred, "Diagnosis: none", [0.7, 0.95, 0.6], PatientContext("p"))
     assert [d.snomed for d in p.diagnoses] == [T2DM, ANEMIA]
+    assert [(w.snomed, w.probability) for w in p.withheld] == [(HTN, pytest.approx(0.95))]
+    # nothing over the cap: nothing withheld
+    p = _prediction(pred, "Diagnosis: none", [0.7, 0.2, 0.6], PatientContext("p"))
+    assert [d.snomed for d in p.diagnoses] == [T2DM, ANEMIA] and p.withheld == []
 
 
 def test_rules_drop_impossible_codes(kg: KnowledgeGraph) -> None:

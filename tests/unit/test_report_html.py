@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ import pandas as pd
 
 from clinragen_fhir.config import ReportSettings
 from clinragen_fhir.knowledge import load_graph
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction, Withheld
 from clinragen_fhir.report.build import InputRef, build_transaction, current_key
 from clinragen_fhir.report.html import (
     BANNER,
@@ -194,6 +195,20 @@ def test_narrative_of_an_abstention_and_control_characters() -> None:
     assert "No disorder supported." in "".join(root.itertext())
     html, _, _ = page(pred)
     assert "Abstained: no labs" in html and "\x00" not in html and "<svg" not in html
+
+
+def test_codes_the_cap_left_out_are_named_in_page_and_narrative_not_concluded() -> None:
+    pred = dataclasses.replace(prediction(), withheld=[
+        Withheld("38341003", "Hypertensive disorder <b>", 0.97)])
+    html, report, _ = page(pred)
+    assert "Also above its threshold, not concluded" in html
+    assert "Hypertensive disorder &lt;b&gt; (97%)" in html  # escaped like all server text
+    text = "".join(ET.fromstring(report["text"]["div"]).itertext())
+    assert "Hypertensive disorder <b> (97%)" in text
+    codes = [c["coding"][0]["code"] for c in report["conclusionCode"]]
+    assert "38341003" not in codes  # named, never a concluded code
+    plain, _, _ = page()
+    assert "not concluded" not in plain
 
 
 def test_cited_values_carry_the_value_as_sent_and_the_identifier_is_unchanged() -> None:

@@ -21,7 +21,7 @@ from clinragen_fhir.identity import RULE_BASELINE, model_identity
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction, Withheld
 from clinragen_fhir.report.build import (
     EXT_BASE,
     FINGERPRINT_EXT,
@@ -54,6 +54,11 @@ def test_fingerprint_changes_with_conclusions_evidence_and_model_only() -> None:
     assert fp != content_fingerprint(prediction(version="3"))  # cited version
     assert fp != content_fingerprint(prediction(model_id="onnx:0123456789abcdef"))  # retrained
     assert fp != content_fingerprint(dataclasses.replace(prediction(), diagnoses=[]))
+    # the codes the report names as left out by the cap are part of what it says
+    cut = dataclasses.replace(prediction(), withheld=[Withheld("38341003", "HTN", 0.97)])
+    assert fp != content_fingerprint(cut)
+    assert content_fingerprint(cut) == content_fingerprint(dataclasses.replace(
+        cut, withheld=[Withheld("38341003", "HTN", 0.91)]))  # not its probability
 
 
 def test_current_key_names_patient_and_method_not_inputs() -> None:
