@@ -152,7 +152,9 @@ def model_card(cfg: TrainConfig, run_dir: Path, variant: str,
               f"{cfg.min_precision:g} on the valid split ({len(thresholds)} disorders with their "
               f"own, {final['threshold']:.3f} for the others); no code the patient's sex or age "
               "excludes (constraints in the graph); the most specific code only; at most "
-              f"{cfg.max_codes} codes per report. A report with no code abstains. The rationale "
+              f"{cfg.max_codes} codes per report, those whose probability is raised most above "
+              "their share of the training visits (the lift), the others named as withheld. A "
+              "report with no code abstains. The rationale "
               "is generated for the concluded diagnoses, each line citing only readings the "
               "prompt showed."),
     ]

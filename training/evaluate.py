@@ -400,7 +400,8 @@ def cohort_table(cohort: dict[str, Any]) -> str:
             f"{cohort.get('new_positives', 'n/a')} of them new at the visit); >= 20 positives: "
             f"{len(cohort.get('revealable20', []))} disorders. Decisions are the worker's: "
             "per-disorder thresholds tuned on the valid split for precision, no code the "
-            "patient's sex or age excludes, the most specific code only, at most 3; F1 counts a "
+            "patient's sex or age excludes, the most specific code only, at most 3 (those "
+            "with the largest lift over their training base rate); F1 counts a "
             "concluded code's ancestors as concluded (as the labels do). Intervals: 1,000 "
             "resamples of patients, paired.\n")
     return head + "\n".join(lines) + "\n" + meta

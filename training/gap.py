@@ -25,6 +25,7 @@ import numpy as np
 from clinragen_fhir.encoding.features import collate
 from clinragen_fhir.inference.predictor import OnnxPredictor
 from clinragen_fhir.knowledge import KnowledgeGraph
+from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.predict.conclude import OVER_CAP, conclude
 from clinragen_fhir.predict.types import has_inputs
 from training.baselines import FeatureClassifier, closure, decide, sexes_and_ages
@@ -59,26 +60,46 @@ def head_probabilities(model_dir: Path, examples: Sequence[Example], disorders: 
     return out, (cfg.threshold, dict(cfg.thresholds), dict(cfg.base_rates))
 
 
+def with_a_reading(kg: KnowledgeGraph, examples: Sequence[Example],
+                   disorders: Sequence[str]) -> np.ndarray:
+    """[n, D] bool: the example's record has a reading of a test that supports the disorder
+    (`supporting_tests`, what its rationale line may cite): a concluded code without one can
+    only say "no supporting reading"."""
+    tests = [supporting_tests(kg, d) for d in disorders]
+    out = np.zeros((len(examples), len(disorders)), dtype=bool)
+    for i, ex in enumerate(examples):
+        have = set(ex.labs["loinc"].dropna()) if ex.labs is not None and len(ex.labs) else set()
+        out[i] = [bool(have & t) for t in tests]
+    return out
+
+
 def rule_variants(kg: KnowledgeGraph, probs: np.ndarray, disorders: Sequence[str],
                   examples: Sequence[Example], thresholds: Rule,
                   y: np.ndarray) -> dict[str, dict[str, float]]:
-    """macro-F1 and codes per report for caps 3-5, the cap keeping the most probable codes,
-    those with the largest lift over their base rate, or the largest margin over their own
-    threshold."""
+    """macro-F1, codes per report and the share of concluded codes with a supporting reading in
+    the record, for caps 3-5, the cap keeping the most probable codes, those with the largest
+    lift over their base rate, or the largest margin over their own threshold; and the lift
+    with only codes that have a supporting reading (every diagnosis could cite one)."""
     g, per, rates = thresholds
     own = np.array([per.get(c, g) for c in disorders])
+    reading = with_a_reading(kg, examples, disorders)
     out = {}
+    orders = ("probability", "lift", "margin", "lift, only with a reading")
     for cap in (3, 4, 5):
-        for order in ("probability", "lift", "margin"):
-            if order in ("probability", "lift"):
-                concluded, closed = decide(kg, probs, disorders, examples, g, per, cap,
-                                           rates if order == "lift" else None)
-            else:  # p / own threshold reaches 1 exactly when p reaches it: same decisions
+        for order in orders:
+            if order == "margin":  # p / own threshold reaches 1 exactly when p reaches it
                 concluded, closed = decide(kg, probs / np.maximum(own, 1e-6), disorders,
                                            examples, 1.0, None, cap)
+            else:
+                p = np.where(reading, probs, 0.0) if order.endswith("reading") else probs
+                concluded, closed = decide(kg, p, disorders, examples, g, per, cap,
+                                           rates if order.startswith("lift") else None)
             macro = classification_report(y, closed, probs, disorders).macro_f1
-            out[f"cap {cap}, by {order}"] = {"macro_f1": macro,
-                                             "codes_per_report": float(concluded.sum(1).mean())}
+            n = int(concluded.sum())
+            out[f"cap {cap}, by {order}"] = {
+                "macro_f1": macro, "codes_per_report": float(concluded.sum(1).mean()),
+                "with_a_reading": float((concluded.astype(bool) & reading).sum() / n)
+                if n else float("nan")}
     return out
 
 
@@ -176,7 +197,8 @@ def markdown(result: dict[str, Any]) -> str:
     for system, by_split in result["rules"].items():
         for split, variants in by_split.items():
             rows.append(f"| {system} | {split} | " + " | ".join(
-                f"{v['macro_f1']:.3f} ({v['codes_per_report']:.2f})"
+                f"{v['macro_f1']:.3f} ({v['codes_per_report']:.2f}, "
+                f"{v['with_a_reading']:.0%})"
                 for v in variants.values()) + " |")
     rows += ["", "| disorder | GB AUROC: labs | notes | both |", "|---|---|---|---|"]
     for code, v in result["text_probe"].items():

@@ -33,14 +33,41 @@ def test_rule_variants_differ_only_where_the_cap_binds() -> None:
     probs = np.zeros((len(examples), len(disorders)))
     for i in range(len(examples)):
         probs[i, rng.choice(leaves, 2, replace=False)] = 0.9
-    two = rule_variants(kg, probs, disorders, examples, (0.5, {}), y)
+    two = rule_variants(kg, probs, disorders, examples, (0.5, {}, {}), y)
     assert len({round(v["macro_f1"], 9) for v in two.values()}) == 1  # 2 codes: no cap binds
     for i in range(len(examples)):
         probs[i, rng.choice(leaves, 3, replace=False)] = rng.uniform(0.6, 0.95, 3)
-    many = rule_variants(kg, probs, disorders, examples, (0.5, {disorders[leaves[0]]: 0.7}), y)
+    rates = dict(zip(disorders, rng.uniform(0.01, 0.6, len(disorders)), strict=True))
+    many = rule_variants(kg, probs, disorders, examples,
+                         (0.5, {disorders[leaves[0]]: 0.7}, rates), y)
     assert many["cap 3, by probability"]["codes_per_report"] <= 3.0
     assert many["cap 5, by probability"]["codes_per_report"] > \
         many["cap 3, by probability"]["codes_per_report"]
+    # the lift keeps as many codes, other ones
+    assert many["cap 3, by lift"]["codes_per_report"] == \
+        many["cap 3, by probability"]["codes_per_report"]
+    from training.baselines import decide
+    assert (decide(kg, probs, disorders, examples, 0.5, None, 3, rates)[0]
+            != decide(kg, probs, disorders, examples, 0.5, None, 3)[0]).any()
+    # only codes with a supporting reading: every concluded code has one
+    only = many["cap 3, by lift, only with a reading"]
+    assert only["with_a_reading"] == 1.0 or np.isnan(only["with_a_reading"])
+    assert only["codes_per_report"] <= many["cap 3, by lift"]["codes_per_report"]
+
+
+def test_with_a_reading_marks_the_tests_a_line_may_cite() -> None:
+    from training.gap import with_a_reading
+
+    kg = load_graph()
+    examples = make_examples(6)
+    examples[0].labs = examples[0].labs.iloc[0:0]  # a record without readings
+    marks = with_a_reading(kg, examples, ["44054006"])
+    assert not marks[0, 0]
+    with_a1c = [i for i, ex in enumerate(examples) if "4548-4" in set(ex.labs["loinc"])]
+    assert with_a1c and all(marks[i, 0] for i in with_a1c)  # HbA1c supports type 2 diabetes
+    only_bp = examples[1]
+    only_bp.labs = only_bp.labs[only_bp.labs["loinc"].isin(["8480-6", "8462-4"])]
+    assert not with_a_reading(kg, [only_bp], ["44054006"])[0, 0]  # blood pressure does not
 
 
 def test_text_probe_scores_labs_notes_and_both_per_code() -> None:
