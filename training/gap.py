@@ -30,7 +30,7 @@ from clinragen_fhir.predict.conclude import OVER_CAP, conclude
 from clinragen_fhir.predict.types import has_inputs
 from training.baselines import FeatureClassifier, closure, decide, sexes_and_ages
 from training.example import Example, label_matrix
-from training.metrics import auroc, classification_report
+from training.metrics import auroc, bootstrap_macro_f1, classification_report
 from training.vocabulary import revealable_disorders
 
 TEXT_PROBES = ("38341003", "59621000", "80394007", "157141000119108", "414545008")
@@ -178,8 +178,34 @@ def gap(model_dir: Path, splits: dict[str, list[Example]], kg: KnowledgeGraph,
         result["per_disorder"][system] = per_disorder(kg, probs[(system, "test")], disorders,
                                                       splits["test"], thresholds[system],
                                                       ys["test"])
+    result["paired"] = {s: paired(kg, probs[("slm", s)], probs[("boosting", s)],
+                                  (thresholds["slm"], thresholds["boosting"]), disorders,
+                                  splits[s], ys[s], seed)
+                        for s in scored if s != "valid"}
     result["text_probe"] = text_probe(splits["train"], splits["test"], TEXT_PROBES, seed)
     return result
+
+
+def paired(kg: KnowledgeGraph, slm: np.ndarray, boosting: np.ndarray,
+           rules: tuple[Rule, Rule], disorders: Sequence[str], examples: Sequence[Example],
+           y: np.ndarray, seed: int) -> dict[str, float]:
+    """macro-F1 of the SLM and gradient boosting under the worker's rule, each with its own
+    thresholds and base rates, and the 95 % interval of their paired difference (patients
+    resampled as the evaluation does, over the disorders with a positive here)."""
+    preds = {}
+    for name, probs, (g, per, rates) in (("slm", slm, rules[0]), ("boosting", boosting,
+                                                                    rules[1])):
+        preds[name] = decide(kg, probs, disorders, examples, g, per, 3, rates)[1]
+    keep = y.sum(0) > 0
+    ci = bootstrap_macro_f1(y[:, keep], {k: v[:, keep] for k, v in preds.items()},
+                            [e.patient.patient_id for e in examples], "boosting", seed=seed)
+    codes = [d for d, k in zip(disorders, keep, strict=True) if k]
+    return {"slm": classification_report(y[:, keep], preds["slm"][:, keep], slm[:, keep],
+                                         codes).macro_f1,
+            "boosting": classification_report(y[:, keep], preds["boosting"][:, keep],
+                                              boosting[:, keep], codes).macro_f1,
+            "diff_low": ci["slm"]["diff_low"], "diff_high": ci["slm"]["diff_high"],
+            "p_better": ci["slm"]["p_better"]}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -200,6 +226,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{v['macro_f1']:.3f} ({v['codes_per_report']:.2f}, "
                 f"{v['with_a_reading']:.0%})"
                 for v in variants.values()) + " |")
+    rows += ["", "| split | SLM macro-F1 | GB macro-F1 | paired difference [95% CI] |",
+             "|---|---|---|---|"]
+    for split, p in result.get("paired", {}).items():
+        rows.append(f"| {split} | {p['slm']:.3f} | {p['boosting']:.3f} | "
+                    f"[{p['diff_low']:+.3f}, {p['diff_high']:+.3f}] |")
     rows += ["", "| disorder | GB AUROC: labs | notes | both |", "|---|---|---|---|"]
     for code, v in result["text_probe"].items():
         term = slm.get(code, {}).get("term", code)

@@ -80,3 +80,20 @@ def test_text_probe_scores_labs_notes_and_both_per_code() -> None:
         assert set(scores) == {"labs", "notes", "both"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert out["44054006"]["labs"] > 0.9  # diabetes is in the HbA1c the examples carry
+
+
+def test_paired_difference_is_zero_for_the_same_system_and_positive_for_a_better_one() -> None:
+    from training.gap import paired
+
+    kg = load_graph()
+    disorders = sorted(revealable_disorders(kg))
+    examples = make_examples(30)
+    y = label_matrix(examples, disorders)
+    rule = (0.5, {}, {})
+    truth = y * 0.9  # concludes what the labels say (leaves and ancestors alike)
+    same = paired(kg, truth, truth, (rule, rule), disorders, examples, y, seed=1)
+    assert same["slm"] == same["boosting"] and same["diff_low"] == same["diff_high"] == 0.0
+    noise = np.random.default_rng(0).uniform(0, 1, y.shape)
+    better = paired(kg, truth, noise, (rule, rule), disorders, examples, y, seed=1)
+    assert better["slm"] > better["boosting"] and better["diff_low"] > 0
+    assert better["p_better"] == 1.0
