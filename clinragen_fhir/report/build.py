@@ -283,6 +283,7 @@ def build_transaction(
             {"url": MODEL_EXT, "valueString": model_of(prediction)},
             {"url": FINGERPRINT_EXT, "valueString": fingerprint},
             *cited_values(prediction, labs),
+            *withheld_extensions(prediction),
             claims_extension(claims, prediction.rationale),
         ],
     }
@@ -326,6 +327,17 @@ def build_transaction(
         ],
     }
     return bundle, key
+
+
+def withheld_extensions(prediction: Prediction) -> list[dict[str, Any]]:
+    """One `withheld` extension per code the cap left out (`Prediction.withheld`): what the
+    report's "also above its threshold" line says, for a machine reading it."""
+    return [{"url": f"{EXT_BASE}/withheld",
+             "valueCodeableConcept": {
+                 "coding": [{"system": SNOMED, "code": w.snomed, "display": w.term}],
+                 "text": f"{w.term}: model probability {w.probability:.0%}, above its "
+                         "threshold, not concluded"}}
+            for w in prediction.withheld]
 
 
 def claims_summary(claims: Sequence[ClaimCheck], rationale: str) -> str:

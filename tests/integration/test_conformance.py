@@ -24,6 +24,7 @@ from clinragen_fhir.fhir.loader import load
 from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
+from clinragen_fhir.predict.types import Prediction, Withheld
 from clinragen_fhir.report import profiles
 from clinragen_fhir.report.build import EXT_BASE, PROFILE, site_organization
 from tests.integration.conftest import FHIR_URL
@@ -80,10 +81,27 @@ def written_for(fhir: FhirClient, pid: str, since: str) -> list[dict[str, Any]]:
             *(fhir.read("Device", d.split("/")[1]) for d in sorted(devices))]
 
 
-def check_conformance(fhir: FhirClient, pid: str) -> None:
+class Withholding:
+    """The rule baseline, its predictions naming one code the cap left out (as the model's do
+    when more codes reach their thresholds than the report concludes)."""
+
+    def __init__(self, inner: RuleBaseline) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def identity(self) -> Any:
+        return self.inner.identity()
+
+    def predict(self, *args: Any) -> Prediction:
+        p = self.inner.predict(*args)
+        p.withheld = [Withheld("38341003", "Hypertensive disorder", 0.97)]
+        return p
+
+
+def check_conformance(fhir: FhirClient, pid: str, withheld: bool = False) -> None:
     kg = load_graph()
     since = datetime.now(UTC).replace(microsecond=0).isoformat()
-    outcome = diagnose_patient(fhir, kg, RuleBaseline(kg), pid, SITE)
+    predictor: Any = Withholding(RuleBaseline(kg)) if withheld else RuleBaseline(kg)
+    outcome = diagnose_patient(fhir, kg, predictor, pid, SITE)
     assert outcome.status == "written", outcome
     resources = written_for(fhir, pid, since)
     kinds = [r["resourceType"] for r in resources]
@@ -100,6 +118,9 @@ def check_conformance(fhir: FhirClient, pid: str) -> None:
     assert results and all("/_history/" in r for r in results), results
     assert cited <= set(results), (results, cited)  # readings cited with a value, at least
     assert {c.get("code") for c in report["meta"]["security"]} >= {"AIAST"}
+    named = [e["valueCodeableConcept"]["coding"][0]["code"] for e in report.get("extension", [])
+             if e["url"] == f"{EXT_BASE}/withheld"]
+    assert named == (["38341003"] if withheld else [])
     read = next(e for e in resources if e["resourceType"] == "AuditEvent" and e["action"] == "R")
     queries = [base64.b64decode(e["query"]).decode() for e in read["entity"] if "query" in e]
     assert [q.split("?")[0] for q in queries] == ["Observation", "DocumentReference"]
@@ -120,6 +141,11 @@ def check_conformance(fhir: FhirClient, pid: str) -> None:
 def test_synthetic_patient_writes_only_valid_resources(
         fhir: FhirClient, site: dict[str, Any], new_patient: NewPatient) -> None:  # noqa: F811
     check_conformance(fhir, new_patient([(6.0, 700), (6.9, 300), (7.4, 30)]))
+
+
+def test_a_report_naming_codes_the_cap_left_out_is_valid(
+        fhir: FhirClient, site: dict[str, Any], new_patient: NewPatient) -> None:  # noqa: F811
+    check_conformance(fhir, new_patient([(6.2, 400), (7.2, 20)]), withheld=True)
 
 
 def test_synthea_patient_writes_only_valid_resources(

@@ -6,6 +6,7 @@ HAPI's `$validate` of the real thing: tests/integration/test_conformance.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import tomllib
@@ -26,7 +27,7 @@ from clinragen_fhir.knowledge import load_graph
 from clinragen_fhir.logs import hash_id
 from clinragen_fhir.pipeline import diagnose_patient
 from clinragen_fhir.predict.rules import RuleBaseline
-from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
+from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction, Withheld
 from clinragen_fhir.report import profiles
 from clinragen_fhir.report.audit import PURPOSE_OF_USE, audit_event
 from clinragen_fhir.report.build import (
@@ -133,7 +134,8 @@ def _urls(node: Any) -> set[str]:
 def test_every_extension_written_has_a_shipped_structure_definition() -> None:
     defined = profiles.defined_urls()
     assert PROFILE in defined
-    bundle, _ = build_transaction("p1", prediction(), USED, [], SITE, now=NOW)
+    pred = dataclasses.replace(prediction(), withheld=[Withheld("38341003", "HTN", 0.97)])
+    bundle, _ = build_transaction("p1", pred, USED, [], SITE, now=NOW)
     event = audit_event("R", "p1", interactions=["read"], organization=site_organization(SITE),
                         server="http://fhir.example/fhir",
                         queries=[("Observation", {"patient": "p1"})])

@@ -207,6 +207,9 @@ def test_codes_the_cap_left_out_are_named_in_page_and_narrative_not_concluded() 
     assert "Hypertensive disorder <b> (97%)" in text
     codes = [c["coding"][0]["code"] for c in report["conclusionCode"]]
     assert "38341003" not in codes  # named, never a concluded code
+    withheld = [e for e in report["extension"] if e["url"].endswith("/withheld")]
+    assert [e["valueCodeableConcept"]["coding"][0]["code"] for e in withheld] == ["38341003"]
+    assert "97%" in withheld[0]["valueCodeableConcept"]["text"]
     plain, _, _ = page()
     assert "not concluded" not in plain
 
