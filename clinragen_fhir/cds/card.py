@@ -1,5 +1,6 @@
 """The card a clinician sees: the latest stored report (one FHIR search) as one CDS Hooks card,
-suspected disorders first, how many of its lab claims hold, the disclaimer, and a link.
+suspected disorders first, the codes the report's cap left out, how many of its lab claims
+hold, the disclaimer, and a link.
 Server-held names are escaped so they cannot become Markdown links or markup."""
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def disorders(report: Mapping[str, Any]) -> list[str]:
     return [name for name, _ in disorders_by_status(report)]
 
 
+def withheld(report: Mapping[str, Any]) -> list[str]:
+    """The names of the codes the report's cap left out (its `withheld` extensions: above their
+    thresholds, not concluded), in the report's order."""
+    out = []
+    for ext in report.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == f"{EXT_BASE}/withheld":
+            cc = ext.get("valueCodeableConcept")
+            codings = cc.get("coding") if isinstance(cc, dict) else None
+            c = codings[0] if isinstance(codings, list) and codings else None
+            if isinstance(c, dict) and (c.get("display") or c.get("code")):
+                out.append(str(c.get("display") or c.get("code")))
+    return out
+
+
 def claim_counts(report: Mapping[str, Any]) -> tuple[int, int] | None:
     """(matched, claims) from the `rationale-lab-claims` extension; None on older reports."""
     for ext in report.get("extension") or []:
@@ -97,6 +112,10 @@ def build_card(report: Mapping[str, Any], link: str, card_id: str) -> dict[str, 
              for status in _CARD_ORDER if any(s == status for _, s in shown)]
     if len(found) > MAX_DISORDERS:
         lines[-1] += f" (and {len(found) - MAX_DISORDERS} more in the report)"
+    also = withheld(report)
+    if also:
+        lines.append("**Also above its threshold, not concluded:** "
+                     + "; ".join(md(n) for n in also))
     counts = claim_counts(report)
     if counts is not None:
         matched, claims = counts

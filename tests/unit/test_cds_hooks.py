@@ -32,7 +32,7 @@ from clinragen_fhir.fhir.client import FhirClient
 from clinragen_fhir.fhir.errors import FhirConfigError
 from clinragen_fhir.metrics import CDS_FEEDBACK
 from clinragen_fhir.predict.types import Diagnosis, Evidence, Prediction
-from clinragen_fhir.report.build import InputRef, build_transaction
+from clinragen_fhir.report.build import EXT_BASE, InputRef, build_transaction
 
 PID = "pat-4711"
 SYSTEM = ReportSettings().identifier_system
@@ -175,6 +175,21 @@ def test_markdown_in_server_text_is_escaped() -> None:
                                              "display": "[click](https://evil.example)"}]}]
     card = build_card(report, "https://x.example/r", str(uuid.uuid4()))
     assert "[click](" not in card["detail"] and "\\[click\\]\\(" in card["detail"]
+
+
+def test_the_card_names_the_codes_the_cap_left_out_escaped() -> None:
+    report = stored_report()
+    assert "not concluded" not in build_card(report, "https://x.example/r", "u")["detail"]
+    report["extension"] = [*report.get("extension", []), *(
+        {"url": f"{EXT_BASE}/withheld", "valueCodeableConcept": {"coding": [
+            {"system": "http://snomed.info/sct", "code": code, "display": name}]}}
+        for code, name in (("59621000", "Essential hypertension"), ("1", "[x](https://e.x)")))]
+    report["extension"].append({"url": f"{EXT_BASE}/withheld", "valueString": "malformed"})
+    detail = build_card(report, "https://x.example/r", "u")["detail"]
+    assert ("**Also above its threshold, not concluded:** Essential hypertension; "
+            "\\[x\\]\\(https://e.x\\)") in detail
+    assert "Essential hypertension" not in build_card(report, "https://x.example/r",
+                                                      "u")["summary"]
 
 
 def test_no_report_or_no_disorder_gives_no_card() -> None:
