@@ -354,8 +354,6 @@ def compare_variants(reference: Any, candidate: Any, features: Sequence[Features
       same, and per variant the share of concluded codes that the knowledge facts the model
       read name (a disorder it was shown evidence for, not one it made up).
     """
-    from clinragen_fhir.predict.conclude import conclude
-
     cfg = reference.config
     decisions: dict[str, list[set[str]]] = {"fp32": [], "int8": []}
     texts: dict[str, list[list[int]]] = {"fp32": [], "int8": []}
@@ -367,10 +365,7 @@ def compare_variants(reference: Any, candidate: Any, features: Sequence[Features
             g = m.generate(arrays, new_tokens)
             probs[key] = g.probabilities
             for row in g.probabilities:
-                decisions[key].append(set(conclude(
-                    row, cfg.disorders, None, threshold=cfg.threshold, thresholds=cfg.thresholds,
-                    min_confidence=cfg.min_confidence, sex=None, age_years=None,
-                    max_codes=cfg.max_codes, base_rates=cfg.base_rates).codes))
+                decisions[key].append(set(cfg.conclude_for(row, None, None, None).codes))
             texts[key] += [r.tolist() for r in g.ids]
         max_shift = max(max_shift, float(np.abs(probs["fp32"] - probs["int8"]).max()))
     out: dict[str, Any] = {

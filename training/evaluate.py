@@ -31,7 +31,6 @@ import torch
 
 from clinragen_fhir.knowledge import KnowledgeGraph
 from clinragen_fhir.knowledge.retrieval import supporting_tests
-from clinragen_fhir.predict.conclude import conclude
 from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
@@ -92,10 +91,7 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
         p_all = model.probabilities(batch).cpu().numpy()
         sexes, ages = sexes_and_ages(rows)
         for k, ex in enumerate(rows):
-            c = conclude(p_all[k], mc.disorders, kg, threshold=mc.threshold,
-                         thresholds=mc.thresholds, min_confidence=mc.min_confidence,
-                         sex=sexes[k], age_years=ages[k], max_codes=mc.max_codes,
-                         base_rates=mc.base_rates)
+            c = mc.conclude_for(p_all[k], kg, sexes[k], ages[k])
             no_input = (ex.labs is None or ex.labs.empty) and not ex.notes
             abstained.append(no_input or c.abstained)
             for j, code in enumerate(mc.disorders):

@@ -75,12 +75,17 @@ class ModelConfig:
 
     def conclude(self, probabilities: Sequence[float] | np.ndarray, kg: Hierarchy | None,
                  patient: PatientContext) -> Conclusion:
+        """`predict.conclude` with this model's settings, for one patient."""
+        return self.conclude_for(probabilities, kg, patient.sex, patient.age_years())
+
+    def conclude_for(self, probabilities: Sequence[float] | np.ndarray, kg: Hierarchy | None,
+                     sex: str | None, age_years: float | None) -> Conclusion:
         """`predict.conclude` with this model's thresholds, cap, base rates and abstention
-        band."""
+        band: the one place that passes them (the runtime, evaluation and the int8 check)."""
         return conclude(probabilities, self.disorders, kg, threshold=self.threshold,
                         thresholds=self.thresholds, min_confidence=self.min_confidence,
-                        sex=patient.sex, age_years=patient.age_years(),
-                        max_codes=self.max_codes, base_rates=self.base_rates)
+                        sex=sex, age_years=age_years, max_codes=self.max_codes,
+                        base_rates=self.base_rates)
 
     def terms(self, c: Conclusion) -> list[str]:
         """The terms the rationale is written for: the concluded codes', none when abstaining."""
