@@ -49,8 +49,9 @@ from clinragen_fhir.encoding.prompt import PROMPT_POST, condition_rows
 from clinragen_fhir.encoding.schema import Note, PatientContext
 from clinragen_fhir.inference.generation import greedy
 from clinragen_fhir.inference.grounding import (
+    CodeOf,
     RationaleConstraint,
-    Tests,
+    evidence,
     grounded_readings,
     token_budget,
 )
@@ -229,8 +230,11 @@ class ClinRaGen(nn.Module):
     # -- inputs -------------------------------------------------------------------------------
     def featurise(self, labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext,
                   modalities: Modalities | None = None,
-                  redact: Callable[[Note], str] | None = None) -> Features:
-        """One patient's features; runs the knowledge retrieval when knowledge is on."""
+                  redact: Callable[[Note], str] | None = None, cite: bool = False) -> Features:
+        """One patient's features; runs the knowledge retrieval when knowledge is on. With
+        `cite`, the shown readings are the runtime's (`inference.grounding.evidence`: each
+        marked with what it is evidence for, earlier evidence added) for a grounded rationale;
+        without, the newest of each test, as the training prompts had them."""
         modalities = modalities or Modalities()
         retrieval = None
         if modalities.knowledge:
@@ -238,8 +242,10 @@ class ClinRaGen(nn.Module):
                 raise ValueError("knowledge is on but the model has no knowledge graph")
             retrieval = retrieve(self.kg, labs, notes, patient)
         names = {c: lab.name for c, lab in self.kg.labs().items()} if self.kg else None
+        supports = evidence(self.kg, patient.sex) if cite and self.kg is not None else None
         return featurise(labs, notes, patient, retrieval, self.tokenizer.backend_tokenizer,
-                         self.loinc_vocab, self.config.budgets, modalities, redact, names)
+                         self.loinc_vocab, self.config.budgets, modalities, redact, names,
+                         supports)
 
     def batch(self, features: Sequence[Features]) -> Batch:
         device = self.prefix.labs.code.weight.device
@@ -328,20 +334,20 @@ class ClinRaGen(nn.Module):
     @torch.no_grad()
     def generate_grounded(self, batch: Batch, terms: Sequence[Sequence[str]],
                           max_new_tokens: int | None = None,
-                          tests: Tests | None = None) -> list[str]:
+                          code_of: CodeOf | None = None) -> list[str]:
         """What the runtime writes (`inference.grounding`): one line per concluded diagnosis,
-        each reading copied from the prompt's readings (with `tests`, term -> supporting LOINC
-        codes, only its own diagnosis's), decoded by the runtime's own `greedy` with this
-        model's decoder as the step function."""
+        each reading copied from the prompt's readings (with `code_of`, term -> SNOMED CT code,
+        only its own diagnosis's evidence, `Features.reading_supports`), decoded by the
+        runtime's own `greedy` with this model's decoder as the step function."""
         embeds, mask, _, _ = self.prefix(**batch.tensors)
-        readings, codes = grounded_readings([f.readings for f in batch.features],
-                                            [f.reading_codes for f in batch.features], terms,
-                                            tests)  # the runtime's order (OnnxModel.generate)
+        readings, supports = grounded_readings(
+            [f.readings for f in batch.features], [f.reading_supports for f in batch.features],
+            terms, code_of)  # the runtime's order (OnnxModel.generate)
         embeds, mask = self.with_condition(embeds, mask, terms, readings)
         eos = int(self.tokenizer.eos_token_id)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
         constraint = RationaleConstraint(self._ids, eos)
-        constraint.start_shown(terms, readings, codes, tests,
+        constraint.start_shown(terms, readings, supports, code_of,
                                self.config.budgets.prompt_reading_tokens)
 
         def step(e: np.ndarray, m: np.ndarray, p: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:

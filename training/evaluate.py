@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from clinragen_fhir.knowledge import KnowledgeGraph
-from clinragen_fhir.knowledge.retrieval import supporting_tests
 from clinragen_fhir.predict.diagnosis_line import split_output
 from clinragen_fhir.report.faithfulness import (
     LabLexicon,
@@ -75,8 +74,8 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
     col = {d: j for j, d in enumerate(disorders)}
     term = {c: t for c, t in zip(mc.disorders, mc.disorder_terms, strict=True)}
     code_of = {t: c for c, t in term.items()}
-    data = encode(model, examples, stage_modalities("diagnosis", variant.knowledge), None, kg,
-                  cfg.max_target_tokens, "test features")
+    modalities = stage_modalities("diagnosis", variant.knowledge)
+    data = encode(model, examples, modalities, None, kg, cfg.max_target_tokens, "test features")
     n, d = len(examples), len(disorders)
     probs = np.zeros((n, d))
     abstained: list[bool] = []
@@ -111,9 +110,11 @@ def slm_outputs(cfg: TrainConfig, variant: VariantConfig, run_dir: Path, kg: Kno
     for s in tqdm(range(0, len(chosen), bs), desc=f"generate {variant.name}",
                   disable=not progress, leave=False):
         idx = chosen[s:s + bs]
-        batch = model.batch([data[i].features for i in idx])
+        batch = model.batch([model.featurise(examples[i].labs, examples[i].notes,
+                                             examples[i].patient, modalities, cite=True)
+                             for i in idx])  # the runtime's readings, marked with their evidence
         out = model.generate_grounded(batch, [terms[i] for i in idx], cfg.max_new_tokens,
-                                      lambda t: supporting_tests(kg, code_of[t]))
+                                      code_of.__getitem__)
         for i, text in zip(idx, out, strict=True):
             texts[i] = text
     seconds = time.perf_counter() - t1

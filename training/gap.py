@@ -25,7 +25,7 @@ import numpy as np
 from clinragen_fhir.encoding.features import collate
 from clinragen_fhir.inference.predictor import OnnxPredictor
 from clinragen_fhir.knowledge import KnowledgeGraph
-from clinragen_fhir.knowledge.retrieval import supporting_tests
+from clinragen_fhir.knowledge.retrieval import supported_by
 from clinragen_fhir.predict.conclude import OVER_CAP, conclude
 from clinragen_fhir.predict.types import has_inputs
 from training.baselines import FeatureClassifier, closure, decide, sexes_and_ages
@@ -62,14 +62,17 @@ def head_probabilities(model_dir: Path, examples: Sequence[Example], disorders: 
 
 def with_a_reading(kg: KnowledgeGraph, examples: Sequence[Example],
                    disorders: Sequence[str]) -> np.ndarray:
-    """[n, D] bool: the example's record has a reading of a test that supports the disorder
-    (`supporting_tests`, what its rationale line may cite): a concluded code without one can
-    only say "no supporting reading"."""
-    tests = [supporting_tests(kg, d) for d in disorders]
+    """[n, D] bool: the example's record has a reading that is evidence for the disorder
+    (`supported_by`, what its rationale line may cite): a concluded code without one can only
+    say "no supporting reading"."""
     out = np.zeros((len(examples), len(disorders)), dtype=bool)
     for i, ex in enumerate(examples):
-        have = set(ex.labs["loinc"].dropna()) if ex.labs is not None and len(ex.labs) else set()
-        out[i] = [bool(have & t) for t in tests]
+        found: set[str] = set()
+        if ex.labs is not None and len(ex.labs):
+            pairs = ex.labs[["loinc", "value"]].dropna(subset=["loinc"]).drop_duplicates()
+            for loinc, value in pairs.itertuples(index=False):
+                found |= supported_by(kg, str(loinc), float(value), ex.patient.sex)
+        out[i] = [d in found for d in disorders]
     return out
 
 

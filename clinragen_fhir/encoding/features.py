@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -126,8 +126,8 @@ class Features:
     labs: list[Reading] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     notes: list[tuple[str, int, int]] = field(default_factory=list)  # (document id, start, end)
-    # (LOINC, text) of each reading the prompt shows (`reading_texts`), in the prompt's order
-    shown: list[tuple[str, str]] = field(default_factory=list)
+    # each reading the prompt shows (`citable_readings`), in the prompt's order
+    shown: list[Shown] = field(default_factory=list)
     test_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [S]
     test_stats: np.ndarray = field(  # float32 [S, TEST_STATS]
         default_factory=lambda: np.zeros((0, TEST_STATS), np.float32))
@@ -140,12 +140,13 @@ class Features:
     @property
     def readings(self) -> list[str]:
         """The texts of `shown`: what the prompt writes and the rationale may cite."""
-        return [text for _, text in self.shown]
+        return [r.text for r in self.shown]
 
     @property
-    def reading_codes(self) -> list[str]:
-        """The LOINC codes of `shown` (grounding: which diagnosis a reading supports)."""
-        return [code for code, _ in self.shown]
+    def reading_supports(self) -> list[frozenset[str]]:
+        """Per reading of `shown`, the disorders it is evidence for (grounding: which lines may
+        cite it)."""
+        return [r.supports for r in self.shown]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,23 +340,78 @@ def lab_readings(frame: pd.DataFrame, names: dict[str, str] | None = None) -> li
     return [text for _, text in reading_texts(frame, names)]
 
 
+class Shown(NamedTuple):
+    """A reading the prompt shows: its test, its text and the disorders it is evidence for
+    (`knowledge.retrieval.supported_by`; empty where no graph was asked)."""
+
+    loinc: str
+    text: str
+    supports: frozenset[str] = frozenset()
+
+
+Supports = Callable[[str, float], frozenset[str]]  # (LOINC, value) -> disorders it supports
+MAX_EARLIER_PER_TEST = 2  # earlier readings a test may add to what the prompt shows
+
+
+def _texts(f: pd.DataFrame, names: dict[str, str] | None) -> list[str]:
+    """Each row of `f` as the teacher writes a reading, flagged against its reference range."""
+    z = normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
+                         f["ref_high"].to_numpy(dtype=float))
+    out = []
+    for i in range(len(f)):
+        r = f.iloc[i]
+        flag = "" if not np.isfinite(z[i]) else \
+            "high" if z[i] > 1 else "low" if z[i] < -1 else "normal"
+        name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
+        out.append(describe_reading(name, float(r["value"]), str(r["unit"]),
+                                    pd.Timestamp(r["time"]), flag))
+    return out
+
+
 def reading_texts(frame: pd.DataFrame, names: dict[str, str] | None = None
                   ) -> list[tuple[str, str]]:
     """(LOINC, text) of `lab_readings`, in order: what the prompt shows and the teacher cites."""
     if frame.empty:
         return []
-    f = frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
+    f = _newest(frame)
     z = normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
                          f["ref_high"].to_numpy(dtype=float))
-    parts = []
-    for i in np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable"):
-        r = f.iloc[int(i)]
-        flag = "" if not np.isfinite(z[i]) else \
-            "high" if z[i] > 1 else "low" if z[i] < -1 else "normal"
-        name = (names or {}).get(str(r["loinc"])) or r["display"] or r["loinc"]
-        parts.append((str(r["loinc"]), describe_reading(name, float(r["value"]), str(r["unit"]),
-                                                        pd.Timestamp(r["time"]), flag)))
-    return parts
+    f = f.iloc[np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable")]
+    return list(zip(f["loinc"].astype(str), _texts(f, names), strict=True))
+
+
+def _newest(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
+
+
+def citable_readings(frame: pd.DataFrame, names: dict[str, str] | None = None,
+                   supports: Supports | None = None) -> list[Shown]:
+    """What the prompt shows and a rationale line may cite: `reading_texts` (the newest reading
+    of each test), each with the disorders it is evidence for; and, where a test's newest
+    reading is no evidence for a disorder an earlier one is, the newest such earlier reading
+    right after it (at most `MAX_EARLIER_PER_TEST`): a treated hypertensive's blood pressure is
+    normal now, and the 145 of two years ago is what supports the diagnosis."""
+    newest = reading_texts(frame, names)
+    if supports is None:
+        return [Shown(c, t) for c, t in newest]
+    f = frame.sort_values(["time", "loinc"], kind="stable")
+    values = f["value"].to_numpy(dtype=float)
+    out: list[Shown] = []
+    for loinc, text in newest:
+        rows = np.nonzero(f["loinc"].astype(str).to_numpy() == loinc)[0][::-1]  # newest first
+        covered = supports(loinc, float(values[rows[0]]))
+        out.append(Shown(loinc, text, covered))
+        earlier: list[int] = []
+        for i in rows[1:]:
+            new = supports(loinc, float(values[i])) - covered
+            if new and len(earlier) < MAX_EARLIER_PER_TEST:
+                earlier.append(int(i))
+                covered |= new
+        if earlier:
+            picked = f.iloc[earlier]
+            out.extend(Shown(loinc, t, supports(loinc, float(values[i])))
+                       for i, t in zip(earlier, _texts(picked, names), strict=True))
+    return out
 
 
 def featurise_lab_text(frame: pd.DataFrame, names: dict[str, str] | None,
@@ -419,10 +475,12 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
               retrieval: Retrieval | None, tokenizer: TextTokenizer, loinc_vocab: dict[str, int],
               budgets: Budgets = Budgets(), modalities: Modalities = Modalities(),
               redact: Callable[[Note], str] | None = None,
-              lab_names: dict[str, str] | None = None) -> Features:
+              lab_names: dict[str, str] | None = None,
+              supports: Supports | None = None) -> Features:
     """Everything one patient contributes; a switched-off modality gives zero-length arrays.
     `lab_names` (LOINC -> the graph's short name) names the prompt's readings when no retrieval
-    ran (knowledge off)."""
+    ran (knowledge off); `supports` (this patient's `knowledge.retrieval.supported_by`) says
+    which disorders each shown reading is evidence for."""
     index_time = patient.index_time
     lab_arrays, lab_refs = featurise_labs(labs if modalities.labs else labs.iloc[:0],
                                           loinc_vocab, index_time, budgets.max_labs)
@@ -438,7 +496,7 @@ def featurise(labs: pd.DataFrame, notes: Sequence[Note], patient: PatientContext
     fact_ids, fact_mask = featurise_facts(facts, tokenizer, budgets.max_facts,
                                           budgets.max_fact_tokens)
     names = retrieval.lab_names if retrieval is not None else lab_names
-    shown = reading_texts(labs, names) \
+    shown = citable_readings(labs, names, supports) \
         if modalities.labs and budgets.prompt_reading_tokens > 0 and len(labs) else []
     test_code, test_stats = featurise_tests(labs if modalities.labs else labs.iloc[:0],
                                             loinc_vocab, index_time, budgets.max_tests)

@@ -2,25 +2,33 @@
 
 The rationale is one line per concluded diagnosis, `<term>: <clause>[; <clause>].` where a clause
 is one of the readings the prompt showed (`encoding.prompt.shown_readings`, written by
-`encoding.features.reading_texts`). Given the tests that support each diagnosis (the graph's
-`knowledge.retrieval.supporting_tests`), a line may cite only readings of those tests, and says
-"no supporting reading" only when the prompt shows none: a diagnosis whose evidence is on the
-screen is never left uncited. The model chooses which readings; decoding only lets through tokens
-that keep the current line a prefix of one of its allowed lines (a trie over the tokens of the
-patient's readings). Values, units and dates are then copied from the record by construction,
-and the claim check (`report.faithfulness`) can only confirm them.
+`encoding.features.citable_readings`). Given the disorders each reading is evidence for (the
+graph's `knowledge.retrieval.supported_by`: a value that meets a finding supporting the
+disorder, not merely a test that bears on it), a line may cite only its own diagnosis's
+evidence, and says "no supporting reading" only when the prompt shows none: a diagnosis whose
+evidence is on the screen is never left uncited, and an HbA1c of 5.2 % is never cited for
+prediabetes. The model chooses which readings; decoding only lets through tokens that keep the
+current line a prefix of one of its allowed lines (a trie over the tokens of the patient's
+readings). Values, units and dates are then copied from the record by construction, and the
+claim check (`report.faithfulness`) can only confirm them.
 
 Pure numpy/Python, driven by `inference.generation.greedy` with any step function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clinragen_fhir.encoding.features import Supports
 from clinragen_fhir.encoding.prompt import shown_readings
+from clinragen_fhir.knowledge.retrieval import supported_by
+
+if TYPE_CHECKING:
+    from clinragen_fhir.knowledge import KnowledgeGraph
 
 NO_SUPPORT = "no supporting reading"
 NOTHING = "No disorder is supported by these results."
@@ -36,43 +44,51 @@ def token_budget(terms: Sequence[Sequence[str]], floor: int) -> int:
     return max(floor, TOKENS_PER_LINE * max((len(t) for t in terms), default=0) + 8)
 
 
-Tests = Callable[[str], Collection[str]]  # a concluded term -> the LOINC codes that support it
+CodeOf = Callable[[str], str]  # a concluded term -> its SNOMED CT code
+Evidence = Sequence[frozenset[str]]  # per shown reading, the disorders it is evidence for
 
 
-def citable(term: str, readings: Sequence[str], codes: Sequence[str] | None,
-            tests: Tests | None) -> list[str] | None:
-    """The shown readings a line for `term` may cite (the readings of its supporting tests);
-    None when nothing says which tests support it (then any shown reading may be cited)."""
-    if tests is None or codes is None:
+def evidence(kg: KnowledgeGraph, sex: str | None) -> Supports:
+    """This patient's `supported_by`: what `encoding.features.citable_readings` marks each reading
+    with (the runtime's featurisation and the evaluation's both take it from here)."""
+    return lambda loinc, value: supported_by(kg, loinc, value, sex)
+
+
+def citable(term: str, readings: Sequence[str], supports: Evidence | None,
+            code_of: CodeOf | None) -> list[str] | None:
+    """The shown readings a line for `term` may cite (those that are evidence for it); None when
+    nothing says what a reading supports (then any shown reading may be cited)."""
+    if code_of is None or supports is None:
         return None
-    support = tests(term)
-    return [r for r, c in zip(readings, codes, strict=False) if c in support]
+    code = code_of(term)
+    return [r for r, s in zip(readings, supports, strict=False) if code in s]
 
 
-def evidence_first(readings: Sequence[str], codes: Sequence[str], terms: Sequence[str],
-                   tests: Tests) -> tuple[list[str], list[str]]:
-    """The readings (and their codes) with those of the concluded diagnoses' supporting tests
-    first, each group in its own order: the prompt's reading budget then keeps the evidence a
+def evidence_first(readings: Sequence[str], supports: Evidence, codes: Sequence[str]
+                   ) -> tuple[list[str], list[frozenset[str]]]:
+    """The readings (and what each supports) with the evidence for the concluded diagnoses
+    (`codes`) first, each group in its own order: the prompt's reading budget then keeps what a
     line may cite before readings no diagnosis needs (the prompt is built after the head has
     concluded, so this is known)."""
-    support: set[str] = set().union(*(tests(t) for t in terms)) if terms else set()
-    pairs = list(zip(readings, codes, strict=False))
-    ordered = [p for p in pairs if p[1] in support] + [p for p in pairs if p[1] not in support]
-    return [r for r, _ in ordered], [c for _, c in ordered]
+    wanted = set(codes)
+    pairs = list(zip(readings, supports, strict=False))
+    ordered = [p for p in pairs if p[1] & wanted] + [p for p in pairs if not p[1] & wanted]
+    return [r for r, _ in ordered], [s for _, s in ordered]
 
 
-def grounded_readings(readings: Sequence[Sequence[str]], codes: Sequence[Sequence[str]] | None,
-                      terms: Sequence[Sequence[str]], tests: Tests | None
-                      ) -> tuple[list[Sequence[str]], Sequence[Sequence[str]] | None]:
-    """Per row, the readings the prompt shows (and their codes) for a grounded rationale: with
-    `tests` and `codes`, the concluded diagnoses' evidence first (`evidence_first`); else as
-    given. One rule for the runtime (`OnnxModel.generate`) and the torch model
-    (`ClinRaGen.generate_grounded`); the result goes to the prompt and to `start_shown`."""
-    if tests is None or codes is None:
-        return list(readings), codes
-    firsts = [evidence_first(r, c, t, tests) for r, c, t in zip(readings, codes, terms,
-                                                                 strict=True)]
-    return [r for r, _ in firsts], [c for _, c in firsts]
+def grounded_readings(readings: Sequence[Sequence[str]], supports: Sequence[Evidence] | None,
+                      terms: Sequence[Sequence[str]], code_of: CodeOf | None
+                      ) -> tuple[list[Sequence[str]], Sequence[Evidence] | None]:
+    """Per row, the readings the prompt shows (and what each supports) for a grounded
+    rationale: with `code_of` and `supports`, the concluded diagnoses' evidence first
+    (`evidence_first`); else as given. One rule for the runtime (`OnnxModel.generate`) and the
+    torch model (`ClinRaGen.generate_grounded`); the result goes to the prompt and to
+    `start_shown`."""
+    if code_of is None or supports is None:
+        return list(readings), supports
+    firsts = [evidence_first(r, s, [code_of(x) for x in t])
+              for r, s, t in zip(readings, supports, terms, strict=True)]
+    return [r for r, _ in firsts], [s for _, s in firsts]
 
 
 def allowed_lines(term: str, readings: Sequence[str], last: bool,
@@ -127,28 +143,28 @@ class RationaleConstraint:
         return trie, ends
 
     def start_rows(self, terms: Sequence[Sequence[str]], readings: Sequence[Sequence[str]],
-                   codes: Sequence[Sequence[str]] | None = None,
-                   tests: Tests | None = None) -> None:
+                   supports: Sequence[Evidence] | None = None,
+                   code_of: CodeOf | None = None) -> None:
         """Per row: the concluded terms (in the order the prompt lists them), the readings the
-        prompt showed and, with `tests`, their LOINC codes (`Features.reading_codes`), so each
-        line cites its own diagnosis's evidence."""
+        prompt showed and, with `code_of`, what each reading supports
+        (`Features.reading_supports`), so each line cites its own diagnosis's evidence."""
         rows = []
         for i, (ts, shown) in enumerate(zip(terms, readings, strict=True)):
-            row_codes = codes[i] if codes is not None else None
+            row = supports[i] if supports is not None else None
             per_line = [allowed_lines(t, shown, k == len(ts) - 1,
-                                      citable(t, shown, row_codes, tests))
+                                      citable(t, shown, row, code_of))
                         for k, t in enumerate(ts)]
             built = [self._trie(lines) for lines in per_line or [[NOTHING]]]
             rows.append(_Row([t for t, _ in built], [e for _, e in built]))
         self._pending = rows
 
     def start_shown(self, terms: Sequence[Sequence[str]], readings: Sequence[Sequence[str]],
-                    codes: Sequence[Sequence[str]] | None, tests: Tests | None,
+                    supports: Sequence[Evidence] | None, code_of: CodeOf | None,
                     reading_budget: int) -> None:
         """`start_rows` over the readings the prompt actually shows: those of `readings` that fit
         the prompt's `reading_budget` (`encoding.prompt.shown_readings`)."""
         shown = [shown_readings(self.encode, r, reading_budget) for r in readings]
-        self.start_rows(terms, shown, codes, tests)
+        self.start_rows(terms, shown, supports, code_of)
 
     def start(self, batch: int) -> None:
         if self._pending is None or len(self._pending) != batch:

@@ -22,6 +22,7 @@ from clinragen_fhir.encoding.features import Features, collate, featurise
 from clinragen_fhir.encoding.schema import Note, PatientContext, Reading
 from clinragen_fhir.identity import model_identity
 from clinragen_fhir.inference.errors import InputTooLong
+from clinragen_fhir.inference.grounding import evidence
 from clinragen_fhir.inference.runtime import OnnxModel, Precision
 from clinragen_fhir.inference.session import Provider
 from clinragen_fhir.knowledge import KnowledgeGraph, retrieve
@@ -83,7 +84,8 @@ class OnnxPredictor:
         notes = mask_disorder_names(self.kg, notes)
         retrieval = retrieve(self.kg, labs, notes, patient)
         feats = featurise(labs, notes, patient, retrieval, self.model.tokenizer,
-                          self.model.loinc_vocab, self.model.config.budgets)
+                          self.model.loinc_vocab, self.model.config.budgets,
+                          supports=evidence(self.kg, patient.sex))
         return feats, retrieval
 
     # -- Predictor ----------------------------------------------------------------------------
@@ -112,7 +114,8 @@ class OnnxPredictor:
                     constrained=self.constrained, grounded=self.grounded,
                     conclude=partial(self._conclude_rows, patients, conclusions),
                     readings=[f.readings for _, f, _, _ in chunk],
-                    reading_codes=[f.reading_codes for _, f, _, _ in chunk], tests=self._tests)
+                    reading_supports=[f.reading_supports for _, f, _, _ in chunk],
+                    code_of=self._code.__getitem__)
             except InputTooLong as exc:
                 if len(chunk) == 1:  # the baseline that takes over reuses this retrieval
                     exc.retrieval = chunk[0][2]
@@ -135,10 +138,6 @@ class OnnxPredictor:
 
     def _conclude(self, probs: np.ndarray, patient: PatientContext) -> Conclusion:
         return self.model.config.conclude(probs, self.kg, patient)
-
-    def _tests(self, term: str) -> frozenset[str]:
-        """The tests whose readings the line for a concluded term may cite."""
-        return supporting_tests(self.kg, self._code[term])
 
     def _empty(self) -> Prediction:
         cfg = self.model.config

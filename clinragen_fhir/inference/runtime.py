@@ -27,8 +27,9 @@ from clinragen_fhir.inference.generation import (
     token_pieces,
 )
 from clinragen_fhir.inference.grounding import (
+    CodeOf,
+    Evidence,
     RationaleConstraint,
-    Tests,
     grounded_readings,
     token_budget,
 )
@@ -222,14 +223,15 @@ class OnnxModel:
                  stop_at_eos: bool = True,
                  conclude: Callable[[np.ndarray], Sequence[Sequence[str]]] | None = None,
                  readings: Sequence[Sequence[str]] | None = None,
-                 reading_codes: Sequence[Sequence[str]] | None = None,
-                 tests: Tests | None = None) -> Generation:
+                 reading_supports: Sequence[Evidence] | None = None,
+                 code_of: CodeOf | None = None) -> Generation:
         """Texts, new ids, prefix outputs and calibrated probabilities for a collated batch.
 
         The head runs first; `conclude(probabilities) -> terms per row` names the diagnoses the
         rationale is written for (none without it), as training put the labels there. With
-        `reading_codes` and `tests` (term -> supporting LOINC codes), grounded lines cite only
-        their diagnosis's own evidence (`inference.grounding`)."""
+        `reading_supports` (per reading, the disorders it is evidence for) and `code_of` (term
+        -> SNOMED CT code), grounded lines cite only their diagnosis's own evidence
+        (`inference.grounding`)."""
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if grounded:  # room for a line per concluded code (at most max_codes of them)
             n = token_budget([[""] * self.config.max_codes], n)
@@ -239,9 +241,9 @@ class OnnxModel:
         b = probs.shape[0]
         terms = conclude(probs) if conclude is not None else [[]] * b
         shown: Sequence[Sequence[str]] = readings if readings is not None else [[]] * b
-        codes = reading_codes
+        supports = reading_supports
         if grounded:
-            shown, codes = grounded_readings(shown, reading_codes, terms, tests)
+            shown, supports = grounded_readings(shown, reading_supports, terms, code_of)
         cond = self.condition(terms, shown)
         width = max(len(c) for c in cond)
         cond_ids = np.full((b, width), self.manifest.decoder.pad_token_id, dtype=np.int64)
@@ -255,7 +257,7 @@ class OnnxModel:
         constraint: Constraint | None = None
         if grounded:
             constraint = self.grounding()
-            constraint.start_shown(terms, shown, codes, tests,
+            constraint.start_shown(terms, shown, supports, code_of,
                                    self.config.budgets.prompt_reading_tokens)
         elif constrained:
             constraint = self.constraint()

@@ -55,16 +55,24 @@ def test_rule_variants_differ_only_where_the_cap_binds() -> None:
     assert only["codes_per_report"] <= many["cap 3, by lift"]["codes_per_report"]
 
 
-def test_with_a_reading_marks_the_tests_a_line_may_cite() -> None:
+def test_with_a_reading_marks_the_readings_a_line_may_cite() -> None:
+    """A record has a reading for a disorder when one of its values is evidence for it (what a
+    rationale line may cite): an HbA1c of 7.0 % for type 2 diabetes, not one of 5.2 %, and never
+    a blood pressure."""
     from training.gap import with_a_reading
 
     kg = load_graph()
     examples = make_examples(6)
     examples[0].labs = examples[0].labs.iloc[0:0]  # a record without readings
-    marks = with_a_reading(kg, examples, ["44054006"])
-    assert not marks[0, 0]
-    with_a1c = [i for i, ex in enumerate(examples) if "4548-4" in set(ex.labs["loinc"])]
-    assert with_a1c and all(marks[i, 0] for i in with_a1c)  # HbA1c supports type 2 diabetes
+    assert not with_a_reading(kg, examples[:1], ["44054006"])[0, 0]
+    with_a1c = [ex for ex in examples if "4548-4" in set(ex.labs["loinc"])]
+    assert with_a1c
+    for value, marked in ((7.0, True), (5.2, False)):
+        ex = with_a1c[0]
+        labs = ex.labs[ex.labs["loinc"] == "4548-4"].copy()
+        labs["value"] = value
+        ex.labs = labs
+        assert with_a_reading(kg, [ex], ["44054006"])[0, 0] == marked, value
     only_bp = examples[1]
     only_bp.labs = only_bp.labs[only_bp.labs["loinc"].isin(["8480-6", "8462-4"])]
     assert not with_a_reading(kg, [only_bp], ["44054006"])[0, 0]  # blood pressure does not

@@ -18,8 +18,13 @@ from clinragen_fhir.knowledge.retrieval.results import (
     Retrieval,
     SupportRef,
 )
-from clinragen_fhir.knowledge.retrieval.rules import RuleIndex, rule_index, supporting_tests
+from clinragen_fhir.knowledge.retrieval.rules import (
+    RuleIndex,
+    rule_index,
+    supported_by,
+    supporting_tests,
+)
 
 __all__ = ["MAX_TRIGGER_ROWS", "DisorderSupport", "FindingHit", "NoteMention", "PathStep",
            "Retrieval", "RuleIndex", "SupportRef", "find_mentions", "retrieve",
-           "rule_index", "supporting_tests"]
+           "rule_index", "supported_by", "supporting_tests"]

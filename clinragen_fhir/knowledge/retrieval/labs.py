@@ -3,7 +3,6 @@ joins the findings with the note mentions into the disorders' support and the pa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,23 +20,10 @@ from clinragen_fhir.knowledge.retrieval.results import (
     Retrieval,
     SupportRef,
 )
-from clinragen_fhir.knowledge.retrieval.rules import FindingDef, rule_index
+from clinragen_fhir.knowledge.retrieval.rules import FindingDef, qualifies, rule_index
 
 if TYPE_CHECKING:
     from clinragen_fhir.knowledge.graph import KnowledgeGraph
-
-
-def _qualifies(fd: FindingDef, values: np.ndarray) -> np.ndarray:
-    if fd.direction == "high":
-        return values >= fd.threshold
-    if fd.direction == "above":
-        return values > fd.threshold
-    if fd.direction == "low":
-        return values < fd.threshold
-    if fd.direction == "range":
-        upper = fd.upper if fd.upper is not None else math.inf
-        return (values >= fd.threshold) & (values < upper)
-    return np.zeros(len(values), dtype=bool)
 
 
 def _rows(cols: dict[str, np.ndarray], idx: Sequence[int]) -> tuple[Reading, ...]:
@@ -76,7 +62,7 @@ def _evaluate(fd: FindingDef, all_values: np.ndarray, all_days: np.ndarray,
             if rise >= fd.threshold:
                 return [int(pos[base]), int(pos[j])]
         return None
-    ok = _qualifies(fd, values)
+    ok = qualifies(fd, values)
     if int(ok.sum()) < max(fd.min_count, 1):
         return None
     qt = times[ok]

@@ -1,14 +1,16 @@
 """The rule index: the graph's finding rules, associations, thresholds and note terms, read by
-SPARQL once per graph version and cached (`rule_index`), and the tests a disorder's rationale may
-cite (`supporting_tests`)."""
+SPARQL once per graph version and cached (`rule_index`); the tests a disorder's rationale may
+cite (`supporting_tests`) and the disorders one reading is evidence for (`supported_by`)."""
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from rdflib.namespace import SKOS
 
 from clinragen_fhir.knowledge.graph import LOINC, PREFIXES, SCT, local
@@ -88,6 +90,8 @@ _GROUPING_MIN_LEN = 4  # terms shorter than this are matched case-sensitively (a
 _index_cache: dict[str, RuleIndex] = {}
 _index_lock = threading.Lock()
 _support_cache: dict[tuple[str, str], frozenset[str]] = {}
+_by_test_cache: dict[str, dict[str, list[tuple[FindingDef, frozenset[str]]]]] = {}
+TRENDS = ("rise", "fold-rise")  # findings on a change between readings, not on one value
 
 
 def _f(value: object, default: float = 0.0) -> float:
@@ -176,3 +180,51 @@ def supporting_tests(kg: KnowledgeGraph, code: str) -> frozenset[str]:
             if a.polarity == "supports" and local(a.disorder, SCT) in related
             for loinc in f.observables)
     return _support_cache[key]
+
+
+def qualifies(fd: FindingDef, values: np.ndarray) -> np.ndarray:
+    """Which values meet a level finding's criterion (all False for a trend finding)."""
+    if fd.direction == "high":
+        return values >= fd.threshold
+    if fd.direction == "above":
+        return values > fd.threshold
+    if fd.direction == "low":
+        return values < fd.threshold
+    if fd.direction == "range":
+        upper = fd.upper if fd.upper is not None else math.inf
+        return (values >= fd.threshold) & (values < upper)
+    return np.zeros(len(values), dtype=bool)
+
+
+def _supporting_by_test(kg: KnowledgeGraph) -> dict[str, list[tuple[FindingDef, frozenset[str]]]]:
+    """LOINC -> (finding on it, the disorders it supports with their ancestors), per version."""
+    if kg.version not in _by_test_cache:
+        index = rule_index(kg)
+        out: dict[str, list[tuple[FindingDef, frozenset[str]]]] = {}
+        for f in index.findings:
+            direct = {local(a.disorder, SCT) for a in index.assocs_by_finding.get(f.uri, [])
+                      if a.polarity == "supports"}
+            if not direct:
+                continue
+            codes = frozenset(direct.union(*(kg.ancestors(d) for d in direct)))
+            for loinc in f.observables:
+                out.setdefault(loinc, []).append((f, codes))
+        _by_test_cache[kg.version] = out
+    return _by_test_cache[kg.version]
+
+
+def supported_by(kg: KnowledgeGraph, loinc: str, value: float, sex: str | None) -> frozenset[str]:
+    """The disorders one reading is evidence for: those of each supporting finding on its test
+    that the value meets, with their ancestors (a reading for CKD stage 3 is one for CKD: the
+    same disorders `supporting_tests` names the test for). A test that bears on a disorder is
+    not evidence for it: an HbA1c of 5.2 % argues against prediabetes, and a rationale line
+    citing it would read as support. A trend finding (a creatinine rise) is not judged on one
+    reading, so any reading of its test counts; a finding for the other sex never does."""
+    out: set[str] = set()
+    for fd, codes in _supporting_by_test(kg).get(loinc, []):
+        if fd.sex is not None and fd.sex != sex:
+            continue
+        if fd.direction in TRENDS or (math.isfinite(value)
+                                      and bool(qualifies(fd, np.array([value]))[0])):
+            out |= codes
+    return frozenset(out)
