@@ -353,10 +353,14 @@ Supports = Callable[[str, float], frozenset[str]]  # (LOINC, value) -> disorders
 MAX_EARLIER_PER_TEST = 2  # earlier readings a test may add to what the prompt shows
 
 
-def _texts(f: pd.DataFrame, names: dict[str, str] | None) -> list[str]:
-    """Each row of `f` as the teacher writes a reading, flagged against its reference range."""
-    z = normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
-                         f["ref_high"].to_numpy(dtype=float))
+def _z(f: pd.DataFrame) -> np.ndarray:
+    """Each row's value against its reference range (`normalise_values`)."""
+    return normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
+                            f["ref_high"].to_numpy(dtype=float))
+
+
+def _texts(f: pd.DataFrame, names: dict[str, str] | None, z: np.ndarray) -> list[str]:
+    """Each row of `f` as the teacher writes a reading, flagged by its `_z`."""
     out = []
     for i in range(len(f)):
         r = f.iloc[i]
@@ -373,15 +377,11 @@ def reading_texts(frame: pd.DataFrame, names: dict[str, str] | None = None
     """(LOINC, text) of `lab_readings`, in order: what the prompt shows and the teacher cites."""
     if frame.empty:
         return []
-    f = _newest(frame)
-    z = normalise_values(f["value"].to_numpy(dtype=float), f["ref_low"].to_numpy(dtype=float),
-                         f["ref_high"].to_numpy(dtype=float))
-    f = f.iloc[np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable")]
-    return list(zip(f["loinc"].astype(str), _texts(f, names), strict=True))
-
-
-def _newest(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
+    f = frame.sort_values(["time", "loinc"], kind="stable").groupby("loinc", sort=False).tail(1)
+    z = _z(f)
+    order = np.argsort(-np.nan_to_num(np.abs(z), nan=0.0), kind="stable")
+    return list(zip(f["loinc"].astype(str).iloc[order], _texts(f.iloc[order], names, z[order]),
+                    strict=True))
 
 
 def citable_readings(frame: pd.DataFrame, names: dict[str, str] | None = None,
@@ -396,21 +396,24 @@ def citable_readings(frame: pd.DataFrame, names: dict[str, str] | None = None,
         return [Shown(c, t) for c, t in newest]
     f = frame.sort_values(["time", "loinc"], kind="stable")
     values = f["value"].to_numpy(dtype=float)
+    loincs = f["loinc"].astype(str).to_numpy()
     out: list[Shown] = []
     for loinc, text in newest:
-        rows = np.nonzero(f["loinc"].astype(str).to_numpy() == loinc)[0][::-1]  # newest first
+        rows = np.nonzero(loincs == loinc)[0][::-1]  # newest first
         covered = supports(loinc, float(values[rows[0]]))
         out.append(Shown(loinc, text, covered))
-        earlier: list[int] = []
+        earlier: list[tuple[int, frozenset[str]]] = []  # (row, what it supports)
         for i in rows[1:]:
-            new = supports(loinc, float(values[i])) - covered
-            if new and len(earlier) < MAX_EARLIER_PER_TEST:
-                earlier.append(int(i))
-                covered |= new
+            if len(earlier) == MAX_EARLIER_PER_TEST:
+                break
+            support = supports(loinc, float(values[i]))
+            if support - covered:
+                earlier.append((int(i), support))
+                covered |= support
         if earlier:
-            picked = f.iloc[earlier]
-            out.extend(Shown(loinc, t, supports(loinc, float(values[i])))
-                       for i, t in zip(earlier, _texts(picked, names), strict=True))
+            picked = f.iloc[[i for i, _ in earlier]]
+            out.extend(Shown(loinc, t, support) for (_, support), t in
+                       zip(earlier, _texts(picked, names, _z(picked)), strict=True))
     return out
 
 
